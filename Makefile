@@ -1,0 +1,26 @@
+# The two commands of the README. Both bootstrap what is missing first (idempotent).
+.PHONY: demo test test-fast lint bootstrap bench clean
+
+bootstrap:
+	./scripts/bootstrap.sh
+
+demo: bootstrap
+	.venv/bin/livemig demo
+
+test: bootstrap
+	.venv/bin/pytest -v --durations=15
+
+test-fast: bootstrap
+	.venv/bin/pytest tests/unit -q
+
+lint: bootstrap
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+bench: bootstrap
+	.venv/bin/python bench/pause.py --runs 5
+
+clean:
+	.venv/bin/livemig down --state-dir "$${LIVEMIG_STATE:-$$HOME/.local/state/livemig}/demo" || true
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

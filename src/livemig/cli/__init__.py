@@ -1,0 +1,1 @@
+"""The ``livemig`` command (typer + rich)."""

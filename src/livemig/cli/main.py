@@ -1,0 +1,347 @@
+"""``livemig``: start a region, manage VMs, migrate them, and run the services themselves."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from livemig.client import LmoClient
+from livemig.errors import LivemigError
+from livemig.model.migration import MigrationParams
+from livemig.model.vm import VmSpec, WorkloadSpec
+from livemig.region import Region, default_state_dir
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+vm_app = typer.Typer(no_args_is_help=True, help="Create, inspect and delete VMs.")
+migrations_app = typer.Typer(no_args_is_help=True, help="List and inspect migrations.")
+image_app = typer.Typer(no_args_is_help=True, help="The livemig guest image.")
+app.add_typer(vm_app, name="vm")
+app.add_typer(migrations_app, name="migrations")
+app.add_typer(image_app, name="image")
+out = Console()
+err = Console(stderr=True)
+
+StateDir = Annotated[Path | None, typer.Option("--state-dir", help="region state (default $LIVEMIG_STATE)")]
+Url = Annotated[str | None, typer.Option("--url", help="LMO URL (default: $LIVEMIG_URL or the local region)")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def lmo(url: str | None, state_dir: Path | None = None) -> LmoClient:
+    url = url or os.environ.get("LIVEMIG_URL")
+    if url is None:
+        config = Region(state_dir).running()
+        if config is None:
+            fail("no local region is running: start one with `livemig up` (or pass --url)")
+        url = config.lmo_url
+    return LmoClient(url)
+
+
+# ---------------------------------------------------------------------- services
+
+
+def _serve(app_: object, listen: str) -> None:
+    import uvicorn
+
+    host, _, port = listen.rpartition(":")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(app_, host=host or "127.0.0.1", port=int(port), log_level="warning")  # type: ignore[arg-type]
+
+
+@app.command()
+def hostd(
+    name: Annotated[str, typer.Option(help="host name, unique in the region")],
+    listen: Annotated[str, typer.Option(help="API address host:port")] = "127.0.0.1:7701",
+    state_dir: Annotated[Path, typer.Option(help="where VM records, sockets and logs live")] = Path(
+        "/var/lib/livemig/host"
+    ),
+    migration_address: Annotated[
+        str, typer.Option(help="address incoming migrations listen on")
+    ] = "127.0.0.1",
+    lmo_url: Annotated[str | None, typer.Option("--lmo", help="register with this LMO")] = None,
+    accel: Annotated[str, typer.Option(help="auto | kvm | tcg")] = "auto",
+    memory_mib: Annotated[
+        int | None, typer.Option(help="memory offered to VMs (default: RAM - 1 GiB)")
+    ] = None,
+) -> None:
+    """Run a host agent (QEMU lifecycle, migration source/destination)."""
+    from livemig.host.accel import choose_accel
+    from livemig.host.agent import HostAgent
+    from livemig.host.api import create_app
+
+    choice = choose_accel(accel)
+    if memory_mib is None:
+        memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024) - 1024
+    agent = HostAgent(name, state_dir, migration_address, choice, memory_mib)
+    logging.getLogger(__name__).info("hostd %s: accelerator %s (%s)", name, choice.name, choice.reason)
+    _serve(create_app(agent, lmo_url, f"http://{listen}"), listen)
+
+
+@app.command("lmo")
+def lmo_command(
+    listen: Annotated[str, typer.Option(help="API address host:port")] = "127.0.0.1:7700",
+    db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] = "sqlite:///livemig.db",
+) -> None:
+    """Run the LMO control plane (API + migration controller)."""
+    from livemig.control.api import create_app
+    from livemig.control.store import Store
+
+    _serve(create_app(Store(db)), listen)
+
+
+# ---------------------------------------------------------------------- region
+
+
+@app.command()
+def up(
+    state_dir: StateDir = None,
+    hosts: Annotated[str, typer.Option(help="comma-separated host names")] = "A,B",
+    accel: Annotated[str, typer.Option(help="auto | kvm | tcg")] = "auto",
+) -> None:
+    """Start a local region: the LMO and one hostd per host, on loopback."""
+    region = Region(state_dir)
+    config = region.up(tuple(h.strip() for h in hosts.split(",") if h.strip()), accel=accel)
+    out.print(f"region up in {region.state_dir}: LMO {config.lmo_url}")
+    for host in config.hosts:
+        out.print(f"  host {host.name}: API {host.url}, migration address {host.migration_address}")
+
+
+@app.command()
+def down(state_dir: StateDir = None) -> None:
+    """Stop the local region and its VMs."""
+    Region(state_dir).down()
+    out.print("region down")
+
+
+@app.command()
+def status(url: Url = None, state_dir: StateDir = None) -> None:
+    """Hosts (accelerator, memory) and VMs of the region."""
+    with lmo(url, state_dir) as client:
+        table = Table(title="hosts")
+        for col in ("host", "api", "migration address", "accel", "memory free/total MiB", "VMs"):
+            table.add_column(col)
+        for h in client.hosts():
+            reg, info = h["registration"], h.get("info")
+            if info:
+                free = info["memory_mib"] - info["memory_used_mib"]
+                table.add_row(reg["name"], reg["api_url"], reg["migration_address"],
+                              f"{info['accel']} ({info['accel_reason']})", f"{free}/{info['memory_mib']}",
+                              ", ".join(info["vms"]))  # fmt: skip
+            else:
+                table.add_row(
+                    reg["name"], reg["api_url"], reg["migration_address"], "-", "-", h.get("error", "")
+                )
+        out.print(table)
+        _print_vms(client)
+
+
+# ---------------------------------------------------------------------- VMs
+
+
+def _print_vms(client: LmoClient) -> None:
+    table = Table(title="VMs")
+    for col in ("name", "host", "state", "memory MiB", "vCPUs", "machine"):
+        table.add_column(col)
+    for vm in client.vms():
+        observed = vm.get("observed") or {}
+        table.add_row(vm["name"], vm["host"], observed.get("state", vm.get("error") or "?"),
+                      str(vm["spec"]["memory_mib"]), str(vm["spec"]["vcpus"]), vm["spec"]["machine"])  # fmt: skip
+    out.print(table)
+
+
+@vm_app.command("create")
+def vm_create(
+    name: str,
+    memory: Annotated[int, typer.Option(help="guest memory, MiB")] = 512,
+    vcpus: Annotated[int, typer.Option()] = 1,
+    host: Annotated[str | None, typer.Option(help="host to place it on")] = None,
+    rate: Annotated[int, typer.Option(help="workload dirty rate, MiB/s")] = 20,
+    wss: Annotated[int, typer.Option(help="workload working set, MiB")] = 128,
+    spec_file: Annotated[Path | None, typer.Option("--spec", help="a full VmSpec as JSON")] = None,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Boot a VM running the livemig guest workload (or any VmSpec given as JSON)."""
+    try:
+        if spec_file is not None:
+            spec = VmSpec.model_validate_json(spec_file.read_text())
+        else:
+            spec = VmSpec(name=name, memory_mib=memory, vcpus=vcpus,
+                          workload=WorkloadSpec(wss_mib=wss, rate_mib_s=rate))  # fmt: skip
+    except ValueError as exc:
+        fail(f"invalid VM spec: {exc}")
+    with lmo(url, state_dir) as client:
+        view = client.create_vm(spec, host)
+        out.print(f"VM {view['name']} runs on host {view['host']} (QEMU pid {view['observed']['pid']})")
+
+
+@vm_app.command("list")
+def vm_list(url: Url = None, state_dir: StateDir = None) -> None:
+    """All VMs with their host and QEMU runstate."""
+    with lmo(url, state_dir) as client:
+        _print_vms(client)
+
+
+@vm_app.command("show")
+def vm_show(name: str, url: Url = None, state_dir: StateDir = None) -> None:
+    """One VM's spec and observed state, as JSON."""
+    with lmo(url, state_dir) as client:
+        out.print_json(json.dumps(client.vm(name)))
+
+
+@vm_app.command("delete")
+def vm_delete(name: str, url: Url = None, state_dir: StateDir = None) -> None:
+    """Stop a VM and forget it."""
+    with lmo(url, state_dir) as client:
+        client.delete_vm(name)
+        out.print(f"VM {name} deleted")
+
+
+@vm_app.command("console")
+def vm_console(
+    name: str,
+    tail: Annotated[int, typer.Option(help="lines to show")] = 40,
+    send: Annotated[str | None, typer.Option(help="send one line to the guest first")] = None,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """The VM's serial console (the guest workload's heartbeats and check results)."""
+    with lmo(url, state_dir) as client:
+        if send is not None:
+            client.console_input(name, send)
+        sys.stdout.write(client.console(name, tail))
+
+
+# ---------------------------------------------------------------------- migrations
+
+
+@app.command()
+def migrate(
+    vm: str,
+    to: Annotated[str, typer.Option("--to", help="destination host")],
+    downtime_ms: Annotated[int | None, typer.Option(help="QEMU downtime-limit")] = None,
+    bandwidth: Annotated[int | None, typer.Option(help="max bandwidth, MiB/s")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="return once accepted")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the final record as JSON")] = False,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Live-migrate VM to another host, with a live progress bar."""
+    from livemig.cli.progress import follow, stats_line, timeline_table
+
+    params = MigrationParams()
+    if downtime_ms is not None:
+        params.downtime_limit_ms = downtime_ms
+    if bandwidth is not None:
+        params.max_bandwidth_mib_s = bandwidth
+    with lmo(url, state_dir) as client:
+        migration = client.migrate(vm, to, params)
+        if no_wait:
+            out.print(f"migration {migration.id} accepted")
+            return
+        final = client.wait(migration.id) if as_json else follow(client, migration, out)
+        if as_json:
+            sys.stdout.write(final.model_dump_json(indent=2) + "\n")
+        else:
+            out.print(timeline_table(final))
+            out.print(stats_line(final))
+        if final.phase.value != "Succeeded":
+            raise typer.Exit(1)
+
+
+@migrations_app.command("list")
+def migrations_list(url: Url = None, state_dir: StateDir = None) -> None:
+    """Every migration with its phase and QEMU's numbers."""
+    with lmo(url, state_dir) as client:
+        table = Table(title="migrations")
+        for col in ("id", "vm", "from", "to", "phase", "pause ms", "total ms", "rounds", "reason"):
+            table.add_column(col)
+        for m in client.migrations():
+            table.add_row(m.id, m.vm, m.source, m.destination, m.phase.value, str(m.stats.pause_ms or "-"),
+                          str(m.stats.total_ms or "-"), str(m.stats.rounds), m.reason)  # fmt: skip
+        out.print(table)
+
+
+@migrations_app.command("show")
+def migrations_show(
+    migration_id: str,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """One migration's timeline, numbers and reason."""
+    from livemig.cli.progress import stats_line, timeline_table
+
+    with lmo(url, state_dir) as client:
+        m = client.migration(migration_id)
+        if as_json:
+            sys.stdout.write(m.model_dump_json(indent=2) + "\n")
+        else:
+            out.print(timeline_table(m))
+            out.print(stats_line(m))
+
+
+@migrations_app.command("cancel")
+def migrations_cancel(migration_id: str, url: Url = None, state_dir: StateDir = None) -> None:
+    """Cancel a migration; the VM keeps running on its source."""
+    with lmo(url, state_dir) as client:
+        m = client.cancel(migration_id)
+        out.print(f"migration {m.id}: cancel requested ({m.phase.value})")
+
+
+# ---------------------------------------------------------------------- image and demo
+
+
+@image_app.command("build")
+def image_build(
+    cache: Annotated[Path | None, typer.Option(help="cache directory (default $LIVEMIG_CACHE)")] = None,
+    force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
+) -> None:
+    """Build the guest image (Debian cloud kernel, busybox, the livemig workload)."""
+    from livemig.guest.image import build_image
+
+    cache = cache or Path(os.environ.get("LIVEMIG_CACHE") or Path.home() / ".cache" / "livemig")
+    with err.status("building the guest image") as status:
+        image = build_image(cache, force=force, progress=lambda msg: status.update(msg))
+    out.print(f"kernel {image.kernel}\ninitrd {image.initrd}")
+
+
+@app.command()
+def demo(
+    as_json: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
+    state_dir: StateDir = None,
+    keep: Annotated[bool, typer.Option(help="leave the region and VM running afterwards")] = False,
+    rate: Annotated[int, typer.Option(help="guest dirty rate, MiB/s")] = 20,
+    memory: Annotated[int, typer.Option(help="guest memory, MiB")] = 512,
+) -> None:
+    """Start a region, boot a VM, migrate it A→B→A live, print the report."""
+    from livemig.demo import run_demo
+
+    report = run_demo(state_dir or default_state_dir() / "demo", quiet=as_json, keep=keep, rate=rate,
+                      memory_mib=memory, console=err if as_json else out)  # fmt: skip
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except LivemigError as exc:
+        fail(exc.message)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The LMO control plane: store, controller (phases), host client, REST API."""

@@ -1,0 +1,216 @@
+"""The LMO's REST API. Requests are validated synchronously (clear 4xx, nothing started);
+accepted migrations are then driven by the controller in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from livemig.control.controller import CANCELLABLE, Controller
+from livemig.control.hostclient import HostClient
+from livemig.control.store import Store
+from livemig.errors import CapacityError, Conflict, HostUnreachable, InvalidRequest, LivemigError, NotFound
+from livemig.model.host import HostInfo, HostRegistration
+from livemig.model.migration import Migration, MigrationRequest
+from livemig.model.vm import VmSpec, VmStatus
+from livemig.webutil import install_error_handlers
+
+
+class VmCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    spec: VmSpec
+    host: str | None = Field(default=None, description="place on this host; default: most free memory")
+
+
+class VmView(BaseModel):
+    name: str
+    host: str
+    spec: VmSpec
+    observed: VmStatus | None = None
+    error: str | None = None
+
+
+class HostView(BaseModel):
+    registration: HostRegistration
+    info: HostInfo | None = None
+    error: str | None = None
+
+
+class ConsoleLine(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    line: str = Field(max_length=200)
+
+
+def create_app(
+    store: Store, *, controller_interval_s: float = 0.1, transport: httpx.AsyncBaseTransport | None = None
+) -> FastAPI:
+    """The LMO app; ``transport`` replaces the network to hosts in fast tests (fake hostd)."""
+    state: dict[str, object] = {}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=3.0), transport=transport)
+        controller = Controller(store, client, controller_interval_s)
+        state["client"] = client
+        task = asyncio.create_task(controller.run_forever(), name="controller")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.aclose()
+
+    app = FastAPI(title="livemig LMO", lifespan=lifespan)
+    install_error_handlers(app)
+
+    def host_client(name: str) -> HostClient:
+        client = state["client"]
+        assert isinstance(client, httpx.AsyncClient)
+        return HostClient(store.host(name), client)
+
+    async def host_view(reg: HostRegistration) -> HostView:
+        try:
+            return HostView(registration=reg, info=await host_client(reg.name).info())
+        except LivemigError as exc:
+            return HostView(registration=reg, error=exc.message)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.put("/hosts/{name}")
+    async def register_host(name: str, body: HostRegistration) -> HostRegistration:
+        if body.name != name:
+            raise InvalidRequest(f"path names host {name!r} but the body names {body.name!r}")
+        store.upsert_host(body)
+        return body
+
+    @app.get("/hosts")
+    async def hosts() -> list[HostView]:
+        return list(await asyncio.gather(*(host_view(reg) for reg in store.hosts())))
+
+    @app.post("/vms", status_code=201)
+    async def create_vm(body: VmCreate) -> VmView:
+        spec = body.spec
+        with contextlib.suppress(NotFound):
+            store.vm(spec.name)
+            raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name)
+        views = [v for v in await hosts() if v.info is not None]
+        if body.host is not None:
+            store.host(body.host)  # 404 for an unknown host
+            views = [v for v in views if v.registration.name == body.host]
+            if not views:
+                raise HostUnreachable(f"host {body.host} does not answer")
+        fitting = [v for v in views if v.info and v.info.memory_free_mib >= spec.memory_mib]
+        if not fitting:
+            best = max((v.info.memory_free_mib for v in views if v.info), default=0)
+            raise CapacityError(f"no host can hold {spec.memory_mib} MiB (most free: {best} MiB)")
+        target = max(fitting, key=lambda v: v.info.memory_free_mib if v.info else 0).registration.name
+        store.add_vm(spec, target)  # claims the name before the slow boot
+        try:
+            observed = await host_client(target).create_vm(spec)
+        except LivemigError:
+            store.remove_vm(spec.name)
+            raise
+        store.set_vm(spec.name, spec=observed.spec)  # the resolved spec (machine, boot files)
+        return VmView(name=spec.name, host=target, spec=observed.spec, observed=observed)
+
+    async def vm_view(spec: VmSpec, host: str) -> VmView:
+        try:
+            observed = await host_client(host).vm(spec.name)
+            return VmView(name=spec.name, host=host, spec=spec, observed=observed,
+                          error=None if observed else f"not found on {host}")  # fmt: skip
+        except LivemigError as exc:
+            return VmView(name=spec.name, host=host, spec=spec, error=exc.message)
+
+    @app.get("/vms")
+    async def list_vms() -> list[VmView]:
+        return list(await asyncio.gather(*(vm_view(spec, host) for spec, host in store.vms())))
+
+    @app.get("/vms/{name}")
+    async def get_vm(name: str) -> VmView:
+        spec, host = store.vm(name)
+        return await vm_view(spec, host)
+
+    @app.delete("/vms/{name}", status_code=204)
+    async def delete_vm(name: str) -> Response:
+        _spec, host = store.vm(name)
+        if store.migrations(active_only=True, vm=name):
+            raise Conflict(f"VM {name!r} is migrating; cancel the migration first")
+        await host_client(host).destroy_vm(name)
+        store.remove_vm(name)
+        return Response(status_code=204)
+
+    @app.get("/vms/{name}/console", response_class=PlainTextResponse)
+    async def console(name: str, tail: int = 50) -> str:
+        _spec, host = store.vm(name)
+        return await host_client(host).console(name, tail)
+
+    @app.post("/vms/{name}/console", status_code=204)
+    async def console_input(name: str, body: ConsoleLine) -> Response:
+        _spec, host = store.vm(name)
+        await host_client(host).console_input(name, body.line)
+        return Response(status_code=204)
+
+    @app.post("/vms/{name}/guest-check")
+    async def guest_check(name: str) -> dict[str, object]:
+        _spec, host = store.vm(name)
+        ok, detail = await host_client(host).guest_check(name)
+        return {"ok": ok, "detail": detail, "host": host}
+
+    @app.post("/migrations", status_code=201)
+    async def create_migration(body: MigrationRequest) -> Migration:
+        spec, source = store.vm(body.vm)
+        store.host(body.destination)
+        if body.destination == source:
+            raise Conflict(f"VM {body.vm!r} is already on host {source}", vm=body.vm, host=source)
+        info = await host_client(body.destination).info()
+        if body.vm not in info.vms and info.memory_free_mib < spec.memory_mib:
+            raise CapacityError(
+                f"destination {body.destination} has {info.memory_free_mib} MiB free, "
+                f"VM {body.vm} needs {spec.memory_mib} MiB",
+                host=body.destination, free_mib=info.memory_free_mib, needed_mib=spec.memory_mib,
+            )  # fmt: skip
+        migration = Migration(id=f"m-{uuid.uuid4().hex[:10]}", vm=body.vm, source=source,
+                              destination=body.destination, params=body.params,
+                              verify_guest=body.verify_guest)  # fmt: skip
+        from livemig.control.controller import transition
+        from livemig.model.migration import Phase
+
+        transition(migration, Phase.PENDING, f"requested: {body.vm} {source} -> {body.destination}")
+        store.add_migration(migration)
+        return migration
+
+    @app.get("/migrations")
+    async def list_migrations(vm: str | None = None, active: bool = False) -> list[Migration]:
+        return store.migrations(active_only=active, vm=vm)
+
+    @app.get("/migrations/{migration_id}")
+    async def get_migration(migration_id: str) -> Migration:
+        return store.migration(migration_id)
+
+    @app.post("/migrations/{migration_id}/cancel", status_code=202)
+    async def cancel_migration(migration_id: str) -> Migration:
+        migration = store.migration(migration_id)
+        if migration.terminal:
+            raise Conflict(f"migration {migration_id} already ended ({migration.phase.value})")
+        if migration.phase not in CANCELLABLE:
+            raise Conflict(
+                f"migration {migration_id} is past the point of no return ({migration.phase.value})"
+            )
+        store.request_cancel(migration_id)
+        return store.migration(migration_id)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

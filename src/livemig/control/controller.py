@@ -1,0 +1,248 @@
+"""The migration controller: a level-triggered loop that walks each Migration through its phases.
+
+Every pass observes the hosts first (is the source QEMU running? the destination? what does
+the source's migration job say?) and then takes at most one idempotent step, recording each phase
+transition in the migration's timeline. Because nothing is remembered between passes except
+what the store holds, a restarted LMO simply resumes: the next pass observes and continues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from livemig.control.hostclient import HostClient
+from livemig.control.store import Store
+from livemig.errors import GuestError, HostUnreachable, LivemigError
+from livemig.host.source import SourceMigrationStatus
+from livemig.model.migration import Migration, Phase, utcnow
+
+log = logging.getLogger(__name__)
+
+# phases in which a cancel still leaves the VM on the source, untouched
+CANCELLABLE = frozenset({Phase.PENDING, Phase.VALIDATING, Phase.PREPARING_TARGET,
+                         Phase.SYNCING_FLOWS, Phase.PRECOPY})  # fmt: skip
+# how long a host may stay unreachable before the migration gives up
+UNREACHABLE_GRACE_S = 30.0
+
+
+def transition(m: Migration, phase: Phase, message: str = "", at: datetime | None = None,
+               **data: Any) -> None:  # fmt: skip
+    """Move ``m`` to ``phase`` and say why in its timeline."""
+    m.phase = phase
+    m.timeline.append(_entry(phase, message, at, data))
+    log.info("migration %s (%s): %s %s", m.id, m.vm, phase.value, message)
+
+
+def _entry(phase: Phase, message: str, at: datetime | None, data: dict[str, Any]) -> Any:
+    from livemig.model.migration import TimelineEntry
+
+    return TimelineEntry(at=at or utcnow(), phase=phase, message=message, data=data)
+
+
+class Controller:
+    def __init__(self, store: Store, client: httpx.AsyncClient, interval_s: float = 0.1) -> None:
+        self.store = store
+        self.client = client
+        self.interval_s = interval_s
+        self._unreachable_since: dict[str, float] = {}
+        self._handlers: dict[Phase, Callable[[Migration], Awaitable[None]]] = {
+            Phase.PENDING: self._pending,
+            Phase.VALIDATING: self._validating,
+            Phase.PREPARING_TARGET: self._preparing_target,
+            Phase.SYNCING_FLOWS: self._syncing_flows,
+            Phase.PRECOPY: self._precopy,
+            Phase.SWITCHOVER: self._precopy,  # same observation, later phase
+            Phase.CUTTING_OVER: self._cutting_over,
+            Phase.CLEANUP: self._cleanup,
+            Phase.CANCELLING: self._begin_rollback,
+            Phase.ABORTING: self._begin_rollback,
+            Phase.ROLLING_BACK: self._rolling_back,
+        }
+
+    def host(self, name: str) -> HostClient:
+        return HostClient(self.store.host(name), self.client)
+
+    async def run_forever(self) -> None:
+        while True:
+            await self.pass_once()
+            await asyncio.sleep(self.interval_s)
+
+    async def pass_once(self) -> None:
+        for m in self.store.migrations(active_only=True):
+            await self.step(m)
+
+    async def step(self, m: Migration) -> None:
+        """One observe-then-act step for one migration, saved to the store afterwards."""
+        loop = asyncio.get_running_loop()
+        try:
+            if m.cancel_requested and m.phase in CANCELLABLE:
+                transition(m, Phase.CANCELLING, "cancel requested")
+            elif self._timed_out(m) and m.phase in CANCELLABLE:
+                self._fail(m, Phase.ABORTING, f"did not complete within {m.params.timeout_s:.0f} s",
+                           end=Phase.ABORTED)  # fmt: skip
+            else:
+                await self._handlers[m.phase](m)
+            self._unreachable_since.pop(m.id, None)
+        except HostUnreachable as exc:
+            first = self._unreachable_since.setdefault(m.id, loop.time())
+            if loop.time() - first > UNREACHABLE_GRACE_S and m.phase in CANCELLABLE:
+                self._fail(m, Phase.ABORTING, f"{exc.message} for {UNREACHABLE_GRACE_S:.0f} s")
+        except LivemigError as exc:
+            if m.phase in (Phase.ROLLING_BACK, Phase.CANCELLING, Phase.ABORTING):
+                log.warning("migration %s: rollback step failed, will retry: %s", m.id, exc.message)
+            elif m.phase in (Phase.CUTTING_OVER, Phase.CLEANUP):
+                log.warning("migration %s: %s step failed, will retry: %s", m.id, m.phase, exc.message)
+            else:
+                self._fail(m, Phase.ABORTING, exc.message)
+        self.store.save_migration(m)
+
+    def _timed_out(self, m: Migration) -> bool:
+        return (utcnow() - m.created_at).total_seconds() > m.params.timeout_s
+
+    def _fail(self, m: Migration, via: Phase, reason: str, end: Phase = Phase.FAILED) -> None:
+        """Start rolling back; the migration ends in ``end`` once the source is safe again."""
+        m.reason = reason
+        m.rollback_to = end
+        transition(m, via, reason)
+
+    # ------------------------------------------------------------------ forward path
+
+    async def _pending(self, m: Migration) -> None:
+        transition(m, Phase.VALIDATING)
+
+    async def _validating(self, m: Migration) -> None:
+        spec, owner = self.store.vm(m.vm)
+        if owner != m.source:
+            raise LivemigError(f"VM {m.vm} is on {owner}, not on the source {m.source}")
+        source, destination = self.host(m.source), self.host(m.destination)
+        observed = await source.vm(m.vm)
+        if observed is None or observed.state != "running":
+            raise LivemigError(f"VM {m.vm} is not running on {m.source} "
+                               f"({observed.state if observed else 'absent'})")  # fmt: skip
+        src_info, dst_info = await source.info(), await destination.info()
+        already_there = m.vm in dst_info.vms
+        if not already_there and dst_info.memory_free_mib < spec.memory_mib:
+            raise LivemigError(f"destination {m.destination} has {dst_info.memory_free_mib} MiB free, "
+                               f"VM needs {spec.memory_mib} MiB")  # fmt: skip
+        transition(m, Phase.PREPARING_TARGET, "source running, destination has room",
+                   source_qemu=src_info.qemu_version, destination_qemu=dst_info.qemu_version,
+                   machine=spec.machine, accel=f"{src_info.accel}->{dst_info.accel}")  # fmt: skip
+
+    async def _preparing_target(self, m: Migration) -> None:
+        spec, _ = self.store.vm(m.vm)
+        uri = await self.host(m.destination).prepare_incoming(spec)
+        m.incoming_uri = uri
+        m.set_condition("TargetPrepared", True, uri)
+        transition(m, Phase.SYNCING_FLOWS, f"destination listening on {uri}")
+
+    async def _syncing_flows(self, m: Migration) -> None:
+        transition(m, Phase.PRECOPY, "no VNICs on the livemig dataplane: no flow state to copy")
+
+    async def _precopy(self, m: Migration) -> None:
+        source = self.host(m.source)
+        job = await source.migration(m.vm)
+        if job is None or job.uri != m.incoming_uri:
+            if m.phase is Phase.SWITCHOVER or _condition(m, "MigrationStarted"):
+                await self._job_lost(m, source)
+                return
+            assert m.incoming_uri is not None
+            job = await source.migrate(m.vm, m.incoming_uri, m.params)
+            m.set_condition("MigrationStarted", True, m.incoming_uri)
+        self._absorb(m, job)
+        if m.phase is Phase.PRECOPY:
+            pause = next((e for e in job.events if e.status in ("pre-switchover", "device")), None)
+            if pause is not None:
+                transition(m, Phase.SWITCHOVER, "source paused for the final dirty pages and device state",
+                           at=pause.at)  # fmt: skip
+        if job.state == "completed":
+            if m.phase is Phase.PRECOPY:
+                transition(m, Phase.SWITCHOVER, "source paused", at=job.events[-1].at if job.events else None)
+            stats = job.stats.model_dump() if job.stats else {}
+            transition(m, Phase.CUTTING_OVER, "QEMU reports the migration completed", **stats)
+        elif job.state in ("failed", "cancelled"):
+            self._fail(m, Phase.ABORTING, f"QEMU reports migration {job.state}: {job.error or 'no detail'}")
+
+    async def _job_lost(self, m: Migration, source: HostClient) -> None:
+        """The source hostd restarted and lost its job: QEMU's runstate says what happened."""
+        observed = await source.vm(m.vm)
+        if observed is not None and observed.state == "postmigrate":
+            transition(m, Phase.CUTTING_OVER, "source hostd restarted; QEMU says migration completed")
+        else:
+            self._fail(
+                m, Phase.ABORTING, "source hostd restarted during the migration; QEMU did not complete"
+            )
+
+    def _absorb(self, m: Migration, job: SourceMigrationStatus) -> None:
+        if job.samples:
+            m.last_sample = job.samples[-1]
+        if job.stats is not None:
+            m.stats = job.stats
+
+    async def _cutting_over(self, m: Migration) -> None:
+        destination, source = self.host(m.destination), self.host(m.source)
+        observed = await destination.vm(m.vm)
+        _, owner = self.store.vm(m.vm)
+        if owner == m.destination:  # already cut over before a restart
+            transition(m, Phase.CLEANUP, "ownership already moved")
+            return
+        if observed is None or observed.state not in ("running", "inmigrate"):
+            self._fail(m, Phase.ABORTING, f"destination VM is {observed.state if observed else 'absent'} "
+                                          "after QEMU reported completion")  # fmt: skip
+            return
+        if observed.state != "running":
+            return  # still loading the last state; observe again next pass
+        await source.destroy_vm(m.vm)
+        self.store.set_vm(m.vm, host=m.destination)
+        transition(m, Phase.CLEANUP, f"destination running; source QEMU stopped; owner is {m.destination}")
+
+    async def _cleanup(self, m: Migration) -> None:
+        spec, _ = self.store.vm(m.vm)
+        if m.verify_guest and spec.workload is not None and m.guest_check is None:
+            try:
+                ok, detail = await self.host(m.destination).guest_check(m.vm)
+            except GuestError as exc:
+                ok, detail = False, exc.message
+            m.guest_check = "ok" if ok else f"fail: {detail}"
+            if not ok:
+                m.reason = f"guest memory check failed on {m.destination}: {detail}"
+                transition(m, Phase.FAILED, m.reason)
+                return
+        total = (utcnow() - m.created_at).total_seconds() * 1000
+        m.reason = "migrated"
+        transition(m, Phase.SUCCEEDED, f"VM runs on {m.destination}", orchestration_ms=round(total))
+
+    # ------------------------------------------------------------------ rollback path
+
+    async def _begin_rollback(self, m: Migration) -> None:
+        if m.phase is Phase.CANCELLING:
+            m.rollback_to = Phase.CANCELLED
+            m.reason = m.reason or "cancelled by request"
+        elif m.rollback_to is None:
+            m.rollback_to = Phase.ABORTED
+        transition(m, Phase.ROLLING_BACK, "keeping the VM on the source; tearing down the destination")
+
+    async def _rolling_back(self, m: Migration) -> None:
+        source, destination = self.host(m.source), self.host(m.destination)
+        _, owner = self.store.vm(m.vm)
+        if owner != m.source:
+            raise LivemigError(f"cannot roll back: VM {m.vm} already belongs to {owner}")
+        job = await source.migration(m.vm)
+        if job is not None and job.state == "running":
+            await source.cancel_migration(m.vm)
+            return  # observe the cancellation land next pass
+        observed = await source.vm(m.vm)
+        if observed is not None and observed.state != "running":
+            await source.resume(m.vm)
+        await destination.destroy_vm(m.vm)
+        target = m.rollback_to or Phase.FAILED
+        transition(m, target, m.reason or "rolled back")
+
+
+def _condition(m: Migration, type_: str) -> bool:
+    return any(c.type == type_ and c.status for c in m.conditions)

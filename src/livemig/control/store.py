@@ -1,0 +1,183 @@
+"""The LMO's durable store (SQLAlchemy; SQLite by default).
+
+Records are stored as their pydantic JSON next to the few columns queries need (phase, vm), so the
+typed model stays the single definition and the schema stays small. The store is the only writer
+of desired state; everything it says about hosts is re-observed before the controller acts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+
+from sqlalchemy import Boolean, DateTime, String, Text, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from livemig.errors import Conflict, NotFound
+from livemig.model.host import HostRegistration
+from livemig.model.migration import TERMINAL_PHASES, Migration, utcnow
+from livemig.model.vm import VmSpec
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class HostRow(Base):
+    __tablename__ = "hosts"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_url: Mapped[str] = mapped_column(String(256))
+    migration_address: Mapped[str] = mapped_column(String(256))
+    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class VmRow(Base):
+    __tablename__ = "vms"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(64))
+    spec_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class MigrationRow(Base):
+    __tablename__ = "migrations"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    vm: Mapped[str] = mapped_column(String(64), index=True)
+    phase: Mapped[str] = mapped_column(String(32), index=True)
+    active: Mapped[bool] = mapped_column(Boolean, index=True)
+    doc: Mapped[str] = mapped_column(Text)
+    # written only by the API, read by the controller: never overwritten by a controller save
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.engine: Engine = create_engine(url)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._lock = threading.Lock()  # one writer at a time inside this process
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._lock, self._sessions.begin() as session:
+            yield session
+
+    # ------------------------------------------------------------------ hosts
+    def upsert_host(self, host: HostRegistration) -> None:
+        with self.session() as s:
+            row = s.get(HostRow, host.name)
+            if row is None:
+                s.add(HostRow(name=host.name, api_url=host.api_url, migration_address=host.migration_address))
+            else:
+                row.api_url, row.migration_address = host.api_url, host.migration_address
+
+    def hosts(self) -> list[HostRegistration]:
+        with self.session() as s:
+            rows = s.scalars(select(HostRow).order_by(HostRow.name)).all()
+            return [HostRegistration(name=r.name, api_url=r.api_url, migration_address=r.migration_address)
+                    for r in rows]  # fmt: skip
+
+    def host(self, name: str) -> HostRegistration:
+        for host in self.hosts():
+            if host.name == name:
+                return host
+        raise NotFound(f"unknown host {name!r}", host=name)
+
+    # ------------------------------------------------------------------ VMs
+    def add_vm(self, spec: VmSpec, host: str) -> None:
+        with self.session() as s:
+            if s.get(VmRow, spec.name) is not None:
+                raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name)
+            s.add(VmRow(name=spec.name, host=host, spec_json=spec.model_dump_json()))
+
+    def set_vm(self, name: str, *, host: str | None = None, spec: VmSpec | None = None) -> None:
+        with self.session() as s:
+            row = s.get(VmRow, name)
+            if row is None:
+                raise NotFound(f"unknown VM {name!r}", vm=name)
+            if host is not None:
+                row.host = host
+            if spec is not None:
+                row.spec_json = spec.model_dump_json()
+
+    def remove_vm(self, name: str) -> None:
+        with self.session() as s:
+            row = s.get(VmRow, name)
+            if row is not None:
+                s.delete(row)
+
+    def vm(self, name: str) -> tuple[VmSpec, str]:
+        with self.session() as s:
+            row = s.get(VmRow, name)
+            if row is None:
+                raise NotFound(f"unknown VM {name!r}", vm=name)
+            return VmSpec.model_validate_json(row.spec_json), row.host
+
+    def vms(self) -> list[tuple[VmSpec, str]]:
+        with self.session() as s:
+            rows = s.scalars(select(VmRow).order_by(VmRow.name)).all()
+            return [(VmSpec.model_validate_json(r.spec_json), r.host) for r in rows]
+
+    # ------------------------------------------------------------------ migrations
+    def add_migration(self, migration: Migration) -> None:
+        """Insert a migration, claiming its VM: at most one active migration per VM."""
+        with self.session() as s:
+            busy = s.scalars(select(MigrationRow).where(MigrationRow.vm == migration.vm,
+                                                        MigrationRow.active.is_(True))).first()  # fmt: skip
+            if busy is not None:
+                raise Conflict(f"VM {migration.vm!r} is already migrating ({busy.id}, {busy.phase})",
+                               vm=migration.vm, migration=busy.id)  # fmt: skip
+            s.add(MigrationRow(id=migration.id, vm=migration.vm, phase=migration.phase.value,
+                               active=True, doc=migration.model_dump_json()))  # fmt: skip
+
+    def save_migration(self, migration: Migration) -> None:
+        migration.updated_at = utcnow()
+        with self.session() as s:
+            row = s.get(MigrationRow, migration.id)
+            if row is None:
+                raise NotFound(f"unknown migration {migration.id!r}")
+            row.phase = migration.phase.value
+            row.active = migration.phase not in TERMINAL_PHASES
+            row.doc = migration.model_dump_json()
+
+    def migration(self, migration_id: str) -> Migration:
+        with self.session() as s:
+            row = s.get(MigrationRow, migration_id)
+            if row is None:
+                raise NotFound(f"unknown migration {migration_id!r}", migration=migration_id)
+            return _load(row)
+
+    def request_cancel(self, migration_id: str) -> None:
+        with self.session() as s:
+            row = s.get(MigrationRow, migration_id)
+            if row is None:
+                raise NotFound(f"unknown migration {migration_id!r}", migration=migration_id)
+            row.cancel_requested = True
+
+    def migrations(self, *, active_only: bool = False, vm: str | None = None) -> list[Migration]:
+        with self.session() as s:
+            query = select(MigrationRow).order_by(MigrationRow.created_at)
+            if active_only:
+                query = query.where(MigrationRow.active.is_(True))
+            if vm is not None:
+                query = query.where(MigrationRow.vm == vm)
+            return [_load(r) for r in s.scalars(query).all()]
+
+
+def _load(row: MigrationRow) -> Migration:
+    migration = Migration.model_validate_json(row.doc)
+    migration.cancel_requested = migration.cancel_requested or bool(row.cancel_requested)
+    return migration
+
+
+def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()

@@ -1,0 +1,79 @@
+"""One exception tree for every livemig process.
+
+Why one tree: the REST layers map an exception class to an HTTP status in one place, and the
+CLI prints a one-line message for any ``LivemigError`` instead of a stack trace::
+
+    LivemigError                    base; carries a human message (and optional details)
+    ├── InvalidRequest      400/422 a request or VM spec that is malformed or contradictory
+    ├── NotFound            404     unknown VM, host or migration
+    ├── Conflict            409     name taken, VM busy, migrate to the host it is on
+    ├── CapacityError       409     destination cannot hold the VM
+    ├── HostUnreachable     502     a hostd did not answer
+    ├── QemuError           500     QEMU refused to start or a QMP command failed
+    ├── MigrationError      500     a migration step failed (carries the phase)
+    ├── GuestError          500     the guest workload did not answer or reported a failure
+    └── BootstrapError      -       a prerequisite (package, image) is missing on this machine
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LivemigError(Exception):
+    """Base of every error livemig raises on purpose."""
+
+    http_status = 500
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body every API returns for this error."""
+        return {"error": type(self).__name__, "message": self.message, **self.details}
+
+
+class InvalidRequest(LivemigError):
+    """Input that can never succeed as given (bad spec, bad field)."""
+
+    http_status = 422
+
+
+class NotFound(LivemigError):
+    """A named thing (VM, host, migration) does not exist."""
+
+    http_status = 404
+
+
+class Conflict(LivemigError):
+    """The request clashes with current state (name taken, VM busy, same host)."""
+
+    http_status = 409
+
+
+class CapacityError(Conflict):
+    """The destination has not enough free memory (or other capacity) for the VM."""
+
+
+class HostUnreachable(LivemigError):
+    """A host agent did not answer; the caller should observe again before acting."""
+
+    http_status = 502
+
+
+class QemuError(LivemigError):
+    """QEMU refused to start, died, or rejected a QMP command."""
+
+
+class MigrationError(LivemigError):
+    """A migration step failed; the controller rolls back from here."""
+
+
+class GuestError(LivemigError):
+    """The guest workload did not answer, or its self-check failed."""
+
+
+class BootstrapError(LivemigError):
+    """The machine lacks a prerequisite (a Debian package, the guest image)."""

@@ -1,0 +1,338 @@
+"""HostAgent: the state and actions of one hostd (VM lifecycle, incoming VMs, migrations).
+
+QEMU is started with ``-daemonize`` so it is never hostd's child: killing hostd (even SIGKILL)
+never kills a VM. Each VM has a directory holding its spec record, pidfile, QMP and console
+sockets and console log; a restarted hostd re-adopts every VM whose process is still alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from livemig.errors import CapacityError, Conflict, InvalidRequest, NotFound, QemuError
+from livemig.host import console
+from livemig.host.accel import AccelChoice
+from livemig.host.qemu import VmPaths, command_line, qemu_binary, qemu_version, resolve_machine
+from livemig.host.qmp import QmpSession
+from livemig.host.source import SourceMigration, SourceMigrationStatus
+from livemig.model.host import HostInfo
+from livemig.model.migration import MigrationParams
+from livemig.model.vm import VmSpec, VmStatus
+from livemig.proc import pid_alive
+
+log = logging.getLogger(__name__)
+
+Role = Literal["running", "incoming", "outgoing"]
+
+
+@dataclass
+class ManagedVm:
+    spec: VmSpec
+    paths: VmPaths
+    pid: int
+    role: Role
+    qmp: QmpSession
+    argv: list[str] = field(default_factory=list)
+    migration: SourceMigration | None = None
+    incoming_uri: str | None = None
+
+    def save(self) -> None:
+        record = {"spec": self.spec.model_dump(), "role": self.role, "argv": self.argv,
+                  "incoming_uri": self.incoming_uri}  # fmt: skip
+        tmp = self.paths.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(self.paths.record)
+
+
+def pid_runs_vm(pid: int, paths: VmPaths) -> bool:
+    """True if ``pid`` is the QEMU we started for this VM (guards against pid reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return str(paths.qmp) in cmdline and pid_alive(pid)
+
+
+class HostAgent:
+    def __init__(
+        self,
+        name: str,
+        state_dir: Path,
+        migration_address: str,
+        accel: AccelChoice,
+        memory_mib: int,
+        image_resolver: object | None = None,
+    ) -> None:
+        self.name = name
+        self.state_dir = state_dir
+        self.vms_dir = state_dir / "vms"
+        self.logs_dir = state_dir / "logs"
+        self.migration_address = migration_address
+        self.accel = accel
+        self.memory_mib = memory_mib
+        self.image_resolver = image_resolver
+        self.vms: dict[str, ManagedVm] = {}
+        self._lock = asyncio.Lock()
+
+    # ---------------------------------------------------------------- observation
+
+    def info(self) -> HostInfo:
+        return HostInfo(
+            name=self.name,
+            migration_address=self.migration_address,
+            accel=self.accel.name,
+            accel_reason=self.accel.reason,
+            qemu_version=qemu_version(),
+            memory_mib=self.memory_mib,
+            memory_used_mib=sum(vm.spec.memory_mib for vm in self.vms.values()),
+            vms=sorted(self.vms),
+        )
+
+    def get(self, name: str) -> ManagedVm:
+        vm = self.vms.get(name)
+        if vm is None:
+            raise NotFound(f"VM {name!r} is not on host {self.name}", vm=name, host=self.name)
+        return vm
+
+    async def status(self, name: str) -> VmStatus:
+        vm = self.get(name)
+        state = "absent"
+        if pid_runs_vm(vm.pid, vm.paths):
+            try:
+                state = str((await vm.qmp.execute("query-status"))["status"])
+            except QemuError:
+                state = "unreachable"
+        if vm.role == "incoming" and state == "running":
+            vm.role = "running"
+            vm.save()
+        return VmStatus(name=name, host=self.name, state=state, pid=vm.pid, role=vm.role, spec=vm.spec,
+                        console_log=str(vm.paths.console_log))  # fmt: skip
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def resolve_spec(self, spec: VmSpec) -> VmSpec:
+        """Pin what the user left open: the versioned machine type and the boot files."""
+        machine = resolve_machine(spec.machine)
+        boot = spec.boot
+        if boot.kernel is None or boot.initrd is None:
+            from livemig.guest.image import build_image  # the cached guest image
+
+            image = build_image(self.image_cache())
+            extra = ""
+            if spec.workload is not None:
+                extra = image.kernel_cmdline(spec.workload.wss_mib, spec.workload.rate_mib_s)
+            else:
+                extra = image.kernel_cmdline(1, 0) + " livemig.workload=off"
+            boot = boot.model_copy(update={"kernel": str(image.kernel), "initrd": str(image.initrd),
+                                           "append": " ".join(p for p in (extra, boot.append) if p)})  # fmt: skip
+        for path in (boot.kernel, boot.initrd):
+            if path is None or not Path(path).is_file():
+                raise InvalidRequest(f"VM {spec.name}: boot file {path} does not exist on host {self.name}")
+        return spec.model_copy(update={"machine": machine, "boot": boot})
+
+    def image_cache(self) -> Path:
+        env = os.environ.get("LIVEMIG_CACHE")
+        return Path(env) if env else Path.home() / ".cache" / "livemig"
+
+    def _check_capacity(self, spec: VmSpec) -> None:
+        free = self.memory_mib - sum(vm.spec.memory_mib for vm in self.vms.values())
+        if spec.memory_mib > free:
+            raise CapacityError(
+                f"host {self.name} has {free} MiB free, VM {spec.name} needs {spec.memory_mib} MiB",
+                host=self.name, free_mib=free, needed_mib=spec.memory_mib,
+            )  # fmt: skip
+
+    async def create(self, spec: VmSpec, *, incoming: bool = False) -> ManagedVm:
+        async with self._lock:
+            if spec.name in self.vms:
+                raise Conflict(f"VM {spec.name!r} already exists on host {self.name}", vm=spec.name)
+            self._check_capacity(spec)
+            spec = self.resolve_spec(spec) if not incoming else spec
+            paths = VmPaths(self.vms_dir / spec.name)
+            if paths.root.exists():
+                shutil.rmtree(paths.root)
+            paths.root.mkdir(parents=True)
+            argv = command_line(spec, paths, self.accel.name, incoming=incoming, binary=qemu_binary())
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await proc.communicate()
+            if proc.returncode != 0:
+                shutil.rmtree(paths.root, ignore_errors=True)
+                message = (err or out).decode(errors="replace").strip()
+                raise QemuError(f"QEMU refused to start VM {spec.name}: {message}", vm=spec.name)
+            pid = int(paths.pidfile.read_text().strip())
+            vm = ManagedVm(spec=spec, paths=paths, pid=pid, role="incoming" if incoming else "running",
+                           qmp=QmpSession(f"{self.name}/{spec.name}"), argv=argv)  # fmt: skip
+            try:
+                await vm.qmp.connect(paths.qmp)
+            except QemuError:
+                await self._kill(vm)
+                shutil.rmtree(paths.root, ignore_errors=True)
+                raise
+            vm.save()
+            self.vms[spec.name] = vm
+            log.info("started VM %s (pid %d, %s)", spec.name, pid, vm.role)
+            return vm
+
+    async def prepare_incoming(self, spec: VmSpec) -> str:
+        """Start a suspended destination listening on this host's migration address; idempotent."""
+        existing = self.vms.get(spec.name)
+        if existing is not None:
+            if existing.role == "incoming" and existing.incoming_uri and existing.spec == spec:
+                return existing.incoming_uri
+            raise Conflict(f"VM {spec.name!r} already exists on host {self.name} ({existing.role})")
+        if spec.boot.kernel is None or spec.boot.initrd is None:
+            raise InvalidRequest("an incoming VM needs the source's resolved spec (boot files pinned)")
+        for path in (spec.boot.kernel, spec.boot.initrd):
+            if not Path(path).is_file():
+                raise InvalidRequest(f"boot file {path} does not exist on host {self.name}")
+        vm = await self.create(spec, incoming=True)
+        try:
+            await vm.qmp.execute("migrate-set-capabilities",
+                                 {"capabilities": [{"capability": "events", "state": True}]})  # fmt: skip
+            await vm.qmp.execute("migrate-incoming", {"uri": f"tcp:{self.migration_address}:0"})
+            reply = await vm.qmp.execute("query-migrate")
+            sockets = reply.get("socket-address") or []
+            if not sockets:
+                raise QemuError(f"incoming VM {spec.name}: QEMU did not report its listening port")
+            vm.incoming_uri = f"tcp:{self.migration_address}:{sockets[0]['port']}"
+        except QemuError:
+            await self.destroy(spec.name)
+            raise
+        vm.save()
+        return vm.incoming_uri
+
+    async def migrate(self, name: str, uri: str, params: MigrationParams) -> SourceMigrationStatus:
+        vm = self.get(name)
+        if vm.migration is not None and vm.migration.state == "running":
+            if vm.migration.uri == uri:
+                return vm.migration.status()  # idempotent retry of the same request
+            raise Conflict(f"VM {name!r} is already migrating to {vm.migration.uri}")
+        if vm.role == "incoming":
+            raise Conflict(f"VM {name!r} on host {self.name} is an incoming VM, not a source")
+        job = SourceMigration(name, vm.qmp, uri, params)
+        await job.configure()
+        vm.migration = job
+        vm.role = "outgoing"
+        vm.save()
+        job.start()
+        return job.status()
+
+    def migration_status(self, name: str, since: int = 0) -> SourceMigrationStatus:
+        vm = self.get(name)
+        if vm.migration is None:
+            raise NotFound(f"VM {name!r} has no migration on host {self.name}")
+        return vm.migration.status(since)
+
+    async def cancel_migration(self, name: str) -> None:
+        vm = self.get(name)
+        if vm.migration is not None:
+            await vm.migration.cancel()
+        vm.role = "running"
+        vm.save()
+
+    async def destroy(self, name: str) -> None:
+        """Stop the VM's QEMU (quit, then SIGKILL if it lingers) and forget it; idempotent."""
+        vm = self.vms.pop(name, None)
+        if vm is None:
+            return
+        await self._kill(vm)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        if vm.paths.console_log.exists():
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            shutil.copy(vm.paths.console_log, self.logs_dir / f"{name}.{stamp}.console.log")
+        shutil.rmtree(vm.paths.root, ignore_errors=True)
+        log.info("destroyed VM %s", name)
+
+    async def _kill(self, vm: ManagedVm) -> None:
+        if pid_runs_vm(vm.pid, vm.paths):
+            with contextlib.suppress(QemuError):
+                await asyncio.wait_for(vm.qmp.execute("quit"), timeout=3)
+            for _ in range(50):
+                if not pid_alive(vm.pid):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(vm.pid, signal.SIGKILL)
+        await vm.qmp.close()
+
+    async def resume(self, name: str) -> str:
+        """Make sure the VM runs (rollback after a failed switchover); returns the runstate."""
+        vm = self.get(name)
+        state = str((await vm.qmp.execute("query-status"))["status"])
+        if state in ("paused", "postmigrate", "prelaunch", "finish-migrate"):
+            await vm.qmp.execute("cont")
+            state = str((await vm.qmp.execute("query-status"))["status"])
+        vm.role = "running"
+        vm.save()
+        return state
+
+    async def guest_check(self, name: str) -> tuple[bool, str]:
+        vm = self.get(name)
+        return await console.memory_check(vm.paths.console, vm.paths.console_log)
+
+    async def guest_command(self, name: str, line: str) -> None:
+        vm = self.get(name)
+        if "\n" in line or len(line) > 200:
+            raise InvalidRequest("a console command is one line of at most 200 characters")
+        await console.send_line(vm.paths.console, line)
+
+    # ---------------------------------------------------------------- restart
+
+    async def adopt(self) -> list[str]:
+        """Re-adopt every VM whose QEMU is still running after a hostd restart."""
+        adopted: list[str] = []
+        if not self.vms_dir.exists():
+            return adopted
+        for root in sorted(self.vms_dir.iterdir()):
+            paths = VmPaths(root)
+            try:
+                record = json.loads(paths.record.read_text())
+                pid = int(paths.pidfile.read_text().strip())
+                spec = VmSpec.model_validate(record["spec"])
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("ignoring %s: unreadable record (%s)", root, exc)
+                continue
+            if not pid_runs_vm(pid, paths):
+                log.warning("VM %s: QEMU pid %d is gone; forgetting it", spec.name, pid)
+                shutil.rmtree(root, ignore_errors=True)
+                continue
+            role: Role = record.get("role", "running")
+            vm = ManagedVm(spec=spec, paths=paths, pid=pid, role=role,
+                           qmp=QmpSession(f"{self.name}/{spec.name}"), argv=record.get("argv", []),
+                           incoming_uri=record.get("incoming_uri"))  # fmt: skip
+            await vm.qmp.connect(paths.qmp)
+            if role == "outgoing":
+                # the migration job died with the old hostd; QEMU's own state tells what happened
+                # (nobody would answer pause-before-switchover): cancel an unfinished one, so the VM
+                # keeps running here and the LMO sees a failed attempt it can roll back.
+                status = (await vm.qmp.execute("query-migrate")).get("status")
+                if status == "completed":
+                    vm.role = "outgoing"
+                else:
+                    if status not in ("failed", "cancelled", "none", None):
+                        await vm.qmp.execute("migrate_cancel")
+                    vm.role = "running"
+                vm.save()
+            self.vms[spec.name] = vm
+            adopted.append(spec.name)
+            log.info("re-adopted VM %s (pid %d, %s)", spec.name, pid, vm.role)
+        return adopted
+
+    async def close(self) -> None:
+        """Disconnect QMP sessions without touching the VMs (hostd shutdown)."""
+        for vm in self.vms.values():
+            await vm.qmp.close()

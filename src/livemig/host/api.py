@@ -1,0 +1,153 @@
+"""hostd's REST API (FastAPI). Observed state out, idempotent actions in."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from livemig.host.agent import HostAgent
+from livemig.host.source import SourceMigrationStatus
+from livemig.model.host import HostInfo
+from livemig.model.migration import MigrationParams
+from livemig.model.vm import VmSpec, VmStatus
+from livemig.webutil import install_error_handlers
+
+log = logging.getLogger(__name__)
+VMS_GAUGE = Gauge("livemig_host_vms", "VMs managed by this hostd", ["host"])
+
+
+class MigrateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(pattern=r"^tcp:[^:]+:\d+$")
+    params: MigrationParams = Field(default_factory=MigrationParams)
+
+
+class IncomingReply(BaseModel):
+    uri: str
+
+
+class CheckReply(BaseModel):
+    ok: bool
+    detail: str
+
+
+class ConsoleLine(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    line: str = Field(max_length=200)
+
+
+async def register_with_lmo(agent: HostAgent, lmo_url: str, api_url: str) -> None:
+    """Tell the LMO where this host is; retried until it answers (it may start after us)."""
+    body = {"name": agent.name, "api_url": api_url, "migration_address": agent.migration_address}
+    async with httpx.AsyncClient(timeout=5) as client:
+        for _attempt in range(600):
+            try:
+                reply = await client.put(f"{lmo_url}/hosts/{agent.name}", json=body)
+                if reply.status_code < 300:
+                    log.info("registered with LMO at %s", lmo_url)
+                    return
+                log.warning("LMO refused registration: %s", reply.text)
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.5)
+
+
+def create_app(agent: HostAgent, lmo_url: str | None = None, api_url: str | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await agent.adopt()
+        registration = None
+        if lmo_url and api_url:
+            registration = asyncio.create_task(register_with_lmo(agent, lmo_url, api_url))
+        yield
+        if registration is not None:
+            registration.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await registration
+        await agent.close()
+
+    app = FastAPI(title=f"livemig hostd {agent.name}", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "host": agent.name}
+
+    @app.get("/host")
+    async def host() -> HostInfo:
+        return agent.info()
+
+    @app.get("/vms")
+    async def list_vms() -> list[VmStatus]:
+        return [await agent.status(name) for name in sorted(agent.vms)]
+
+    @app.post("/vms", status_code=201)
+    async def create_vm(spec: VmSpec) -> VmStatus:
+        vm = await agent.create(spec)
+        return await agent.status(vm.spec.name)
+
+    @app.get("/vms/{name}")
+    async def get_vm(name: str) -> VmStatus:
+        return await agent.status(name)
+
+    @app.delete("/vms/{name}", status_code=204)
+    async def delete_vm(name: str) -> Response:
+        await agent.destroy(name)
+        return Response(status_code=204)
+
+    @app.post("/vms/{name}/incoming")
+    async def incoming(name: str, spec: VmSpec) -> IncomingReply:
+        if spec.name != name:
+            from livemig.errors import InvalidRequest
+
+            raise InvalidRequest(f"path names VM {name!r} but the spec names {spec.name!r}")
+        return IncomingReply(uri=await agent.prepare_incoming(spec))
+
+    @app.post("/vms/{name}/migrate", status_code=202)
+    async def migrate(name: str, body: MigrateBody) -> SourceMigrationStatus:
+        return await agent.migrate(name, body.uri, body.params)
+
+    @app.get("/vms/{name}/migration")
+    async def migration(name: str, since: int = 0) -> SourceMigrationStatus:
+        return agent.migration_status(name, since)
+
+    @app.post("/vms/{name}/migration/cancel", status_code=204)
+    async def cancel(name: str) -> Response:
+        await agent.cancel_migration(name)
+        return Response(status_code=204)
+
+    @app.post("/vms/{name}/resume")
+    async def resume(name: str) -> dict[str, str]:
+        return {"state": await agent.resume(name)}
+
+    @app.post("/vms/{name}/guest-check")
+    async def guest_check(name: str) -> CheckReply:
+        ok, detail = await agent.guest_check(name)
+        return CheckReply(ok=ok, detail=detail)
+
+    @app.post("/vms/{name}/console", status_code=204)
+    async def console_input(name: str, body: ConsoleLine) -> Response:
+        await agent.guest_command(name, body.line)
+        return Response(status_code=204)
+
+    @app.get("/vms/{name}/console", response_class=PlainTextResponse)
+    async def console_output(name: str, tail: int = 50) -> str:
+        log_path = agent.get(name).paths.console_log
+        lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+        return "\n".join(lines[-max(1, min(tail, 10000)) :]) + "\n"
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        VMS_GAUGE.labels(agent.name).set(len(agent.vms))
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,133 @@
+"""The QEMU command line, built deterministically from a VmSpec.
+
+Why deterministic: the destination of a migration must be started with exactly the source's
+device layout; building both from the same spec by the same pure function makes that true by
+construction (and unit-testable without QEMU).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from livemig.errors import BootstrapError, InvalidRequest
+from livemig.model.vm import NicDevice, RngDevice, VmSpec
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """Where one VM's runtime files live on a host."""
+
+    root: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.root / "qmp.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.root / "console.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.root / "console.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "qemu.pid"
+
+    @property
+    def record(self) -> Path:
+        return self.root / "vm.json"
+
+
+def qemu_binary() -> str:
+    path = shutil.which(QEMU_BINARY)
+    if path is None:
+        raise BootstrapError(f"{QEMU_BINARY} not found: install the Debian package qemu-system-x86")
+    return path
+
+
+@lru_cache(maxsize=1)
+def qemu_version() -> str:
+    out = subprocess.run([qemu_binary(), "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"version (\S+)", out)
+    return match.group(1) if match else out.strip().splitlines()[0]
+
+
+@lru_cache(maxsize=1)
+def machine_aliases() -> dict[str, str]:
+    """Map every machine type QEMU knows to its concrete versioned type (aliases resolved)."""
+    out = subprocess.run(
+        [qemu_binary(), "-machine", "help"], capture_output=True, text=True, check=True
+    ).stdout
+    table: dict[str, str] = {}
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if not parts:
+            continue
+        alias = re.search(r"\(alias of ([^)]+)\)", line)
+        table[parts[0]] = alias.group(1) if alias else parts[0]
+    return table
+
+
+def resolve_machine(machine: str, table: dict[str, str] | None = None) -> str:
+    """``q35`` → ``pc-q35-7.2``; unknown types are rejected before QEMU ever starts."""
+    known = machine_aliases() if table is None else table
+    if machine not in known:
+        raise InvalidRequest(f"machine type {machine!r} is not supported by this host's QEMU")
+    return known[machine]
+
+
+def command_line(
+    spec: VmSpec, paths: VmPaths, accel: str, *, incoming: bool = False, binary: str = QEMU_BINARY
+) -> list[str]:
+    """The full argv for ``spec``; ``incoming`` adds ``-incoming defer`` for a migration target."""
+    if spec.boot.kernel is None or spec.boot.initrd is None:
+        raise InvalidRequest(f"VM {spec.name}: boot kernel/initrd not resolved")
+    argv = [
+        binary,
+        "-name", f"guest={spec.name},debug-threads=on",
+        "-machine", f"{spec.machine},accel={accel}",
+        "-cpu", spec.cpu_model,
+        "-m", str(spec.memory_mib),
+        "-smp", str(spec.vcpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-kernel", spec.boot.kernel,
+        "-initrd", spec.boot.initrd,
+        "-append", spec.boot.append,
+        "-chardev",
+        f"socket,id=serial0,path={paths.console},server=on,wait=off,logfile={paths.console_log},logappend=on",
+        "-serial", "chardev:serial0",
+        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        "-pidfile", str(paths.pidfile),
+        "-daemonize",
+    ]  # fmt: skip
+    for device in spec.devices:
+        bus = "pcie.0" if "q35" in spec.machine else "pci.0"
+        if isinstance(device, NicDevice):
+            if device.backend == "user":
+                argv += ["-netdev", f"user,id=net_{device.id},restrict=on"]
+            else:
+                argv += ["-netdev", f"hubport,id=net_{device.id},hubid=0"]
+            argv += [
+                "-device",
+                f"virtio-net-pci,id={device.id},netdev=net_{device.id},mac={device.mac},"
+                f"bus={bus},addr={device.pci_addr}",
+            ]
+        elif isinstance(device, RngDevice):
+            argv += [
+                "-object", f"rng-random,id=rng_{device.id},filename=/dev/urandom",
+                "-device", f"virtio-rng-pci,id={device.id},rng=rng_{device.id},bus={bus},addr={device.pci_addr}",
+            ]  # fmt: skip
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv

@@ -1,0 +1,198 @@
+"""The source side of one migration, run inside hostd.
+
+Why in hostd and not in the LMO: the pause-before-switchover hook runs while the guest is paused,
+and QEMU counts the hook in the downtime it reports. So the reaction to the ``pre-switchover``
+event must be local: a QMP event listener on the source host issues ``migrate-continue``
+immediately (and, later, the final flow-state delta), never a poll loop or a round trip to the LMO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from livemig.errors import QemuError
+from livemig.host.qmp import QmpSession
+from livemig.model.migration import MigrationParams, MigrationSample, MigrationStats
+
+log = logging.getLogger(__name__)
+
+SAMPLE_INTERVAL_S = 0.1
+FINAL_STATUSES = ("completed", "failed", "cancelled")
+SwitchoverHook = Callable[[], Awaitable[None]]
+
+
+class MigrationEvent(BaseModel):
+    at: datetime
+    status: str
+
+
+class SourceMigrationStatus(BaseModel):
+    """What hostd reports about the migration it drives (the LMO polls this)."""
+
+    vm: str
+    uri: str
+    state: Literal["running", "completed", "failed", "cancelled"]
+    events: list[MigrationEvent] = Field(default_factory=list)
+    samples: list[MigrationSample] = Field(default_factory=list)
+    stats: MigrationStats | None = None
+    error: str | None = None
+
+
+def sample_from(reply: dict[str, Any]) -> MigrationSample:
+    """Turn a ``query-migrate`` reply into a typed sample."""
+    ram = reply.get("ram", {})
+    return MigrationSample(
+        at=datetime.now(UTC),
+        status=reply.get("status", "none"),
+        total_bytes=ram.get("total", 0),
+        transferred_bytes=ram.get("transferred", 0),
+        remaining_bytes=ram.get("remaining", 0),
+        dirty_pages_rate=ram.get("dirty-pages-rate", 0),
+        page_size=ram.get("page-size", 4096) or 4096,
+        mbps=float(ram.get("mbps", 0.0)),
+        dirty_sync_count=ram.get("dirty-sync-count", 0),
+        expected_downtime_ms=reply.get("expected-downtime"),
+    )
+
+
+def stats_from(reply: dict[str, Any], hook_ms: float | None) -> MigrationStats:
+    ram = reply.get("ram", {})
+    return MigrationStats(
+        status=reply.get("status", ""),
+        pause_ms=reply.get("downtime"),
+        total_ms=reply.get("total-time"),
+        setup_ms=reply.get("setup-time"),
+        transferred_bytes=ram.get("transferred", 0),
+        rounds=ram.get("dirty-sync-count", 0),
+        mbps=float(ram.get("mbps", 0.0)),
+        duplicate_pages=ram.get("duplicate", 0),
+        normal_pages=ram.get("normal", 0),
+        switchover_hook_ms=hook_ms,
+        error=reply.get("error-desc"),
+    )
+
+
+class SourceMigration:
+    """Drives ``migrate`` on the source QEMU and records events, samples and final stats."""
+
+    def __init__(
+        self,
+        vm: str,
+        qmp: QmpSession,
+        uri: str,
+        params: MigrationParams,
+        switchover_hooks: list[SwitchoverHook] | None = None,
+    ) -> None:
+        self.vm = vm
+        self.qmp = qmp
+        self.uri = uri
+        self.params = params
+        self.switchover_hooks = switchover_hooks or []
+        self.state: Literal["running", "completed", "failed", "cancelled"] = "running"
+        self.events: list[MigrationEvent] = []
+        self.samples: deque[MigrationSample] = deque(maxlen=3000)
+        self.stats: MigrationStats | None = None
+        self.error: str | None = None
+        self.hook_ms: float | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"migrate-{self.vm}")
+
+    async def configure(self) -> None:
+        """Set capabilities and parameters; separate so errors reach the API caller directly."""
+        await self.qmp.execute(
+            "migrate-set-capabilities",
+            {
+                "capabilities": [
+                    {"capability": "events", "state": True},
+                    {"capability": "pause-before-switchover", "state": self.params.pause_before_switchover},
+                ]
+            },
+        )
+        await self.qmp.execute(
+            "migrate-set-parameters",
+            {
+                "downtime-limit": self.params.downtime_limit_ms,
+                "max-bandwidth": self.params.max_bandwidth_mib_s * 1024 * 1024,
+            },
+        )
+
+    async def _run(self) -> None:
+        sampler: asyncio.Task[None] | None = None
+        try:
+            with self.qmp.listener("MIGRATION") as listener:
+                await self.qmp.execute("migrate", {"uri": self.uri})
+                sampler = asyncio.create_task(self._sample_loop())
+                async for message in listener:
+                    event: dict[str, Any] = dict(message)
+                    status = str(event["data"]["status"])
+                    stamp = event.get("timestamp", {})
+                    at = datetime.fromtimestamp(
+                        stamp.get("seconds", time.time()) + stamp.get("microseconds", 0) / 1e6, UTC
+                    )
+                    self.events.append(MigrationEvent(at=at, status=status))
+                    if status == "pre-switchover":
+                        await self._switchover()
+                    if status in FINAL_STATUSES:
+                        break
+            reply = await self.qmp.execute("query-migrate")
+            self.stats = stats_from(reply, self.hook_ms)
+            self.samples.append(sample_from(reply))
+            final = reply.get("status", "failed")
+            self.state = final if final in FINAL_STATUSES else "failed"
+            self.error = reply.get("error-desc")
+        except QemuError as exc:
+            self.state, self.error = "failed", exc.message
+            log.warning("migration of %s failed: %s", self.vm, exc.message)
+        except Exception as exc:  # a bug must still end the job, never leave it "running"
+            self.state, self.error = "failed", f"internal error: {exc!r}"
+            log.exception("migration of %s crashed", self.vm)
+        finally:
+            if sampler is not None:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
+
+    async def _switchover(self) -> None:
+        """Inside the pause: run the hooks (fast!), then let QEMU send the final state."""
+        started = time.perf_counter()
+        try:
+            for hook in self.switchover_hooks:
+                await hook()
+        finally:
+            await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+            self.hook_ms = (time.perf_counter() - started) * 1000
+
+    async def _sample_loop(self) -> None:
+        while True:
+            try:
+                self.samples.append(sample_from(await self.qmp.execute("query-migrate")))
+            except QemuError:
+                return
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
+
+    async def cancel(self) -> None:
+        if self.state == "running":
+            await self.qmp.execute("migrate_cancel")
+
+    def status(self, since_samples: int = 0) -> SourceMigrationStatus:
+        samples = list(self.samples)
+        return SourceMigrationStatus(
+            vm=self.vm,
+            uri=self.uri,
+            state=self.state,
+            events=list(self.events),
+            samples=samples[-50:] if since_samples <= 0 else samples[since_samples:],
+            stats=self.stats,
+            error=self.error,
+        )

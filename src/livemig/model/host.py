@@ -1,0 +1,32 @@
+"""Hosts as the LMO knows them and as they describe themselves."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class HostRegistration(BaseModel):
+    """What the LMO needs to reach a host: its API and its dedicated migration address."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
+    api_url: str = Field(pattern=r"^https?://")
+    migration_address: str = Field(min_length=1)
+
+
+class HostInfo(BaseModel):
+    """What a hostd reports about itself (observed, never desired state)."""
+
+    name: str
+    migration_address: str
+    accel: str
+    accel_reason: str
+    qemu_version: str
+    memory_mib: int
+    memory_used_mib: int
+    vms: list[str] = Field(default_factory=list)
+
+    @property
+    def memory_free_mib(self) -> int:
+        return self.memory_mib - self.memory_used_mib

@@ -1,0 +1,166 @@
+"""A Migration: its phase, its timeline, and the numbers QEMU reported.
+
+Phases are data (a string enum) so the store, the API and the CLI all speak the same words, and
+the timeline records every transition with a timestamp so every migration explains itself.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    VALIDATING = "Validating"
+    PREPARING_TARGET = "PreparingTarget"
+    SYNCING_FLOWS = "SyncingFlows"
+    PRECOPY = "PreCopy"
+    SWITCHOVER = "Switchover"
+    CUTTING_OVER = "CuttingOver"
+    CLEANUP = "Cleanup"
+    SUCCEEDED = "Succeeded"
+    CANCELLING = "Cancelling"
+    ABORTING = "Aborting"
+    ROLLING_BACK = "RollingBack"
+    CANCELLED = "Cancelled"
+    ABORTED = "Aborted"
+    FAILED = "Failed"
+
+
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.CANCELLED, Phase.ABORTED, Phase.FAILED})
+
+# The happy path, in order; the controller refuses any other forward step.
+FORWARD_PHASES: tuple[Phase, ...] = (
+    Phase.PENDING,
+    Phase.VALIDATING,
+    Phase.PREPARING_TARGET,
+    Phase.SYNCING_FLOWS,
+    Phase.PRECOPY,
+    Phase.SWITCHOVER,
+    Phase.CUTTING_OVER,
+    Phase.CLEANUP,
+    Phase.SUCCEEDED,
+)
+
+
+class MigrationParams(BaseModel):
+    """Knobs for QEMU's migration engine; the defaults are livemig's tuned settings.
+
+    Why these defaults: on a loopback or dedicated migration network bandwidth is plentiful, so a
+    high ``max_bandwidth`` finishes pre-copy quickly and a low ``downtime_limit`` keeps the pause in
+    the tens of milliseconds. QEMU's own defaults are 300 ms and 128 MiB/s (see bench/pause.py).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    downtime_limit_ms: int = Field(default=20, ge=1, le=60_000)
+    max_bandwidth_mib_s: int = Field(default=2048, ge=1, le=1_000_000)
+    pause_before_switchover: bool = True
+    timeout_s: float = Field(default=300.0, gt=0, le=86_400)
+
+
+class MigrationRequest(BaseModel):
+    """``POST /migrations``: move ``vm`` to ``destination``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str = Field(min_length=1)
+    destination: str = Field(min_length=1)
+    params: MigrationParams = Field(default_factory=MigrationParams)
+    verify_guest: bool = Field(
+        default=True, description="run the guest workload's memory check on the destination"
+    )
+
+
+class MigrationSample(BaseModel):
+    """One ``query-migrate`` reading on the source, with the time it was taken."""
+
+    at: datetime
+    status: str
+    total_bytes: int = 0
+    transferred_bytes: int = 0
+    remaining_bytes: int = 0
+    dirty_pages_rate: int = 0
+    page_size: int = 4096
+    mbps: float = 0.0
+    dirty_sync_count: int = 0
+    expected_downtime_ms: int | None = None
+
+    @property
+    def dirty_rate_mib_s(self) -> float:
+        return self.dirty_pages_rate * self.page_size / (1024 * 1024)
+
+
+class MigrationStats(BaseModel):
+    """The final numbers QEMU reported for a completed (or failed) migration."""
+
+    status: str = ""
+    pause_ms: int | None = Field(default=None, description="downtime QEMU reported")
+    total_ms: int | None = None
+    setup_ms: int | None = None
+    transferred_bytes: int = 0
+    rounds: int = Field(default=0, description="dirty-sync-count: pre-copy rounds")
+    mbps: float = 0.0
+    duplicate_pages: int = 0
+    normal_pages: int = 0
+    switchover_hook_ms: float | None = Field(
+        default=None, description="time between pre-switchover event and migrate-continue"
+    )
+    error: str | None = None
+
+
+class TimelineEntry(BaseModel):
+    at: datetime
+    phase: Phase
+    message: str = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class Condition(BaseModel):
+    """A fact independent of phase, e.g. TargetPrepared=True, with when it last changed."""
+
+    type: str
+    status: bool
+    at: datetime
+    reason: str = ""
+
+
+class Migration(BaseModel):
+    id: str
+    vm: str
+    source: str
+    destination: str
+    phase: Phase = Phase.PENDING
+    params: MigrationParams = Field(default_factory=MigrationParams)
+    verify_guest: bool = True
+    reason: str = Field(default="", description="why the migration ended where it did")
+    timeline: list[TimelineEntry] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+    stats: MigrationStats = Field(default_factory=MigrationStats)
+    last_sample: MigrationSample | None = None
+    incoming_uri: str | None = None
+    guest_check: str | None = Field(default=None, description="'ok', 'fail: ...' or None if not run")
+    cancel_requested: bool = False
+    rollback_to: Phase | None = Field(default=None, description="terminal phase a rollback ends in")
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL_PHASES
+
+    def set_condition(self, type_: str, status: bool, reason: str = "") -> None:
+        for condition in self.conditions:
+            if condition.type == type_:
+                if condition.status != status or condition.reason != reason:
+                    condition.status, condition.reason, condition.at = status, reason, utcnow()
+                return
+        self.conditions.append(Condition(type=type_, status=status, at=utcnow(), reason=reason))

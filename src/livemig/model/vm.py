@@ -1,0 +1,124 @@
+"""The VM spec: everything needed to reproduce a VM's device layout exactly on another host.
+
+Why explicit PCI addresses and MACs: QEMU's migration stream carries device *state*, not the
+device *layout*; the destination must be started with an identical layout or the load fails (or,
+worse, the guest sees devices move). So the spec pins every slot and MAC, and the machine type is
+stored resolved (``pc-q35-7.2``, never the moving alias ``q35``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
+_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+_PCI_ADDR = re.compile(r"^0x[0-9a-f]{1,2}(\.[0-7])?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NicDevice(_Strict):
+    """A virtio NIC. ``backend`` says where its frames go (``user``: QEMU's restricted slirp)."""
+
+    kind: Literal["nic"] = "nic"
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,30}$")
+    pci_addr: str
+    mac: str
+    backend: Literal["user", "none"] = "user"
+
+    @field_validator("mac")
+    @classmethod
+    def _mac_is_unicast(cls, value: str) -> str:
+        value = value.lower()
+        if not _MAC.match(value):
+            raise ValueError(f"MAC {value!r} is not of the form 52:54:00:12:34:56")
+        if int(value[:2], 16) & 1:
+            raise ValueError(f"MAC {value!r} is a multicast address")
+        return value
+
+
+class RngDevice(_Strict):
+    """A virtio RNG, so the guest has entropy without waiting on interrupts."""
+
+    kind: Literal["rng"] = "rng"
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,30}$")
+    pci_addr: str
+
+
+Device = Annotated[NicDevice | RngDevice, Field(discriminator="kind")]
+
+
+class WorkloadSpec(_Strict):
+    """The livemig guest workload's settings (kernel command line of the guest image)."""
+
+    wss_mib: int = Field(default=64, ge=1, le=65536, description="working set dirtied, MiB")
+    rate_mib_s: int = Field(default=20, ge=0, le=100000, description="dirty rate, MiB/s")
+
+
+class BootSpec(_Strict):
+    """Direct kernel boot. Empty kernel/initrd mean the livemig guest image from the cache."""
+
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str = ""
+
+
+class VmSpec(_Strict):
+    """What a user asks for; hostd fills ``machine`` (resolved) and ``boot`` paths on create."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="unique in the region")
+    memory_mib: int = Field(ge=16, le=1024 * 1024)
+    vcpus: int = Field(default=1, ge=1, le=64)
+    machine: str = Field(default="q35", pattern=r"^[a-z0-9.\-]+$")
+    cpu_model: str = Field(default="qemu64", pattern=r"^[A-Za-z0-9_.\-]+$")
+    devices: list[Device] = Field(default_factory=list)
+    boot: BootSpec = Field(default_factory=BootSpec)
+    workload: WorkloadSpec | None = Field(default_factory=WorkloadSpec)
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_pinned_and_unique(cls, devices: list[Device]) -> list[Device]:
+        ids: set[str] = set()
+        slots: set[str] = set()
+        macs: set[str] = set()
+        for device in devices:
+            if not _PCI_ADDR.match(device.pci_addr):
+                raise ValueError(f"device {device.id}: pci_addr {device.pci_addr!r} is not like 0x3")
+            slot = int(device.pci_addr.split(".")[0], 16)
+            if slot < 1 or slot > 0x1F:
+                raise ValueError(f"device {device.id}: PCI slot {slot:#x} is outside 0x1..0x1f")
+            for seen, key, what in ((ids, device.id, "id"), (slots, device.pci_addr, "pci_addr")):
+                if key in seen:
+                    raise ValueError(f"two devices share {what} {key!r}")
+                seen.add(key)
+            if isinstance(device, NicDevice):
+                if device.mac in macs:
+                    raise ValueError(f"two NICs share MAC {device.mac}")
+                macs.add(device.mac)
+        return devices
+
+    @model_validator(mode="after")
+    def _working_set_fits(self) -> VmSpec:
+        if self.workload is not None and self.workload.wss_mib > self.memory_mib - 64:
+            raise ValueError(
+                f"workload working set {self.workload.wss_mib} MiB does not fit in "
+                f"{self.memory_mib} MiB of guest memory (keep 64 MiB for the kernel)"
+            )
+        return self
+
+
+class VmStatus(BaseModel):
+    """What a hostd observes about one VM (QEMU's runstate, pid, console)."""
+
+    name: str
+    host: str
+    state: str = Field(description="QEMU runstate (running, paused, inmigrate, ...) or 'absent'")
+    pid: int | None = None
+    role: Literal["running", "incoming", "outgoing"] = "running"
+    spec: VmSpec
+    console_log: str | None = None

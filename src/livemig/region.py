@@ -1,0 +1,187 @@
+"""A local region: the LMO and N host agents as background processes on loopback.
+
+Used by ``livemig up``/``down``, the demo, the tests and the benchmarks, so all of them start
+the system the same way a user does. Every host gets its own API port and its own migration
+address (127.0.100.N), so migration traffic never uses an API address even on one machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from livemig.errors import BootstrapError
+from livemig.proc import pid_alive, wait_gone
+
+DEFAULT_HOSTS = ("A", "B")
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("LIVEMIG_STATE")
+    return Path(env) if env else Path.home() / ".local" / "state" / "livemig"
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class HostConfig:
+    name: str
+    port: int
+    migration_address: str
+    pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class RegionConfig:
+    lmo_port: int
+    hosts: list[HostConfig]
+    accel: str = "auto"
+    lmo_pid: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def lmo_url(self) -> str:
+        return f"http://127.0.0.1:{self.lmo_port}"
+
+
+class Region:
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.state_dir = (state_dir or default_state_dir()).resolve()
+        self.config_path = self.state_dir / "region.json"
+
+    # ------------------------------------------------------------------ config
+    def load(self) -> RegionConfig | None:
+        if not self.config_path.exists():
+            return None
+        raw = json.loads(self.config_path.read_text())
+        raw["hosts"] = [HostConfig(**h) for h in raw["hosts"]]
+        return RegionConfig(**raw)
+
+    def _save(self, config: RegionConfig) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(json.dumps(asdict(config), indent=2))
+
+    def running(self) -> RegionConfig | None:
+        config = self.load()
+        if config is None or config.lmo_pid is None or not pid_alive(config.lmo_pid):
+            return None
+        return config
+
+    # ------------------------------------------------------------------ processes
+    def _spawn(self, name: str, args: list[str]) -> int:
+        logs = self.state_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "livemig.cli.main", *args],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        out.close()
+        return proc.pid
+
+    def start_lmo(self, config: RegionConfig) -> None:
+        config.lmo_pid = self._spawn("lmo", ["lmo", "--listen", f"127.0.0.1:{config.lmo_port}",
+                                             "--db", f"sqlite:///{self.state_dir / 'lmo.db'}"])  # fmt: skip
+        self._save(config)
+
+    def start_host(self, config: RegionConfig, host: HostConfig) -> None:
+        host.pid = self._spawn(f"hostd-{host.name}", [
+            "hostd", "--name", host.name, "--listen", f"127.0.0.1:{host.port}",
+            "--state-dir", str(self.state_dir / "hosts" / host.name),
+            "--migration-address", host.migration_address, "--lmo", config.lmo_url,
+            "--accel", config.accel,
+        ])  # fmt: skip
+        self._save(config)
+
+    def up(
+        self, hosts: tuple[str, ...] = DEFAULT_HOSTS, accel: str = "auto", timeout: float = 30.0
+    ) -> RegionConfig:
+        """Start the LMO and one hostd per name; reuse the region if it already runs."""
+        existing = self.running()
+        if existing is not None:
+            return existing
+        config = RegionConfig(
+            lmo_port=free_port(),
+            hosts=[HostConfig(name, free_port(), f"127.0.100.{i + 1}") for i, name in enumerate(hosts)],
+            accel=accel,
+        )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.start_lmo(config)
+        for host in config.hosts:
+            self.start_host(config, host)
+        self.wait_ready(config, timeout)
+        return config
+
+    def wait_ready(self, config: RegionConfig, timeout: float = 30.0) -> None:
+        """Wait until the LMO answers and knows every host, and every hostd is healthy."""
+        deadline = time.monotonic() + timeout
+        wanted = {h.name for h in config.hosts}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                hosts = httpx.get(f"{config.lmo_url}/hosts", timeout=5).json()
+                ready = {h["registration"]["name"] for h in hosts if h.get("info")}
+                if wanted <= ready:
+                    return
+            time.sleep(0.2)
+        raise BootstrapError(f"region did not come up within {timeout:.0f}s; see {self.state_dir / 'logs'}")
+
+    def down(self, stop_vms: bool = True) -> None:
+        """Stop the LMO, every hostd and (by default) every VM the hosts run."""
+        config = self.load()
+        if config is None:
+            return
+        for pid in [config.lmo_pid, *(h.pid for h in config.hosts)]:
+            if pid is not None:
+                _terminate(pid)
+        if stop_vms:
+            for pidfile in (self.state_dir / "hosts").glob("*/vms/*/qemu.pid"):
+                with contextlib.suppress(OSError, ValueError):
+                    _terminate(int(pidfile.read_text().strip()))
+        self.config_path.unlink(missing_ok=True)
+
+    def kill_host(self, name: str, sig: int = signal.SIGKILL) -> None:
+        config = self._require()
+        host = next(h for h in config.hosts if h.name == name)
+        if host.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(host.pid, sig)
+            wait_gone(host.pid, 5.0)
+
+    def restart_host(self, name: str, timeout: float = 30.0) -> None:
+        config = self._require()
+        host = next(h for h in config.hosts if h.name == name)
+        self.start_host(config, host)
+        self.wait_ready(config, timeout)
+
+    def _require(self) -> RegionConfig:
+        config = self.load()
+        if config is None:
+            raise BootstrapError(f"no region in {self.state_dir}: run `livemig up`")
+        return config
+
+
+def _terminate(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not wait_gone(pid, 5.0):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_gone(pid, 2.0)

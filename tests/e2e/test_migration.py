@@ -1,0 +1,94 @@
+"""Real QEMU guests migrated live through the real LMO and hostd processes."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from livemig.client import LmoClient
+from livemig.demo import demo_spec, heartbeat_seq, wait_heartbeat_after
+from livemig.model import Phase
+from livemig.proc import pid_alive
+
+from .conftest import qemu_pids_running
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def boot(lmo: LmoClient, name: str, host: str = "A", rate: int = 20, memory: int = 256) -> dict:
+    view = lmo.create_vm(demo_spec(memory_mib=memory, rate=rate, wss_mib=96, name=name), host=host)
+    lmo.wait_for_console(name, "LIVEMIG HB", timeout=90)
+    return view
+
+
+def test_round_trip_keeps_memory_intact_and_runs_on_one_host(lmo: LmoClient):
+    boot(lmo, "rt")
+    try:
+        for destination in ("B", "A"):
+            before_pid = lmo.vm("rt")["observed"]["pid"]
+            seq = heartbeat_seq(lmo.console("rt")) or 0
+            m = lmo.wait(lmo.migrate("rt", destination).id, timeout=180)
+            assert m.phase is Phase.SUCCEEDED, m.reason
+            assert m.guest_check == "ok", "the guest's own pattern check must pass on the destination"
+            assert m.stats.pause_ms is not None and m.stats.total_ms and m.stats.transferred_bytes > 0
+            assert m.stats.rounds >= 1
+            assert [e.phase for e in m.timeline][-1] is Phase.SUCCEEDED
+            assert lmo.vm("rt")["host"] == destination
+            assert not pid_alive(before_pid), "the source QEMU must have exited"
+            assert wait_heartbeat_after(lmo, "rt", seq) > seq, "heartbeat must continue on the destination"
+        pids = qemu_pids_running("rt")
+        assert len(pids) == 1, f"exactly one QEMU must run the VM, found {pids}"
+        assert lmo.vm("rt")["observed"]["pid"] == pids[0]
+    finally:
+        lmo.delete_vm("rt")
+    assert qemu_pids_running("rt") == []
+
+
+def test_hostd_sigkill_leaves_the_vm_running_and_manageable(region, lmo: LmoClient):
+    boot(lmo, "survivor")
+    try:
+        pid = lmo.vm("survivor")["observed"]["pid"]
+        region.kill_host("A", signal.SIGKILL)
+        assert pid_alive(pid), "killing hostd must never kill a VM"
+        console_log = region.state_dir / "hosts" / "A" / "vms" / "survivor" / "console.log"
+        seq = heartbeat_seq(console_log.read_text())
+        time.sleep(2.5)
+        assert (heartbeat_seq(console_log.read_text()) or 0) > (seq or 0), "the guest keeps running unmanaged"
+        region.restart_host("A")
+        view = lmo.vm("survivor")
+        assert view["observed"]["state"] == "running" and view["observed"]["pid"] == pid
+        check = lmo.guest_check("survivor")
+        assert check["ok"], check
+        # still manageable: it migrates away and back after the restart
+        m = lmo.wait(lmo.migrate("survivor", "B").id, timeout=180)
+        assert m.phase is Phase.SUCCEEDED and m.guest_check == "ok", m.reason
+        assert not pid_alive(pid)
+    finally:
+        lmo.delete_vm("survivor")
+    assert qemu_pids_running("survivor") == []
+
+
+def test_bad_requests_get_clear_errors_and_start_nothing(lmo: LmoClient):
+    boot(lmo, "target", memory=256)
+    try:
+        cases = [
+            ("POST", "/migrations", {"vm": "ghost", "destination": "B"}, 404, "unknown VM"),
+            ("POST", "/migrations", {"vm": "target", "destination": "nowhere"}, 404, "unknown host"),
+            ("POST", "/migrations", {"vm": "target", "destination": "A"}, 409, "already on host A"),
+            ("POST", "/vms", {"spec": {"name": "zero", "memory_mib": 0}}, 422, "memory_mib"),
+            ("POST", "/vms", {"spec": {"name": "huge", "memory_mib": 1024 * 1024}, "host": "B"}, 409, "no host"),
+            ("POST", "/vms", {"spec": {"name": "target", "memory_mib": 256}}, 409, "taken"),
+        ]
+        for method, path, body, status, needle in cases:
+            reply = lmo._http.request(method, path, json=body)
+            assert reply.status_code == status, (path, body, reply.text)
+            assert needle in reply.json()["message"], reply.text
+        malformed = lmo._http.post("/migrations", content=b'{"vm": ', headers={"content-type": "application/json"})
+        assert malformed.status_code == 422 and malformed.json()["error"] == "InvalidRequest"
+        assert lmo.migrations() == [] or all(m.vm != "target" for m in lmo.migrations())
+        assert qemu_pids_running("zero") == [] and qemu_pids_running("huge") == []
+        assert len(qemu_pids_running("target")) == 1
+    finally:
+        lmo.delete_vm("target")

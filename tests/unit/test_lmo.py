@@ -1,0 +1,166 @@
+"""The LMO's API and controller against fake hosts (fast; the real proof is tests/e2e)."""
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from livemig.control.api import create_app
+from livemig.control.store import Store
+from livemig.model import Migration, Phase, VmSpec
+from livemig.testing.fakehost import FakeFleet
+
+
+@pytest.fixture
+def fleet():
+    return FakeFleet("A", "B", memory_mib=2048)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(f"sqlite:///{tmp_path / 'lmo.db'}")
+
+
+@pytest.fixture
+def api(fleet, store):
+    app = create_app(store, controller_interval_s=0.01, transport=fleet.transport())
+    with TestClient(app) as client:
+        for name, host in fleet.hosts.items():
+            reply = client.put(f"/hosts/{name}", json={"name": name, "api_url": fleet.url(name),
+                                                        "migration_address": host.migration_address})
+            assert reply.status_code == 200, reply.text
+        yield client
+
+
+def create_vm(api, name="vm1", memory=512, host="A"):
+    reply = api.post("/vms", json={"spec": VmSpec(name=name, memory_mib=memory).model_dump(), "host": host})
+    assert reply.status_code == 201, reply.text
+    return reply.json()
+
+
+def wait_terminal(api, migration_id, timeout=10.0) -> Migration:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = Migration.model_validate(api.get(f"/migrations/{migration_id}").json())
+        if m.terminal:
+            return m
+        time.sleep(0.02)
+    raise AssertionError(f"migration {migration_id} did not end")
+
+
+def test_migration_walks_every_phase_and_moves_ownership(api, fleet):
+    create_vm(api)
+    reply = api.post("/migrations", json={"vm": "vm1", "destination": "B"})
+    assert reply.status_code == 201, reply.text
+    m = wait_terminal(api, reply.json()["id"])
+    assert m.phase is Phase.SUCCEEDED, m.reason
+    phases = [e.phase for e in m.timeline]
+    assert phases == [Phase.PENDING, Phase.VALIDATING, Phase.PREPARING_TARGET, Phase.SYNCING_FLOWS, Phase.PRECOPY,
+                      Phase.SWITCHOVER, Phase.CUTTING_OVER, Phase.CLEANUP, Phase.SUCCEEDED]
+    assert [e.at for e in m.timeline] == sorted(e.at for e in m.timeline)
+    assert m.stats.pause_ms == 12 and m.guest_check == "ok"
+    assert api.get("/vms/vm1").json()["host"] == "B"
+    assert "vm1" not in fleet.hosts["A"].vms and fleet.hosts["B"].vms["vm1"].state == "running"
+    # the source was stopped only after the destination was observed running
+    calls = fleet.hosts["A"].calls
+    assert calls.index("DELETE /vms/vm1") > max(i for i, c in enumerate(calls) if c == "GET /vms/vm1/migration")
+
+
+def test_failed_precopy_rolls_back_to_the_source(api, fleet):
+    create_vm(api)
+    fleet.hosts["A"].fail_migration = "Unable to write to socket: Broken pipe"
+    m = wait_terminal(api, api.post("/migrations", json={"vm": "vm1", "destination": "B"}).json()["id"])
+    assert m.phase is Phase.FAILED
+    assert "Broken pipe" in m.reason
+    assert Phase.ROLLING_BACK in [e.phase for e in m.timeline]
+    assert api.get("/vms/vm1").json()["host"] == "A"
+    assert "vm1" not in fleet.hosts["B"].vms, "the destination must be torn down"
+    assert fleet.hosts["A"].vms["vm1"].state == "running"
+
+
+def test_target_that_cannot_start_fails_cleanly(api, fleet):
+    create_vm(api)
+    fleet.hosts["B"].fail_incoming = True
+    m = wait_terminal(api, api.post("/migrations", json={"vm": "vm1", "destination": "B"}).json()["id"])
+    assert m.phase is Phase.FAILED and "refused" in m.reason
+    assert fleet.hosts["A"].vms["vm1"].state == "running"
+
+
+def test_cancel_keeps_the_vm_on_the_source(api, fleet):
+    create_vm(api)
+    fleet.hosts["A"].polls_to_complete = 10**6  # pre-copy never ends by itself
+    migration_id = api.post("/migrations", json={"vm": "vm1", "destination": "B"}).json()["id"]
+    deadline = time.monotonic() + 5
+    while api.get(f"/migrations/{migration_id}").json()["phase"] != "PreCopy" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert api.post(f"/migrations/{migration_id}/cancel").status_code == 202
+    m = wait_terminal(api, migration_id)
+    assert m.phase is Phase.CANCELLED
+    assert "vm1" not in fleet.hosts["B"].vms and fleet.hosts["A"].vms["vm1"].state == "running"
+    again = api.post(f"/migrations/{migration_id}/cancel")
+    assert again.status_code == 409 and "already ended" in again.json()["message"]
+
+
+def test_one_active_migration_per_vm(api, fleet):
+    create_vm(api)
+    fleet.hosts["A"].polls_to_complete = 10**6
+    first = api.post("/migrations", json={"vm": "vm1", "destination": "B"})
+    second = api.post("/migrations", json={"vm": "vm1", "destination": "B"})
+    assert first.status_code == 201 and second.status_code == 409
+    assert "already migrating" in second.json()["message"]
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"vm": "nope", "destination": "B"}, 404, "unknown VM"),
+        ({"vm": "vm1", "destination": "Z"}, 404, "unknown host"),
+        ({"vm": "vm1", "destination": "A"}, 409, "already on host A"),
+        ({"vm": "vm1"}, 422, "destination"),
+        ({"vm": "vm1", "destination": "B", "params": {"downtime_limit_ms": -1}}, 422, "downtime_limit_ms"),
+    ],
+)
+def test_bad_migration_requests(api, body, status, needle):
+    create_vm(api)
+    reply = api.post("/migrations", json=body)
+    assert reply.status_code == status, reply.text
+    assert needle in reply.json()["message"]
+    assert api.get("/migrations").json() == [], "a rejected request starts nothing"
+
+
+def test_destination_without_room_is_refused(api, fleet):
+    create_vm(api, memory=512)
+    create_vm(api, name="big", memory=1800, host="B")
+    reply = api.post("/migrations", json={"vm": "vm1", "destination": "B"})
+    assert reply.status_code == 409 and "free" in reply.json()["message"]
+
+
+def test_malformed_json_and_bad_vm_requests(api):
+    reply = api.post("/vms", content=b"{not json", headers={"content-type": "application/json"})
+    assert reply.status_code == 422 and reply.json()["error"] == "InvalidRequest"
+    assert api.post("/vms", json={"spec": {"name": "vm", "memory_mib": 0}}).status_code == 422
+    create_vm(api)
+    taken = api.post("/vms", json={"spec": VmSpec(name="vm1", memory_mib=256).model_dump()})
+    assert taken.status_code == 409 and "taken" in taken.json()["message"]
+    huge = api.post("/vms", json={"spec": VmSpec(name="huge", memory_mib=100_000).model_dump()})
+    assert huge.status_code == 409 and "no host can hold" in huge.json()["message"]
+    assert api.get("/vms/huge").status_code == 404, "a refused VM leaves nothing behind"
+
+
+def test_unreachable_destination_aborts_and_keeps_source(api, fleet, monkeypatch):
+    import livemig.control.controller as controller
+
+    monkeypatch.setattr(controller, "UNREACHABLE_GRACE_S", 0.2)
+    create_vm(api)
+    migration_id = api.post("/migrations", json={"vm": "vm1", "destination": "B"}).json()["id"]
+    fleet.hosts["B"].down = True
+    deadline = time.monotonic() + 5
+    while api.get(f"/migrations/{migration_id}").json()["phase"] not in ("RollingBack", "Failed", "Succeeded"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    fleet.hosts["B"].down = False
+    m = wait_terminal(api, migration_id)
+    assert m.phase in (Phase.FAILED, Phase.SUCCEEDED)
+    owner = api.get("/vms/vm1").json()["host"]
+    running = [h for h in fleet.hosts.values() if "vm1" in h.vms and h.vms["vm1"].state == "running"]
+    assert [h.name for h in running] == [owner], "the VM runs on exactly one host"
