@@ -82,6 +82,9 @@ class LmoClient:
                                    verify_guest=verify_guest)  # fmt: skip
         return Migration.model_validate(self.call("POST", "/migrations", json=request.model_dump()))
 
+    def preflight(self, vm: str, destination: str) -> dict[str, Any]:
+        return dict(self.call("POST", "/migrations/preflight", json={"vm": vm, "destination": destination}))
+
     def migration(self, migration_id: str) -> Migration:
         return Migration.model_validate(self.call("GET", f"/migrations/{migration_id}"))
 
@@ -102,9 +105,7 @@ class LmoClient:
             if migration.phase in TERMINAL_PHASES:
                 return migration
             if time.monotonic() > deadline:
-                raise LivemigError(
-                    f"migration {migration_id} still {migration.phase.value} after {timeout:.0f}s"
-                )
+                raise LivemigError(f"migration {migration_id} still {migration.phase.value} after {timeout:.0f}s")
             time.sleep(poll_s)
 
 

@@ -64,9 +64,7 @@ def migration_report(m: Migration) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def migrate_and_prove(
-    client: LmoClient, vm: str, destination: str, console: Console, quiet: bool
-) -> dict[str, Any]:
+def migrate_and_prove(client: LmoClient, vm: str, destination: str, console: Console, quiet: bool) -> dict[str, Any]:
     before = client.vm(vm)
     source_pid = before["observed"]["pid"]
     last_seq = heartbeat_seq(client.console(vm, tail=50)) or 0

@@ -111,9 +111,7 @@ class Region:
         ])  # fmt: skip
         self._save(config)
 
-    def up(
-        self, hosts: tuple[str, ...] = DEFAULT_HOSTS, accel: str = "auto", timeout: float = 30.0
-    ) -> RegionConfig:
+    def up(self, hosts: tuple[str, ...] = DEFAULT_HOSTS, accel: str = "auto", timeout: float = 30.0) -> RegionConfig:
         """Start the LMO and one hostd per name; reuse the region if it already runs."""
         existing = self.running()
         if existing is not None:

@@ -26,8 +26,10 @@ def api(fleet, store):
     app = create_app(store, controller_interval_s=0.01, transport=fleet.transport())
     with TestClient(app) as client:
         for name, host in fleet.hosts.items():
-            reply = client.put(f"/hosts/{name}", json={"name": name, "api_url": fleet.url(name),
-                                                        "migration_address": host.migration_address})
+            reply = client.put(
+                f"/hosts/{name}",
+                json={"name": name, "api_url": fleet.url(name), "migration_address": host.migration_address},
+            )
             assert reply.status_code == 200, reply.text
         yield client
 
@@ -55,8 +57,17 @@ def test_migration_walks_every_phase_and_moves_ownership(api, fleet):
     m = wait_terminal(api, reply.json()["id"])
     assert m.phase is Phase.SUCCEEDED, m.reason
     phases = [e.phase for e in m.timeline]
-    assert phases == [Phase.PENDING, Phase.VALIDATING, Phase.PREPARING_TARGET, Phase.SYNCING_FLOWS, Phase.PRECOPY,
-                      Phase.SWITCHOVER, Phase.CUTTING_OVER, Phase.CLEANUP, Phase.SUCCEEDED]
+    assert phases == [
+        Phase.PENDING,
+        Phase.VALIDATING,
+        Phase.PREPARING_TARGET,
+        Phase.SYNCING_FLOWS,
+        Phase.PRECOPY,
+        Phase.SWITCHOVER,
+        Phase.CUTTING_OVER,
+        Phase.CLEANUP,
+        Phase.SUCCEEDED,
+    ]
     assert [e.at for e in m.timeline] == sorted(e.at for e in m.timeline)
     assert m.stats.pause_ms == 12 and m.guest_check == "ok"
     assert api.get("/vms/vm1").json()["host"] == "B"
@@ -164,3 +175,32 @@ def test_unreachable_destination_aborts_and_keeps_source(api, fleet, monkeypatch
     owner = api.get("/vms/vm1").json()["host"]
     running = [h for h in fleet.hosts.values() if "vm1" in h.vms and h.vms["vm1"].state == "running"]
     assert [h.name for h in running] == [owner], "the VM runs on exactly one host"
+
+
+def test_a_guest_dirtying_faster_than_the_bandwidth_is_aborted_with_numbers(api, fleet):
+    create_vm(api)
+    fleet.hosts["A"].polls_to_complete = 10**6
+    fleet.hosts["A"].dirty_rate_mib_s = 200
+    body = {"vm": "vm1", "destination": "B", "params": {"max_bandwidth_mib_s": 32}}
+    m = wait_terminal(api, api.post("/migrations", json=body).json()["id"])
+    assert m.phase is Phase.ABORTED
+    assert "dirty rate 200 MiB/s exceeds reserved bandwidth 32 MiB/s after 2 rounds" in m.reason
+    assert "vm1" not in fleet.hosts["B"].vms and fleet.hosts["A"].vms["vm1"].state == "running"
+
+
+def test_unknown_policy_field_is_refused(api):
+    create_vm(api)
+    body = {"vm": "vm1", "destination": "B", "params": {"policy": {"max_roundz": 3}}}
+    reply = api.post("/migrations", json=body)
+    assert reply.status_code == 422 and "max_roundz" in reply.json()["message"]
+
+
+def test_dry_run_reports_every_check_and_starts_nothing(api, fleet):
+    create_vm(api)
+    create_vm(api, name="big", memory=1800, host="B")
+    report = api.post("/migrations/preflight", json={"vm": "vm1", "destination": "B"}).json()
+    assert report["ok"] is False
+    failed = {c["name"]: c["detail"] for c in report["checks"] if not c["ok"]}
+    assert list(failed) == ["destination capacity"] and "needs 512 MiB" in failed["destination capacity"]
+    assert api.get("/migrations").json() == []
+    assert "vm1" not in fleet.hosts["B"].vms

@@ -42,13 +42,17 @@ def test_bad_macs(mac):
 
 @pytest.mark.parametrize("addr", ["3", "0x0", "0x20", "0x3.8"])
 def test_bad_pci_addresses(addr):
-    with pytest.raises(ValidationError, match="pci_addr|PCI slot"):
+    with pytest.raises(ValidationError, match=r"pci_addr|PCI slot"):
         VmSpec(name="vm", memory_mib=512, devices=[RngDevice(id="r0", pci_addr=addr)])
 
 
 def test_spec_round_trips_through_json():
-    spec = VmSpec(name="vm", memory_mib=512, devices=[NicDevice(id="n0", pci_addr="0x3", mac="52:54:00:AA:00:01")],
-                  workload=WorkloadSpec(wss_mib=64, rate_mib_s=5))
+    spec = VmSpec(
+        name="vm",
+        memory_mib=512,
+        devices=[NicDevice(id="n0", pci_addr="0x3", mac="52:54:00:AA:00:01")],
+        workload=WorkloadSpec(wss_mib=64, rate_mib_s=5),
+    )
     assert VmSpec.model_validate_json(spec.model_dump_json()) == spec
     assert spec.devices[0].mac == "52:54:00:aa:00:01"
 

@@ -66,14 +66,10 @@ def hostd(
     state_dir: Annotated[Path, typer.Option(help="where VM records, sockets and logs live")] = Path(
         "/var/lib/livemig/host"
     ),
-    migration_address: Annotated[
-        str, typer.Option(help="address incoming migrations listen on")
-    ] = "127.0.0.1",
+    migration_address: Annotated[str, typer.Option(help="address incoming migrations listen on")] = "127.0.0.1",
     lmo_url: Annotated[str | None, typer.Option("--lmo", help="register with this LMO")] = None,
     accel: Annotated[str, typer.Option(help="auto | kvm | tcg")] = "auto",
-    memory_mib: Annotated[
-        int | None, typer.Option(help="memory offered to VMs (default: RAM - 1 GiB)")
-    ] = None,
+    memory_mib: Annotated[int | None, typer.Option(help="memory offered to VMs (default: RAM - 1 GiB)")] = None,
 ) -> None:
     """Run a host agent (QEMU lifecycle, migration source/destination)."""
     from livemig.host.accel import choose_accel
@@ -139,9 +135,7 @@ def status(url: Url = None, state_dir: StateDir = None) -> None:
                               f"{info['accel']} ({info['accel_reason']})", f"{free}/{info['memory_mib']}",
                               ", ".join(info["vms"]))  # fmt: skip
             else:
-                table.add_row(
-                    reg["name"], reg["api_url"], reg["migration_address"], "-", "-", h.get("error", "")
-                )
+                table.add_row(reg["name"], reg["api_url"], reg["migration_address"], "-", "-", h.get("error", ""))
         out.print(table)
         _print_vms(client)
 
@@ -233,6 +227,7 @@ def migrate(
     downtime_ms: Annotated[int | None, typer.Option(help="QEMU downtime-limit")] = None,
     bandwidth: Annotated[int | None, typer.Option(help="max bandwidth, MiB/s")] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="return once accepted")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only run the pre-flight checks")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the final record as JSON")] = False,
     url: Url = None,
     state_dir: StateDir = None,
@@ -246,6 +241,19 @@ def migrate(
     if bandwidth is not None:
         params.max_bandwidth_mib_s = bandwidth
     with lmo(url, state_dir) as client:
+        if dry_run:
+            report = client.preflight(vm, to)
+            if as_json:
+                sys.stdout.write(json.dumps(report, indent=2) + "\n")
+            else:
+                table = Table(title=f"pre-flight: {vm} {report['source']} -> {to}")
+                for col in ("check", "result", "detail"):
+                    table.add_column(col)
+                for check in report["checks"]:
+                    mark = "[green]ok[/]" if check["ok"] else "[red]FAIL[/]"
+                    table.add_row(check["name"], mark, check["detail"])
+                out.print(table)
+            raise typer.Exit(0 if report["ok"] else 1)
         migration = client.migrate(vm, to, params)
         if no_wait:
             out.print(f"migration {migration.id} accepted")

@@ -48,9 +48,7 @@ def timeline_table(m: Migration) -> Table:
     start = m.timeline[0].at if m.timeline else m.created_at
     for entry in m.timeline:
         offset = (entry.at - start).total_seconds() * 1000
-        table.add_row(
-            entry.at.strftime("%H:%M:%S.%f")[:-3], f"{offset:.0f}", entry.phase.value, entry.message
-        )
+        table.add_row(entry.at.strftime("%H:%M:%S.%f")[:-3], f"{offset:.0f}", entry.phase.value, entry.message)
     return table
 
 

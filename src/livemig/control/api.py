@@ -15,12 +15,13 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from livemig.control.controller import CANCELLABLE, Controller
+from livemig.control.controller import CANCELLABLE, Controller, transition
 from livemig.control.hostclient import HostClient
+from livemig.control.preflight import PreflightReport, preflight
 from livemig.control.store import Store
 from livemig.errors import CapacityError, Conflict, HostUnreachable, InvalidRequest, LivemigError, NotFound
 from livemig.model.host import HostInfo, HostRegistration
-from livemig.model.migration import Migration, MigrationRequest
+from livemig.model.migration import Migration, MigrationRequest, Phase
 from livemig.model.vm import VmSpec, VmStatus
 from livemig.webutil import install_error_handlers
 
@@ -166,25 +167,21 @@ def create_app(
         ok, detail = await host_client(host).guest_check(name)
         return {"ok": ok, "detail": detail, "host": host}
 
+    def all_hosts() -> dict[str, HostClient]:
+        return {reg.name: host_client(reg.name) for reg in store.hosts()}
+
+    @app.post("/migrations/preflight")
+    async def dry_run(body: MigrationRequest) -> PreflightReport:
+        return await preflight(store, all_hosts(), body.vm, body.destination)
+
     @app.post("/migrations", status_code=201)
     async def create_migration(body: MigrationRequest) -> Migration:
-        spec, source = store.vm(body.vm)
-        store.host(body.destination)
-        if body.destination == source:
-            raise Conflict(f"VM {body.vm!r} is already on host {source}", vm=body.vm, host=source)
-        info = await host_client(body.destination).info()
-        if body.vm not in info.vms and info.memory_free_mib < spec.memory_mib:
-            raise CapacityError(
-                f"destination {body.destination} has {info.memory_free_mib} MiB free, "
-                f"VM {body.vm} needs {spec.memory_mib} MiB",
-                host=body.destination, free_mib=info.memory_free_mib, needed_mib=spec.memory_mib,
-            )  # fmt: skip
+        report = await preflight(store, all_hosts(), body.vm, body.destination)
+        report.raise_first_failure()
+        source = report.source
         migration = Migration(id=f"m-{uuid.uuid4().hex[:10]}", vm=body.vm, source=source,
                               destination=body.destination, params=body.params,
                               verify_guest=body.verify_guest)  # fmt: skip
-        from livemig.control.controller import transition
-        from livemig.model.migration import Phase
-
         transition(migration, Phase.PENDING, f"requested: {body.vm} {source} -> {body.destination}")
         store.add_migration(migration)
         return migration
@@ -203,9 +200,7 @@ def create_app(
         if migration.terminal:
             raise Conflict(f"migration {migration_id} already ended ({migration.phase.value})")
         if migration.phase not in CANCELLABLE:
-            raise Conflict(
-                f"migration {migration_id} is past the point of no return ({migration.phase.value})"
-            )
+            raise Conflict(f"migration {migration_id} is past the point of no return ({migration.phase.value})")
         store.request_cancel(migration_id)
         return store.migration(migration_id)
 

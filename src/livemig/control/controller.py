@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from livemig.control.hostclient import HostClient
+from livemig.control.policy import judge
 from livemig.control.store import Store
 from livemig.errors import GuestError, HostUnreachable, LivemigError
 from livemig.host.source import SourceMigrationStatus
@@ -155,6 +156,14 @@ class Controller:
             job = await source.migrate(m.vm, m.incoming_uri, m.params)
             m.set_condition("MigrationStarted", True, m.incoming_uri)
         self._absorb(m, job)
+        if m.phase is Phase.PRECOPY and job.state == "running":
+            spec, _ = self.store.vm(m.vm)
+            started = m.timeline[-1].at
+            verdict = judge(job.samples, m.params.policy, m.params.max_bandwidth_mib_s, spec.memory_mib, started)
+            if verdict.abort:
+                await source.cancel_migration(m.vm)
+                self._fail(m, Phase.ABORTING, verdict.reason, end=Phase.ABORTED)
+                return
         if m.phase is Phase.PRECOPY:
             pause = next((e for e in job.events if e.status in ("pre-switchover", "device")), None)
             if pause is not None:
@@ -174,9 +183,7 @@ class Controller:
         if observed is not None and observed.state == "postmigrate":
             transition(m, Phase.CUTTING_OVER, "source hostd restarted; QEMU says migration completed")
         else:
-            self._fail(
-                m, Phase.ABORTING, "source hostd restarted during the migration; QEMU did not complete"
-            )
+            self._fail(m, Phase.ABORTING, "source hostd restarted during the migration; QEMU did not complete")
 
     def _absorb(self, m: Migration, job: SourceMigrationStatus) -> None:
         if job.samples:

@@ -72,9 +72,7 @@ class HostClient:
 
     async def migration(self, name: str) -> SourceMigrationStatus | None:
         try:
-            return SourceMigrationStatus.model_validate(
-                (await self._call("GET", f"/vms/{name}/migration")).json()
-            )
+            return SourceMigrationStatus.model_validate((await self._call("GET", f"/vms/{name}/migration")).json())
         except errors.NotFound:
             return None
 

@@ -22,7 +22,7 @@ from typing import Literal
 from livemig.errors import CapacityError, Conflict, InvalidRequest, NotFound, QemuError
 from livemig.host import console
 from livemig.host.accel import AccelChoice
-from livemig.host.qemu import VmPaths, command_line, qemu_binary, qemu_version, resolve_machine
+from livemig.host.qemu import VmPaths, command_line, machine_aliases, qemu_binary, qemu_version, resolve_machine
 from livemig.host.qmp import QmpSession
 from livemig.host.source import SourceMigration, SourceMigrationStatus
 from livemig.model.host import HostInfo
@@ -96,6 +96,7 @@ class HostAgent:
             memory_mib=self.memory_mib,
             memory_used_mib=sum(vm.spec.memory_mib for vm in self.vms.values()),
             vms=sorted(self.vms),
+            machines=sorted(set(machine_aliases().values())),
         )
 
     def get(self, name: str) -> ManagedVm:

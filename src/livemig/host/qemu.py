@@ -64,9 +64,7 @@ def qemu_version() -> str:
 @lru_cache(maxsize=1)
 def machine_aliases() -> dict[str, str]:
     """Map every machine type QEMU knows to its concrete versioned type (aliases resolved)."""
-    out = subprocess.run(
-        [qemu_binary(), "-machine", "help"], capture_output=True, text=True, check=True
-    ).stdout
+    out = subprocess.run([qemu_binary(), "-machine", "help"], capture_output=True, text=True, check=True).stdout
     table: dict[str, str] = {}
     for line in out.splitlines()[1:]:
         parts = line.split()

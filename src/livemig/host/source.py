@@ -116,6 +116,7 @@ class SourceMigration:
                 "capabilities": [
                     {"capability": "events", "state": True},
                     {"capability": "pause-before-switchover", "state": self.params.pause_before_switchover},
+                    {"capability": "auto-converge", "state": self.params.policy.auto_converge},
                 ]
             },
         )
@@ -187,12 +188,18 @@ class SourceMigration:
 
     def status(self, since_samples: int = 0) -> SourceMigrationStatus:
         samples = list(self.samples)
+        if since_samples > 0:
+            chosen = samples[since_samples:]
+        else:  # compact history: the first sample of every round, then the latest few
+            firsts = {s.dirty_sync_count: s for s in reversed(samples)}
+            recent = samples[-20:]
+            chosen = sorted({id(s): s for s in [*firsts.values(), *recent]}.values(), key=lambda s: s.at)
         return SourceMigrationStatus(
             vm=self.vm,
             uri=self.uri,
             state=self.state,
             events=list(self.events),
-            samples=samples[-50:] if since_samples <= 0 else samples[since_samples:],
+            samples=chosen,
             stats=self.stats,
             error=self.error,
         )

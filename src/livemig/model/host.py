@@ -26,6 +26,7 @@ class HostInfo(BaseModel):
     memory_mib: int
     memory_used_mib: int
     vms: list[str] = Field(default_factory=list)
+    machines: list[str] = Field(default_factory=list, description="versioned machine types QEMU offers")
 
     @property
     def memory_free_mib(self) -> int:

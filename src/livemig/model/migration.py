@@ -51,6 +51,20 @@ FORWARD_PHASES: tuple[Phase, ...] = (
 )
 
 
+class ConvergencePolicy(BaseModel):
+    """When to give up on pre-copy (see ``livemig.control.policy.judge``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_rounds: int = Field(default=2, ge=1, le=100, description="rounds before the dirty rate is trusted")
+    max_rounds: int = Field(default=3, ge=1, le=1000, description="judge by this round at the latest")
+    rate_margin: float = Field(default=0.9, gt=0, le=1.0,
+                               description="abort when dirty rate >= margin x bandwidth")  # fmt: skip
+    completion_timeout_s_per_gib: float = Field(default=120.0, gt=0)
+    no_progress_timeout_s: float = Field(default=30.0, gt=0)
+    auto_converge: bool = Field(default=False, description="let QEMU throttle the guest's vCPUs")
+
+
 class MigrationParams(BaseModel):
     """Knobs for QEMU's migration engine; the defaults are livemig's tuned settings.
 
@@ -65,6 +79,7 @@ class MigrationParams(BaseModel):
     max_bandwidth_mib_s: int = Field(default=2048, ge=1, le=1_000_000)
     pause_before_switchover: bool = True
     timeout_s: float = Field(default=300.0, gt=0, le=86_400)
+    policy: ConvergencePolicy = Field(default_factory=ConvergencePolicy)
 
 
 class MigrationRequest(BaseModel):
@@ -75,9 +90,7 @@ class MigrationRequest(BaseModel):
     vm: str = Field(min_length=1)
     destination: str = Field(min_length=1)
     params: MigrationParams = Field(default_factory=MigrationParams)
-    verify_guest: bool = Field(
-        default=True, description="run the guest workload's memory check on the destination"
-    )
+    verify_guest: bool = Field(default=True, description="run the guest workload's memory check on the destination")
 
 
 class MigrationSample(BaseModel):

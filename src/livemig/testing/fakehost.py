@@ -37,6 +37,7 @@ class FakeHost:
     polls_to_complete: int = 3
     fail_migration: str | None = None  # QEMU error text to fail with
     fail_incoming: bool = False
+    dirty_rate_mib_s: float = 0.0  # what the fake QEMU reports as dirty-pages-rate
     down: bool = False
     calls: list[str] = field(default_factory=list)
     peers: dict[str, FakeHost] = field(default_factory=dict)
@@ -94,6 +95,7 @@ class FakeHost:
             del self.vms[name]
             return httpx.Response(204)
         if rest == "/migrate":
+            assert body is not None
             vm.migration = {"vm": name, "uri": body["uri"], "state": "running", "events": [], "samples": [],
                             "stats": None, "error": None}  # fmt: skip
             vm.role = "outgoing"
@@ -123,7 +125,8 @@ class FakeHost:
         vm.polls += 1
         now = datetime.now(UTC).isoformat()
         migration["samples"] = [{"at": now, "status": "active", "total_bytes": 100, "remaining_bytes": 50,
-                                 "dirty_sync_count": vm.polls}]  # fmt: skip
+                                 "dirty_sync_count": vm.polls,
+                                 "dirty_pages_rate": int(self.dirty_rate_mib_s * 256)}]  # fmt: skip
         if vm.polls < self.polls_to_complete:
             return
         if self.fail_migration:
