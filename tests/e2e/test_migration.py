@@ -11,8 +11,7 @@ from livemig.client import LmoClient
 from livemig.demo import demo_spec, heartbeat_seq, wait_heartbeat_after
 from livemig.model import Phase
 from livemig.proc import pid_alive
-
-from .conftest import qemu_pids_running
+from livemig.testing.processes import qemu_pids_running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

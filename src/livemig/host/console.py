@@ -9,9 +9,12 @@ and old output never confuse the result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from livemig.errors import GuestError
@@ -20,17 +23,27 @@ _tokens = itertools.count(int(time.time()) % 100000 * 1000)
 HEARTBEAT = re.compile(r"LIVEMIG HB seq=(\d+) uptime_ms=(\d+)")
 
 
-async def send_line(console_socket: Path, line: str) -> None:
+@asynccontextmanager
+async def connected(console_socket: Path) -> AsyncIterator[asyncio.StreamWriter]:
+    """A connection to the console socket, kept open while the caller waits for the answer:
+    closing right after writing can lose bytes QEMU has not yet handed to the guest's UART."""
     try:
         _reader, writer = await asyncio.open_unix_connection(str(console_socket))
     except OSError as exc:
         raise GuestError(f"cannot open the guest console {console_socket}: {exc}") from exc
     try:
-        writer.write(line.encode() + b"\n")
-        await writer.drain()
-        await asyncio.sleep(0.05)  # let QEMU hand the bytes to the UART before we hang up
+        yield writer
     finally:
         writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def send_line(console_socket: Path, line: str, linger: float = 0.5) -> None:
+    async with connected(console_socket) as writer:
+        writer.write(line.encode() + b"\n")
+        await writer.drain()
+        await asyncio.sleep(linger)
 
 
 async def wait_for_line(log: Path, pattern: re.Pattern[str], start: int, timeout: float) -> re.Match[str]:
@@ -51,8 +64,10 @@ async def command(console_socket: Path, log: Path, verb: str, reply: str, timeou
     """Send ``verb <token>`` and return the guest's ``LIVEMIG <reply> <token> ...`` line."""
     token = next(_tokens)
     start = log.stat().st_size if log.exists() else 0
-    await send_line(console_socket, f"{verb} {token}")
-    match = await wait_for_line(log, re.compile(rf"LIVEMIG {reply} {token} (.*)$"), start, timeout)
+    async with connected(console_socket) as writer:
+        writer.write(f"{verb} {token}\n".encode())
+        await writer.drain()
+        match = await wait_for_line(log, re.compile(rf"LIVEMIG {reply} {token} (.*)$"), start, timeout)
     return match.group(1).strip()
 
 

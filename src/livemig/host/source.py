@@ -146,7 +146,7 @@ class SourceMigration:
                         await self._switchover()
                     if status in FINAL_STATUSES:
                         break
-            reply = await self.qmp.execute("query-migrate")
+            reply = await self._final_reply()
             self.stats = stats_from(reply, self.hook_ms)
             self.samples.append(sample_from(reply))
             final = reply.get("status", "failed")
@@ -163,6 +163,21 @@ class SourceMigration:
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampler
+
+    async def _final_reply(self) -> dict[str, Any]:
+        """``query-migrate`` once QEMU has filled in its final numbers.
+
+        QEMU emits the ``completed`` event slightly before it computes total-time and downtime
+        (migration_calculate_complete runs after the state change), so an immediate query can
+        read zeros. Re-query briefly until they appear.
+        """
+        reply: dict[str, Any] = await self.qmp.execute("query-migrate")
+        for _ in range(50):
+            if reply.get("status") != "completed" or reply.get("total-time"):
+                break
+            await asyncio.sleep(0.01)
+            reply = await self.qmp.execute("query-migrate")
+        return reply
 
     async def _switchover(self) -> None:
         """Inside the pause: run the hooks (fast!), then let QEMU send the final state."""
