@@ -28,15 +28,24 @@ async def connected(console_socket: Path) -> AsyncIterator[asyncio.StreamWriter]
     """A connection to the console socket, kept open while the caller waits for the answer:
     closing right after writing can lose bytes QEMU has not yet handed to the guest's UART."""
     try:
-        _reader, writer = await asyncio.open_unix_connection(str(console_socket))
+        reader, writer = await asyncio.open_unix_connection(str(console_socket))
     except OSError as exc:
         raise GuestError(f"cannot open the guest console {console_socket}: {exc}") from exc
+    # QEMU stops forwarding guest output to a connected client that does not read (and the
+    # guest then blocks on its console); the log file has every byte anyway, so discard here.
+    drain = asyncio.create_task(_discard(reader))
     try:
         yield writer
     finally:
+        drain.cancel()
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+async def _discard(reader: asyncio.StreamReader) -> None:
+    while await reader.read(65536):
+        pass
 
 
 async def send_line(console_socket: Path, line: str, linger: float = 0.5) -> None:
@@ -60,15 +69,30 @@ async def wait_for_line(log: Path, pattern: re.Pattern[str], start: int, timeout
         await asyncio.sleep(0.1)
 
 
-async def command(console_socket: Path, log: Path, verb: str, reply: str, timeout: float = 30.0) -> str:
-    """Send ``verb <token>`` and return the guest's ``LIVEMIG <reply> <token> ...`` line."""
+async def command(console_socket: Path, log: Path, verb: str, reply: str, timeout: float = 30.0,
+                  resend_s: float = 5.0) -> str:  # fmt: skip
+    """Send ``verb <token>`` and return the guest's ``LIVEMIG <reply> <token> ...`` line.
+
+    The line is re-sent every ``resend_s`` until answered (a line can be lost, e.g. typed while
+    the guest's UART was not yet accepting); the token makes a duplicate answer harmless.
+    """
     token = next(_tokens)
     start = log.stat().st_size if log.exists() else 0
+    pattern = re.compile(rf"LIVEMIG {reply} {token} (.*)$")
+    deadline = time.monotonic() + timeout
     async with connected(console_socket) as writer:
-        writer.write(f"{verb} {token}\n".encode())
-        await writer.drain()
-        match = await wait_for_line(log, re.compile(rf"LIVEMIG {reply} {token} (.*)$"), start, timeout)
-    return match.group(1).strip()
+        while True:
+            writer.write(f"{verb} {token}\n".encode())
+            await writer.drain()
+            try:
+                left = deadline - time.monotonic()
+                match = await wait_for_line(log, pattern, start, min(resend_s, max(left, 0.1)))
+                return match.group(1).strip()
+            except GuestError:
+                if time.monotonic() >= deadline:
+                    raise GuestError(
+                        f"the guest did not answer {verb!r} within {timeout:.0f}s (console log {log})"
+                    ) from None
 
 
 async def memory_check(console_socket: Path, log: Path, timeout: float = 60.0) -> tuple[bool, str]:

@@ -1,0 +1,31 @@
+"""The livemig guest: a Debian cloud kernel plus a busybox initramfs running the memory workload.
+
+The workload (``workload.c``) dirties its working set at a set rate and, on ``check``, verifies
+every page against the generation it last wrote: the guest-side proof that a live migration lost
+or corrupted no memory. :func:`livemig.guest.image.build_image` builds and caches the image.
+
+The names below are loaded lazily, so ``python -m livemig.guest.image`` does not import the
+module twice.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from livemig.guest.errors import ImageBuildError
+    from livemig.guest.image import GuestImage, build_image, kernel_cmdline
+
+__all__ = ["GuestImage", "ImageBuildError", "build_image", "kernel_cmdline"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ImageBuildError":
+        from livemig.guest import errors
+
+        return errors.ImageBuildError
+    if name in ("GuestImage", "build_image", "kernel_cmdline"):
+        from livemig.guest import image
+
+        return getattr(image, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
