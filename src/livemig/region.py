@@ -86,29 +86,32 @@ class Region:
         return config
 
     # ------------------------------------------------------------------ processes
-    def _spawn(self, name: str, args: list[str]) -> int:
+    def _spawn(self, name: str, args: list[str], faults: str | None = None) -> int:
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+        env = {k: v for k, v in os.environ.items() if k != "LIVEMIG_FAULTS"}
+        if faults:
+            env["LIVEMIG_FAULTS"] = faults
         proc = subprocess.Popen(
-            [sys.executable, "-m", "livemig.cli.main", *args],
+            [sys.executable, "-m", "livemig.cli.main", *args], env=env,
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         out.close()
         return proc.pid
 
-    def start_lmo(self, config: RegionConfig) -> None:
-        config.lmo_pid = self._spawn("lmo", ["lmo", "--listen", f"127.0.0.1:{config.lmo_port}",
-                                             "--db", f"sqlite:///{self.state_dir / 'lmo.db'}"])  # fmt: skip
+    def start_lmo(self, config: RegionConfig, faults: str | None = None) -> None:
+        args = ["lmo", "--listen", f"127.0.0.1:{config.lmo_port}", "--db", f"sqlite:///{self.state_dir / 'lmo.db'}"]
+        config.lmo_pid = self._spawn("lmo", args, faults)
         self._save(config)
 
-    def start_host(self, config: RegionConfig, host: HostConfig) -> None:
+    def start_host(self, config: RegionConfig, host: HostConfig, faults: str | None = None) -> None:
         host.pid = self._spawn(f"hostd-{host.name}", [
             "hostd", "--name", host.name, "--listen", f"127.0.0.1:{host.port}",
             "--state-dir", str(self.state_dir / "hosts" / host.name),
             "--migration-address", host.migration_address, "--lmo", config.lmo_url,
             "--accel", config.accel,
-        ])  # fmt: skip
+        ], faults)  # fmt: skip
         self._save(config)
 
     def up(self, hosts: tuple[str, ...] = DEFAULT_HOSTS, accel: str = "auto", timeout: float = 30.0) -> RegionConfig:
@@ -163,11 +166,34 @@ class Region:
                 os.kill(host.pid, sig)
             wait_gone(host.pid, 5.0)
 
-    def restart_host(self, name: str, timeout: float = 30.0) -> None:
+    def restart_host(self, name: str, timeout: float = 30.0, faults: str | None = None) -> None:
         config = self._require()
         host = next(h for h in config.hosts if h.name == name)
-        self.start_host(config, host)
+        self.start_host(config, host, faults)
         self.wait_ready(config, timeout)
+
+    def kill_lmo(self, sig: int = signal.SIGKILL) -> None:
+        config = self._require()
+        if config.lmo_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(config.lmo_pid, sig)
+            wait_gone(config.lmo_pid, 5.0)
+
+    def restart_lmo(self, faults: str | None = None, timeout: float = 30.0) -> None:
+        """(Re)start the LMO, optionally with a fault plan (see ``livemig.faults``)."""
+        config = self._require()
+        if config.lmo_pid is not None and pid_alive(config.lmo_pid):
+            self.kill_lmo()
+        self.start_lmo(config, faults)
+        self.wait_ready(config, timeout)
+
+    def lmo_alive(self) -> bool:
+        config = self._require()
+        if config.lmo_pid is None:
+            return False
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(config.lmo_pid, os.WNOHANG)
+        return pid_alive(config.lmo_pid)
 
     def _require(self) -> RegionConfig:
         config = self.load()

@@ -20,6 +20,7 @@ from livemig.control.hostclient import HostClient
 from livemig.control.policy import judge
 from livemig.control.store import Store
 from livemig.errors import GuestError, HostUnreachable, LivemigError
+from livemig.faults import fault_point
 from livemig.host.source import SourceMigrationStatus
 from livemig.model.migration import Migration, Phase, utcnow
 
@@ -87,8 +88,10 @@ class Controller:
             elif self._timed_out(m) and m.phase in CANCELLABLE:
                 self._fail(m, Phase.ABORTING, f"did not complete within {m.params.timeout_s:.0f} s",
                            end=Phase.ABORTED)  # fmt: skip
-            else:
-                await self._handlers[m.phase](m)
+            elif not await fault_point(f"controller.before.{m.phase.value}"):
+                phase = m.phase
+                await self._handlers[phase](m)
+                await fault_point(f"controller.after.{phase.value}")
             self._unreachable_since.pop(m.id, None)
         except HostUnreachable as exc:
             first = self._unreachable_since.setdefault(m.id, loop.time())

@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from livemig.errors import QemuError
+from livemig.errors import LivemigError, QemuError
+from livemig.faults import fault_point
 from livemig.host.qmp import QmpSession
 from livemig.model.migration import MigrationParams, MigrationSample, MigrationStats
 
@@ -152,7 +153,7 @@ class SourceMigration:
             final = reply.get("status", "failed")
             self.state = final if final in FINAL_STATUSES else "failed"
             self.error = reply.get("error-desc")
-        except QemuError as exc:
+        except LivemigError as exc:
             self.state, self.error = "failed", exc.message
             log.warning("migration of %s failed: %s", self.vm, exc.message)
         except Exception as exc:  # a bug must still end the job, never leave it "running"
@@ -180,14 +181,21 @@ class SourceMigration:
         return reply
 
     async def _switchover(self) -> None:
-        """Inside the pause: run the hooks (fast!), then let QEMU send the final state."""
+        """Inside the pause: run the hooks (fast!), then let QEMU send the final state.
+
+        A failing hook cancels instead: at pre-switchover QEMU can still resume the source, so
+        the guest never notices; continuing would hand it to a destination we know is not ready.
+        """
         started = time.perf_counter()
         try:
+            await fault_point("hostd.switchover")
             for hook in self.switchover_hooks:
                 await hook()
-        finally:
-            await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
-            self.hook_ms = (time.perf_counter() - started) * 1000
+        except BaseException:
+            await self.qmp.execute("migrate_cancel")
+            raise
+        await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        self.hook_ms = (time.perf_counter() - started) * 1000
 
     async def _sample_loop(self) -> None:
         while True:
