@@ -94,6 +94,13 @@ class LmoClient:
     def cancel(self, migration_id: str) -> Migration:
         return Migration.model_validate(self.call("POST", f"/migrations/{migration_id}/cancel"))
 
+    def evacuate(self, host: str, limits: dict[str, int] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {} if limits is None else {"limits": limits}
+        return dict(self.call("POST", f"/hosts/{host}/evacuate", json=body))
+
+    def evacuation(self, evacuation_id: str) -> dict[str, Any]:
+        return dict(self.call("GET", f"/evacuations/{evacuation_id}"))
+
     def wait(self, migration_id: str, timeout: float = 600.0,
              on_update: Callable[[Migration], None] | None = None, poll_s: float = 0.2) -> Migration:  # fmt: skip
         """Poll until the migration reaches a terminal phase."""

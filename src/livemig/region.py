@@ -43,6 +43,8 @@ class HostConfig:
     port: int
     migration_address: str
     pid: int | None = None
+    memory_mib: int | None = None
+    migration_bandwidth_mib_s: int = 1024
 
     @property
     def url(self) -> str:
@@ -110,7 +112,8 @@ class Region:
             "hostd", "--name", host.name, "--listen", f"127.0.0.1:{host.port}",
             "--state-dir", str(self.state_dir / "hosts" / host.name),
             "--migration-address", host.migration_address, "--lmo", config.lmo_url,
-            "--accel", config.accel,
+            "--accel", config.accel, "--migration-bandwidth", str(host.migration_bandwidth_mib_s),
+            *(["--memory-mib", str(host.memory_mib)] if host.memory_mib else []),
         ], faults)  # fmt: skip
         self._save(config)
 

@@ -204,3 +204,86 @@ def test_dry_run_reports_every_check_and_starts_nothing(api, fleet):
     assert list(failed) == ["destination capacity"] and "needs 512 MiB" in failed["destination capacity"]
     assert api.get("/migrations").json() == []
     assert "vm1" not in fleet.hosts["B"].vms
+
+
+@pytest.fixture
+def api3(store):
+    fleet = FakeFleet("A", "B", "C", memory_mib=2048)
+    app = create_app(store, controller_interval_s=0.01, transport=fleet.transport())
+    with TestClient(app) as client:
+        for name, host in fleet.hosts.items():
+            client.put(
+                f"/hosts/{name}",
+                json={"name": name, "api_url": fleet.url(name), "migration_address": host.migration_address},
+            )
+        yield client, fleet
+
+
+def test_evacuation_moves_every_vm_within_the_limits(api3):
+    from livemig.control.evacuation import peak_concurrency
+
+    api, fleet = api3
+    for i in range(4):
+        create_vm(api, name=f"vm{i}", memory=512, host="A")
+    limits = {"per_host_outbound": 2, "per_host_inbound": 1, "region_total": 4}
+    reply = api.post("/hosts/A/evacuate", json={"limits": limits})
+    assert reply.status_code == 201, reply.text
+    evacuation_id = reply.json()["id"]
+    refused = api.post("/vms", json={"spec": VmSpec(name="new", memory_mib=128).model_dump(), "host": "A"})
+    assert refused.status_code == 409 and "maintenance" in refused.json()["message"]
+    deadline = time.monotonic() + 20
+    while not (report := api.get(f"/evacuations/{evacuation_id}").json())["done"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    migrations = [Migration.model_validate(m) for m in report["migrations"]]
+    assert len(migrations) == 4 and all(m.phase is Phase.SUCCEEDED for m in migrations)
+    assert {m.destination for m in migrations} == {"B", "C"}
+    assert max(peak_concurrency(migrations, "destination").values()) <= 1
+    assert max(peak_concurrency(migrations, "source").values()) <= 2
+    assert fleet.hosts["A"].vms == {}
+
+
+def test_evacuation_lists_vms_that_cannot_move(api3):
+    api, _fleet = api3
+    create_vm(api, name="small", memory=256, host="A")
+    create_vm(api, name="big", memory=1500, host="A")
+    create_vm(api, name="fillb", memory=1000, host="B")
+    create_vm(api, name="fillc", memory=1000, host="C")
+    items = {i["vm"]: i for i in api.post("/hosts/A/evacuate", json={}).json()["items"]}
+    assert items["big"]["migration"] is None and "needs 1500 MiB" in items["big"]["reason"]
+    assert items["small"]["destination"] in ("B", "C")
+
+
+def test_evacuating_the_only_host_is_refused_without_a_state_change(api):
+    create_vm(api)
+    assert api.put("/hosts/B/maintenance", params={"on": True}).status_code == 200
+    reply = api.post("/hosts/A/evacuate", json={})
+    assert reply.status_code == 409 and "no other host in service" in reply.json()["message"]
+    hosts = {h["registration"]["name"]: h["registration"] for h in api.get("/hosts").json()}
+    assert hosts["A"]["maintenance"] is False
+    assert api.get("/migrations").json() == []
+
+
+def test_bandwidth_admission_queues_instead_of_overcommitting(api):
+    create_vm(api, name="one")
+    create_vm(api, name="two")
+    api.put(
+        "/hosts/A",
+        json={
+            "name": "A",
+            "api_url": api.get("/hosts").json()[0]["registration"]["api_url"],
+            "migration_address": "127.0.100.1",
+            "migration_bandwidth_mib_s": 100,
+        },
+    )
+    params = {"max_bandwidth_mib_s": 80, "min_bandwidth_mib_s": 50}
+    first = api.post("/migrations", json={"vm": "one", "destination": "B", "params": params}).json()["id"]
+    second = api.post("/migrations", json={"vm": "two", "destination": "B", "params": params}).json()["id"]
+    m1, m2 = wait_terminal(api, first), wait_terminal(api, second)
+    assert m1.phase is m2.phase is Phase.SUCCEEDED
+    assert m1.reserved_mib_s == 80 and m1.params.max_bandwidth_mib_s == 80
+    conditions = {c.type: c for c in m2.conditions}
+    assert conditions["BandwidthReserved"].status is True
+    started_2 = next(e.at for e in m2.timeline if e.phase is Phase.VALIDATING)
+    ended_1 = next(e.at for e in m1.timeline if e.phase is Phase.SUCCEEDED)
+    assert started_2 >= ended_1, "the second waited for bandwidth instead of sharing an overcommitted link"

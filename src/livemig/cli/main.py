@@ -70,6 +70,7 @@ def hostd(
     lmo_url: Annotated[str | None, typer.Option("--lmo", help="register with this LMO")] = None,
     accel: Annotated[str, typer.Option(help="auto | kvm | tcg")] = "auto",
     memory_mib: Annotated[int | None, typer.Option(help="memory offered to VMs (default: RAM - 1 GiB)")] = None,
+    migration_bandwidth: Annotated[int, typer.Option(help="MiB/s reserved for migrations, each way")] = 1024,
 ) -> None:
     """Run a host agent (QEMU lifecycle, migration source/destination)."""
     from livemig.host.accel import choose_accel
@@ -79,7 +80,9 @@ def hostd(
     choice = choose_accel(accel)
     if memory_mib is None:
         memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024) - 1024
-    agent = HostAgent(name, state_dir, migration_address, choice, memory_mib)
+    if migration_bandwidth <= 0 or memory_mib <= 0:
+        fail("--migration-bandwidth and --memory-mib must be positive")
+    agent = HostAgent(name, state_dir, migration_address, choice, memory_mib, migration_bandwidth)
     logging.getLogger(__name__).info("hostd %s: accelerator %s (%s)", name, choice.name, choice.reason)
     _serve(create_app(agent, lmo_url, f"http://{listen}"), listen)
 
@@ -306,6 +309,68 @@ def migrations_cancel(migration_id: str, url: Url = None, state_dir: StateDir = 
     with lmo(url, state_dir) as client:
         m = client.cancel(migration_id)
         out.print(f"migration {m.id}: cancel requested ({m.phase.value})")
+
+
+@app.command()
+def evacuate(
+    host: str,
+    per_host_outbound: Annotated[int, typer.Option(help="concurrent migrations out of one host")] = 2,
+    per_host_inbound: Annotated[int, typer.Option(help="concurrent migrations into one host")] = 1,
+    region_total: Annotated[int, typer.Option(help="concurrent migrations in the region")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="print the final report as JSON")] = False,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Put HOST in maintenance and live-migrate every VM off it, within limits."""
+    import time
+
+    from rich.live import Live
+
+    from livemig.control.evacuation import peak_concurrency
+    from livemig.model.migration import Migration
+
+    limits = {"per_host_outbound": per_host_outbound, "per_host_inbound": per_host_inbound,
+              "region_total": region_total}  # fmt: skip
+    with lmo(url, state_dir) as client:
+        evacuation = client.evacuate(host, limits)
+
+        def render(report: dict[str, object]) -> Table:
+            table = Table(title=f"evacuation {evacuation['id']} of {host}")
+            for col in ("vm", "to", "phase", "pause ms", "reason"):
+                table.add_column(col)
+            by_id = {m["id"]: m for m in report["migrations"]}  # type: ignore[attr-defined]
+            for item in evacuation["items"]:
+                m = by_id.get(item["migration"]) if item["migration"] else None
+                if m is None:
+                    table.add_row(item["vm"], "-", "[red]cannot move[/]", "-", item["reason"])
+                else:
+                    table.add_row(
+                        item["vm"],
+                        m["destination"],
+                        m["phase"],
+                        str(m["stats"]["pause_ms"] or "-"),
+                        m["reason"] or next((c["reason"] for c in m["conditions"] if not c["status"]), ""),
+                    )
+            return table
+
+        report = client.evacuation(evacuation["id"])
+        with Live(render(report), console=err if as_json else out, refresh_per_second=4) as live:
+            while not report["done"]:
+                time.sleep(0.5)
+                report = client.evacuation(evacuation["id"])
+                live.update(render(report))
+        migrations = [Migration.model_validate(m) for m in report["migrations"]]
+        peaks = {"outbound": peak_concurrency(migrations, "source"),
+                 "inbound": peak_concurrency(migrations, "destination")}  # fmt: skip
+        stuck = [i for i in evacuation["items"] if not i["migration"]]
+        failed = [m for m in migrations if m.phase.value != "Succeeded"]
+        if as_json:
+            sys.stdout.write(json.dumps({**report, "peak_concurrency": peaks}, indent=2, default=str) + "\n")
+        else:
+            out.print(f"peak concurrency: outbound {peaks['outbound']}, inbound {peaks['inbound']}")
+            out.print(f"{len(migrations) - len(failed)} moved, {len(failed)} failed, {len(stuck)} could not move")
+        if stuck or failed:
+            raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------- image and demo

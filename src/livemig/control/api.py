@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from livemig.control.controller import CANCELLABLE, Controller, transition
+from livemig.control.evacuation import Evacuation, EvacuationRequest, evacuate
 from livemig.control.hostclient import HostClient
 from livemig.control.preflight import PreflightReport, preflight
 from livemig.control.store import Store
@@ -44,6 +45,12 @@ class HostView(BaseModel):
     registration: HostRegistration
     info: HostInfo | None = None
     error: str | None = None
+
+
+class EvacuationReport(BaseModel):
+    evacuation: Evacuation
+    migrations: list[Migration]
+    done: bool
 
 
 class ConsoleLine(BaseModel):
@@ -104,9 +111,10 @@ def create_app(
         with contextlib.suppress(NotFound):
             store.vm(spec.name)
             raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name)
-        views = [v for v in await hosts() if v.info is not None]
+        views = [v for v in await hosts() if v.info is not None and not v.registration.maintenance]
         if body.host is not None:
-            store.host(body.host)  # 404 for an unknown host
+            if store.host(body.host).maintenance:  # 404 for an unknown host
+                raise Conflict(f"host {body.host} is in maintenance: no new VMs")
             views = [v for v in views if v.registration.name == body.host]
             if not views:
                 raise HostUnreachable(f"host {body.host} does not answer")
@@ -203,6 +211,22 @@ def create_app(
             raise Conflict(f"migration {migration_id} is past the point of no return ({migration.phase.value})")
         store.request_cancel(migration_id)
         return store.migration(migration_id)
+
+    @app.post("/hosts/{name}/evacuate", status_code=201)
+    async def evacuate_host(name: str, body: EvacuationRequest) -> Evacuation:
+        return await evacuate(store, all_hosts(), name, body)
+
+    @app.get("/evacuations/{evacuation_id}")
+    async def get_evacuation(evacuation_id: str) -> EvacuationReport:
+        evacuation = Evacuation.model_validate_json(store.evacuation(evacuation_id))
+        migrations = [store.migration(i.migration) for i in evacuation.items if i.migration]
+        return EvacuationReport(evacuation=evacuation, migrations=migrations,
+                                done=all(m.terminal for m in migrations))  # fmt: skip
+
+    @app.put("/hosts/{name}/maintenance")
+    async def maintenance(name: str, on: bool) -> HostRegistration:
+        store.set_maintenance(name, on)
+        return store.host(name)
 
     @app.get("/metrics")
     async def metrics() -> Response:

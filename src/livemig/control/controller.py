@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from livemig.control.admission import admit
 from livemig.control.hostclient import HostClient
 from livemig.control.policy import judge
 from livemig.control.store import Store
@@ -31,6 +32,8 @@ CANCELLABLE = frozenset({Phase.PENDING, Phase.VALIDATING, Phase.PREPARING_TARGET
                          Phase.SYNCING_FLOWS, Phase.PRECOPY})  # fmt: skip
 # how long a host may stay unreachable before the migration gives up
 UNREACHABLE_GRACE_S = 30.0
+# how long a migration may wait for bandwidth or a concurrency slot before it is aborted
+QUEUE_TIMEOUT_S = 3600.0
 
 
 def transition(m: Migration, phase: Phase, message: str = "", at: datetime | None = None,
@@ -107,7 +110,11 @@ class Controller:
         self.store.save_migration(m)
 
     def _timed_out(self, m: Migration) -> bool:
-        return (utcnow() - m.created_at).total_seconds() > m.params.timeout_s
+        """Queued (Pending) migrations wait up to QUEUE_TIMEOUT_S; admitted ones get timeout_s."""
+        admitted = next((e.at for e in m.timeline if e.phase is Phase.VALIDATING), None)
+        if admitted is None:
+            return (utcnow() - m.created_at).total_seconds() > QUEUE_TIMEOUT_S
+        return (utcnow() - admitted).total_seconds() > m.params.timeout_s
 
     def _fail(self, m: Migration, via: Phase, reason: str, end: Phase = Phase.FAILED) -> None:
         """Start rolling back; the migration ends in ``end`` once the source is safe again."""
@@ -118,7 +125,15 @@ class Controller:
     # ------------------------------------------------------------------ forward path
 
     async def _pending(self, m: Migration) -> None:
-        transition(m, Phase.VALIDATING)
+        hosts = {h.name: h for h in self.store.hosts()}
+        decision = admit(m, self.store.migrations(active_only=True), hosts)
+        if decision.reserved_mib_s is None:
+            m.set_condition("BandwidthReserved", False, decision.reason)
+            return
+        m.reserved_mib_s = decision.reserved_mib_s
+        m.params.max_bandwidth_mib_s = decision.reserved_mib_s  # QEMU's max-bandwidth = the share
+        m.set_condition("BandwidthReserved", True, decision.reason)
+        transition(m, Phase.VALIDATING, decision.reason)
 
     async def _validating(self, m: Migration) -> None:
         spec, owner = self.store.vm(m.vm)

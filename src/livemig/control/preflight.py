@@ -50,6 +50,12 @@ async def preflight(store: Store, hosts: dict[str, HostClient], vm: str, destina
         destination != source,
         f"VM {vm!r} is on {source}" if destination != source else f"VM {vm!r} is already on host {source}",
     )
+    registration = store.host(destination)
+    add(
+        "destination in service",
+        not registration.maintenance,
+        f"{destination} is in maintenance (being evacuated)" if registration.maintenance else "in service",
+    )
     active = store.migrations(active_only=True, vm=vm)
     add(
         "no active migration",

@@ -7,6 +7,7 @@ of desired state; everything it says about hosts is re-observed before the contr
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,8 +30,9 @@ class Base(DeclarativeBase):
 class HostRow(Base):
     __tablename__ = "hosts"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    api_url: Mapped[str] = mapped_column(String(256))
-    migration_address: Mapped[str] = mapped_column(String(256))
+    doc: Mapped[str] = mapped_column(Text)  # HostRegistration as JSON
+    # set by the LMO (evacuation), never by the host's own registration
+    maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -54,6 +56,13 @@ class MigrationRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class EvacuationRow(Base):
+    __tablename__ = "evacuations"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    doc: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.engine: Engine = create_engine(url)
@@ -72,15 +81,23 @@ class Store:
     def upsert_host(self, host: HostRegistration) -> None:
         with self.session() as s:
             row = s.get(HostRow, host.name)
+            doc = host.model_dump_json(exclude={"maintenance"})
             if row is None:
-                s.add(HostRow(name=host.name, api_url=host.api_url, migration_address=host.migration_address))
+                s.add(HostRow(name=host.name, doc=doc, maintenance=False))
             else:
-                row.api_url, row.migration_address = host.api_url, host.migration_address
+                row.doc = doc
+
+    def set_maintenance(self, name: str, maintenance: bool) -> None:
+        with self.session() as s:
+            row = s.get(HostRow, name)
+            if row is None:
+                raise NotFound(f"unknown host {name!r}", host=name)
+            row.maintenance = maintenance
 
     def hosts(self) -> list[HostRegistration]:
         with self.session() as s:
             rows = s.scalars(select(HostRow).order_by(HostRow.name)).all()
-            return [HostRegistration(name=r.name, api_url=r.api_url, migration_address=r.migration_address)
+            return [HostRegistration.model_validate({**json.loads(r.doc), "maintenance": r.maintenance})
                     for r in rows]  # fmt: skip
 
     def host(self, name: str) -> HostRegistration:
@@ -168,6 +185,18 @@ class Store:
             if vm is not None:
                 query = query.where(MigrationRow.vm == vm)
             return [_load(r) for r in s.scalars(query).all()]
+
+    # ------------------------------------------------------------------ evacuations
+    def add_evacuation(self, evacuation_id: str, doc: str) -> None:
+        with self.session() as s:
+            s.add(EvacuationRow(id=evacuation_id, doc=doc))
+
+    def evacuation(self, evacuation_id: str) -> str:
+        with self.session() as s:
+            row = s.get(EvacuationRow, evacuation_id)
+            if row is None:
+                raise NotFound(f"unknown evacuation {evacuation_id!r}")
+            return row.doc
 
 
 def _load(row: MigrationRow) -> Migration:

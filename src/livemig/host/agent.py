@@ -71,7 +71,7 @@ class HostAgent:
         migration_address: str,
         accel: AccelChoice,
         memory_mib: int,
-        image_resolver: object | None = None,
+        migration_bandwidth_mib_s: int = 1024,
     ) -> None:
         self.name = name
         self.state_dir = state_dir
@@ -80,7 +80,7 @@ class HostAgent:
         self.migration_address = migration_address
         self.accel = accel
         self.memory_mib = memory_mib
-        self.image_resolver = image_resolver
+        self.migration_bandwidth_mib_s = migration_bandwidth_mib_s
         self.vms: dict[str, ManagedVm] = {}
         self._lock = asyncio.Lock()
 
@@ -95,6 +95,7 @@ class HostAgent:
             qemu_version=qemu_version(),
             memory_mib=self.memory_mib,
             memory_used_mib=sum(vm.spec.memory_mib for vm in self.vms.values()),
+            migration_bandwidth_mib_s=self.migration_bandwidth_mib_s,
             vms=sorted(self.vms),
             machines=sorted(set(machine_aliases().values())),
         )

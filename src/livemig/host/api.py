@@ -47,7 +47,8 @@ class ConsoleLine(BaseModel):
 
 async def register_with_lmo(agent: HostAgent, lmo_url: str, api_url: str) -> None:
     """Tell the LMO where this host is; retried until it answers (it may start after us)."""
-    body = {"name": agent.name, "api_url": api_url, "migration_address": agent.migration_address}
+    body = {"name": agent.name, "api_url": api_url, "migration_address": agent.migration_address,
+            "migration_bandwidth_mib_s": agent.migration_bandwidth_mib_s}  # fmt: skip
     async with httpx.AsyncClient(timeout=5) as client:
         for _attempt in range(600):
             try:

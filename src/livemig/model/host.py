@@ -13,6 +13,9 @@ class HostRegistration(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
     api_url: str = Field(pattern=r"^https?://")
     migration_address: str = Field(min_length=1)
+    migration_bandwidth_mib_s: int = Field(default=1024, ge=1, le=1_000_000,
+                                           description="budget reserved for migrations, in and out each")  # fmt: skip
+    maintenance: bool = Field(default=False, description="no new placements; being evacuated")
 
 
 class HostInfo(BaseModel):
@@ -25,6 +28,7 @@ class HostInfo(BaseModel):
     qemu_version: str
     memory_mib: int
     memory_used_mib: int
+    migration_bandwidth_mib_s: int = 1024
     vms: list[str] = Field(default_factory=list)
     machines: list[str] = Field(default_factory=list, description="versioned machine types QEMU offers")
 

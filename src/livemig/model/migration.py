@@ -65,6 +65,16 @@ class ConvergencePolicy(BaseModel):
     auto_converge: bool = Field(default=False, description="let QEMU throttle the guest's vCPUs")
 
 
+class ConcurrencyLimits(BaseModel):
+    """How many migrations may run at once (evacuations set these; 0 means no limit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_host_outbound: int = Field(default=0, ge=0, le=1000)
+    per_host_inbound: int = Field(default=0, ge=0, le=1000)
+    region_total: int = Field(default=0, ge=0, le=10000)
+
+
 class MigrationParams(BaseModel):
     """Knobs for QEMU's migration engine; the defaults are livemig's tuned settings.
 
@@ -80,6 +90,9 @@ class MigrationParams(BaseModel):
     pause_before_switchover: bool = True
     timeout_s: float = Field(default=300.0, gt=0, le=86_400)
     policy: ConvergencePolicy = Field(default_factory=ConvergencePolicy)
+    min_bandwidth_mib_s: int = Field(default=32, ge=1, le=1_000_000,
+                                     description="admission: start only when this much is free both ways")  # fmt: skip
+    limits: ConcurrencyLimits = Field(default_factory=ConcurrencyLimits)
 
 
 class MigrationRequest(BaseModel):
@@ -162,6 +175,8 @@ class Migration(BaseModel):
     incoming_uri: str | None = None
     guest_check: str | None = Field(default=None, description="'ok', 'fail: ...' or None if not run")
     cancel_requested: bool = False
+    reserved_mib_s: int | None = Field(default=None, description="bandwidth share admitted (QEMU max-bandwidth)")
+    evacuation: str | None = None
     rollback_to: Phase | None = Field(default=None, description="terminal phase a rollback ends in")
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
