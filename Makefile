@@ -7,8 +7,9 @@ bootstrap:
 demo: bootstrap
 	.venv/bin/livemig demo
 
+# As root, a local PostgreSQL is started too, so the store and HA tests run on both backends.
 test: bootstrap
-	.venv/bin/pytest -v --durations=15
+	LIVEMIG_TEST_POSTGRES_URL="$$(./scripts/postgres.sh 2>/dev/null || true)" .venv/bin/pytest -v --durations=15
 
 test-fast: bootstrap
 	.venv/bin/pytest tests/unit -q

@@ -17,6 +17,28 @@ def image_cache() -> Path:
     return Path(os.environ.get("LIVEMIG_CACHE") or Path.home() / ".cache" / "livemig")
 
 
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (``make test`` starts the server as root)."""
+    admin = os.environ.get("LIVEMIG_TEST_POSTGRES_URL")
+    if not admin:
+        pytest.skip("no PostgreSQL: run as root via `make test` (scripts/postgres.sh) to include these")
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"livemig_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield admin.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with engine.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def guest_image():
     return build_image(image_cache())

@@ -57,7 +57,8 @@ class RegionConfig:
     hosts: list[HostConfig]
     accel: str = "auto"
     lmo_pid: int | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+    db_url: str | None = None  # default: SQLite in the state dir
+    replica_pids: list[int] = field(default_factory=list)
 
     @property
     def lmo_url(self) -> str:
@@ -103,9 +104,27 @@ class Region:
         return proc.pid
 
     def start_lmo(self, config: RegionConfig, faults: str | None = None) -> None:
-        args = ["lmo", "--listen", f"127.0.0.1:{config.lmo_port}", "--db", f"sqlite:///{self.state_dir / 'lmo.db'}"]
-        config.lmo_pid = self._spawn("lmo", args, faults)
+        config.lmo_pid = self._spawn("lmo", self._lmo_args(config, config.lmo_port), faults)
         self._save(config)
+
+    def _lmo_args(self, config: RegionConfig, port: int) -> list[str]:
+        db = config.db_url or f"sqlite:///{self.state_dir / 'lmo.db'}"
+        return ["lmo", "--listen", f"127.0.0.1:{port}", "--db", db]
+
+    def add_lmo_replica(self, faults: str | None = None, timeout: float = 30.0) -> str:
+        """Start one more LMO on the same store (PostgreSQL for HA); returns its URL."""
+        config = self._require()
+        port = free_port()
+        config.replica_pids.append(self._spawn(f"lmo-{port}", self._lmo_args(config, port), faults))
+        self._save(config)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    return url
+            time.sleep(0.1)
+        raise BootstrapError(f"LMO replica on {url} did not come up; see {self.state_dir / 'logs'}")
 
     def start_host(self, config: RegionConfig, host: HostConfig, faults: str | None = None) -> None:
         host.pid = self._spawn(f"hostd-{host.name}", [
@@ -117,7 +136,10 @@ class Region:
         ], faults)  # fmt: skip
         self._save(config)
 
-    def up(self, hosts: tuple[str, ...] = DEFAULT_HOSTS, accel: str = "auto", timeout: float = 30.0) -> RegionConfig:
+    def up(
+        self, hosts: tuple[str, ...] = DEFAULT_HOSTS, accel: str = "auto", timeout: float = 30.0,
+        db_url: str | None = None,
+    ) -> RegionConfig:  # fmt: skip
         """Start the LMO and one hostd per name; reuse the region if it already runs."""
         existing = self.running()
         if existing is not None:
@@ -126,6 +148,7 @@ class Region:
             lmo_port=free_port(),
             hosts=[HostConfig(name, free_port(), f"127.0.100.{i + 1}") for i, name in enumerate(hosts)],
             accel=accel,
+            db_url=db_url,
         )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.start_lmo(config)
@@ -152,7 +175,7 @@ class Region:
         config = self.load()
         if config is None:
             return
-        for pid in [config.lmo_pid, *(h.pid for h in config.hosts)]:
+        for pid in [config.lmo_pid, *config.replica_pids, *(h.pid for h in config.hosts)]:
             if pid is not None:
                 _terminate(pid)
         if stop_vms:

@@ -5,9 +5,12 @@ from livemig.errors import Conflict, NotFound
 from livemig.model import HostRegistration, Migration, Phase, VmSpec
 
 
-@pytest.fixture
-def store(tmp_path):
-    return Store(f"sqlite:///{tmp_path / 'lmo.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """Every store test runs on both backends (PostgreSQL when `make test` provides one)."""
+    if request.param == "sqlite":
+        return Store(f"sqlite:///{tmp_path / 'lmo.db'}")
+    return Store(request.getfixturevalue("postgres_url"))
 
 
 def test_vm_names_are_unique(store):
@@ -57,3 +60,31 @@ def test_store_survives_a_reopen(tmp_path):
     url = f"sqlite:///{tmp_path / 'lmo.db'}"
     Store(url).add_migration(Migration(id="m1", vm="vm", source="A", destination="B"))
     assert Store(url).migration("m1").vm == "vm"
+
+
+def test_a_lease_gives_each_migration_one_driver(store):
+    store.add_migration(Migration(id="m1", vm="vm", source="A", destination="B"))
+    assert store.acquire("m1", "lmo-1", ttl_s=30)
+    assert not store.acquire("m1", "lmo-2", ttl_s=30), "a live lease cannot be taken"
+    assert store.acquire("m1", "lmo-1", ttl_s=30), "the holder renews"
+    assert store.acquire("m1", "lmo-2", ttl_s=30) is False
+    m = store.migration("m1")
+    m.phase = Phase.VALIDATING
+    assert store.save_migration(m, owner="lmo-1")
+    assert not store.save_migration(m, owner="lmo-2"), "a replica without the lease cannot write"
+
+
+def test_an_expired_lease_is_taken_over(store):
+    store.add_migration(Migration(id="m1", vm="vm", source="A", destination="B"))
+    assert store.acquire("m1", "dead-replica", ttl_s=-1)  # already expired
+    assert store.acquire("m1", "survivor", ttl_s=30)
+    stale = store.migration("m1")
+    assert not store.save_migration(stale, owner="dead-replica"), "the old owner is fenced out"
+
+
+def test_terminal_migrations_cannot_be_leased(store):
+    m = Migration(id="m1", vm="vm", source="A", destination="B")
+    store.add_migration(m)
+    m.phase = Phase.SUCCEEDED
+    store.save_migration(m)
+    assert not store.acquire("m1", "lmo-1", ttl_s=30)

@@ -107,10 +107,11 @@ def up(
     state_dir: StateDir = None,
     hosts: Annotated[str, typer.Option(help="comma-separated host names")] = "A,B",
     accel: Annotated[str, typer.Option(help="auto | kvm | tcg")] = "auto",
+    db: Annotated[str | None, typer.Option(help="store URL (default SQLite in the state dir)")] = None,
 ) -> None:
     """Start a local region: the LMO and one hostd per host, on loopback."""
     region = Region(state_dir)
-    config = region.up(tuple(h.strip() for h in hosts.split(",") if h.strip()), accel=accel)
+    config = region.up(tuple(h.strip() for h in hosts.split(",") if h.strip()), accel=accel, db_url=db)
     out.print(f"region up in {region.state_dir}: LMO {config.lmo_url}")
     for host in config.hosts:
         out.print(f"  host {host.name}: API {host.url}, migration address {host.migration_address}")

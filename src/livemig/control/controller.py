@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -34,6 +37,8 @@ CANCELLABLE = frozenset({Phase.PENDING, Phase.VALIDATING, Phase.PREPARING_TARGET
 UNREACHABLE_GRACE_S = 30.0
 # how long a migration may wait for bandwidth or a concurrency slot before it is aborted
 QUEUE_TIMEOUT_S = 3600.0
+# a replica's claim on a migration; another replica takes over this long after the last renewal
+LEASE_S = 5.0
 
 
 def transition(m: Migration, phase: Phase, message: str = "", at: datetime | None = None,
@@ -51,8 +56,11 @@ def _entry(phase: Phase, message: str, at: datetime | None, data: dict[str, Any]
 
 
 class Controller:
-    def __init__(self, store: Store, client: httpx.AsyncClient, interval_s: float = 0.1) -> None:
+    def __init__(self, store: Store, client: httpx.AsyncClient, interval_s: float = 0.1,
+                 replica: str | None = None, lease_s: float = LEASE_S) -> None:  # fmt: skip
         self.store = store
+        self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.lease_s = lease_s
         self.client = client
         self.interval_s = interval_s
         self._unreachable_since: dict[str, float] = {}
@@ -80,11 +88,13 @@ class Controller:
 
     async def pass_once(self) -> None:
         for m in self.store.migrations(active_only=True):
-            await self.step(m)
+            if self.store.acquire(m.id, self.replica, self.lease_s):
+                await self.step(self.store.migration(m.id))
 
     async def step(self, m: Migration) -> None:
         """One observe-then-act step for one migration, saved to the store afterwards."""
         loop = asyncio.get_running_loop()
+        seen = len(m.timeline)
         try:
             if m.cancel_requested and m.phase in CANCELLABLE:
                 transition(m, Phase.CANCELLING, "cancel requested")
@@ -107,7 +117,10 @@ class Controller:
                 log.warning("migration %s: %s step failed, will retry: %s", m.id, m.phase, exc.message)
             else:
                 self._fail(m, Phase.ABORTING, exc.message)
-        self.store.save_migration(m)
+        for entry in m.timeline[seen:]:
+            entry.by = self.replica
+        if not self.store.save_migration(m, owner=self.replica):
+            log.warning("migration %s: lease lost to another replica; discarding this step's record", m.id)
 
     def _timed_out(self, m: Migration) -> bool:
         """Queued (Pending) migrations wait up to QUEUE_TIMEOUT_S; admitted ones get timeout_s."""

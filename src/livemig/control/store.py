@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
-from sqlalchemy import Boolean, DateTime, String, Text, create_engine, event, select
+from sqlalchemy import Boolean, DateTime, Float, Index, String, Text, create_engine, event, or_, select, text, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from livemig.errors import Conflict, NotFound
@@ -46,6 +48,11 @@ class VmRow(Base):
 
 class MigrationRow(Base):
     __tablename__ = "migrations"
+    # at most one active migration per VM, enforced by the database itself (safe across replicas)
+    __table_args__ = (
+        Index("one_active_migration_per_vm", "vm", unique=True,
+              sqlite_where=text("active"), postgresql_where=text("active")),
+    )  # fmt: skip
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     vm: Mapped[str] = mapped_column(String(64), index=True)
     phase: Mapped[str] = mapped_column(String(32), index=True)
@@ -53,6 +60,9 @@ class MigrationRow(Base):
     doc: Mapped[str] = mapped_column(Text)
     # written only by the API, read by the controller: never overwritten by a controller save
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # the lease: which LMO replica drives this migration, until when (epoch seconds)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -65,7 +75,8 @@ class EvacuationRow(Base):
 
 class Store:
     def __init__(self, url: str) -> None:
-        self.engine: Engine = create_engine(url)
+        self.url = url
+        self.engine: Engine = create_engine(url, pool_pre_ping=True)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
@@ -150,18 +161,42 @@ class Store:
             if busy is not None:
                 raise Conflict(f"VM {migration.vm!r} is already migrating ({busy.id}, {busy.phase})",
                                vm=migration.vm, migration=busy.id)  # fmt: skip
-            s.add(MigrationRow(id=migration.id, vm=migration.vm, phase=migration.phase.value,
-                               active=True, doc=migration.model_dump_json()))  # fmt: skip
+        try:
+            with self.session() as s:
+                s.add(MigrationRow(id=migration.id, vm=migration.vm, phase=migration.phase.value,
+                                   active=True, doc=migration.model_dump_json()))  # fmt: skip
+        except IntegrityError as exc:  # another replica claimed the VM between our check and insert
+            raise Conflict(f"VM {migration.vm!r} is already migrating", vm=migration.vm) from exc
 
-    def save_migration(self, migration: Migration) -> None:
+    def acquire(self, migration_id: str, owner: str, ttl_s: float) -> bool:
+        """Take or renew the lease on an active migration; False if another live replica holds it."""
+        now = time.time()
+        with self.session() as s:
+            result = s.execute(
+                update(MigrationRow)
+                .where(MigrationRow.id == migration_id, MigrationRow.active.is_(True),
+                       or_(MigrationRow.owner == owner, MigrationRow.owner.is_(None), MigrationRow.lease_until < now))
+                .values(owner=owner, lease_until=now + ttl_s)
+            )  # fmt: skip
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def save_migration(self, migration: Migration, owner: str | None = None) -> bool:
+        """Save; with ``owner``, only while that replica still holds the lease (False if lost)."""
         migration.updated_at = utcnow()
         with self.session() as s:
-            row = s.get(MigrationRow, migration.id)
-            if row is None:
-                raise NotFound(f"unknown migration {migration.id!r}")
-            row.phase = migration.phase.value
-            row.active = migration.phase not in TERMINAL_PHASES
-            row.doc = migration.model_dump_json()
+            query = update(MigrationRow).where(MigrationRow.id == migration.id)
+            if owner is not None:
+                query = query.where(MigrationRow.owner == owner)
+            values: dict[str, object] = {"phase": migration.phase.value, "doc": migration.model_dump_json(),
+                                         "active": migration.phase not in TERMINAL_PHASES}  # fmt: skip
+            if migration.phase in TERMINAL_PHASES:
+                values["owner"] = None
+            result = s.execute(query.values(**values))
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                if owner is None:
+                    raise NotFound(f"unknown migration {migration.id!r}")
+                return False
+            return True
 
     def migration(self, migration_id: str) -> Migration:
         with self.session() as s:

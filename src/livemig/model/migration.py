@@ -147,6 +147,7 @@ class TimelineEntry(BaseModel):
     at: datetime
     phase: Phase
     message: str = ""
+    by: str = Field(default="", description="the LMO replica that took this step")
     data: dict[str, Any] = Field(default_factory=dict)
 
 
