@@ -35,6 +35,10 @@ def test_round_trip_keeps_memory_intact_and_runs_on_one_host(lmo: LmoClient):
             assert m.stats.rounds >= 1
             assert [e.phase for e in m.timeline][-1] is Phase.SUCCEEDED
             assert lmo.vm("rt")["host"] == destination
+            migration_address = {"A": "127.0.100.1", "B": "127.0.100.2"}[destination]
+            assert m.incoming_uri and m.incoming_uri.startswith(f"tcp:{migration_address}:"), (
+                "migration traffic uses the destination's migration address, never its API address"
+            )
             assert not pid_alive(before_pid), "the source QEMU must have exited"
             assert wait_heartbeat_after(lmo, "rt", seq) > seq, "heartbeat must continue on the destination"
         pids = qemu_pids_running("rt")

@@ -129,6 +129,8 @@ def test_one_active_migration_per_vm(api, fleet):
         ({"vm": "vm1", "destination": "A"}, 409, "already on host A"),
         ({"vm": "vm1"}, 422, "destination"),
         ({"vm": "vm1", "destination": "B", "params": {"downtime_limit_ms": -1}}, 422, "downtime_limit_ms"),
+        ({"vm": "vm1", "destination": "B", "params": {"max_bandwidth_mib_s": -5}}, 422, "max_bandwidth_mib_s"),
+        ({"vm": "vm1", "destination": "B", "params": {"policy": {"rate_margin": 2}}}, 422, "rate_margin"),
     ],
 )
 def test_bad_migration_requests(api, body, status, needle):
