@@ -411,10 +411,12 @@ def demo(
 
 
 def main() -> None:
+    """Entry point: any LivemigError becomes one red line and exit status 1, never a traceback."""
     try:
-        app()
+        app(standalone_mode=True)
     except LivemigError as exc:
-        fail(exc.message)
+        err.print(f"[bold red]error:[/] {exc.message}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
