@@ -1,0 +1,25 @@
+"""The VCN dataplane: a userspace virtual switch per host, built so a VNIC can migrate.
+
+One module, one job::
+
+    packets    wire codecs (Ethernet, ARP, IPv4, ICMP, TCP, UDP, VXLAN); MalformedPacket
+    model      pydantic records: VCN, Subnet, VNIC, SecurityList, Mapping, FlowRecord, REST bodies
+    conntrack  per-VNIC connection tracking with versioned export / delta / import
+    seclist    security lists compiled for the data path; the filter decision
+    envelope   the versioned, checksummed envelope for flow state moving between hosts
+    handoff    the dual-ingress gate: hold, pause marker, exactly-once release
+    ports      UDP sockets facing QEMU (-netdev dgram) and the overlay
+    gateway    tap VNICs (optionally in a netns) so host processes can reach a subnet
+    vswitch    the switch: pipeline, routing, overlay, migration surface (design notes inside)
+    api        the REST API and ``run_vswitch``;  ``python -m livemig.network`` runs it
+    client     a small typed httpx client for the API
+"""
+
+from __future__ import annotations
+
+
+def run_vswitch(host_name: str, api_listen: str, overlay_listen: str) -> None:
+    """Run one host's vswitch until SIGINT/SIGTERM (imported lazily: codecs need no web stack)."""
+    from livemig.network.api import run_vswitch as _run
+
+    _run(host_name, api_listen, overlay_listen)

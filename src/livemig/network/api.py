@@ -1,0 +1,182 @@
+"""The vswitch's REST API (FastAPI) and its process entry point.
+
+Routes (all JSON unless said otherwise; errors are livemig's ``{"error", "message"}`` bodies):
+
+    GET    /healthz                       {"status", "host", "overlay"}
+    GET    /metrics                       Prometheus text
+    GET    /counters                      per-switch and per-VNIC counters
+    PUT    /mapping                       Mapping (whole topology; generation must not go back)
+    GET    /mapping
+    PUT    /security-lists/{id}           SecurityList
+    GET    /security-lists
+    DELETE /security-lists/{id}
+    POST   /vnics                         AttachRequest -> Attachment (ports for QEMU's -netdev dgram)
+    GET    /vnics                         [Attachment]
+    GET    /vnics/{id}                    Attachment
+    DELETE /vnics/{id}                    detach; drop flows, held frames, this host from its ingress
+                                          (idempotent: 204 whether or not it was attached)
+    GET    /vnics/{id}/flows?since=V      flow envelope (bytes); header X-Livemig-Flow-Version
+    POST   /vnics/{id}/flows              body: flow envelope -> ImportReport
+    POST   /vnics/{id}/pause-marker       -> PauseMarker (and the VNIC's ingress is held from now on)
+    POST   /vnics/{id}/resume             ResumeRequest -> ResumeReport (held frames above the marker)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from livemig.errors import InvalidRequest
+from livemig.network.envelope import MEDIA_TYPE
+from livemig.network.model import (
+    Attachment,
+    AttachRequest,
+    CounterSnapshot,
+    ImportReport,
+    Mapping,
+    PauseMarker,
+    ResumeReport,
+    ResumeRequest,
+    SecurityList,
+)
+from livemig.network.vswitch import Vswitch
+from livemig.webutil import install_error_handlers
+
+log = logging.getLogger(__name__)
+FLOW_VERSION_HEADER = "X-Livemig-Flow-Version"
+_GAUGES = {"held", "held_bytes", "flows"}
+
+
+class _VswitchCollector(Collector):
+    """Exposes the vswitch's counters at scrape time (no per-frame Prometheus calls on the data path)."""
+
+    def __init__(self, vswitch: Vswitch) -> None:
+        self.vswitch = vswitch
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.vswitch.snapshot_counters()
+        host = self.vswitch.name
+        switch = CounterMetricFamily("livemig_vswitch_frames", "vswitch frame events by kind", labels=["host", "event"])
+        for event, value in sorted(snap.switch.items()):
+            switch.add_metric([host, event], value)
+        vnic_events = CounterMetricFamily(
+            "livemig_vswitch_vnic_frames", "per-VNIC frame events", labels=["host", "vnic", "event"]
+        )
+        vnic_gauges = GaugeMetricFamily(
+            "livemig_vswitch_vnic_state", "per-VNIC held frames/bytes and flows", labels=["host", "vnic", "what"]
+        )
+        for vnic, counters in sorted(snap.vnics.items()):
+            for event, value in sorted(counters.items()):
+                (vnic_gauges if event in _GAUGES else vnic_events).add_metric([host, vnic, event], value)
+        yield switch
+        yield vnic_events
+        yield vnic_gauges
+
+
+def create_app(vswitch: Vswitch) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await vswitch.start()
+        yield
+        await vswitch.stop()
+
+    app = FastAPI(title=f"livemig vswitch {vswitch.name}", lifespan=lifespan)
+    install_error_handlers(app)
+    registry = CollectorRegistry()
+    registry.register(_VswitchCollector(vswitch))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "host": vswitch.name, "overlay": vswitch.overlay_endpoint}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/counters")
+    async def counters() -> CounterSnapshot:
+        return vswitch.snapshot_counters()
+
+    @app.put("/mapping")
+    async def put_mapping(mapping: Mapping) -> dict[str, int]:
+        vswitch.set_mapping(mapping)
+        return {"generation": mapping.generation}
+
+    @app.get("/mapping")
+    async def get_mapping() -> Mapping:
+        return vswitch.topology.mapping
+
+    @app.put("/security-lists/{list_id}")
+    async def put_security_list(list_id: str, body: SecurityList) -> SecurityList:
+        if body.id != list_id:
+            raise InvalidRequest(f"path names security list {list_id!r} but the body names {body.id!r}")
+        vswitch.set_security_list(body)
+        return body
+
+    @app.get("/security-lists")
+    async def list_security_lists() -> list[SecurityList]:
+        return [vswitch.security_lists[k] for k in sorted(vswitch.security_lists)]
+
+    @app.delete("/security-lists/{list_id}", status_code=204)
+    async def delete_security_list(list_id: str) -> Response:
+        vswitch.delete_security_list(list_id)
+        return Response(status_code=204)
+
+    @app.post("/vnics", status_code=201)
+    async def attach(body: AttachRequest) -> Attachment:
+        return await vswitch.attach(body)
+
+    @app.get("/vnics")
+    async def list_vnics() -> list[Attachment]:
+        return [vswitch.attachment(v) for v in sorted(vswitch.locals)]
+
+    @app.get("/vnics/{vnic_id}")
+    async def get_vnic(vnic_id: str) -> Attachment:
+        return vswitch.attachment(vnic_id)
+
+    @app.delete("/vnics/{vnic_id}", status_code=204)
+    async def detach(vnic_id: str) -> Response:
+        vswitch.detach(vnic_id)
+        return Response(status_code=204)
+
+    @app.get("/vnics/{vnic_id}/flows")
+    async def export_flows(vnic_id: str, since: int = 0) -> Response:
+        batch, envelope = vswitch.export_flows(vnic_id, max(0, since))
+        return Response(envelope, media_type=MEDIA_TYPE, headers={FLOW_VERSION_HEADER: str(batch.version)})
+
+    @app.post("/vnics/{vnic_id}/flows")
+    async def import_flows(vnic_id: str, request: Request) -> ImportReport:
+        return vswitch.import_flows(vnic_id, await request.body())
+
+    @app.post("/vnics/{vnic_id}/pause-marker")
+    async def pause_marker(vnic_id: str) -> PauseMarker:
+        return vswitch.pause_marker(vnic_id)
+
+    @app.post("/vnics/{vnic_id}/resume")
+    async def resume(vnic_id: str, body: ResumeRequest | None = None) -> ResumeReport:
+        return vswitch.resume(vnic_id, (body or ResumeRequest()).marker)
+
+    return app
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:7070"`` -> ("127.0.0.1", 7070)."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise InvalidRequest(f"listen address {listen!r} is not host:port")
+    return host, int(port)
+
+
+def run_vswitch(host_name: str, api_listen: str, overlay_listen: str, log_level: str = "info") -> None:
+    """Run one host's vswitch (REST API + dataplane) until SIGINT/SIGTERM."""
+    host, port = split_listen(api_listen)
+    split_listen(overlay_listen)
+    vswitch = Vswitch(host_name, overlay_listen)
+    uvicorn.run(create_app(vswitch), host=host, port=port, log_level=log_level, access_log=False)

@@ -1,0 +1,158 @@
+"""Dual ingress: the per-VNIC gate that makes the ingress handoff exactly-once across a migration.
+
+While a VNIC migrates, every sender duplicates its ingress to the source and the destination host
+and stamps both copies with the same per-(sender, VNIC) sequence number (see ``vswitch.py``). Each
+host passes the VNIC's ingress through an :class:`IngressGate`:
+
+* **open** — frames go on to the security lists and the VM; the gate remembers, per sender, the
+  highest sequence it *processed* (delivered or denied: either way the source's VM has had its
+  chance to see it).
+* **holding** — frames are kept in a bounded FIFO (count and bytes) owned by the vswitch, not in a
+  kernel socket buffer that QEMU would drain or lose. When full, the *oldest* frame is evicted:
+  during a long pre-copy the destination's buffer fills with frames the source already delivered,
+  and the ones that matter are the newest (those after the pause).
+
+A destination gate starts holding. At the pause, the source gate switches to holding and returns
+its ``processed`` map: the **pause marker**. When the VM runs on the destination, its gate is
+resumed with that marker and releases, in arrival order, exactly the held frames the source did
+not process (``seq > marker[sender]``) plus unstamped frames (only ever sent to this host); the
+rest are duplicates. The marker then stays as a *floor* for a grace period so a straggling stamped
+copy is still recognised as a duplicate. On cancel the source gate is resumed with its own marker,
+which releases everything it held. Frames lost to eviction after the marker are counted.
+
+Sequence numbers are plain integers compared per sender: a sender's counter for a VNIC never
+resets while the sender runs, so markers and sequences always come from the same series.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+FLOOR_GRACE_S = 30.0
+
+
+class Admission(Enum):
+    DELIVER = "deliver"
+    HELD = "held"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class HeldFrame:
+    sender: str
+    seq: int  # 0: unstamped
+    frame: bytes
+
+
+@dataclass(slots=True)
+class Release:
+    """What a resume lets through, and the accounting of what it did not."""
+
+    frames: list[HeldFrame] = field(default_factory=list)
+    duplicates_skipped: int = 0
+    lost_to_overflow: int = 0
+
+
+class IngressGate:
+    """One VNIC's ingress gate on one host (pure logic: no sockets, injected clock)."""
+
+    def __init__(
+        self,
+        holding: bool = False,
+        max_frames: int = 8192,
+        max_bytes: int = 16 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.holding = holding
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.processed: dict[str, int] = {}
+        self._floor: dict[str, int] = {}
+        self._floor_until = 0.0
+        self._buffer: deque[HeldFrame] = deque()
+        self._bytes = 0
+        self._evicted: dict[str, tuple[int, int]] = {}  # sender -> (count, highest seq) since holding began
+        self.overflowed = 0
+        self.duplicates = 0
+
+    @property
+    def held(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
+
+    def _is_duplicate(self, sender: str, seq: int) -> bool:
+        if not seq or not self._floor:
+            return False
+        if self.clock() > self._floor_until:
+            self._floor.clear()
+            return False
+        return seq <= self._floor.get(sender, 0)
+
+    def admit(self, sender: str, seq: int, frame: bytes) -> Admission:
+        """Decide the fate of one ingress frame (``seq`` 0 when the sender did not stamp it)."""
+        if self._is_duplicate(sender, seq):
+            self.duplicates += 1
+            return Admission.DUPLICATE
+        if self.holding:
+            self._buffer.append(HeldFrame(sender, seq, frame))
+            self._bytes += len(frame)
+            while len(self._buffer) > self.max_frames or self._bytes > self.max_bytes:
+                self._evict()
+            return Admission.HELD
+        if seq and seq > self.processed.get(sender, 0):
+            self.processed[sender] = seq
+        return Admission.DELIVER
+
+    def _evict(self) -> None:
+        old = self._buffer.popleft()
+        self._bytes -= len(old.frame)
+        self.overflowed += 1
+        count, top = self._evicted.get(old.sender, (0, 0))
+        self._evicted[old.sender] = (count + 1, max(top, old.seq))
+
+    def hold(self) -> dict[str, int]:
+        """Start holding (the VM is pausing here); returns the pause marker."""
+        self.holding = True
+        return dict(self.processed)
+
+    def resume(self, marker: dict[str, int]) -> Release:
+        """Stop holding; release held frames the marker's owner did not process, in arrival order."""
+        release = Release()
+        for held in self._buffer:
+            if held.seq and held.seq <= marker.get(held.sender, 0):
+                release.duplicates_skipped += 1
+                continue
+            release.frames.append(held)
+            if held.seq and held.seq > self.processed.get(held.sender, 0):
+                self.processed[held.sender] = held.seq
+        for sender, (count, top) in self._evicted.items():
+            release.lost_to_overflow += min(count, max(0, top - marker.get(sender, 0)))
+        self.duplicates += release.duplicates_skipped
+        self._buffer.clear()
+        self._bytes = 0
+        self._evicted.clear()
+        self.holding = False
+        if marker:
+            self._floor = {s: max(v, self._floor.get(s, 0)) for s, v in marker.items()}
+            self._floor_until = self.clock() + FLOOR_GRACE_S
+        return release
+
+
+class Sequencer:
+    """A sender's per-VNIC sequence numbers for stamped (duplicated) ingress: 1, 2, 3, ... (32 bits)."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+
+    def next(self, vnic: str) -> int:
+        seq = self._next.get(vnic, 1)
+        self._next[vnic] = seq + 1 if seq < 0xFFFFFFFF else 1
+        return seq
