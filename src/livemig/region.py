@@ -58,11 +58,18 @@ class RegionConfig:
     accel: str = "auto"
     lmo_pid: int | None = None
     db_url: str | None = None  # default: SQLite in the state dir
+    blockd_port: int = 0
+    nbd_port: int = 0
+    blockd_pid: int | None = None
     replica_pids: list[int] = field(default_factory=list)
 
     @property
     def lmo_url(self) -> str:
         return f"http://127.0.0.1:{self.lmo_port}"
+
+    @property
+    def blockd_url(self) -> str:
+        return f"http://127.0.0.1:{self.blockd_port}"
 
 
 class Region:
@@ -109,7 +116,26 @@ class Region:
 
     def _lmo_args(self, config: RegionConfig, port: int) -> list[str]:
         db = config.db_url or f"sqlite:///{self.state_dir / 'lmo.db'}"
-        return ["lmo", "--listen", f"127.0.0.1:{port}", "--db", db]
+        return ["lmo", "--listen", f"127.0.0.1:{port}", "--db", db, "--blockd", config.blockd_url]
+
+    def start_blockd(self, config: RegionConfig) -> None:
+        config.blockd_pid = self._spawn("blockd", [
+            "blockd", "--data-dir", str(self.state_dir / "blockd"), "--listen", f"127.0.0.1:{config.blockd_port}",
+            "--nbd-listen", f"127.0.0.1:{config.nbd_port}",
+        ])  # fmt: skip
+        self._save(config)
+
+    def kill_blockd(self, sig: int = signal.SIGKILL) -> None:
+        config = self._require()
+        if config.blockd_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(config.blockd_pid, sig)
+            wait_gone(config.blockd_pid, 5.0)
+
+    def restart_blockd(self, timeout: float = 30.0) -> None:
+        config = self._require()
+        self.start_blockd(config)
+        self.wait_ready(config, timeout)
 
     def add_lmo_replica(self, faults: str | None = None, timeout: float = 30.0) -> str:
         """Start one more LMO on the same store (PostgreSQL for HA); returns its URL."""
@@ -149,8 +175,11 @@ class Region:
             hosts=[HostConfig(name, free_port(), f"127.0.100.{i + 1}") for i, name in enumerate(hosts)],
             accel=accel,
             db_url=db_url,
+            blockd_port=free_port(),
+            nbd_port=free_port(),
         )
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.start_blockd(config)
         self.start_lmo(config)
         for host in config.hosts:
             self.start_host(config, host)
@@ -165,7 +194,8 @@ class Region:
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 hosts = httpx.get(f"{config.lmo_url}/hosts", timeout=5).json()
                 ready = {h["registration"]["name"] for h in hosts if h.get("info")}
-                if wanted <= ready:
+                blockd_ok = httpx.get(f"{config.blockd_url}/healthz", timeout=5).status_code == 200
+                if wanted <= ready and blockd_ok:
                     return
             time.sleep(0.2)
         raise BootstrapError(f"region did not come up within {timeout:.0f}s; see {self.state_dir / 'logs'}")
@@ -175,7 +205,7 @@ class Region:
         config = self.load()
         if config is None:
             return
-        for pid in [config.lmo_pid, *config.replica_pids, *(h.pid for h in config.hosts)]:
+        for pid in [config.lmo_pid, *config.replica_pids, *(h.pid for h in config.hosts), config.blockd_pid]:
             if pid is not None:
                 _terminate(pid)
         if stop_vms:

@@ -91,12 +91,28 @@ def hostd(
 def lmo_command(
     listen: Annotated[str, typer.Option(help="API address host:port")] = "127.0.0.1:7700",
     db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] = "sqlite:///livemig.db",
+    blockd: Annotated[str | None, typer.Option(help="blockd admin API URL (volumes)")] = None,
 ) -> None:
     """Run the LMO control plane (API + migration controller)."""
     from livemig.control.api import create_app
     from livemig.control.store import Store
 
-    _serve(create_app(Store(db)), listen)
+    _serve(create_app(Store(db), blockd_url=blockd), listen)
+
+
+@app.command("blockd")
+def blockd_command(
+    data_dir: Annotated[Path, typer.Option(help="volumes (sparse files) and their metadata")] = Path(
+        "/var/lib/livemig/blockd"
+    ),
+    listen: Annotated[str, typer.Option(help="admin API address host:port")] = "127.0.0.1:7410",
+    nbd_listen: Annotated[str, typer.Option(help="NBD server address host:port")] = "127.0.0.1:10809",
+) -> None:
+    """Run blockd: block volumes over NBD with write fencing."""
+    from livemig.storage.service import run_blockd
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_blockd(data_dir, listen, nbd_listen)
 
 
 # ---------------------------------------------------------------------- region
@@ -219,6 +235,51 @@ def vm_console(
         if send is not None:
             client.console_input(name, send)
         sys.stdout.write(client.console(name, tail))
+
+
+volume_app = typer.Typer(no_args_is_help=True, help="Block volumes served by blockd.")
+app.add_typer(volume_app, name="volume")
+
+
+@volume_app.command("create")
+def volume_create(
+    name: str,
+    size_mib: Annotated[int, typer.Option("--size-mib", help="size in MiB")] = 64,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Create a sparse volume."""
+    with lmo(url, state_dir) as client:
+        client.call("POST", "/volumes", json={"name": name, "size_bytes": size_mib * 1024 * 1024})
+        out.print(f"volume {name}: {size_mib} MiB")
+
+
+@volume_app.command("list")
+def volume_list(url: Url = None, state_dir: StateDir = None) -> None:
+    """Volumes with size, allocation and the current writer attachment."""
+    with lmo(url, state_dir) as client:
+        table = Table(title="volumes")
+        for col in ("name", "size MiB", "allocated MiB", "attachments", "writer"):
+            table.add_column(col)
+        for v in client.call("GET", "/volumes"):
+            table.add_row(v["name"], f"{v['size_bytes'] / 2**20:.0f}", f"{v['allocated_bytes'] / 2**20:.1f}",
+                          str(v["attachments"]), str(v["writer"] or "-"))  # fmt: skip
+        out.print(table)
+
+
+@volume_app.command("show")
+def volume_show(name: str, url: Url = None, state_dir: StateDir = None) -> None:
+    """One volume with its attachments and their fencing counters, as JSON."""
+    with lmo(url, state_dir) as client:
+        out.print_json(json.dumps(client.call("GET", f"/volumes/{name}")))
+
+
+@volume_app.command("delete")
+def volume_delete(name: str, url: Url = None, state_dir: StateDir = None) -> None:
+    """Delete a volume (refused while attached)."""
+    with lmo(url, state_dir) as client:
+        client.call("DELETE", f"/volumes/{name}")
+        out.print(f"volume {name} deleted")
 
 
 # ---------------------------------------------------------------------- migrations

@@ -15,11 +15,13 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from livemig.control.blockclient import BlockClient
 from livemig.control.controller import CANCELLABLE, Controller, transition
 from livemig.control.evacuation import Evacuation, EvacuationRequest, evacuate
 from livemig.control.hostclient import HostClient
 from livemig.control.preflight import PreflightReport, preflight
 from livemig.control.store import Store
+from livemig.control.volumes import VolumeOps
 from livemig.errors import CapacityError, Conflict, HostUnreachable, InvalidRequest, LivemigError, NotFound
 from livemig.model.host import HostInfo, HostRegistration
 from livemig.model.migration import Migration, MigrationRequest, Phase
@@ -53,13 +55,23 @@ class EvacuationReport(BaseModel):
     done: bool
 
 
+class VolumeCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    size_bytes: int = Field(gt=0, le=1 << 50)
+
+
 class ConsoleLine(BaseModel):
     model_config = ConfigDict(extra="forbid")
     line: str = Field(max_length=200)
 
 
 def create_app(
-    store: Store, *, controller_interval_s: float = 0.1, transport: httpx.AsyncBaseTransport | None = None
+    store: Store,
+    *,
+    controller_interval_s: float = 0.1,
+    transport: httpx.AsyncBaseTransport | None = None,
+    blockd_url: str | None = None,
 ) -> FastAPI:
     """The LMO app; ``transport`` replaces the network to hosts in fast tests (fake hostd)."""
     state: dict[str, object] = {}
@@ -67,8 +79,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=3.0), transport=transport)
-        controller = Controller(store, client, controller_interval_s)
-        state["client"] = client
+        block = BlockClient(blockd_url, client) if blockd_url else None
+        state["client"], state["volumes"] = client, VolumeOps(store, block)
+        controller = Controller(store, client, controller_interval_s, volumes=VolumeOps(store, block))
         task = asyncio.create_task(controller.run_forever(), name="controller")
         yield
         task.cancel()
@@ -78,6 +91,17 @@ def create_app(
 
     app = FastAPI(title="livemig LMO", lifespan=lifespan)
     install_error_handlers(app)
+
+    def volume_ops() -> VolumeOps:
+        ops = state["volumes"]
+        assert isinstance(ops, VolumeOps)
+        return ops
+
+    def block_client() -> BlockClient:
+        block = volume_ops().block
+        if block is None:
+            raise InvalidRequest("the LMO runs without blockd (start it with --blockd URL)")
+        return block
 
     def host_client(name: str) -> HostClient:
         client = state["client"]
@@ -125,8 +149,11 @@ def create_app(
         target = max(fitting, key=lambda v: v.info.memory_free_mib if v.info else 0).registration.name
         store.add_vm(spec, target)  # claims the name before the slow boot
         try:
-            observed = await host_client(target).create_vm(spec)
+            exports = await volume_ops().ensure_attached(spec, target)
+            observed = await host_client(target).create_vm(spec, exports)
         except LivemigError:
+            with contextlib.suppress(LivemigError):
+                await volume_ops().detach(spec.name, target)
             store.remove_vm(spec.name)
             raise
         store.set_vm(spec.name, spec=observed.spec)  # the resolved spec (machine, boot files)
@@ -155,7 +182,25 @@ def create_app(
         if store.migrations(active_only=True, vm=name):
             raise Conflict(f"VM {name!r} is migrating; cancel the migration first")
         await host_client(host).destroy_vm(name)
+        await volume_ops().detach(name, host)
         store.remove_vm(name)
+        return Response(status_code=204)
+
+    @app.post("/volumes", status_code=201)
+    async def create_volume(body: VolumeCreate) -> dict[str, object]:
+        return await block_client().create_volume(body.name, body.size_bytes)
+
+    @app.get("/volumes")
+    async def list_volumes() -> list[dict[str, object]]:
+        return await block_client().volumes()
+
+    @app.get("/volumes/{name}")
+    async def get_volume(name: str) -> dict[str, object]:
+        return {**await block_client().volume(name), "attachments": await block_client().attachments(name)}
+
+    @app.delete("/volumes/{name}", status_code=204)
+    async def delete_volume(name: str) -> Response:
+        await block_client().delete_volume(name)
         return Response(status_code=204)
 
     @app.get("/vms/{name}/console", response_class=PlainTextResponse)
@@ -180,11 +225,11 @@ def create_app(
 
     @app.post("/migrations/preflight")
     async def dry_run(body: MigrationRequest) -> PreflightReport:
-        return await preflight(store, all_hosts(), body.vm, body.destination)
+        return await preflight(store, all_hosts(), body.vm, body.destination, volume_ops().block)
 
     @app.post("/migrations", status_code=201)
     async def create_migration(body: MigrationRequest) -> Migration:
-        report = await preflight(store, all_hosts(), body.vm, body.destination)
+        report = await preflight(store, all_hosts(), body.vm, body.destination, volume_ops().block)
         report.raise_first_failure()
         source = report.source
         migration = Migration(id=f"m-{uuid.uuid4().hex[:10]}", vm=body.vm, source=source,

@@ -23,10 +23,12 @@ from livemig.control.admission import admit
 from livemig.control.hostclient import HostClient
 from livemig.control.policy import judge
 from livemig.control.store import Store
+from livemig.control.volumes import VolumeOps
 from livemig.errors import GuestError, HostUnreachable, LivemigError
 from livemig.faults import fault_point
 from livemig.host.source import SourceMigrationStatus
 from livemig.model.migration import Migration, Phase, utcnow
+from livemig.model.vm import VmSpec, VolumeDevice
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,10 @@ def _entry(phase: Phase, message: str, at: datetime | None, data: dict[str, Any]
 
 class Controller:
     def __init__(self, store: Store, client: httpx.AsyncClient, interval_s: float = 0.1,
-                 replica: str | None = None, lease_s: float = LEASE_S) -> None:  # fmt: skip
+                 replica: str | None = None, lease_s: float = LEASE_S,
+                 volumes: VolumeOps | None = None) -> None:  # fmt: skip
         self.store = store
+        self.volumes = volumes or VolumeOps(store, None)
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.lease_s = lease_s
         self.client = client
@@ -168,7 +172,8 @@ class Controller:
 
     async def _preparing_target(self, m: Migration) -> None:
         spec, _ = self.store.vm(m.vm)
-        uri = await self.host(m.destination).prepare_incoming(spec)
+        exports = await self.volumes.ensure_attached(spec, m.destination)
+        uri = await self.host(m.destination).prepare_incoming(spec, exports)
         m.incoming_uri = uri
         m.set_condition("TargetPrepared", True, uri)
         transition(m, Phase.SYNCING_FLOWS, f"destination listening on {uri}")
@@ -235,12 +240,24 @@ class Controller:
             return
         if observed.state != "running":
             return  # still loading the last state; observe again next pass
+        await self.volumes.fence(m.vm, m.source)  # a late write from the source can never land now
         await source.destroy_vm(m.vm)
         self.store.set_vm(m.vm, host=m.destination)
         transition(m, Phase.CLEANUP, f"destination running; source QEMU stopped; owner is {m.destination}")
 
     async def _cleanup(self, m: Migration) -> None:
         spec, _ = self.store.vm(m.vm)
+        await self.volumes.detach(m.vm, m.source)
+        if _runs_disk_workload(spec) and m.verify_guest and m.disk_check is None:
+            try:
+                ok, detail = await self.host(m.destination).disk_check(m.vm)
+            except GuestError as exc:
+                ok, detail = False, exc.message
+            m.disk_check = "ok" if ok else f"fail: {detail}"
+            if not ok:
+                m.reason = f"guest disk check failed on {m.destination}: {detail}"
+                transition(m, Phase.FAILED, m.reason)
+                return
         if m.verify_guest and spec.workload is not None and m.guest_check is None:
             try:
                 ok, detail = await self.host(m.destination).guest_check(m.vm)
@@ -278,8 +295,14 @@ class Controller:
         if observed is not None and observed.state != "running":
             await source.resume(m.vm)
         await destination.destroy_vm(m.vm)
+        await self.volumes.detach(m.vm, m.destination)
         target = m.rollback_to or Phase.FAILED
         transition(m, target, m.reason or "rolled back")
+
+
+def _runs_disk_workload(spec: VmSpec) -> bool:
+    return (spec.workload is not None and spec.workload.disk_rate > 0
+            and any(isinstance(d, VolumeDevice) for d in spec.devices))  # fmt: skip
 
 
 def _condition(m: Migration, type_: str) -> bool:

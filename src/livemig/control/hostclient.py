@@ -10,7 +10,7 @@ from livemig import errors
 from livemig.host.source import SourceMigrationStatus
 from livemig.model.host import HostInfo, HostRegistration
 from livemig.model.migration import MigrationParams
-from livemig.model.vm import VmSpec, VmStatus
+from livemig.model.vm import NbdExport, VmLaunch, VmSpec, VmStatus
 
 _ERRORS: dict[str, type[errors.LivemigError]] = {
     cls.__name__: cls
@@ -48,8 +48,9 @@ class HostClient:
     async def info(self) -> HostInfo:
         return HostInfo.model_validate((await self._call("GET", "/host")).json())
 
-    async def create_vm(self, spec: VmSpec) -> VmStatus:
-        return VmStatus.model_validate((await self._call("POST", "/vms", json=spec.model_dump())).json())
+    async def create_vm(self, spec: VmSpec, exports: dict[str, NbdExport] | None = None) -> VmStatus:
+        launch = VmLaunch(spec=spec, exports=exports or {})
+        return VmStatus.model_validate((await self._call("POST", "/vms", json=launch.model_dump())).json())
 
     async def vm(self, name: str) -> VmStatus | None:
         """The VM's observed status, or None if this host does not have it."""
@@ -61,8 +62,9 @@ class HostClient:
     async def destroy_vm(self, name: str) -> None:
         await self._call("DELETE", f"/vms/{name}")
 
-    async def prepare_incoming(self, spec: VmSpec) -> str:
-        reply = await self._call("POST", f"/vms/{spec.name}/incoming", json=spec.model_dump())
+    async def prepare_incoming(self, spec: VmSpec, exports: dict[str, NbdExport] | None = None) -> str:
+        launch = VmLaunch(spec=spec, exports=exports or {})
+        reply = await self._call("POST", f"/vms/{spec.name}/incoming", json=launch.model_dump())
         return str(reply.json()["uri"])
 
     async def migrate(self, name: str, uri: str, params: MigrationParams) -> SourceMigrationStatus:
@@ -84,6 +86,10 @@ class HostClient:
 
     async def guest_check(self, name: str) -> tuple[bool, str]:
         body = (await self._call("POST", f"/vms/{name}/guest-check", timeout=90)).json()
+        return bool(body["ok"]), str(body["detail"])
+
+    async def disk_check(self, name: str) -> tuple[bool, str]:
+        body = (await self._call("POST", f"/vms/{name}/disk-check", timeout=90)).json()
         return bool(body["ok"]), str(body["detail"])
 
     async def console(self, name: str, tail: int = 50) -> str:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from livemig.control.blockclient import BlockClient
 from livemig.control.hostclient import HostClient
 from livemig.control.store import Store
 from livemig.errors import CapacityError, Conflict, HostUnreachable, InvalidRequest, LivemigError, NotFound
 from livemig.model.host import HostInfo
+from livemig.model.vm import VolumeDevice
 
 
 class Check(BaseModel):
@@ -35,7 +37,9 @@ class PreflightReport(BaseModel):
                 raise classes.get(check.error or "", Conflict)(f"{check.name}: {check.detail}")
 
 
-async def preflight(store: Store, hosts: dict[str, HostClient], vm: str, destination: str) -> PreflightReport:
+async def preflight(
+    store: Store, hosts: dict[str, HostClient], vm: str, destination: str, block: BlockClient | None = None
+) -> PreflightReport:
     """Run every check; unknown VM or host raise NotFound (there is nothing to check then)."""
     spec, source = store.vm(vm)
     if destination not in hosts:
@@ -110,7 +114,18 @@ async def preflight(store: Store, hosts: dict[str, HostClient], vm: str, destina
                 + ("" if same_accel else ": cpu 'host' needs the same accelerator"),
                 error="InvalidRequest",
             )
-    add("volumes", True, "no volumes attached")
+    volumes = [d.volume for d in spec.devices if isinstance(d, VolumeDevice)]
+    if not volumes:
+        add("volumes", True, "no volumes attached")
+    elif block is None:
+        add("volumes", False, "the VM has volumes but the LMO runs without blockd", error="InvalidRequest")
+    else:
+        try:
+            for name in volumes:
+                await block.volume(name)
+            add("volumes", True, f"{', '.join(volumes)} reachable on blockd; destination attaches them over NBD")
+        except LivemigError as exc:
+            add("volumes", False, exc.message, error="HostUnreachable")
     add("VNICs", True, "no VNICs on the livemig dataplane")
     return PreflightReport(vm=vm, source=source, destination=destination, ok=all(c.ok for c in checks),
                            checks=checks)  # fmt: skip

@@ -22,7 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from livemig.errors import Conflict, NotFound
 from livemig.model.host import HostRegistration
 from livemig.model.migration import TERMINAL_PHASES, Migration, utcnow
-from livemig.model.vm import VmSpec
+from livemig.model.vm import NbdExport, VmSpec
 
 
 class Base(DeclarativeBase):
@@ -64,6 +64,18 @@ class MigrationRow(Base):
     owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_until: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AttachmentRow(Base):
+    """A blockd attachment the LMO made for a VM on a host (one per volume device per host)."""
+
+    __tablename__ = "attachments"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    vm: Mapped[str] = mapped_column(String(64), index=True)
+    host: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str] = mapped_column(String(64))
+    export_json: Mapped[str] = mapped_column(Text)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
 class EvacuationRow(Base):
@@ -220,6 +232,26 @@ class Store:
             if vm is not None:
                 query = query.where(MigrationRow.vm == vm)
             return [_load(r) for r in s.scalars(query).all()]
+
+    # ------------------------------------------------------------------ attachments
+    def add_attachment(self, vm: str, host: str, device: str, export: NbdExport) -> None:
+        with self.session() as s:
+            s.add(AttachmentRow(id=export.attachment, vm=vm, host=host, device=device,
+                                export_json=export.model_dump_json(), active=True))  # fmt: skip
+
+    def attachments(self, vm: str, host: str | None = None) -> dict[str, NbdExport]:
+        """Active attachments of ``vm`` (on ``host``), keyed by device id."""
+        with self.session() as s:
+            query = select(AttachmentRow).where(AttachmentRow.vm == vm, AttachmentRow.active.is_(True))
+            if host is not None:
+                query = query.where(AttachmentRow.host == host)
+            return {r.device: NbdExport.model_validate_json(r.export_json) for r in s.scalars(query).all()}
+
+    def deactivate_attachment(self, attachment: str) -> None:
+        with self.session() as s:
+            row = s.get(AttachmentRow, attachment)
+            if row is not None:
+                row.active = False
 
     # ------------------------------------------------------------------ evacuations
     def add_evacuation(self, evacuation_id: str, doc: str) -> None:

@@ -27,7 +27,7 @@ from livemig.host.qmp import QmpSession
 from livemig.host.source import SourceMigration, SourceMigrationStatus
 from livemig.model.host import HostInfo
 from livemig.model.migration import MigrationParams
-from livemig.model.vm import VmSpec, VmStatus
+from livemig.model.vm import NbdExport, VmSpec, VmStatus, VolumeDevice
 from livemig.proc import pid_alive
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,12 @@ class ManagedVm:
     argv: list[str] = field(default_factory=list)
     migration: SourceMigration | None = None
     incoming_uri: str | None = None
+    exports: dict[str, NbdExport] = field(default_factory=dict)
 
     def save(self) -> None:
         record = {"spec": self.spec.model_dump(), "role": self.role, "argv": self.argv,
-                  "incoming_uri": self.incoming_uri}  # fmt: skip
+                  "incoming_uri": self.incoming_uri,
+                  "exports": {k: v.model_dump() for k, v in self.exports.items()}}  # fmt: skip
         tmp = self.paths.record.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(self.paths.record)
@@ -133,6 +135,9 @@ class HostAgent:
             extra = ""
             if spec.workload is not None:
                 extra = image.kernel_cmdline(spec.workload.wss_mib, spec.workload.rate_mib_s)
+                if spec.workload.disk_rate > 0 and any(isinstance(d, VolumeDevice) for d in spec.devices):
+                    # the first virtio-blk device (lowest PCI slot) is /dev/vda in the guest
+                    extra += f" livemig.disk=/dev/vda livemig.diskrate={spec.workload.disk_rate}"
             else:
                 extra = image.kernel_cmdline(1, 0) + " livemig.workload=off"
             boot = boot.model_copy(update={"kernel": str(image.kernel), "initrd": str(image.initrd),
@@ -154,7 +159,9 @@ class HostAgent:
                 host=self.name, free_mib=free, needed_mib=spec.memory_mib,
             )  # fmt: skip
 
-    async def create(self, spec: VmSpec, *, incoming: bool = False) -> ManagedVm:
+    async def create(
+        self, spec: VmSpec, *, incoming: bool = False, exports: dict[str, NbdExport] | None = None
+    ) -> ManagedVm:
         async with self._lock:
             if spec.name in self.vms:
                 raise Conflict(f"VM {spec.name!r} already exists on host {self.name}", vm=spec.name)
@@ -164,7 +171,8 @@ class HostAgent:
             if paths.root.exists():
                 shutil.rmtree(paths.root)
             paths.root.mkdir(parents=True)
-            argv = command_line(spec, paths, self.accel.name, incoming=incoming, binary=qemu_binary())
+            argv = command_line(spec, paths, self.accel.name, incoming=incoming, binary=qemu_binary(),
+                                exports=exports)  # fmt: skip
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -176,7 +184,8 @@ class HostAgent:
                 raise QemuError(f"QEMU refused to start VM {spec.name}: {message}", vm=spec.name)
             pid = int(paths.pidfile.read_text().strip())
             vm = ManagedVm(spec=spec, paths=paths, pid=pid, role="incoming" if incoming else "running",
-                           qmp=QmpSession(f"{self.name}/{spec.name}"), argv=argv)  # fmt: skip
+                           qmp=QmpSession(f"{self.name}/{spec.name}"), argv=argv,
+                           exports=dict(exports or {}))  # fmt: skip
             try:
                 await vm.qmp.connect(paths.qmp)
             except QemuError:
@@ -188,11 +197,12 @@ class HostAgent:
             log.info("started VM %s (pid %d, %s)", spec.name, pid, vm.role)
             return vm
 
-    async def prepare_incoming(self, spec: VmSpec) -> str:
+    async def prepare_incoming(self, spec: VmSpec, exports: dict[str, NbdExport] | None = None) -> str:
         """Start a suspended destination listening on this host's migration address; idempotent."""
         existing = self.vms.get(spec.name)
         if existing is not None:
-            if existing.role == "incoming" and existing.incoming_uri and existing.spec == spec:
+            if (existing.role == "incoming" and existing.incoming_uri and existing.spec == spec
+                    and existing.exports == (exports or {})):  # fmt: skip
                 return existing.incoming_uri
             raise Conflict(f"VM {spec.name!r} already exists on host {self.name} ({existing.role})")
         if spec.boot.kernel is None or spec.boot.initrd is None:
@@ -200,7 +210,7 @@ class HostAgent:
         for path in (spec.boot.kernel, spec.boot.initrd):
             if not Path(path).is_file():
                 raise InvalidRequest(f"boot file {path} does not exist on host {self.name}")
-        vm = await self.create(spec, incoming=True)
+        vm = await self.create(spec, incoming=True, exports=exports)
         try:
             await vm.qmp.execute("migrate-set-capabilities",
                                  {"capabilities": [{"capability": "events", "state": True}]})  # fmt: skip
@@ -286,6 +296,10 @@ class HostAgent:
         vm = self.get(name)
         return await console.memory_check(vm.paths.console, vm.paths.console_log)
 
+    async def disk_check(self, name: str) -> tuple[bool, str]:
+        vm = self.get(name)
+        return await console.disk_check(vm.paths.console, vm.paths.console_log)
+
     async def guest_command(self, name: str, line: str) -> None:
         vm = self.get(name)
         if "\n" in line or len(line) > 200:
@@ -315,7 +329,9 @@ class HostAgent:
             role: Role = record.get("role", "running")
             vm = ManagedVm(spec=spec, paths=paths, pid=pid, role=role,
                            qmp=QmpSession(f"{self.name}/{spec.name}"), argv=record.get("argv", []),
-                           incoming_uri=record.get("incoming_uri"))  # fmt: skip
+                           incoming_uri=record.get("incoming_uri"),
+                           exports={k: NbdExport.model_validate(v)
+                                    for k, v in record.get("exports", {}).items()})  # fmt: skip
             await vm.qmp.connect(paths.qmp)
             if role == "outgoing":
                 # the migration job died with the old hostd; QEMU's own state tells what happened

@@ -14,11 +14,12 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from livemig.errors import InvalidRequest
 from livemig.host.agent import HostAgent
 from livemig.host.source import SourceMigrationStatus
 from livemig.model.host import HostInfo
 from livemig.model.migration import MigrationParams
-from livemig.model.vm import VmSpec, VmStatus
+from livemig.model.vm import VmLaunch, VmStatus
 from livemig.webutil import install_error_handlers
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,8 @@ def create_app(agent: HostAgent, lmo_url: str | None = None, api_url: str | None
         return [await agent.status(name) for name in sorted(agent.vms)]
 
     @app.post("/vms", status_code=201)
-    async def create_vm(spec: VmSpec) -> VmStatus:
-        vm = await agent.create(spec)
+    async def create_vm(launch: VmLaunch) -> VmStatus:
+        vm = await agent.create(launch.spec, exports=launch.exports)
         return await agent.status(vm.spec.name)
 
     @app.get("/vms/{name}")
@@ -106,12 +107,10 @@ def create_app(agent: HostAgent, lmo_url: str | None = None, api_url: str | None
         return Response(status_code=204)
 
     @app.post("/vms/{name}/incoming")
-    async def incoming(name: str, spec: VmSpec) -> IncomingReply:
-        if spec.name != name:
-            from livemig.errors import InvalidRequest
-
-            raise InvalidRequest(f"path names VM {name!r} but the spec names {spec.name!r}")
-        return IncomingReply(uri=await agent.prepare_incoming(spec))
+    async def incoming(name: str, launch: VmLaunch) -> IncomingReply:
+        if launch.spec.name != name:
+            raise InvalidRequest(f"path names VM {name!r} but the spec names {launch.spec.name!r}")
+        return IncomingReply(uri=await agent.prepare_incoming(launch.spec, launch.exports))
 
     @app.post("/vms/{name}/migrate", status_code=202)
     async def migrate(name: str, body: MigrateBody) -> SourceMigrationStatus:
@@ -133,6 +132,11 @@ def create_app(agent: HostAgent, lmo_url: str | None = None, api_url: str | None
     @app.post("/vms/{name}/guest-check")
     async def guest_check(name: str) -> CheckReply:
         ok, detail = await agent.guest_check(name)
+        return CheckReply(ok=ok, detail=detail)
+
+    @app.post("/vms/{name}/disk-check")
+    async def disk_check(name: str) -> CheckReply:
+        ok, detail = await agent.disk_check(name)
         return CheckReply(ok=ok, detail=detail)
 
     @app.post("/vms/{name}/console", status_code=204)

@@ -101,6 +101,12 @@ async def memory_check(console_socket: Path, log: Path, timeout: float = 60.0) -
     return detail.startswith("ok"), detail
 
 
+async def disk_check(console_socket: Path, log: Path, timeout: float = 60.0) -> tuple[bool, str]:
+    """Run the workload's disk log check (every acknowledged record present and intact)."""
+    detail = await command(console_socket, log, "diskcheck", "DISKCHECK", timeout)
+    return detail.startswith("ok"), detail
+
+
 def last_heartbeat(log: Path, start: int = 0) -> tuple[int, int] | None:
     """(seq, uptime_ms) of the newest heartbeat after byte ``start``, if any."""
     if not log.exists():

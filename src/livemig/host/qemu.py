@@ -7,6 +7,7 @@ construction (and unit-testable without QEMU).
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from livemig.errors import BootstrapError, InvalidRequest
-from livemig.model.vm import NicDevice, RngDevice, VmSpec
+from livemig.model.vm import NbdExport, NicDevice, RngDevice, VmSpec, VolumeDevice
 
 QEMU_BINARY = "qemu-system-x86_64"
 
@@ -84,9 +85,20 @@ def resolve_machine(machine: str, table: dict[str, str] | None = None) -> str:
 
 
 def command_line(
-    spec: VmSpec, paths: VmPaths, accel: str, *, incoming: bool = False, binary: str = QEMU_BINARY
+    spec: VmSpec,
+    paths: VmPaths,
+    accel: str,
+    *,
+    incoming: bool = False,
+    binary: str = QEMU_BINARY,
+    exports: dict[str, NbdExport] | None = None,
 ) -> list[str]:
-    """The full argv for ``spec``; ``incoming`` adds ``-incoming defer`` for a migration target."""
+    """The full argv for ``spec``; ``incoming`` adds ``-incoming defer`` for a migration target.
+
+    ``exports`` maps each volume device to this host's NBD export; only that differs between the
+    source's and the destination's command line.
+    """
+    exports = exports or {}
     if spec.boot.kernel is None or spec.boot.initrd is None:
         raise InvalidRequest(f"VM {spec.name}: boot kernel/initrd not resolved")
     argv = [
@@ -125,6 +137,16 @@ def command_line(
             argv += [
                 "-object", f"rng-random,id=rng_{device.id},filename=/dev/urandom",
                 "-device", f"virtio-rng-pci,id={device.id},rng=rng_{device.id},bus={bus},addr={device.pci_addr}",
+            ]  # fmt: skip
+        elif isinstance(device, VolumeDevice):
+            export = exports.get(device.id)
+            if export is None:
+                raise InvalidRequest(f"VM {spec.name}: no NBD export given for volume device {device.id}")
+            blockdev = {"driver": "nbd", "node-name": f"vol_{device.id}", "export": export.export,
+                        "server": {"type": "inet", "host": export.host, "port": str(export.port)}}  # fmt: skip
+            argv += [
+                "-blockdev", json.dumps(blockdev, separators=(",", ":")),
+                "-device", f"virtio-blk-pci,id={device.id},drive=vol_{device.id},bus={bus},addr={device.pci_addr}",
             ]  # fmt: skip
     if incoming:
         argv += ["-incoming", "defer"]

@@ -11,7 +11,18 @@ from livemig.model.migration import (
     Phase,
     TimelineEntry,
 )
-from livemig.model.vm import BootSpec, Device, NicDevice, RngDevice, VmSpec, VmStatus, WorkloadSpec
+from livemig.model.vm import (
+    BootSpec,
+    Device,
+    NbdExport,
+    NicDevice,
+    RngDevice,
+    VmLaunch,
+    VmSpec,
+    VmStatus,
+    VolumeDevice,
+    WorkloadSpec,
+)
 
 __all__ = [
     "TERMINAL_PHASES",
@@ -24,11 +35,14 @@ __all__ = [
     "MigrationRequest",
     "MigrationSample",
     "MigrationStats",
+    "NbdExport",
     "NicDevice",
     "Phase",
     "RngDevice",
     "TimelineEntry",
+    "VmLaunch",
     "VmSpec",
     "VmStatus",
+    "VolumeDevice",
     "WorkloadSpec",
 ]

@@ -175,6 +175,7 @@ class Migration(BaseModel):
     last_sample: MigrationSample | None = None
     incoming_uri: str | None = None
     guest_check: str | None = Field(default=None, description="'ok', 'fail: ...' or None if not run")
+    disk_check: str | None = Field(default=None, description="'ok', 'fail: ...' or None if not run")
     cancel_requested: bool = False
     reserved_mib_s: int | None = Field(default=None, description="bandwidth share admitted (QEMU max-bandwidth)")
     evacuation: str | None = None

@@ -50,7 +50,29 @@ class RngDevice(_Strict):
     pci_addr: str
 
 
-Device = Annotated[NicDevice | RngDevice, Field(discriminator="kind")]
+class VolumeDevice(_Strict):
+    """A virtio-blk disk backed by a blockd volume over NBD; the volume outlives any host.
+
+    The spec names only the volume: the NBD export (which differs per host, one attachment each)
+    is handed to hostd separately, so source and destination share one device layout.
+    """
+
+    kind: Literal["volume"] = "volume"
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,30}$")
+    pci_addr: str
+    volume: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class NbdExport(_Strict):
+    """Where one host's attachment of a volume is served: QEMU's NBD client connects here."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    export: str = Field(min_length=1, max_length=4096)
+    attachment: str = ""
+
+
+Device = Annotated[NicDevice | RngDevice | VolumeDevice, Field(discriminator="kind")]
 
 
 class WorkloadSpec(_Strict):
@@ -58,6 +80,8 @@ class WorkloadSpec(_Strict):
 
     wss_mib: int = Field(default=64, ge=1, le=65536, description="working set dirtied, MiB")
     rate_mib_s: int = Field(default=20, ge=0, le=100000, description="dirty rate, MiB/s")
+    disk_rate: int = Field(default=40, ge=0, le=100000,
+                           description="log records/s appended to the first volume (0: no disk mode)")  # fmt: skip
 
 
 class BootSpec(_Strict):
@@ -104,12 +128,22 @@ class VmSpec(_Strict):
 
     @model_validator(mode="after")
     def _working_set_fits(self) -> VmSpec:
+        volumes = [d.volume for d in self.devices if isinstance(d, VolumeDevice)]
+        if len(volumes) != len(set(volumes)):
+            raise ValueError("a volume can be attached to a VM only once")
         if self.workload is not None and self.workload.wss_mib > self.memory_mib - 64:
             raise ValueError(
                 f"workload working set {self.workload.wss_mib} MiB does not fit in "
                 f"{self.memory_mib} MiB of guest memory (keep 64 MiB for the kernel)"
             )
         return self
+
+
+class VmLaunch(_Strict):
+    """What hostd needs to start a VM: the spec plus this host's NBD export per volume device."""
+
+    spec: VmSpec
+    exports: dict[str, NbdExport] = Field(default_factory=dict)
 
 
 class VmStatus(BaseModel):

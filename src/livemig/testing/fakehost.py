@@ -60,11 +60,11 @@ class FakeHost:
             raise httpx.ConnectError("fake host is down", request=request)
         path, method = request.url.path, request.method
         self.calls.append(f"{method} {path}")
-        body = json.loads(request.content) if request.content else None
+        body: Any = json.loads(request.content) if request.content else None
         if path == "/host":
             return _json(self.info())
         if path == "/vms" and method == "POST":
-            spec = VmSpec.model_validate(body)
+            spec = VmSpec.model_validate(body["spec"])
             if spec.name in self.vms:
                 return _error(409, "Conflict", f"VM {spec.name} exists")
             if spec.memory_mib > self.memory_mib - self.used():
@@ -81,7 +81,7 @@ class FakeHost:
             if self.fail_incoming:
                 return _error(500, "QemuError", "QEMU refused to start")
             if vm is None:
-                vm = FakeVm(VmSpec.model_validate(body), state="inmigrate", role="incoming",
+                vm = FakeVm(VmSpec.model_validate(body["spec"]), state="inmigrate", role="incoming",
                             incoming_uri=f"tcp:{self.migration_address}:4444")  # fmt: skip
                 self.vms[name] = vm
             return _json({"uri": vm.incoming_uri})
