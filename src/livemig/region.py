@@ -45,6 +45,13 @@ class HostConfig:
     pid: int | None = None
     memory_mib: int | None = None
     migration_bandwidth_mib_s: int = 1024
+    vswitch_port: int = 0
+    overlay: str = ""
+    vswitch_pid: int | None = None
+
+    @property
+    def vswitch_url(self) -> str:
+        return f"http://127.0.0.1:{self.vswitch_port}"
 
     @property
     def url(self) -> str:
@@ -125,6 +132,12 @@ class Region:
         ])  # fmt: skip
         self._save(config)
 
+    def start_vswitch(self, config: RegionConfig, host: HostConfig) -> None:
+        host.vswitch_pid = self._spawn(f"vswitch-{host.name}", [
+            "vswitch", "--name", host.name, "--listen", f"127.0.0.1:{host.vswitch_port}", "--overlay", host.overlay,
+        ])  # fmt: skip
+        self._save(config)
+
     def kill_blockd(self, sig: int = signal.SIGKILL) -> None:
         config = self._require()
         if config.blockd_pid is not None:
@@ -158,6 +171,7 @@ class Region:
             "--state-dir", str(self.state_dir / "hosts" / host.name),
             "--migration-address", host.migration_address, "--lmo", config.lmo_url,
             "--accel", config.accel, "--migration-bandwidth", str(host.migration_bandwidth_mib_s),
+            "--vswitch", host.vswitch_url, "--overlay", host.overlay,
             *(["--memory-mib", str(host.memory_mib)] if host.memory_mib else []),
         ], faults)  # fmt: skip
         self._save(config)
@@ -172,7 +186,12 @@ class Region:
             return existing
         config = RegionConfig(
             lmo_port=free_port(),
-            hosts=[HostConfig(name, free_port(), f"127.0.100.{i + 1}") for i, name in enumerate(hosts)],
+            hosts=[
+                HostConfig(
+                    name, free_port(), f"127.0.100.{i + 1}", vswitch_port=free_port(), overlay=f"127.0.101.{i + 1}:4789"
+                )
+                for i, name in enumerate(hosts)
+            ],
             accel=accel,
             db_url=db_url,
             blockd_port=free_port(),
@@ -182,6 +201,7 @@ class Region:
         self.start_blockd(config)
         self.start_lmo(config)
         for host in config.hosts:
+            self.start_vswitch(config, host)
             self.start_host(config, host)
         self.wait_ready(config, timeout)
         return config
@@ -195,7 +215,9 @@ class Region:
                 hosts = httpx.get(f"{config.lmo_url}/hosts", timeout=5).json()
                 ready = {h["registration"]["name"] for h in hosts if h.get("info")}
                 blockd_ok = httpx.get(f"{config.blockd_url}/healthz", timeout=5).status_code == 200
-                if wanted <= ready and blockd_ok:
+                switches_ok = all(httpx.get(f"{h.vswitch_url}/healthz", timeout=5).status_code == 200
+                                  for h in config.hosts)  # fmt: skip
+                if wanted <= ready and blockd_ok and switches_ok:
                     return
             time.sleep(0.2)
         raise BootstrapError(f"region did not come up within {timeout:.0f}s; see {self.state_dir / 'logs'}")
@@ -205,7 +227,8 @@ class Region:
         config = self.load()
         if config is None:
             return
-        for pid in [config.lmo_pid, *config.replica_pids, *(h.pid for h in config.hosts), config.blockd_pid]:
+        for pid in [config.lmo_pid, *config.replica_pids, *(h.pid for h in config.hosts),
+                    *(h.vswitch_pid for h in config.hosts), config.blockd_pid]:  # fmt: skip
             if pid is not None:
                 _terminate(pid)
         if stop_vms:

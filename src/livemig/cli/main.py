@@ -71,6 +71,8 @@ def hostd(
     accel: Annotated[str, typer.Option(help="auto | kvm | tcg")] = "auto",
     memory_mib: Annotated[int | None, typer.Option(help="memory offered to VMs (default: RAM - 1 GiB)")] = None,
     migration_bandwidth: Annotated[int, typer.Option(help="MiB/s reserved for migrations, each way")] = 1024,
+    vswitch: Annotated[str | None, typer.Option(help="this host's vswitch API URL")] = None,
+    overlay: Annotated[str | None, typer.Option(help="this host's vswitch VXLAN endpoint ip:port")] = None,
 ) -> None:
     """Run a host agent (QEMU lifecycle, migration source/destination)."""
     from livemig.host.accel import choose_accel
@@ -82,7 +84,8 @@ def hostd(
         memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024) - 1024
     if migration_bandwidth <= 0 or memory_mib <= 0:
         fail("--migration-bandwidth and --memory-mib must be positive")
-    agent = HostAgent(name, state_dir, migration_address, choice, memory_mib, migration_bandwidth)
+    agent = HostAgent(name, state_dir, migration_address, choice, memory_mib, migration_bandwidth,
+                      vswitch_url=vswitch, overlay=overlay)  # fmt: skip
     logging.getLogger(__name__).info("hostd %s: accelerator %s (%s)", name, choice.name, choice.reason)
     _serve(create_app(agent, lmo_url, f"http://{listen}"), listen)
 
@@ -98,6 +101,19 @@ def lmo_command(
     from livemig.control.store import Store
 
     _serve(create_app(Store(db), blockd_url=blockd), listen)
+
+
+@app.command("vswitch")
+def vswitch_command(
+    name: Annotated[str, typer.Option(help="this host's name in the mapping")],
+    listen: Annotated[str, typer.Option(help="API address host:port")] = "127.0.0.1:7480",
+    overlay: Annotated[str, typer.Option(help="VXLAN endpoint ip:port")] = "127.0.0.1:4789",
+) -> None:
+    """Run a host's vswitch: the VCN dataplane (VXLAN overlay, security lists, flow state)."""
+    from livemig.network import run_vswitch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_vswitch(name, listen, overlay)
 
 
 @app.command("blockd")

@@ -61,6 +61,8 @@ def stats_line(m: Migration) -> str:
         parts.append(f"switchover hook {s.switchover_hook_ms:.2f} ms")
     if m.guest_check is not None:
         parts.append(f"guest check {m.guest_check}")
+    if m.disk_check is not None:
+        parts.append(f"disk check {m.disk_check}")
     if m.reason:
         parts.append(f"reason: {m.reason}")
     return ", ".join(parts)

@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from livemig.control.blockclient import BlockClient
 from livemig.control.controller import CANCELLABLE, Controller, transition
 from livemig.control.evacuation import Evacuation, EvacuationRequest, evacuate
 from livemig.control.hostclient import HostClient
+from livemig.control.network import KINDS, NetworkService, vm_vnics
 from livemig.control.preflight import PreflightReport, preflight
 from livemig.control.store import Store
 from livemig.control.volumes import VolumeOps
@@ -27,6 +31,8 @@ from livemig.model.host import HostInfo, HostRegistration
 from livemig.model.migration import Migration, MigrationRequest, Phase
 from livemig.model.vm import VmSpec, VmStatus
 from livemig.webutil import install_error_handlers
+
+log = logging.getLogger(__name__)
 
 
 class VmCreate(BaseModel):
@@ -55,6 +61,13 @@ class EvacuationReport(BaseModel):
     done: bool
 
 
+class NetKind(enum.StrEnum):
+    vcns = "vcns"
+    subnets = "subnets"
+    vnics = "vnics"
+    security_lists = "security-lists"
+
+
 class VolumeCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -81,6 +94,7 @@ def create_app(
         client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=3.0), transport=transport)
         block = BlockClient(blockd_url, client) if blockd_url else None
         state["client"], state["volumes"] = client, VolumeOps(store, block)
+        state["network"] = NetworkService(store, client)
         controller = Controller(store, client, controller_interval_s, volumes=VolumeOps(store, block))
         task = asyncio.create_task(controller.run_forever(), name="controller")
         yield
@@ -96,6 +110,17 @@ def create_app(
         ops = state["volumes"]
         assert isinstance(ops, VolumeOps)
         return ops
+
+    def network() -> NetworkService:
+        service = state["network"]
+        assert isinstance(service, NetworkService)
+        return service
+
+    async def push_network() -> None:
+        try:
+            await network().push()
+        except LivemigError as exc:  # an unreachable vswitch gets the mapping on the next push
+            log.warning("mapping push incomplete: %s", exc.message)
 
     def block_client() -> BlockClient:
         block = volume_ops().block
@@ -147,8 +172,15 @@ def create_app(
             best = max((v.info.memory_free_mib for v in views if v.info), default=0)
             raise CapacityError(f"no host can hold {spec.memory_mib} MiB (most free: {best} MiB)")
         target = max(fitting, key=lambda v: v.info.memory_free_mib if v.info else 0).registration.name
+        boot_args = network().guest_boot_args(spec)  # also checks NIC MACs against their VNICs
+        if boot_args:
+            spec = spec.model_copy(update={"boot": spec.boot.model_copy(
+                update={"append": " ".join(p for p in (spec.boot.append, boot_args) if p)})})  # fmt: skip
         store.add_vm(spec, target)  # claims the name before the slow boot
         try:
+            if vm_vnics(spec):
+                network().place(vm_vnics(spec), target)
+                await network().push()
             exports = await volume_ops().ensure_attached(spec, target)
             observed = await host_client(target).create_vm(spec, exports)
         except LivemigError:
@@ -183,7 +215,39 @@ def create_app(
             raise Conflict(f"VM {name!r} is migrating; cancel the migration first")
         await host_client(host).destroy_vm(name)
         await volume_ops().detach(name, host)
+        spec, _ = store.vm(name)
         store.remove_vm(name)
+        if vm_vnics(spec):
+            network().place(vm_vnics(spec), "")
+            await push_network()
+        return Response(status_code=204)
+
+    @app.put("/network/{kind}/{object_id}")
+    async def put_netobject(kind: NetKind, object_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        model = KINDS[kind.value]
+        try:
+            obj = model.model_validate({**body, "id": object_id} if "id" not in body else body)
+        except ValidationError as exc:
+            raise InvalidRequest(f"{kind.value}: {exc.errors()[0].get('msg')} at "
+                                 f"{'.'.join(str(p) for p in exc.errors()[0].get('loc', ()))}") from None  # fmt: skip
+        if getattr(obj, "id", object_id) != object_id:
+            raise InvalidRequest(f"path names {object_id!r} but the body names {obj.id!r}")  # type: ignore[attr-defined]
+        network().put(kind.value, obj)
+        await push_network()
+        return obj.model_dump()
+
+    @app.get("/network/{kind}")
+    async def list_netobjects(kind: NetKind) -> list[dict[str, Any]]:
+        return [o.model_dump() for o in network().objects(kind.value)]
+
+    @app.get("/network/{kind}/{object_id}")
+    async def get_netobject(kind: NetKind, object_id: str) -> dict[str, Any]:
+        return dict(network().get(kind.value, object_id).model_dump())
+
+    @app.delete("/network/{kind}/{object_id}", status_code=204)
+    async def delete_netobject(kind: NetKind, object_id: str) -> Response:
+        network().delete(kind.value, object_id)
+        await push_network()
         return Response(status_code=204)
 
     @app.post("/volumes", status_code=201)

@@ -21,12 +21,14 @@ import httpx
 
 from livemig.control.admission import admit
 from livemig.control.hostclient import HostClient
+from livemig.control.network import NetworkService, vm_vnics
 from livemig.control.policy import judge
 from livemig.control.store import Store
 from livemig.control.volumes import VolumeOps
 from livemig.errors import GuestError, HostUnreachable, LivemigError
 from livemig.faults import fault_point
 from livemig.host.source import SourceMigrationStatus
+from livemig.host.vnics import VnicHandoff
 from livemig.model.migration import Migration, Phase, utcnow
 from livemig.model.vm import VmSpec, VolumeDevice
 
@@ -63,6 +65,7 @@ class Controller:
                  volumes: VolumeOps | None = None) -> None:  # fmt: skip
         self.store = store
         self.volumes = volumes or VolumeOps(store, None)
+        self.network = NetworkService(store, client)
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.lease_s = lease_s
         self.client = client
@@ -179,7 +182,24 @@ class Controller:
         transition(m, Phase.SYNCING_FLOWS, f"destination listening on {uri}")
 
     async def _syncing_flows(self, m: Migration) -> None:
-        transition(m, Phase.PRECOPY, "no VNICs on the livemig dataplane: no flow state to copy")
+        spec, _ = self.store.vm(m.vm)
+        vnics = vm_vnics(spec)
+        if not vnics:
+            transition(m, Phase.PRECOPY, "no VNICs on the livemig dataplane: no flow state to copy")
+            return
+        await self.network.push(self._in_flight(m))  # dual ingress: source and destination
+        source, destination = self.store.host(m.source), self.store.host(m.destination)
+        copied = {vnic: await self.network.copy_flows(vnic, source, destination) for vnic in vnics}
+        transition(m, Phase.PRECOPY, f"dual ingress on for {', '.join(vnics)}; flows copied in bulk: {copied}",
+                   flows=copied)  # fmt: skip
+
+    def _in_flight(self, m: Migration) -> list[Migration]:
+        """Active migrations as the store has them, with ``m`` as this step has it."""
+        return [m, *(other for other in self.store.migrations(active_only=True) if other.id != m.id)]
+
+    def _handoffs(self, spec: VmSpec, destination: str) -> list[VnicHandoff]:
+        url = self.store.host(destination).vswitch_url
+        return [VnicHandoff(vnic=v, destination_vswitch=url) for v in vm_vnics(spec) if url]
 
     async def _precopy(self, m: Migration) -> None:
         source = self.host(m.source)
@@ -189,7 +209,8 @@ class Controller:
                 await self._job_lost(m, source)
                 return
             assert m.incoming_uri is not None
-            job = await source.migrate(m.vm, m.incoming_uri, m.params)
+            spec, _ = self.store.vm(m.vm)
+            job = await source.migrate(m.vm, m.incoming_uri, m.params, self._handoffs(spec, m.destination))
             m.set_condition("MigrationStarted", True, m.incoming_uri)
         self._absorb(m, job)
         if m.phase is Phase.PRECOPY and job.state == "running":
@@ -243,7 +264,11 @@ class Controller:
         await self.volumes.fence(m.vm, m.source)  # a late write from the source can never land now
         await source.destroy_vm(m.vm)
         self.store.set_vm(m.vm, host=m.destination)
+        spec, _ = self.store.vm(m.vm)
+        self.network.place(vm_vnics(spec), m.destination)
         transition(m, Phase.CLEANUP, f"destination running; source QEMU stopped; owner is {m.destination}")
+        if vm_vnics(spec):
+            await self.network.push(self._in_flight(m))  # ingress only to the destination from now on
 
     async def _cleanup(self, m: Migration) -> None:
         spec, _ = self.store.vm(m.vm)
@@ -298,6 +323,9 @@ class Controller:
         await self.volumes.detach(m.vm, m.destination)
         target = m.rollback_to or Phase.FAILED
         transition(m, target, m.reason or "rolled back")
+        spec, _ = self.store.vm(m.vm)
+        if vm_vnics(spec):
+            await self.network.push(self._in_flight(m))  # dual ingress off: only the source again
 
 
 def _runs_disk_workload(spec: VmSpec) -> bool:

@@ -8,6 +8,7 @@ import httpx
 
 from livemig import errors
 from livemig.host.source import SourceMigrationStatus
+from livemig.host.vnics import VnicHandoff
 from livemig.model.host import HostInfo, HostRegistration
 from livemig.model.migration import MigrationParams
 from livemig.model.vm import NbdExport, VmLaunch, VmSpec, VmStatus
@@ -67,9 +68,11 @@ class HostClient:
         reply = await self._call("POST", f"/vms/{spec.name}/incoming", json=launch.model_dump())
         return str(reply.json()["uri"])
 
-    async def migrate(self, name: str, uri: str, params: MigrationParams) -> SourceMigrationStatus:
-        reply = await self._call("POST", f"/vms/{name}/migrate",
-                                 json={"uri": uri, "params": params.model_dump()})  # fmt: skip
+    async def migrate(
+        self, name: str, uri: str, params: MigrationParams, handoffs: list[VnicHandoff] | None = None
+    ) -> SourceMigrationStatus:
+        body = {"uri": uri, "params": params.model_dump(), "handoffs": [h.model_dump() for h in handoffs or []]}
+        reply = await self._call("POST", f"/vms/{name}/migrate", json=body)
         return SourceMigrationStatus.model_validate(reply.json())
 
     async def migration(self, name: str) -> SourceMigrationStatus | None:

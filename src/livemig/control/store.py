@@ -78,6 +78,15 @@ class AttachmentRow(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
+class NetObjectRow(Base):
+    """VCN objects (vcns, subnets, vnics, security-lists) as JSON, keyed by kind and id."""
+
+    __tablename__ = "netobjects"
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    doc: Mapped[str] = mapped_column(Text)
+
+
 class EvacuationRow(Base):
     __tablename__ = "evacuations"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -252,6 +261,27 @@ class Store:
             row = s.get(AttachmentRow, attachment)
             if row is not None:
                 row.active = False
+
+    # ------------------------------------------------------------------ VCN objects
+    def put_netobject(self, kind: str, object_id: str, doc: str) -> None:
+        with self.session() as s:
+            row = s.get(NetObjectRow, (kind, object_id))
+            if row is None:
+                s.add(NetObjectRow(kind=kind, id=object_id, doc=doc))
+            else:
+                row.doc = doc
+
+    def netobjects(self, kind: str) -> list[str]:
+        with self.session() as s:
+            query = select(NetObjectRow).where(NetObjectRow.kind == kind).order_by(NetObjectRow.id)
+            return [r.doc for r in s.scalars(query).all()]
+
+    def delete_netobject(self, kind: str, object_id: str) -> None:
+        with self.session() as s:
+            row = s.get(NetObjectRow, (kind, object_id))
+            if row is None:
+                raise NotFound(f"unknown {kind.rstrip('s')} {object_id!r}")
+            s.delete(row)
 
     # ------------------------------------------------------------------ evacuations
     def add_evacuation(self, evacuation_id: str, doc: str) -> None:

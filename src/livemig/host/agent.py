@@ -25,6 +25,7 @@ from livemig.host.accel import AccelChoice
 from livemig.host.qemu import VmPaths, command_line, machine_aliases, qemu_binary, qemu_version, resolve_machine
 from livemig.host.qmp import QmpSession
 from livemig.host.source import SourceMigration, SourceMigrationStatus
+from livemig.host.vnics import VnicHandoff, VswitchPorts
 from livemig.model.host import HostInfo
 from livemig.model.migration import MigrationParams
 from livemig.model.vm import NbdExport, VmSpec, VmStatus, VolumeDevice
@@ -74,6 +75,8 @@ class HostAgent:
         accel: AccelChoice,
         memory_mib: int,
         migration_bandwidth_mib_s: int = 1024,
+        vswitch_url: str | None = None,
+        overlay: str | None = None,
     ) -> None:
         self.name = name
         self.state_dir = state_dir
@@ -83,6 +86,8 @@ class HostAgent:
         self.accel = accel
         self.memory_mib = memory_mib
         self.migration_bandwidth_mib_s = migration_bandwidth_mib_s
+        self.ports = VswitchPorts(vswitch_url)
+        self.overlay = overlay
         self.vms: dict[str, ManagedVm] = {}
         self._lock = asyncio.Lock()
 
@@ -171,8 +176,9 @@ class HostAgent:
             if paths.root.exists():
                 shutil.rmtree(paths.root)
             paths.root.mkdir(parents=True)
+            netdevs = await self.ports.attach(spec, hold=incoming)
             argv = command_line(spec, paths, self.accel.name, incoming=incoming, binary=qemu_binary(),
-                                exports=exports)  # fmt: skip
+                                exports=exports, netdevs=netdevs)  # fmt: skip
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -180,6 +186,7 @@ class HostAgent:
             out, err = await proc.communicate()
             if proc.returncode != 0:
                 shutil.rmtree(paths.root, ignore_errors=True)
+                await self.ports.detach(spec)
                 message = (err or out).decode(errors="replace").strip()
                 raise QemuError(f"QEMU refused to start VM {spec.name}: {message}", vm=spec.name)
             pid = int(paths.pidfile.read_text().strip())
@@ -226,7 +233,9 @@ class HostAgent:
         vm.save()
         return vm.incoming_uri
 
-    async def migrate(self, name: str, uri: str, params: MigrationParams) -> SourceMigrationStatus:
+    async def migrate(
+        self, name: str, uri: str, params: MigrationParams, handoffs: list[VnicHandoff] | None = None
+    ) -> SourceMigrationStatus:
         vm = self.get(name)
         if vm.migration is not None and vm.migration.state == "running":
             if vm.migration.uri == uri:
@@ -234,7 +243,19 @@ class HostAgent:
             raise Conflict(f"VM {name!r} is already migrating to {vm.migration.uri}")
         if vm.role == "incoming":
             raise Conflict(f"VM {name!r} on host {self.name} is an incoming VM, not a source")
-        job = SourceMigration(name, vm.qmp, uri, params)
+        markers: dict[str, dict[str, int]] = {}
+
+        async def hand_off_network() -> None:
+            markers.update(await self.ports.hand_off(handoffs or []))
+
+        async def take_network_back() -> None:
+            await self.ports.release_here(markers)
+
+        if handoffs:
+            await self.ports.warm_up(handoffs)
+        job = SourceMigration(name, vm.qmp, uri, params,
+                              switchover_hooks=[hand_off_network] if handoffs else [],
+                              after_failed_switchover=take_network_back)  # fmt: skip
         await job.configure()
         vm.migration = job
         vm.role = "outgoing"
@@ -261,6 +282,7 @@ class HostAgent:
         if vm is None:
             return
         await self._kill(vm)
+        await self.ports.detach(vm.spec)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         if vm.paths.console_log.exists():
             stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -354,3 +376,4 @@ class HostAgent:
         """Disconnect QMP sessions without touching the VMs (hostd shutdown)."""
         for vm in self.vms.values():
             await vm.qmp.close()
+        await self.ports.close()

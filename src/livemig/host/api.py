@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from livemig.errors import InvalidRequest
 from livemig.host.agent import HostAgent
 from livemig.host.source import SourceMigrationStatus
+from livemig.host.vnics import VnicHandoff
 from livemig.model.host import HostInfo
 from livemig.model.migration import MigrationParams
 from livemig.model.vm import VmLaunch, VmStatus
@@ -30,6 +31,7 @@ class MigrateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     uri: str = Field(pattern=r"^tcp:[^:]+:\d+$")
     params: MigrationParams = Field(default_factory=MigrationParams)
+    handoffs: list[VnicHandoff] = Field(default_factory=list)
 
 
 class IncomingReply(BaseModel):
@@ -49,7 +51,8 @@ class ConsoleLine(BaseModel):
 async def register_with_lmo(agent: HostAgent, lmo_url: str, api_url: str) -> None:
     """Tell the LMO where this host is; retried until it answers (it may start after us)."""
     body = {"name": agent.name, "api_url": api_url, "migration_address": agent.migration_address,
-            "migration_bandwidth_mib_s": agent.migration_bandwidth_mib_s}  # fmt: skip
+            "migration_bandwidth_mib_s": agent.migration_bandwidth_mib_s,
+            "vswitch_url": agent.ports.url, "overlay": agent.overlay}  # fmt: skip
     async with httpx.AsyncClient(timeout=5) as client:
         for _attempt in range(600):
             try:
@@ -114,7 +117,7 @@ def create_app(agent: HostAgent, lmo_url: str | None = None, api_url: str | None
 
     @app.post("/vms/{name}/migrate", status_code=202)
     async def migrate(name: str, body: MigrateBody) -> SourceMigrationStatus:
-        return await agent.migrate(name, body.uri, body.params)
+        return await agent.migrate(name, body.uri, body.params, body.handoffs)
 
     @app.get("/vms/{name}/migration")
     async def migration(name: str, since: int = 0) -> SourceMigrationStatus:

@@ -92,6 +92,7 @@ def command_line(
     incoming: bool = False,
     binary: str = QEMU_BINARY,
     exports: dict[str, NbdExport] | None = None,
+    netdevs: dict[str, str] | None = None,
 ) -> list[str]:
     """The full argv for ``spec``; ``incoming`` adds ``-incoming defer`` for a migration target.
 
@@ -99,6 +100,7 @@ def command_line(
     source's and the destination's command line.
     """
     exports = exports or {}
+    netdevs = netdevs or {}
     if spec.boot.kernel is None or spec.boot.initrd is None:
         raise InvalidRequest(f"VM {spec.name}: boot kernel/initrd not resolved")
     argv = [
@@ -124,7 +126,11 @@ def command_line(
     for device in spec.devices:
         bus = "pcie.0" if "q35" in spec.machine else "pci.0"
         if isinstance(device, NicDevice):
-            if device.backend == "user":
+            if device.backend == "vswitch":
+                if device.id not in netdevs:
+                    raise InvalidRequest(f"VM {spec.name}: NIC {device.id} has no vswitch port")
+                argv += ["-netdev", netdevs[device.id]]
+            elif device.backend == "user":
                 argv += ["-netdev", f"user,id=net_{device.id},restrict=on"]
             else:
                 argv += ["-netdev", f"hubport,id=net_{device.id},hubid=0"]

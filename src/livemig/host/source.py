@@ -92,12 +92,15 @@ class SourceMigration:
         uri: str,
         params: MigrationParams,
         switchover_hooks: list[SwitchoverHook] | None = None,
+        after_failed_switchover: SwitchoverHook | None = None,
     ) -> None:
         self.vm = vm
         self.qmp = qmp
         self.uri = uri
         self.params = params
         self.switchover_hooks = switchover_hooks or []
+        self.after_failed_switchover = after_failed_switchover
+        self.hooks_ran = False
         self.state: Literal["running", "completed", "failed", "cancelled"] = "running"
         self.events: list[MigrationEvent] = []
         self.samples: deque[MigrationSample] = deque(maxlen=3000)
@@ -153,6 +156,8 @@ class SourceMigration:
             final = reply.get("status", "failed")
             self.state = final if final in FINAL_STATUSES else "failed"
             self.error = reply.get("error-desc")
+            if self.state != "completed" and self.hooks_ran and self.after_failed_switchover is not None:
+                await self.after_failed_switchover()  # the source runs on: undo what the hooks handed off
         except LivemigError as exc:
             self.state, self.error = "failed", exc.message
             log.warning("migration of %s failed: %s", self.vm, exc.message)
@@ -189,6 +194,7 @@ class SourceMigration:
         started = time.perf_counter()
         try:
             await fault_point("hostd.switchover")
+            self.hooks_ran = bool(self.switchover_hooks)
             for hook in self.switchover_hooks:
                 await hook()
         except BaseException:

@@ -16,6 +16,8 @@ class HostRegistration(BaseModel):
     migration_bandwidth_mib_s: int = Field(default=1024, ge=1, le=1_000_000,
                                            description="budget reserved for migrations, in and out each")  # fmt: skip
     maintenance: bool = Field(default=False, description="no new placements; being evacuated")
+    vswitch_url: str | None = Field(default=None, description="this host's vswitch API (VCN dataplane)")
+    overlay: str | None = Field(default=None, description="this host's VXLAN endpoint ip:port")
 
 
 class HostInfo(BaseModel):

@@ -23,13 +23,21 @@ class _Strict(BaseModel):
 
 
 class NicDevice(_Strict):
-    """A virtio NIC. ``backend`` says where its frames go (``user``: QEMU's restricted slirp)."""
+    """A virtio NIC. ``backend`` says where its frames go: ``vswitch`` (the VCN dataplane, as VNIC
+    ``vnic``), ``user`` (QEMU's restricted slirp) or ``none``."""
 
     kind: Literal["nic"] = "nic"
     id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,30}$")
     pci_addr: str
     mac: str
-    backend: Literal["user", "none"] = "user"
+    backend: Literal["vswitch", "user", "none"] = "user"
+    vnic: str | None = Field(default=None, description="the VNIC this NIC is (backend vswitch)")
+
+    @model_validator(mode="after")
+    def _vnic_iff_vswitch(self) -> NicDevice:
+        if (self.backend == "vswitch") != (self.vnic is not None):
+            raise ValueError(f"NIC {self.id}: a vnic is named exactly when the backend is vswitch")
+        return self
 
     @field_validator("mac")
     @classmethod

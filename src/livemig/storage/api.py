@@ -1,0 +1,181 @@
+"""blockd's admin REST API (FastAPI): volumes, attachments, fencing, health and metrics.
+
+Every refusal is a ``LivemigError`` turned into a JSON body with the right status by
+``install_error_handlers``: bad input 422, unknown name 404, a clash with current state 409.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import FastAPI, Query, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from livemig.storage.blockd import Blockd
+from livemig.storage.fencing import Attachment
+from livemig.storage.metrics import BlockdCollector
+from livemig.storage.volumes import Volume
+from livemig.webutil import install_error_handlers
+
+
+class CreateVolumeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=255)
+    size_bytes: int = Field(gt=0)
+
+
+class ResizeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size_bytes: int = Field(gt=0)
+
+
+class AttachBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vm: str = Field(min_length=1, max_length=128)
+    host: str = Field(min_length=1, max_length=128)
+
+
+class VolumeView(BaseModel):
+    name: str
+    size_bytes: int
+    allocated_bytes: int
+    created_at: float
+    attachments: int
+    writer: str | None
+
+
+class AttachmentView(BaseModel):
+    id: str
+    volume: str
+    vm: str
+    host: str
+    generation: int
+    created_at: float
+    is_writer: bool
+    fenced: bool
+    fence_reason: str | None
+    detached: bool
+    connections: int
+    reads: int
+    writes: int
+    rejected_writes: int
+    flushes: int
+    bytes_read: int
+    bytes_written: int
+
+
+class AttachReply(AttachmentView):
+    export_name: str
+    secret: str
+    nbd_uri: str
+
+
+def create_app(blockd: Blockd) -> FastAPI:
+    """The admin API. Every route is ``async``: blockd's state lives in the event loop that also
+    runs the NBD server, and FastAPI would run plain ``def`` routes in worker threads."""
+    app = FastAPI(title="livemig blockd")
+    install_error_handlers(app)
+    registry = CollectorRegistry()
+    registry.register(BlockdCollector(blockd))
+    started = time.time()
+
+    def volume_view(volume: Volume) -> VolumeView:
+        return VolumeView(
+            name=volume.name,
+            size_bytes=volume.size_bytes,
+            allocated_bytes=blockd.volumes.allocated_bytes(volume.name),
+            created_at=volume.created_at,
+            attachments=len(blockd.fences.of_volume(volume.name)),
+            writer=blockd.fences.writer_of(volume.name),
+        )
+
+    def attachment_view(a: Attachment) -> dict[str, Any]:
+        c = a.counters
+        return {
+            "id": a.id,
+            "volume": a.volume,
+            "vm": a.vm,
+            "host": a.host,
+            "generation": a.generation,
+            "created_at": a.created_at,
+            "is_writer": blockd.fences.is_writer(a),
+            "fenced": a.fenced,
+            "fence_reason": a.fence_reason,
+            "detached": a.detached,
+            "connections": blockd.connections_of(a.id),
+            "reads": c.reads,
+            "writes": c.writes,
+            "rejected_writes": c.rejected_writes,
+            "flushes": c.flushes,
+            "bytes_read": c.bytes_read,
+            "bytes_written": c.bytes_written,
+        }
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "uptime_s": round(time.time() - started, 3),
+            "volumes": len(blockd.volumes.list()),
+            "nbd": f"{blockd.nbd_host}:{blockd.nbd_port}",
+            "fencing": blockd.fences.enabled,
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/volumes", status_code=201)
+    async def create_volume(body: CreateVolumeBody) -> VolumeView:
+        return volume_view(blockd.create_volume(body.name, body.size_bytes))
+
+    @app.get("/volumes")
+    async def list_volumes() -> list[VolumeView]:
+        return [volume_view(v) for v in blockd.volumes.list()]
+
+    @app.get("/volumes/{name}")
+    async def get_volume(name: str) -> VolumeView:
+        return volume_view(blockd.volumes.get(name))
+
+    @app.post("/volumes/{name}/resize")
+    async def resize_volume(name: str, body: ResizeBody) -> VolumeView:
+        return volume_view(blockd.resize_volume(name, body.size_bytes))
+
+    @app.delete("/volumes/{name}", status_code=204)
+    async def delete_volume(name: str) -> Response:
+        blockd.delete_volume(name)
+        return Response(status_code=204)
+
+    @app.post("/volumes/{name}/attachments", status_code=201)
+    async def attach(name: str, body: AttachBody) -> AttachReply:
+        result = blockd.attach(name, body.vm, body.host)
+        return AttachReply(
+            **attachment_view(result.attachment),
+            export_name=result.export_name,
+            secret=result.secret,
+            nbd_uri=result.nbd_uri,
+        )
+
+    @app.get("/volumes/{name}/attachments")
+    async def list_attachments(name: str, include_detached: bool = Query(False)) -> list[AttachmentView]:
+        blockd.volumes.get(name)
+        found = blockd.fences.of_volume(name, include_detached=include_detached)
+        return [AttachmentView(**attachment_view(a)) for a in found]
+
+    @app.get("/attachments/{attachment_id}")
+    async def get_attachment(attachment_id: str) -> AttachmentView:
+        return AttachmentView(**attachment_view(blockd.fences.get(attachment_id)))
+
+    @app.delete("/attachments/{attachment_id}", status_code=204)
+    async def detach(attachment_id: str) -> Response:
+        await blockd.detach(attachment_id)
+        return Response(status_code=204)
+
+    @app.post("/attachments/{attachment_id}/fence")
+    async def fence(attachment_id: str) -> AttachmentView:
+        return AttachmentView(**attachment_view(await blockd.fence(attachment_id)))
+
+    return app

@@ -1,0 +1,1 @@
+"""The NBD protocol: pure codecs (``protocol``), an asyncio server (``server``), a small sync client."""
