@@ -19,20 +19,28 @@ from livemig.cli.progress import follow, stats_line, timeline_table
 from livemig.client import LmoClient
 from livemig.guest.image import build_image
 from livemig.model.migration import Migration
-from livemig.model.vm import RngDevice, VmSpec, WorkloadSpec
+from livemig.model.vm import Device, RngDevice, VmSpec, VolumeDevice, WorkloadSpec
 from livemig.proc import pid_alive
 from livemig.region import Region
 
 DEMO_VM = "demo"
+DEMO_VOLUME = "demo-data"
 _HB = re.compile(r"LIVEMIG HB seq=(\d+)")
 
 
-def demo_spec(memory_mib: int = 512, rate: int = 20, wss_mib: int = 128, name: str = DEMO_VM) -> VmSpec:
-    """The demo guest: pinned device layout so the destination reproduces it exactly."""
+def demo_spec(
+    memory_mib: int = 512, rate: int = 20, wss_mib: int = 128, name: str = DEMO_VM, volume: str | None = None,
+    disk_rate: int = 40,
+) -> VmSpec:  # fmt: skip
+    """The demo guest: pinned device layout so the destination reproduces it exactly; with
+    ``volume``, a data disk on blockd that the workload appends its checksummed log to."""
+    devices: list[Device] = [RngDevice(id="rng0", pci_addr="0x5")]
+    if volume is not None:
+        devices.append(VolumeDevice(id="data0", pci_addr="0x6", volume=volume))
     return VmSpec(
-        name=name, memory_mib=memory_mib, vcpus=1,
-        devices=[RngDevice(id="rng0", pci_addr="0x5")],
-        workload=WorkloadSpec(wss_mib=min(wss_mib, memory_mib - 64), rate_mib_s=rate),
+        name=name, memory_mib=memory_mib, vcpus=1, devices=devices,
+        workload=WorkloadSpec(wss_mib=min(wss_mib, memory_mib - 64), rate_mib_s=rate,
+                              disk_rate=disk_rate if volume is not None else 0),
     )  # fmt: skip
 
 
@@ -58,6 +66,7 @@ def migration_report(m: Migration) -> dict[str, Any]:
         "pause_ms": m.stats.pause_ms, "total_ms": m.stats.total_ms,
         "transferred_bytes": m.stats.transferred_bytes, "rounds": m.stats.rounds,
         "guest_memory_check": m.guest_check or "not run",
+        "disk_check": m.disk_check or "not run",
         "switchover_hook_ms": m.stats.switchover_hook_ms, "reason": m.reason,
         "timeline": [{"at": e.at.isoformat(), "phase": e.phase.value, "message": e.message}
                      for e in m.timeline],
@@ -101,19 +110,25 @@ def run_demo(state_dir: Path, *, quiet: bool, keep: bool, rate: int, memory_mib:
         with LmoClient(config.lmo_url) as client:
             accel = client.hosts()[0]["info"]
             console.print(f"accelerator: {accel['accel']} ({accel['accel_reason']})")
-            client.create_vm(demo_spec(memory_mib, rate), host="A")
+            client.call("POST", "/volumes", json={"name": DEMO_VOLUME, "size_bytes": 64 * 1024 * 1024})
+            client.create_vm(demo_spec(memory_mib, rate, volume=DEMO_VOLUME), host="A")
             with console.status("booting the guest and waiting for the workload's heartbeat"):
                 client.wait_for_console(DEMO_VM, "LIVEMIG HB", timeout=90)
-            console.print(f"VM {DEMO_VM}: {memory_mib} MiB, dirtying {rate} MiB/s, heartbeat seen on A")
+            console.print(
+                f"VM {DEMO_VM}: {memory_mib} MiB, dirtying {rate} MiB/s, appending a checksummed log "
+                f"to volume {DEMO_VOLUME} (blockd, NBD); heartbeat seen on A"
+            )
             for destination in ("B", "A"):
                 migrations.append(migrate_and_prove(client, DEMO_VM, destination, console, quiet))
             if not keep:
                 client.delete_vm(DEMO_VM)
+                client.call("DELETE", f"/volumes/{DEMO_VOLUME}")
     finally:
         if not keep:
             region.down()
     ok = len(migrations) == 2 and all(
-        m["phase"] == "Succeeded" and m["guest_memory_check"] == "ok" and m["heartbeat_continues"]
+        m["phase"] == "Succeeded" and m["guest_memory_check"] == "ok" and m["disk_check"] == "ok"
+        and m["heartbeat_continues"]
         and m["source_qemu_exited"] for m in migrations
     )  # fmt: skip
     if not quiet:

@@ -9,7 +9,9 @@ that" — without test-only code paths. Each process reads its plan once from ``
 Actions: ``crash`` (SIGKILL ourselves: no cleanup, no flush, like a power cut), ``hold`` (skip this
 step; the caller stays where it is), ``error`` (raise ``InjectedFault``), ``delay:S`` (sleep S
 seconds). Points in the code: ``controller.before.<Phase>``, ``controller.after.<Phase>`` (the
-step acted on the hosts but its result is not saved yet), ``hostd.switchover`` (inside the pause).
+step acted on the hosts but its result is not saved yet), ``hostd.switchover`` (inside the pause),
+``lmo.flow_sync`` and ``hostd.flow_sync`` (``hold`` skips copying flow state: the switch that lets
+the flow-state test fail).
 """
 
 from __future__ import annotations

@@ -31,10 +31,17 @@ def default_state_dir() -> Path:
     return Path(env) if env else Path.home() / ".local" / "state" / "livemig"
 
 
-def free_port(address: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
+def free_port(address: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind((address, 0))
         return int(sock.getsockname()[1])
+
+
+def overlay_endpoint(index: int) -> str:
+    """Host ``index``'s VXLAN endpoint: its own loopback address and a free UDP port (several
+    regions may run on one machine, so the standard port 4789 is not assumed free)."""
+    address = f"127.0.101.{index + 1}"
+    return f"{address}:{free_port(address, socket.SOCK_DGRAM)}"
 
 
 @dataclass
@@ -203,7 +210,11 @@ class Region:
         for host in config.hosts:
             self.start_vswitch(config, host)
             self.start_host(config, host)
-        self.wait_ready(config, timeout)
+        try:
+            self.wait_ready(config, timeout)
+        except BootstrapError:
+            self.down()  # never leave half a region running
+            raise
         return config
 
     def wait_ready(self, config: RegionConfig, timeout: float = 30.0) -> None:

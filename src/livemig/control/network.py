@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from livemig.control.store import Store
 from livemig.errors import Conflict, HostUnreachable, InvalidRequest, LivemigError, NotFound
+from livemig.faults import fault_point
 from livemig.model.host import HostRegistration
 from livemig.model.migration import Migration, Phase
 from livemig.model.vm import NicDevice, VmSpec
@@ -142,7 +143,12 @@ class NetworkService:
         return mapping
 
     async def copy_flows(self, vnic: str, source: HostRegistration, destination: HostRegistration) -> int:
-        """Bulk copy of a VNIC's conntrack entries; returns how many the destination imported."""
+        """Bulk copy of a VNIC's conntrack entries; returns how many the destination imported.
+
+        The fault point ``lmo.flow_sync=hold`` skips it: the test switch that proves the copy matters.
+        """
+        if await fault_point("lmo.flow_sync"):
+            return 0
         envelope = (await self._call(source, "GET", f"/vnics/{vnic}/flows", params={"since": 0})).content
         reply = await self._call(destination, "POST", f"/vnics/{vnic}/flows", content=envelope,
                                  headers={"content-type": MEDIA_TYPE})  # fmt: skip

@@ -2,9 +2,10 @@
 
 Why this design:
 
-* The guest exists only to run the memory workload (``workload.c``) on its serial console, so the
-  image is a kernel and an initramfs for QEMU's direct kernel boot: no disk image, no bootloader,
-  boots in seconds even under TCG.
+* The guest exists only to run the workload (``workload.c``: memory, plus optional disk and
+  network witnesses) on its serial console, so the image is a kernel and an initramfs for QEMU's
+  direct kernel boot: no disk image, no bootloader, boots in seconds even under TCG. A disk, if
+  any, is a raw volume the workload writes its log to, never a root filesystem.
 * The kernel is Debian's own ``linux-image-*-cloud-amd64`` (small, virtio drivers as modules),
   fetched with ``apt-get download`` so no network source beyond the Debian mirror is needed.
   Modules are ordered from their ``.modinfo`` sections (see :mod:`livemig.guest.modules`)
@@ -24,6 +25,7 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -43,6 +45,7 @@ from livemig.guest.modules import module_load_order
 __all__ = [
     "GUEST_MODULES",
     "KERNEL_META_PACKAGE",
+    "MAX_DISK_RATE",
     "GuestImage",
     "ImageBuildError",
     "ModuleDependencyError",
@@ -70,6 +73,10 @@ GUEST_MODULES: tuple[str, ...] = (
 #: Bump when the image layout changes in a way the other inputs do not capture.
 BUILDER_VERSION = 1
 
+#: How the workload is compiled: static (the initramfs has no C library), stripped, and warning
+#: clean under these warnings (a unit test compiles it with ``-Werror``). Part of the inputs hash.
+WORKLOAD_CFLAGS: tuple[str, ...] = ("-static", "-O2", "-s", "-Wall", "-Wextra")
+
 _SOURCE_DIR = Path(__file__).resolve().parent
 _WORKLOAD_SOURCE = _SOURCE_DIR / "workload.c"
 _INIT_SCRIPT = _SOURCE_DIR / "init.sh"
@@ -89,17 +96,50 @@ class GuestImage:
     initrd: Path
     kernel_version: str
 
-    def kernel_cmdline(self, wss_mib: int = 64, rate_mib_s: int = 20, *, workload: bool = True) -> str:
+    def kernel_cmdline(
+        self,
+        wss_mib: int = 64,
+        rate_mib_s: int = 20,
+        *,
+        workload: bool = True,
+        disk: str | None = None,
+        disk_rate: int | None = None,
+        ip: str | None = None,
+        gateway: str | None = None,
+    ) -> str:
         """The ``-append`` string that starts the workload with this working set and dirty rate."""
-        return kernel_cmdline(wss_mib, rate_mib_s, workload=workload)
+        return kernel_cmdline(
+            wss_mib, rate_mib_s, workload=workload, disk=disk, disk_rate=disk_rate, ip=ip, gateway=gateway
+        )
 
 
-def kernel_cmdline(wss_mib: int = 64, rate_mib_s: int = 20, *, workload: bool = True) -> str:
+#: Highest ``disk_rate`` (records per second) the workload accepts; TCG reaches far less.
+MAX_DISK_RATE = 100_000
+
+_DEVICE_PATH = re.compile(r"/[A-Za-z0-9_./+-]+")
+
+
+def kernel_cmdline(
+    wss_mib: int = 64,
+    rate_mib_s: int = 20,
+    *,
+    workload: bool = True,
+    disk: str | None = None,
+    disk_rate: int | None = None,
+    ip: str | None = None,
+    gateway: str | None = None,
+) -> str:
     """Kernel command line for the guest image.
 
     ``console=ttyS0`` puts kernel messages and the workload on the first serial port (the only
     channel to the guest); ``quiet`` keeps the boot fast under TCG (a serial byte is expensive);
     ``panic=-1`` reboots at once on a panic instead of hanging a test.
+
+    ``disk`` (e.g. ``/dev/vda``) turns on disk mode: the workload appends checksummed records to
+    that raw device at ``disk_rate`` records per second (the guest's default is 40). ``ip``
+    (``a.b.c.d/prefix``) turns on network mode: init addresses ``eth0`` and the workload serves
+    TCP echo on port 7 and a UDP sequence sink on port 9; ``gateway`` adds a default route.
+    Values are checked here because a bad one would only show up as a guest that misbehaves.
     """
     if wss_mib < 1:
         raise ValueError(f"wss_mib must be at least 1, got {wss_mib}")
@@ -108,6 +148,35 @@ def kernel_cmdline(wss_mib: int = 64, rate_mib_s: int = 20, *, workload: bool = 
     parts = ["console=ttyS0", "panic=-1", "quiet", f"livemig.wss={wss_mib}", f"livemig.rate={rate_mib_s}"]
     if not workload:
         parts.append("livemig.workload=off")
+    if disk is not None:
+        if not _DEVICE_PATH.fullmatch(disk):
+            raise ValueError(f"disk must be an absolute device path such as /dev/vda, got {disk!r}")
+        parts.append(f"livemig.disk={disk}")
+    if disk_rate is not None:
+        if disk is None:
+            raise ValueError("disk_rate needs disk")
+        if isinstance(disk_rate, bool) or not 0 <= disk_rate <= MAX_DISK_RATE:
+            raise ValueError(f"disk_rate must be 0..{MAX_DISK_RATE} records/s, got {disk_rate!r}")
+        parts.append(f"livemig.diskrate={disk_rate}")
+    if ip is not None:
+        if "/" not in ip:
+            raise ValueError(f"ip needs a prefix length (a.b.c.d/prefix), got {ip!r}")
+        try:
+            interface = ipaddress.IPv4Interface(ip)
+        except ValueError as exc:
+            raise ValueError(f"ip must be an IPv4 address with prefix, got {ip!r}: {exc}") from None
+        parts.append(f"livemig.ip={interface.with_prefixlen}")
+    if gateway is not None:
+        if ip is None:
+            raise ValueError("gateway needs ip")
+        try:
+            gw = ipaddress.IPv4Address(gateway)
+        except ValueError as exc:
+            raise ValueError(f"gateway must be an IPv4 address, got {gateway!r}: {exc}") from None
+        # busybox `ip route add default via` needs the gateway on the connected subnet
+        if gw not in interface.network or gw == interface.ip:
+            raise ValueError(f"gateway {gw} is not another address in {interface.network}")
+        parts.append(f"livemig.gw={gw}")
     return " ".join(parts)
 
 
@@ -308,6 +377,7 @@ def _inputs_hash(package: str, busybox: Path) -> str:
             f"package={package}",
             f"modules={','.join(GUEST_MODULES)}",
             f"workload={_sha256_file(_WORKLOAD_SOURCE)}",
+            f"cflags={' '.join(WORKLOAD_CFLAGS)}",
             f"init={_sha256_file(_INIT_SCRIPT)}",
             f"busybox={_sha256_file(busybox)}",
         ]
@@ -388,7 +458,7 @@ def _compile_workload(output: Path) -> None:
     if shutil.which("gcc") is None:
         raise ImageBuildError("compiling the guest workload failed: gcc is not installed (apt-get install gcc)")
     _run(
-        ["gcc", "-static", "-O2", "-s", "-Wall", "-o", output, _WORKLOAD_SOURCE],
+        ["gcc", *WORKLOAD_CFLAGS, "-o", output, _WORKLOAD_SOURCE],
         "compiling the guest workload (gcc -static; needs libc6-dev)",
     )
 

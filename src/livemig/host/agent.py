@@ -139,10 +139,11 @@ class HostAgent:
             image = build_image(self.image_cache())
             extra = ""
             if spec.workload is not None:
-                extra = image.kernel_cmdline(spec.workload.wss_mib, spec.workload.rate_mib_s)
-                if spec.workload.disk_rate > 0 and any(isinstance(d, VolumeDevice) for d in spec.devices):
-                    # the first virtio-blk device (lowest PCI slot) is /dev/vda in the guest
-                    extra += f" livemig.disk=/dev/vda livemig.diskrate={spec.workload.disk_rate}"
+                disk = spec.workload.disk_rate > 0 and any(isinstance(d, VolumeDevice) for d in spec.devices)
+                # the first virtio-blk device (lowest PCI slot) is /dev/vda in the guest
+                extra = image.kernel_cmdline(spec.workload.wss_mib, spec.workload.rate_mib_s,
+                                             disk="/dev/vda" if disk else None,
+                                             disk_rate=spec.workload.disk_rate if disk else None)  # fmt: skip
             else:
                 extra = image.kernel_cmdline(1, 0) + " livemig.workload=off"
             boot = boot.model_copy(update={"kernel": str(image.kernel), "initrd": str(image.initrd),
