@@ -45,6 +45,24 @@ def test_readme_flow(tmp_path, guest_image):
         migration_id = next(word for word in listing.split() if word.startswith("m-"))
         shown = json.loads(livemig(tmp_path, "migrations", "show", migration_id, "--json").stdout)
         assert shown["phase"] == "Succeeded" and shown["stats"]["pause_ms"] is not None
+        net = tmp_path / "net.json"
+        net.write_text(json.dumps({
+            "vcns": [{"id": "blue", "cidr": "10.0.0.0/16", "vni": 100}],
+            "subnets": [{"id": "blue-a", "vcn": "blue", "cidr": "10.0.1.0/24", "gateway": "10.0.1.1"}],
+            "security-lists": [{"id": "web", "rules": [{"direction": "ingress", "protocol": "tcp",
+                                                        "dst_ports": {"min": 80, "max": 80}}]}],
+            "vnics": [{"id": "web-1", "mac": "52:54:00:00:02:01", "ip": "10.0.1.20", "subnet": "blue-a",
+                       "security_lists": ["web"], "host": ""}],
+        }))  # fmt: skip
+        assert "vnic web-1 applied" in livemig(tmp_path, "net", "apply", str(net)).stdout
+        assert "10.0.1.20" in livemig(tmp_path, "net", "list", "vnics").stdout
+        net.write_text(json.dumps({"subnets": [{"id": "bad", "vcn": "blue", "cidr": "10.0.2.0/24",
+                                                "gateway": "10.9.9.9"}]}))  # fmt: skip
+        bad = livemig(tmp_path, "net", "apply", str(net), ok=False)
+        assert bad.returncode == 1 and "outside" in bad.stderr and "Traceback" not in bad.stderr
+        in_use = livemig(tmp_path, "net", "delete", "subnets", "blue-a", ok=False)
+        assert in_use.returncode == 1 and "used by web-1" in in_use.stderr
+        livemig(tmp_path, "net", "delete", "vnics", "web-1")
         status = livemig(tmp_path, "status").stdout
         assert "tcg" in status or "kvm" in status
         assert "web" in livemig(tmp_path, "vm", "list").stdout

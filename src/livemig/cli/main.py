@@ -298,6 +298,58 @@ def volume_delete(name: str, url: Url = None, state_dir: StateDir = None) -> Non
         out.print(f"volume {name} deleted")
 
 
+net_app = typer.Typer(no_args_is_help=True, help="The virtual network: VCNs, subnets, security lists, VNICs.")
+app.add_typer(net_app, name="net")
+NET_KINDS = ("vcns", "subnets", "security-lists", "vnics")  # the order objects depend on each other
+
+
+@net_app.command("apply")
+def net_apply(
+    path: Annotated[
+        Path, typer.Argument(help='JSON: {"vcns": [...], "subnets": [...], "security-lists": [...], "vnics": [...]}')
+    ],
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Create or update network objects from a JSON file (each object needs its "id")."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read {path}: {exc}")
+    if not isinstance(doc, dict) or set(doc) - set(NET_KINDS):
+        fail(f"{path}: expected an object with keys among {', '.join(NET_KINDS)}")
+    with lmo(url, state_dir) as client:
+        for kind in NET_KINDS:
+            for obj in doc.get(kind, []):
+                if not isinstance(obj, dict) or "id" not in obj:
+                    fail(f"{kind}: every object needs an id")
+                client.call("PUT", f"/network/{kind}/{obj['id']}", json=obj)
+                out.print(f"{kind[:-1]} {obj['id']} applied")
+
+
+@net_app.command("list")
+def net_list(
+    kind: Annotated[str, typer.Argument(help="vcns | subnets | security-lists | vnics")] = "vnics",
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Network objects of one kind, as JSON."""
+    if kind not in NET_KINDS:
+        fail(f"kind must be one of {', '.join(NET_KINDS)}")
+    with lmo(url, state_dir) as client:
+        out.print_json(json.dumps(client.call("GET", f"/network/{kind}")))
+
+
+@net_app.command("delete")
+def net_delete(kind: str, object_id: str, url: Url = None, state_dir: StateDir = None) -> None:
+    """Delete a network object (refused while something uses it)."""
+    if kind not in NET_KINDS:
+        fail(f"kind must be one of {', '.join(NET_KINDS)}")
+    with lmo(url, state_dir) as client:
+        client.call("DELETE", f"/network/{kind}/{object_id}")
+        out.print(f"{kind[:-1]} {object_id} deleted")
+
+
 # ---------------------------------------------------------------------- migrations
 
 
