@@ -273,24 +273,23 @@ class Controller:
     async def _cleanup(self, m: Migration) -> None:
         spec, _ = self.store.vm(m.vm)
         await self.volumes.detach(m.vm, m.source)
-        if _runs_disk_workload(spec) and m.verify_guest and m.disk_check is None:
-            try:
-                ok, detail = await self.host(m.destination).disk_check(m.vm)
-            except GuestError as exc:
-                ok, detail = False, exc.message
-            m.disk_check = "ok" if ok else f"fail: {detail}"
-            if not ok:
-                m.reason = f"guest disk check failed on {m.destination}: {detail}"
-                transition(m, Phase.FAILED, m.reason)
-                return
+        checks = []
+        if m.verify_guest and _runs_disk_workload(spec) and m.disk_check is None:
+            checks.append(("disk", self.host(m.destination).disk_check))
         if m.verify_guest and spec.workload is not None and m.guest_check is None:
+            checks.append(("memory", self.host(m.destination).guest_check))
+        for what, check in checks:
             try:
-                ok, detail = await self.host(m.destination).guest_check(m.vm)
+                ok, detail = await check(m.vm)
             except GuestError as exc:
                 ok, detail = False, exc.message
-            m.guest_check = "ok" if ok else f"fail: {detail}"
+            verdict = "ok" if ok else f"fail: {detail}"
+            if what == "disk":
+                m.disk_check = verdict
+            else:
+                m.guest_check = verdict
             if not ok:
-                m.reason = f"guest memory check failed on {m.destination}: {detail}"
+                m.reason = f"guest {what} check failed on {m.destination}: {detail}"
                 transition(m, Phase.FAILED, m.reason)
                 return
         total = (utcnow() - m.created_at).total_seconds() * 1000

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from livemig.model.vm import unicast_mac
 from livemig.network.packets import VXLAN_UDP_PORT
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 
 class _Strict(BaseModel):
@@ -42,15 +41,6 @@ def _address(value: str, what: str) -> str:
         return str(ipaddress.IPv4Address(value))
     except ValueError:
         raise ValueError(f"{what} {value!r} is not an IPv4 address") from None
-
-
-def _unicast_mac(value: str) -> str:
-    value = value.lower()
-    if not _MAC.match(value):
-        raise ValueError(f"MAC {value!r} is not of the form 52:54:00:12:34:56")
-    if int(value[:2], 16) & 1:
-        raise ValueError(f"MAC {value!r} is a multicast address")
-    return value
 
 
 def derived_gateway_mac(subnet_id: str) -> str:
@@ -97,7 +87,7 @@ class Subnet(_Strict):
     @field_validator("gateway_mac")
     @classmethod
     def _gateway_mac(cls, value: str | None) -> str | None:
-        return None if value is None else _unicast_mac(value)
+        return None if value is None else unicast_mac(value)
 
     @model_validator(mode="after")
     def _gateway_inside(self) -> Subnet:
@@ -129,7 +119,7 @@ class Vnic(_Strict):
     @field_validator("mac")
     @classmethod
     def _mac(cls, value: str) -> str:
-        return _unicast_mac(value)
+        return unicast_mac(value)
 
     @field_validator("ip")
     @classmethod
