@@ -195,7 +195,7 @@ class Region:
             lmo_port=free_port(),
             hosts=[
                 HostConfig(
-                    name, free_port(), f"127.0.100.{i + 1}", vswitch_port=free_port(), overlay=f"127.0.101.{i + 1}:4789"
+                    name, free_port(), f"127.0.100.{i + 1}", vswitch_port=free_port(), overlay=overlay_endpoint(i)
                 )
                 for i, name in enumerate(hosts)
             ],
