@@ -43,3 +43,27 @@ def test_disk_log_survives_round_trip_and_source_is_fenced(lmo: LmoClient):
     finally:
         lmo.delete_vm("disky")
         lmo.call("DELETE", "/volumes/vol-rt")
+
+
+def test_cancel_leaves_no_destination_attachment(region, lmo: LmoClient):
+    lmo.call("POST", "/volumes", json={"name": "vol-cancel", "size_bytes": 32 * 1024 * 1024})
+    lmo.create_vm(demo_spec(memory_mib=256, rate=5, wss_mib=32, name="cancelled", volume="vol-cancel"), host="A")
+    region.restart_lmo(faults="controller.before.PreCopy=hold")  # the destination is prepared, then we wait
+    try:
+        lmo.wait_for_console("cancelled", "disk_acked=", timeout=90)
+        migration = lmo.migrate("cancelled", "B")
+        deadline = time.monotonic() + 60
+        while lmo.migration(migration.id).phase is not Phase.PRECOPY:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert sorted(a["host"] for a in attachments(lmo, "vol-cancel")) == ["A", "B"]
+        lmo.cancel(migration.id)
+        final = lmo.wait(migration.id, timeout=120)
+        assert final.phase is Phase.CANCELLED, final.reason
+        assert [a["host"] for a in attachments(lmo, "vol-cancel")] == ["A"], "the destination attachment is gone"
+        assert lmo.vm("cancelled")["host"] == "A" and len(qemu_pids_running("cancelled")) == 1
+        assert lmo.call("POST", "/vms/cancelled/guest-check")["ok"]
+    finally:
+        region.restart_lmo()
+        lmo.delete_vm("cancelled")
+        lmo.call("DELETE", "/volumes/vol-cancel")
