@@ -1213,49 +1213,81 @@ static void handle_command(char *line) {
     }
 }
 
-static char inbuf[256];
-static size_t inlen;
-static int stdin_open = 1;
-static int discarding; /* inside an over-long line: drop bytes up to its newline */
+/* A command source: the serial console (stdin) and, when QEMU provides it, the virtio-serial
+ * port "livemig.cmd". The port is the reliable one: a 16550 UART's receive path can wedge after
+ * a live migration (seen rarely under TCG) while virtio queues migrate as device state. */
+struct cmd_source {
+    int fd;
+    int open;
+    int discarding; /* inside an over-long line: drop bytes up to its newline */
+    int64_t quiet_until; /* port with no host connected: poll it again only after this */
+    size_t len;
+    char buf[256];
+};
+static struct cmd_source src_stdin = {.fd = STDIN_FILENO, .open = 1};
+static struct cmd_source src_port = {.fd = -1};
 
-/* Read what is available on stdin (poll said so) and run complete lines. */
-static void read_commands(void) {
-    ssize_t n = read(STDIN_FILENO, inbuf + inlen, sizeof inbuf - 1 - inlen);
+/* Find /dev/vportNpM whose name (sysfs) is livemig.cmd; no udev in the guest, so look it up. */
+static void open_command_port(void) {
+    for (int n = 0; n < 8; n++)
+        for (int m = 0; m < 4; m++) {
+            char path[96], name[64] = {0};
+            snprintf(path, sizeof path, "/sys/class/virtio-ports/vport%dp%d/name", n, m);
+            int fd = open(path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0)
+                continue;
+            ssize_t got = read(fd, name, sizeof name - 1);
+            close(fd);
+            if (got > 0 && strncmp(name, "livemig.cmd", 11) == 0) {
+                snprintf(path, sizeof path, "/dev/vport%dp%d", n, m);
+                src_port.fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+                src_port.open = src_port.fd >= 0;
+                return;
+            }
+        }
+}
+
+/* Read what is available (poll said so) and run complete lines. */
+static void read_commands(struct cmd_source *src) {
+    ssize_t n = read(src->fd, src->buf + src->len, sizeof src->buf - 1 - src->len);
     if (n == 0) {
-        stdin_open = 0; /* no console input any more: keep dirtying */
+        if (src == &src_port) /* host side not connected: not an end, just nothing to read */
+            src->quiet_until = now_ns() + 100000000LL;
+        else
+            src->open = 0; /* no console input any more: keep dirtying */
         return;
     }
     if (n < 0) {
-        if (errno != EINTR && errno != EAGAIN)
-            stdin_open = 0;
+        if (errno != EINTR && errno != EAGAIN && src != &src_port)
+            src->open = 0;
         return;
     }
-    inlen += (size_t)n;
+    src->len += (size_t)n;
     for (;;) {
-        char *nl = memchr(inbuf, '\n', inlen);
+        char *nl = memchr(src->buf, '\n', src->len);
         if (nl == NULL)
             break;
         *nl = '\0';
-        if (discarding)
-            discarding = 0;
+        if (src->discarding)
+            src->discarding = 0;
         else
-            handle_command(inbuf);
-        size_t used = (size_t)(nl - inbuf) + 1;
-        memmove(inbuf, inbuf + used, inlen - used);
-        inlen -= used;
+            handle_command(src->buf);
+        size_t used = (size_t)(nl - src->buf) + 1;
+        memmove(src->buf, src->buf + used, src->len - used);
+        src->len -= used;
     }
-    if (inlen == sizeof inbuf - 1) { /* a line longer than any command: drop all of it */
-        if (!discarding)
+    if (src->len == sizeof src->buf - 1) { /* a line longer than any command: drop all of it */
+        if (!src->discarding)
             emit("LIVEMIG ERR line too long");
-        discarding = 1;
-        inlen = 0;
+        src->discarding = 1;
+        src->len = 0;
     }
 }
 
 /* Wait up to timeout_ns for console input or network traffic and handle it. One poll() serves
  * everything, so the workload stays single-threaded: no locks, and a stopped VM stops it all. */
 static void poll_io(int64_t timeout_ns) {
-    enum { P_STDIN, P_LISTEN, P_UDP, P_CLIENT, P_CONN0 };
+    enum { P_STDIN, P_PORT, P_LISTEN, P_UDP, P_CLIENT, P_CONN0 };
     struct pollfd pfd[P_CONN0 + MAX_ECHO_CONNS];
     unsigned slot_of[MAX_ECHO_CONNS];
     nfds_t n = P_CONN0;
@@ -1263,8 +1295,14 @@ static void poll_io(int64_t timeout_ns) {
         timeout_ns = 0;
     for (unsigned i = 0; i < P_CONN0; i++)
         pfd[i] = (struct pollfd){.fd = -1};
-    if (stdin_open)
+    if (src_stdin.open)
         pfd[P_STDIN] = (struct pollfd){.fd = STDIN_FILENO, .events = POLLIN};
+    if (src_port.open && now_ns() >= src_port.quiet_until)
+        pfd[P_PORT] = (struct pollfd){.fd = src_port.fd, .events = POLLIN};
+    else if (src_port.open && timeout_ns > src_port.quiet_until - now_ns())
+        timeout_ns = src_port.quiet_until - now_ns(); /* come back to look at the port */
+    if (timeout_ns < 0)
+        timeout_ns = 0;
     if (net_on) {
         if (echo_active < MAX_ECHO_CONNS) /* when full, new connections wait in the backlog */
             pfd[P_LISTEN] = (struct pollfd){.fd = tcp_listen_fd, .events = POLLIN};
@@ -1301,9 +1339,15 @@ static void poll_io(int64_t timeout_ns) {
         echo_accept();
     if (pfd[P_STDIN].revents) {
         if (pfd[P_STDIN].revents & (POLLIN | POLLHUP | POLLERR))
-            read_commands();
+            read_commands(&src_stdin);
         if ((pfd[P_STDIN].revents & (POLLHUP | POLLERR | POLLNVAL)) && !(pfd[P_STDIN].revents & POLLIN))
-            stdin_open = 0;
+            src_stdin.open = 0;
+    }
+    if (pfd[P_PORT].revents) {
+        if (pfd[P_PORT].revents & POLLIN)
+            read_commands(&src_port);
+        else /* POLLHUP: no host connected; look again later instead of spinning */
+            src_port.quiet_until = now_ns() + 100000000LL;
     }
 }
 
@@ -1371,6 +1415,7 @@ int main(int argc, char **argv) {
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
     setup_tty();
+    open_command_port();
     signal(SIGPIPE, SIG_IGN); /* a peer that vanished is an error code, not a dead workload */
     crc32_init();
 

@@ -327,7 +327,8 @@ class HostAgent:
         vm = self.get(name)
         if "\n" in line or len(line) > 200:
             raise InvalidRequest("a console command is one line of at most 200 characters")
-        await console.send_line(vm.paths.console, line)
+        port = vm.paths.command_port
+        await console.send_line(port if port.exists() else vm.paths.console, line)
 
     # ---------------------------------------------------------------- restart
 

@@ -78,6 +78,9 @@ async def command(console_socket: Path, log: Path, verb: str, reply: str, timeou
     """
     token = next(_tokens)
     start = log.stat().st_size if log.exists() else 0
+    port = console_socket.with_name("cmd.sock")
+    if port.exists():  # the virtio-serial command port: robust across migrations (see workload.c)
+        console_socket = port
     pattern = re.compile(rf"LIVEMIG {reply} {token} (.*)$")
     deadline = time.monotonic() + timeout
     async with connected(console_socket) as writer:

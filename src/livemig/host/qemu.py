@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from livemig.errors import BootstrapError, InvalidRequest
-from livemig.model.vm import NbdExport, NicDevice, RngDevice, VmSpec, VolumeDevice
+from livemig.model.vm import RESERVED_PCI_SLOT, NbdExport, NicDevice, RngDevice, VmSpec, VolumeDevice
 
 QEMU_BINARY = "qemu-system-x86_64"
 
@@ -34,6 +34,11 @@ class VmPaths:
     @property
     def console(self) -> Path:
         return self.root / "console.sock"
+
+    @property
+    def command_port(self) -> Path:
+        """The virtio-serial port the guest workload reads commands from (see workload.c)."""
+        return self.root / "cmd.sock"
 
     @property
     def console_log(self) -> Path:
@@ -120,6 +125,11 @@ def command_line(
         f"socket,id=serial0,path={paths.console},server=on,wait=off,logfile={paths.console_log},logappend=on",
         "-serial", "chardev:serial0",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        # livemig's command channel into the guest, at a slot reserved for it (RESERVED_PCI_SLOT)
+        "-device", f"virtio-serial-pci,id=lmser,bus={'pcie.0' if 'q35' in spec.machine else 'pci.0'},"
+                   f"addr={RESERVED_PCI_SLOT:#x}",
+        "-chardev", f"socket,id=lmcmd,path={paths.command_port},server=on,wait=off",
+        "-device", "virtserialport,bus=lmser.0,chardev=lmcmd,name=livemig.cmd",
         "-pidfile", str(paths.pidfile),
         "-daemonize",
     ]  # fmt: skip

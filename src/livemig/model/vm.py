@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+# livemig's own virtio-serial command channel sits here in every VM (host/qemu.py)
+RESERVED_PCI_SLOT = 0x1E
 _PCI_ADDR = re.compile(r"^0x[0-9a-f]{1,2}(\.[0-7])?$")
 
 
@@ -128,8 +130,11 @@ class VmSpec(_Strict):
             if not _PCI_ADDR.match(device.pci_addr):
                 raise ValueError(f"device {device.id}: pci_addr {device.pci_addr!r} is not like 0x3")
             slot = int(device.pci_addr.split(".")[0], 16)
-            if slot < 1 or slot > 0x1F:
-                raise ValueError(f"device {device.id}: PCI slot {slot:#x} is outside 0x1..0x1f")
+            if slot < 1 or slot > 0x1D:
+                raise ValueError(
+                    f"device {device.id}: PCI slot {slot:#x} is outside 0x1..0x1d "
+                    f"({RESERVED_PCI_SLOT:#x} is livemig's, 0x1f the chipset's)"
+                )
             for seen, key, what in ((ids, device.id, "id"), (slots, device.pci_addr, "pci_addr")):
                 if key in seen:
                     raise ValueError(f"two devices share {what} {key!r}")
