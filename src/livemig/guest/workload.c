@@ -133,7 +133,13 @@ static void sleep_ns(int64_t ns) {
     nanosleep(&ts, NULL);
 }
 
-/* Write the whole string even if the tty takes it in pieces. */
+/* The virtio-serial command port (opened in main, see open_command_port): every line goes there
+ * too, so the host reads answers even if the UART's transmit side wedged after a migration. */
+static int cmd_port_fd = -1;
+static uint64_t console_dropped; /* lines the serial console would not take within a second */
+
+/* Write the line to the command port (one non-blocking try: nobody may be listening) and to the
+ * serial console (whole line, but never blocking the workload for more than a second). */
 static void emit(const char *fmt, ...) {
     char buf[512];
     va_list ap;
@@ -145,12 +151,20 @@ static void emit(const char *fmt, ...) {
     if ((size_t)n > sizeof buf - 2)
         n = (int)(sizeof buf - 2);
     buf[n++] = '\n';
+    if (cmd_port_fd >= 0 && write(cmd_port_fd, buf, (size_t)n) < 0) {
+        /* EAGAIN: no host connected or its buffer is full; the console still has the line */
+    }
     const char *p = buf;
+    int waits = 0;
     while (n > 0) {
         ssize_t w = write(STDOUT_FILENO, p, (size_t)n);
         if (w < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 if (errno == EAGAIN) {
+                    if (++waits > 10) { /* a wedged console must not stop the workload */
+                        console_dropped++;
+                        return;
+                    }
                     struct pollfd pfd = {.fd = STDOUT_FILENO, .events = POLLOUT};
                     poll(&pfd, 1, 100);
                 }
@@ -1242,6 +1256,7 @@ static void open_command_port(void) {
                 snprintf(path, sizeof path, "/dev/vport%dp%d", n, m);
                 src_port.fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
                 src_port.open = src_port.fd >= 0;
+                cmd_port_fd = src_port.fd;
                 return;
             }
         }
@@ -1416,6 +1431,7 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     setup_tty();
     open_command_port();
+    fcntl(STDOUT_FILENO, F_SETFL, fcntl(STDOUT_FILENO, F_GETFL) | O_NONBLOCK); /* see emit() */
     signal(SIGPIPE, SIG_IGN); /* a peer that vanished is an error code, not a dead workload */
     crc32_init();
 

@@ -78,10 +78,10 @@ async def command(console_socket: Path, log: Path, verb: str, reply: str, timeou
     """
     token = next(_tokens)
     start = log.stat().st_size if log.exists() else 0
+    pattern = re.compile(rf"LIVEMIG {reply} {token} (.*)$")
     port = console_socket.with_name("cmd.sock")
     if port.exists():  # the virtio-serial command port: robust across migrations (see workload.c)
-        console_socket = port
-    pattern = re.compile(rf"LIVEMIG {reply} {token} (.*)$")
+        return await _command_over_port(port, f"{verb} {token}", pattern, timeout, resend_s)
     deadline = time.monotonic() + timeout
     async with connected(console_socket) as writer:
         while True:
@@ -96,6 +96,37 @@ async def command(console_socket: Path, log: Path, verb: str, reply: str, timeou
                     raise GuestError(
                         f"the guest did not answer {verb!r} within {timeout:.0f}s (console log {log})"
                     ) from None
+
+
+async def _command_over_port(port: Path, line: str, pattern: re.Pattern[str], timeout: float, resend_s: float) -> str:
+    """Send ``line`` on the command port and read the answer from the same port: the guest writes
+    every console line there too, so a wedged UART cannot hide the answer."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(port))
+    except OSError as exc:
+        raise GuestError(f"cannot open the guest command port {port}: {exc}") from exc
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while loop.time() < deadline:
+            writer.write(line.encode() + b"\n")
+            await writer.drain()
+            resend_at = min(loop.time() + resend_s, deadline)
+            while (left := resend_at - loop.time()) > 0:
+                try:
+                    raw = await asyncio.wait_for(reader.readline(), timeout=left)
+                except TimeoutError:
+                    break
+                if not raw:
+                    raise GuestError(f"the guest command port {port} closed")
+                match = pattern.search(raw.decode(errors="replace").strip())
+                if match:
+                    return match.group(1).strip()
+        raise GuestError(f"the guest did not answer {line.split()[0]!r} within {timeout:.0f}s on {port}")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 async def memory_check(console_socket: Path, log: Path, timeout: float = 60.0) -> tuple[bool, str]:
