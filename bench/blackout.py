@@ -67,7 +67,18 @@ def main() -> int:
                     time.sleep(1)
                     probe, sent = net.finish(echo, stop), net.finish(udp, stop)["sent"]
                     stats = net.guest_stats(lmo, "udpstats", "UDPSTATS")
-                    rows.append({"phase": m.phase.value, "pause_ms": m.stats.pause_ms,
+                    at = {entry.phase.value: entry.at.timestamp() for entry in m.timeline}
+                    gap_end = probe.get("max_gap_end_unix")
+                    # where the worst gap ended, relative to the phases (ms): explains a long blackout
+                    gap_end_after = {p: round((gap_end - at[p]) * 1000, 1) for p in ("Switchover", "CuttingOver")
+                                     if gap_end and p in at}  # fmt: skip
+                    resumed = (lmo.vm("netvm").get("observed") or {}).get("resumed_at")
+                    # the pause the guest saw: source paused (Switchover) -> destination resumed
+                    guest_pause = (
+                        round((resumed - at["Switchover"]) * 1000, 1) if resumed and "Switchover" in at else None
+                    )
+                    rows.append({"phase": m.phase.value, "pause_ms": m.stats.pause_ms, "guest_pause_ms": guest_pause,
+                                 "gap_end_ms_after": gap_end_after,
                                  "switchover_hook_ms": m.stats.switchover_hook_ms,
                                  "blackout_ms": probe["max_gap_ms"], "probe_p50_gap_ms": probe["p50_gap_ms"],
                                  "probe_error": probe["error"], "udp_sent": sent, "lost": stats.get("lost"),

@@ -156,9 +156,11 @@ def test_udp_stream_loses_and_duplicates_nothing(net: LmoClient, tmp_path, kind)
     print(f"UDP {kind} migration: sent {sent}, guest {stats}")
     assert stats["received"] + stats["lost"] >= sent - 5
     assert stats["duplicated"] == 0, "nothing delivered twice"
-    # goal 0; known seam: frames the source vswitch handed to QEMU's socket after the guest paused
-    # but before the pause marker (the hook's few ms) are lost with the source (docs/architecture.md)
-    assert stats["lost"] <= 10, stats
+    # frames the source vswitch wrote to QEMU's socket after the guest paused, before the pause
+    # marker, are drained by hostd and delivered by the destination (network/handoff.py). Goal 0;
+    # about 1 run in 10 still loses one frame (docs/architecture.md, Known gaps). Before the drain,
+    # 1-3 were lost in most runs.
+    assert stats["lost"] <= 1, stats
 
 
 def test_security_lists_hold_after_migration(net: LmoClient):

@@ -52,3 +52,29 @@ def test_console_reply_is_matched_by_token_after_the_offset(tmp_path):
     match = asyncio.run(console.wait_for_line(log, re.compile(r"LIVEMIG CHECK 7 (.*)$"), start, 1))
     assert match.group(1).startswith("ok")
     assert console.last_heartbeat(log) == (4, 4000)
+
+
+def test_hostd_drains_the_frames_qemu_left_in_its_nic_socket():
+    """hostd's duplicate of QEMU's NIC socket reads back exactly what QEMU never read."""
+    import socket
+
+    from livemig.host.vnics import VswitchPorts
+    from livemig.network.handoff import PAUSE_PROBE
+    from livemig.network.ports import free_udp_port
+
+    ports = VswitchPorts(None)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as switch:
+        switch.bind(("127.0.0.1", 0))
+        qemu_port = free_udp_port()
+        ours = ports._open_socket("v1", qemu_port, switch.getsockname()[1])
+        assert ports._drain("v1") == (0, False)
+        for n in range(3):
+            switch.sendto(b"frame%d" % n, ("127.0.0.1", qemu_port))
+        switch.sendto(PAUSE_PROBE, ("127.0.0.1", qemu_port))
+        assert ports._drain("v1") == (3, True)  # three frames QEMU never read, and the probe
+        assert ports._drain("v1") == (0, False)
+        assert ports._drain("not-here") is None
+        ours.send(b"to the switch")  # connected: QEMU's sends reach the vswitch's port
+        assert switch.recv(100) == b"to the switch"
+        ports._close_socket("v1")
+        assert ours.fileno() == -1 and ports._drain("v1") is None

@@ -17,9 +17,9 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from livemig.errors import CapacityError, Conflict, InvalidRequest, NotFound, QemuError
+from livemig.errors import CapacityError, Conflict, GuestError, InvalidRequest, NotFound, QemuError
 from livemig.host import console
 from livemig.host.accel import AccelChoice
 from livemig.host.qemu import VmPaths, command_line, machine_aliases, qemu_binary, qemu_version, resolve_machine
@@ -47,6 +47,8 @@ class ManagedVm:
     migration: SourceMigration | None = None
     incoming_uri: str | None = None
     exports: dict[str, NbdExport] = field(default_factory=dict)
+    resumed_at: float | None = None  # incoming VM: wall clock of QEMU's RESUME (the guest runs here)
+    resume_watch: asyncio.Task[None] | None = None
 
     def save(self) -> None:
         record = {"spec": self.spec.model_dump(), "role": self.role, "argv": self.argv,
@@ -125,7 +127,7 @@ class HostAgent:
             vm.role = "running"
             vm.save()
         return VmStatus(name=name, host=self.name, state=state, pid=vm.pid, role=vm.role, spec=vm.spec,
-                        console_log=str(vm.paths.console_log))  # fmt: skip
+                        console_log=str(vm.paths.console_log), resumed_at=vm.resumed_at)  # fmt: skip
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -182,7 +184,7 @@ class HostAgent:
                                 exports=exports, netdevs=netdevs)  # fmt: skip
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, pass_fds=self.ports.pass_fds(spec),
             )  # fmt: skip
             out, err = await proc.communicate()
             if proc.returncode != 0:
@@ -219,6 +221,8 @@ class HostAgent:
             if not Path(path).is_file():
                 raise InvalidRequest(f"boot file {path} does not exist on host {self.name}")
         vm = await self.create(spec, incoming=True, exports=exports)
+        vm.resume_watch = asyncio.create_task(self._watch_resume(vm), name=f"resume-{spec.name}")
+        await asyncio.sleep(0)  # the listener is registered before the migration can start
         try:
             await vm.qmp.execute("migrate-set-capabilities",
                                  {"capabilities": [{"capability": "events", "state": True}]})  # fmt: skip
@@ -234,6 +238,17 @@ class HostAgent:
         vm.save()
         return vm.incoming_uri
 
+    @staticmethod
+    async def _watch_resume(vm: ManagedVm) -> None:
+        """Note when an incoming guest starts running: with the source's STOP time, that is the
+        pause the guest really saw (QEMU's own downtime ends when the source has sent everything)."""
+        with vm.qmp.listener("RESUME") as listener:
+            async for message in listener:
+                event: dict[str, Any] = dict(message)
+                stamp: dict[str, Any] = event.get("timestamp", {})
+                vm.resumed_at = stamp.get("seconds", time.time()) + stamp.get("microseconds", 0) / 1e6
+                return
+
     async def migrate(
         self, name: str, uri: str, params: MigrationParams, handoffs: list[VnicHandoff] | None = None
     ) -> SourceMigrationStatus:
@@ -247,7 +262,7 @@ class HostAgent:
         markers: dict[str, dict[str, int]] = {}
 
         async def hand_off_network() -> None:
-            markers.update(await self.ports.hand_off(handoffs or []))
+            markers.update(await self.ports.hand_off(handoffs or [], stopped_at=job.stopped_at))
 
         async def take_network_back() -> None:
             await self.ports.release_here(markers)
@@ -282,6 +297,8 @@ class HostAgent:
         vm = self.vms.pop(name, None)
         if vm is None:
             return
+        if vm.resume_watch is not None:
+            vm.resume_watch.cancel()
         await self._kill(vm)
         await self.ports.detach(vm.spec)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -317,11 +334,32 @@ class HostAgent:
 
     async def guest_check(self, name: str) -> tuple[bool, str]:
         vm = self.get(name)
-        return await console.memory_check(vm.paths.console, vm.paths.console_log)
+        try:
+            return await console.memory_check(vm.paths.console, vm.paths.console_log)
+        except GuestError as exc:
+            raise GuestError(f"{exc.message}; {await self._qemu_view(vm)}", vm=name) from None
 
     async def disk_check(self, name: str) -> tuple[bool, str]:
         vm = self.get(name)
-        return await console.disk_check(vm.paths.console, vm.paths.console_log)
+        try:
+            return await console.disk_check(vm.paths.console, vm.paths.console_log)
+        except GuestError as exc:
+            raise GuestError(f"{exc.message}; {await self._qemu_view(vm)}", vm=name) from None
+
+    async def _qemu_view(self, vm: ManagedVm) -> str:
+        """What QEMU says about a guest that does not answer: is it running, where are its vCPUs,
+        when did it last print? (An unanswered check must say whether the guest or its channel hung.)"""
+        parts: list[str] = []
+        try:
+            parts.append(f"QEMU status {(await vm.qmp.execute('query-status'))['status']}")
+            cpus = await vm.qmp.execute("human-monitor-command", {"command-line": "info cpus"})
+            parts.append("vCPUs " + "; ".join(line.strip() for line in str(cpus).splitlines() if line.strip()))
+        except QemuError as exc:
+            parts.append(f"QEMU does not answer QMP: {exc.message}")
+        log_path = vm.paths.console_log
+        if log_path.exists():
+            parts.append(f"console last written {time.time() - log_path.stat().st_mtime:.0f}s ago")
+        return ", ".join(parts)
 
     async def guest_command(self, name: str, line: str) -> None:
         vm = self.get(name)

@@ -107,6 +107,7 @@ class SourceMigration:
         self.stats: MigrationStats | None = None
         self.error: str | None = None
         self.hook_ms: float | None = None
+        self.stopped_at: float | None = None  # wall clock of QEMU's STOP event (the pause began)
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -135,17 +136,18 @@ class SourceMigration:
     async def _run(self) -> None:
         sampler: asyncio.Task[None] | None = None
         try:
-            with self.qmp.listener("MIGRATION") as listener:
+            with self.qmp.listener("MIGRATION", "STOP") as listener:
                 await self.qmp.execute("migrate", {"uri": self.uri})
                 sampler = asyncio.create_task(self._sample_loop())
                 async for message in listener:
                     event: dict[str, Any] = dict(message)
-                    status = str(event["data"]["status"])
                     stamp = event.get("timestamp", {})
-                    at = datetime.fromtimestamp(
-                        stamp.get("seconds", time.time()) + stamp.get("microseconds", 0) / 1e6, UTC
-                    )
-                    self.events.append(MigrationEvent(at=at, status=status))
+                    seconds = stamp.get("seconds", time.time()) + stamp.get("microseconds", 0) / 1e6
+                    if event.get("event") == "STOP":
+                        self.stopped_at = seconds  # the network hand-off tells late frames by it
+                        continue
+                    status = str(event["data"]["status"])
+                    self.events.append(MigrationEvent(at=datetime.fromtimestamp(seconds, UTC), status=status))
                     if status == "pre-switchover":
                         await self._switchover()
                     if status in FINAL_STATUSES:

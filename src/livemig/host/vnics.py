@@ -7,12 +7,18 @@ release the destination's held ingress above the marker. The destination QEMU is
 but everything released now arrived after the source paused, so the kernel socket hands the
 resumed guest exactly the frames it has not seen. All of it is a few local HTTP calls: the pause
 includes them, so nothing else may happen here.
+
+hostd creates each NIC's datagram socket itself and passes it to QEMU (``-netdev
+dgram,local.type=fd``), keeping a duplicate. At the pause it drains, through that duplicate,
+the frames the stopped QEMU never read, and lowers the marker below them
+(``network.handoff.replay_marker``): the destination delivers them instead of nobody.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 
 import httpx
 from pydantic import BaseModel
@@ -21,6 +27,8 @@ from livemig.errors import HostUnreachable, InvalidRequest, LivemigError
 from livemig.faults import fault_point
 from livemig.model.vm import NicDevice, VmSpec
 from livemig.network.envelope import MEDIA_TYPE
+from livemig.network.handoff import PAUSE_PROBE, replay_marker
+from livemig.network.model import PauseMarker
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,7 @@ class VswitchPorts:
     def __init__(self, url: str | None) -> None:
         self.url = url.rstrip("/") if url else None
         self._client: httpx.AsyncClient | None = None
+        self._sockets: dict[str, socket.socket] = {}  # VNIC id -> our duplicate of QEMU's NIC socket
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -84,26 +93,80 @@ class VswitchPorts:
             with contextlib.suppress(LivemigError):  # a leftover port from an earlier attempt
                 await self._call("DELETE", f"{self.url}/vnics/{nic.vnic}")
             port = (await self._call("POST", f"{self.url}/vnics", json={"vnic_id": nic.vnic, "hold": hold})).json()
-            netdevs[nic.id] = (
-                f"dgram,id=net_{nic.id},local.type=inet,local.host=127.0.0.1,local.port={port['qemu_port']},"
-                f"remote.type=inet,remote.host=127.0.0.1,remote.port={port['switch_port']}"
-            )
+            sock = self._open_socket(nic.vnic, int(port["qemu_port"]), int(port["switch_port"]))
+            netdevs[nic.id] = f"dgram,id=net_{nic.id},local.type=fd,local.str={sock.fileno()}"
         return netdevs
 
+    def _open_socket(self, vnic: str | None, qemu_port: int, switch_port: int) -> socket.socket:
+        """QEMU's side of the VNIC: bound where the vswitch sends, connected to the vswitch's port."""
+        self._close_socket(vnic)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind(("127.0.0.1", qemu_port))
+            sock.connect(("127.0.0.1", switch_port))
+        except OSError as exc:
+            sock.close()
+            raise LivemigError(f"VNIC {vnic}: cannot open QEMU's socket on 127.0.0.1:{qemu_port}: {exc}") from exc
+        sock.setblocking(False)
+        self._sockets[str(vnic)] = sock
+        return sock
+
+    def _close_socket(self, vnic: str | None) -> None:
+        sock = self._sockets.pop(str(vnic), None)
+        if sock is not None:
+            sock.close()
+
+    def pass_fds(self, spec: VmSpec) -> list[int]:
+        """The NIC sockets QEMU must inherit (after ``attach``)."""
+        return [self._sockets[nic.vnic].fileno() for nic in vswitch_nics(spec) if nic.vnic in self._sockets]
+
+    def _drain(self, vnic: str) -> tuple[int, bool] | None:
+        """Read out every frame QEMU left unread: (how many, not counting the vswitch's pause probe;
+        whether the probe was among them). None if we hold no duplicate (re-adopted VM)."""
+        sock = self._sockets.get(vnic)
+        if sock is None:
+            return None
+        drained, probe_left = 0, False
+        while True:
+            try:
+                frame = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return drained, probe_left
+            except OSError:
+                return drained, probe_left  # e.g. ECONNREFUSED from an earlier send: nothing to read
+            if frame == PAUSE_PROBE:
+                probe_left = True
+            else:
+                drained += 1
+
     async def detach(self, spec: VmSpec) -> None:
+        for nic in vswitch_nics(spec):
+            self._close_socket(nic.vnic)
         if self.url is None:
             return
         for nic in vswitch_nics(spec):
             with contextlib.suppress(LivemigError):
                 await self._call("DELETE", f"{self.url}/vnics/{nic.vnic}")
 
-    async def hand_off(self, handoffs: list[VnicHandoff]) -> dict[str, dict[str, int]]:
-        """Inside the pause: marker, final flows, release on the destination. Returns the markers."""
+    async def hand_off(self, handoffs: list[VnicHandoff], stopped_at: float | None = None) -> dict[str, dict[str, int]]:
+        """Inside the pause: marker, final flows, release on the destination. Returns the markers.
+
+        ``stopped_at``: wall-clock time of QEMU's STOP event, to tell which frames came too late.
+        """
         assert self.url is not None
         markers: dict[str, dict[str, int]] = {}
         for h in handoffs:
-            marker = (await self._call("POST", f"{self.url}/vnics/{h.vnic}/pause-marker")).json()["marker"]
-            markers[h.vnic] = marker
+            answer = await self._call("POST", f"{self.url}/vnics/{h.vnic}/pause-marker")
+            reply = PauseMarker.model_validate(answer.json())
+            markers[h.vnic] = reply.marker
+            # the vswitch writes nothing more to QEMU now: what is left in its socket, it never read
+            left = self._drain(h.vnic)
+            drained, probe_left = left if left is not None else (None, None)
+            replay = replay_marker(reply.marker, reply.recent, drained, stopped_at, probe_left)
+            marker = replay.marker
+            log.info("VNIC %s: %d frame(s) never reached the paused guest; the destination delivers them%s",
+                     h.vnic, replay.unconsumed,
+                     f" ({replay.unrecoverable} unstamped, lost)" if replay.unrecoverable else "")  # fmt: skip
             dest = h.destination_vswitch.rstrip("/")
             if not await fault_point("hostd.flow_sync"):  # "hold" = the test switch: no final flows
                 flows = (await self._call("GET", f"{self.url}/vnics/{h.vnic}/flows", params={"since": 0})).content

@@ -175,3 +175,6 @@ class VmStatus(BaseModel):
     role: Literal["running", "incoming", "outgoing"] = "running"
     spec: VmSpec
     console_log: str | None = None
+    resumed_at: float | None = Field(
+        default=None, description="incoming VM: Unix time QEMU resumed the guest here (after a migration)"
+    )

@@ -20,6 +20,19 @@ rest are duplicates. The marker then stays as a *floor* for a grace period so a 
 copy is still recognised as a duplicate. On cancel the source gate is resumed with its own marker,
 which releases everything it held. Frames lost to eviction after the marker are counted.
 
+The seam inside the source host: the vswitch stops writing to QEMU's socket only when it is asked
+for the marker, a few milliseconds after QEMU stopped the VM. Frames written in between sit in
+QEMU's socket buffer, plus at most one that QEMU read after the stop and queued internally (a
+stopped virtio-net accepts nothing, so QEMU's dgram backend parks that frame and stops reading).
+None of these reach the guest, yet the marker counts them as processed. hostd created that socket
+and kept a duplicate, so it drains what QEMU never read and :func:`replay_marker` lowers the
+marker below those frames: the destination then delivers them. Whether QEMU parked a frame is
+told by a probe: right after it starts holding, the vswitch writes :data:`PAUSE_PROBE` to the
+socket. A stopped QEMU reads at most one frame, so the probe is still there exactly when QEMU
+had already parked a real frame (or had one unread before it). A probe QEMU did read is parked in
+its place, harmless: it is addressed to no one, and is dropped if the source ever runs again.
+Nothing lost, nothing twice.
+
 Sequence numbers are plain integers compared per sender: a sender's counter for a VNIC never
 resets while the sender runs, so markers and sequences always come from the same series.
 """
@@ -28,11 +41,16 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+from livemig.network.model import Delivery
+
 FLOOR_GRACE_S = 30.0
+# an Ethernet frame for nobody (locally administered unicast, IEEE local-experimental ethertype)
+PAUSE_PROBE = (bytes.fromhex("026c6d000000026c6d00000188b5") + b"livemig pause probe").ljust(60, b"\x00")
+RECENT_DELIVERIES = 256  # frames remembered per VNIC for the marker; far more than a pause leaves behind
 
 
 class Admission(Enum):
@@ -156,3 +174,47 @@ class Sequencer:
         seq = self._next.get(vnic, 1)
         self._next[vnic] = seq + 1 if seq < 0xFFFFFFFF else 1
         return seq
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The marker the destination should resume with, and what went into it."""
+
+    marker: dict[str, int]
+    unconsumed: int  # frames written to the source QEMU that its guest never received
+    unrecoverable: int  # of those, frames without a sequence number (only ever sent to the source)
+
+
+def replay_marker(
+    marker: dict[str, int],
+    recent: Sequence[Delivery],
+    drained: int | None,
+    stopped_at: float | None,
+    probe_left: bool | None = None,
+) -> Replay:
+    """Lower ``marker`` below the frames the paused source QEMU never passed to its guest.
+
+    ``recent``: the last frames the source vswitch wrote to QEMU's socket, oldest first (the socket
+    is FIFO, so the unconsumed ones are its tail). ``drained``: how many hostd read back out of
+    that socket after the vswitch stopped writing, the probe not counted (None when hostd holds no
+    duplicate of it, e.g. after a hostd restart re-adopted the VM). ``probe_left``: the probe was
+    still in the socket, so QEMU holds one parked frame. ``stopped_at``: the wall-clock time of
+    QEMU's STOP event, the fallback when there is no probe answer: frames written after it cannot
+    have reached the guest.
+    """
+    after_stop = sum(1 for d in recent if stopped_at is not None and d.at > stopped_at)
+    if drained is None:
+        unconsumed = after_stop
+    elif probe_left is None:
+        unconsumed = max(after_stop, drained + (1 if drained or after_stop else 0))
+    else:
+        unconsumed = drained + (1 if probe_left else 0)
+    unconsumed = min(unconsumed, len(recent))
+    adjusted = dict(marker)
+    unrecoverable = 0
+    for delivery in recent[len(recent) - unconsumed :]:
+        if not delivery.seq:
+            unrecoverable += 1
+            continue
+        adjusted[delivery.sender] = min(adjusted.get(delivery.sender, delivery.seq), delivery.seq - 1)
+    return Replay(marker=adjusted, unconsumed=unconsumed, unrecoverable=unrecoverable)

@@ -339,11 +339,21 @@ class Attachment(_Strict):
         )
 
 
+class Delivery(_Strict):
+    """One frame the vswitch wrote to a VM's QEMU socket: who stamped it (``seq`` 0: nobody) and when."""
+
+    sender: str
+    seq: int = Field(ge=0)
+    at: float  # wall clock, comparable with QEMU's event timestamps on the same host
+
+
 class PauseMarker(_Strict):
-    """Per sending host, the last sequence number this vswitch processed for the VNIC before holding."""
+    """Per sending host, the last sequence number this vswitch processed for the VNIC before holding,
+    and the last frames written to QEMU's socket (oldest first)."""
 
     vnic_id: str
     marker: dict[str, int]
+    recent: list[Delivery] = Field(default_factory=list)
 
 
 class ResumeRequest(_Strict):

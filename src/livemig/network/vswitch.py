@@ -65,7 +65,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
@@ -74,11 +75,12 @@ from livemig.network import dhcp
 from livemig.network.conntrack import Conntrack
 from livemig.network.envelope import open_flows, seal_flows
 from livemig.network.gateway import TapPort
-from livemig.network.handoff import Admission, IngressGate, Sequencer
+from livemig.network.handoff import PAUSE_PROBE, RECENT_DELIVERIES, Admission, IngressGate, Sequencer
 from livemig.network.model import (
     Attachment,
     AttachRequest,
     CounterSnapshot,
+    Delivery,
     FlowBatch,
     ImportReport,
     Mapping,
@@ -183,6 +185,14 @@ class LocalVnic:
     gate: IngressGate
     attachment: Attachment
     counters: Counter[str] = field(default_factory=Counter)
+    # the last frames written to QEMU's socket, oldest first: the hand-off needs to know which of
+    # them a paused QEMU never read (see ``handoff.replay_marker``)
+    recent: deque[tuple[str, int, float]] = field(default_factory=lambda: deque(maxlen=RECENT_DELIVERIES))
+
+    def send(self, frame: bytes, sender: str = "", seq: int = 0) -> None:
+        """Hand one frame to the VM's QEMU and remember it (``seq`` 0: not stamped)."""
+        self.port.send(frame)
+        self.recent.append((sender, seq, time.time()))  # a tuple: this runs for every frame
 
 
 class Vswitch:
@@ -357,9 +367,16 @@ class Vswitch:
         )
 
     def pause_marker(self, vnic_id: str) -> PauseMarker:
-        """Start holding the VNIC's ingress here; the marker says what was processed before."""
-        marker = self.local(vnic_id).gate.hold()
-        return PauseMarker(vnic_id=vnic_id, marker=marker)
+        """Start holding the VNIC's ingress here; the marker says what was processed before.
+
+        ``recent`` lists the last frames written to QEMU's socket, so that the caller, who can see
+        how many of them the paused QEMU never read, can lower the marker below those.
+        """
+        local = self.local(vnic_id)
+        marker = local.gate.hold()
+        local.port.send(PAUSE_PROBE)  # tells hostd whether the stopped QEMU parked a frame (handoff.py)
+        recent = [Delivery(sender=sender, seq=seq, at=at) for sender, seq, at in local.recent]
+        return PauseMarker(vnic_id=vnic_id, marker=marker, recent=recent)
 
     def resume(self, vnic_id: str, marker: dict[str, int]) -> ResumeReport:
         """Release held ingress newer than ``marker`` through the VNIC's ingress filter."""
@@ -368,7 +385,7 @@ class Vswitch:
         release = local.gate.resume(marker)
         delivered = denied = 0
         for held in release.frames:
-            if self._filter_ingress(view, local, held.frame, None):
+            if self._filter_ingress(view, local, held.frame, None, held.sender, held.seq):
                 delivered += 1
             else:
                 denied += 1
@@ -444,7 +461,7 @@ class Vswitch:
                 return
             mac = target.mac
         reply = Arp(ARP_REPLY, mac, arp.tpa, arp.sha, arp.spa).pack()
-        local.port.send(Ethernet(eth.src, mac, ETHERTYPE_ARP, reply).pack().ljust(_MIN_FRAME, b"\x00"))
+        local.send(Ethernet(eth.src, mac, ETHERTYPE_ARP, reply).pack().ljust(_MIN_FRAME, b"\x00"))
         self.counters["arp_replies"] += 1
 
     def _egress_ipv4(self, view: VnicView, local: LocalVnic, eth: Ethernet, data: bytes) -> None:
@@ -501,7 +518,7 @@ class Vswitch:
             return
         udp = Udp(dhcp.DHCP_SERVER_PORT, dhcp.DHCP_CLIENT_PORT, reply).pack(subnet.gateway_ip, _BROADCAST_IP)
         packet = IPv4(subnet.gateway_ip, _BROADCAST_IP, IPPROTO_UDP, udp, ttl=64).pack()
-        local.port.send(Ethernet(view.mac, subnet.gateway_mac, ETHERTYPE_IPV4, packet).pack())
+        local.send(Ethernet(view.mac, subnet.gateway_mac, ETHERTYPE_IPV4, packet).pack())
         self.counters["dhcp_replies"] += 1
 
     def _deliver(self, target: VnicView, frame: bytes, info: FlowInfo | None) -> None:
@@ -547,14 +564,16 @@ class Vswitch:
             return
         admission = local.gate.admit(sender, seq, frame)
         if admission is Admission.DELIVER:
-            self._filter_ingress(target, local, frame, info)
+            self._filter_ingress(target, local, frame, info, sender, seq)
         elif admission is Admission.HELD:
             local.counters["held_total"] += 1
         else:
             local.counters["duplicates"] += 1
             self._drop("duplicate")
 
-    def _filter_ingress(self, target: VnicView, local: LocalVnic, frame: bytes, info: FlowInfo | None) -> bool:
+    def _filter_ingress(
+        self, target: VnicView, local: LocalVnic, frame: bytes, info: FlowInfo | None, sender: str = "", seq: int = 0
+    ) -> bool:
         try:
             if info is None:
                 info = flow_info(IPv4.parse(frame[14:]))
@@ -567,7 +586,7 @@ class Vswitch:
             local.counters["denied_ingress"] += 1
             self._drop("denied")
             return False
-        local.port.send(frame)
+        local.send(frame, sender, seq)
         local.counters["tx"] += 1
         self.counters["tx_vm"] += 1
         return True

@@ -19,6 +19,7 @@ def tcp_echo(host: str, port: int, interval_ms: float, stop_file: str, max_s: fl
     sent = received = 0
     gaps: list[float] = []
     error = None
+    worst_end = 0.0
     deadline = time.monotonic() + max_s
     try:
         sock = socket.create_connection((host, port), timeout=10)
@@ -36,13 +37,15 @@ def tcp_echo(host: str, port: int, interval_ms: float, stop_file: str, max_s: fl
             received += 1
             now = time.monotonic()
             gaps.append((now - last) * 1000)
+            if gaps[-1] >= max(gaps):
+                worst_end = time.time()  # wall clock: lines up with the migration's timeline
             last = now
             time.sleep(interval_ms / 1000)
         sock.close()
     except OSError as exc:
         error = f"{type(exc).__name__}: {exc}"
     return {"sent": sent, "received": received, "error": error,
-            "max_gap_ms": round(max(gaps), 1) if gaps else None,
+            "max_gap_ms": round(max(gaps), 1) if gaps else None, "max_gap_end_unix": worst_end or None,
             "p50_gap_ms": round(sorted(gaps)[len(gaps) // 2], 1) if gaps else None}  # fmt: skip
 
 

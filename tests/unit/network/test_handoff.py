@@ -7,7 +7,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from livemig.network.handoff import Admission, IngressGate, Sequencer
+from livemig.network.handoff import Admission, IngressGate, Sequencer, replay_marker
+from livemig.network.model import Delivery
 
 
 class Clock:
@@ -128,3 +129,80 @@ def test_property_nothing_lost_nothing_twice(before, after, seed, capacity):
     assert len(set(at_destination)) == len(at_destination)
     missing = set(sent) - set(at_source) - set(at_destination)
     assert len(missing) == release.lost_to_overflow
+
+
+# -- the seam inside the source host: frames a stopped QEMU never read --------------------------
+
+
+def simulate_source_pause(deliveries: list[tuple[str, int]], unread_from: int) -> tuple[list, list, int, bool]:
+    """QEMU's dgram backend around a stop. Frames before ``unread_from`` reached the guest; of the
+    rest (written after the stop, or left unread when it came), QEMU reads one and parks it, the
+    others stay in the socket. Then the vswitch writes the probe: QEMU reads it only if it had
+    read nothing since the stop."""
+    recent = [Delivery(sender=s, seq=q, at=float(i)) for i, (s, q) in enumerate(deliveries)]
+    consumed = deliveries[:unread_from]
+    unread = deliveries[unread_from:]
+    drained = max(0, len(unread) - 1)  # all but the parked one
+    probe_left = bool(unread)
+    return recent, consumed, drained, probe_left
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    senders=st.lists(st.sampled_from(["A", "C"]), min_size=0, max_size=40),
+    unread_fraction=st.floats(min_value=0, max_value=1),
+    stop_offset=st.integers(min_value=-3, max_value=3),
+)
+def test_replay_marker_gives_the_destination_exactly_what_the_guest_missed(senders, unread_fraction, stop_offset):
+    seqs = {"A": Sequencer(), "C": Sequencer()}
+    deliveries = [(s, seqs[s].next("v")) for s in senders]
+    unread_from = round(unread_fraction * len(deliveries))
+    recent, consumed, drained, probe_left = simulate_source_pause(deliveries, unread_from)
+    marker = {}
+    for sender, seq in deliveries:
+        marker[sender] = seq
+    # the STOP event's time may be off by a few frames either way: the probe answer decides
+    stopped_at = unread_from - 0.5 + stop_offset
+
+    replay = replay_marker(marker, recent, drained, stopped_at, probe_left)
+
+    # the destination held every stamped frame: it releases those above the replayed marker
+    released = [(s, q) for s, q in deliveries if q > replay.marker.get(s, 0)]
+    assert sorted(consumed + released) == sorted(deliveries)  # each frame once: none lost, none twice
+    assert replay.unconsumed == len(deliveries) - unread_from
+
+
+def test_replay_marker_without_a_probe_answer_counts_late_frames_and_the_parked_one():
+    recent = [Delivery(sender="A", seq=q, at=float(q)) for q in range(1, 6)]
+    # frames 4 and 5 came after the stop; QEMU parked 4, hostd drained 5
+    replay = replay_marker({"A": 5}, recent, drained=1, stopped_at=3.5)
+    assert replay.marker == {"A": 3} and replay.unconsumed == 2
+
+
+def test_replay_marker_without_our_socket_falls_back_to_the_stop_time():
+    recent = [Delivery(sender="A", seq=q, at=float(q)) for q in range(1, 6)]
+    replay = replay_marker({"A": 5}, recent, drained=None, stopped_at=3.5)
+    assert replay.marker == {"A": 3} and replay.unconsumed == 2
+
+
+def test_replay_marker_when_nothing_came_after_the_stop_changes_nothing():
+    recent = [Delivery(sender="A", seq=q, at=float(q)) for q in range(1, 6)]
+    assert replay_marker({"A": 5}, recent, drained=0, stopped_at=9.0).marker == {"A": 5}
+    assert replay_marker({"A": 5}, recent, drained=0, stopped_at=0.0, probe_left=False).marker == {"A": 5}
+
+
+def test_replay_marker_counts_unstamped_late_frames_as_unrecoverable():
+    recent = [
+        Delivery(sender="A", seq=1, at=1.0),
+        Delivery(sender="", seq=0, at=2.0),
+        Delivery(sender="A", seq=2, at=3.0),
+    ]
+    replay = replay_marker({"A": 2}, recent, drained=1, stopped_at=1.5)
+    assert replay.marker == {"A": 1}
+    assert (replay.unconsumed, replay.unrecoverable) == (2, 1)
+
+
+def test_replay_marker_never_rolls_back_more_than_it_remembers():
+    recent = [Delivery(sender="A", seq=9, at=1.0)]
+    replay = replay_marker({"A": 9}, recent, drained=50, stopped_at=None, probe_left=True)
+    assert replay.unconsumed == 1 and replay.marker == {"A": 8}

@@ -16,6 +16,7 @@ from livemig.network.fakevm import (
     tcp_frame,
     udp_frame,
 )
+from livemig.network.handoff import PAUSE_PROBE
 from livemig.network.model import Attachment, SecurityList, SecurityRule, derived_gateway_mac
 from livemig.network.packets import (
     ARP_REPLY,
@@ -253,8 +254,11 @@ def test_dual_ingress_pause_marker_resume_exactly_once():
 
     for n in range(10):
         send(n)
-    marker = a.pause_marker("web").marker
+    paused = a.pause_marker("web")
+    marker = paused.marker
     assert marker == {"C": 10, "A": 10}
+    assert [(d.sender, d.seq) for d in paused.recent][-2:] == [("C", 10), ("A", 10)]  # what QEMU was given
+    assert src.sent.pop() == PAUSE_PROBE  # written after holding began: tells hostd if QEMU parked a frame
     for n in range(10, 15):
         send(n)
     assert len(src.sent) == 20 and dst.sent == []
