@@ -63,7 +63,7 @@ def wait_heartbeat_after(client: LmoClient, vm: str, after: int, timeout: float 
 def migration_report(m: Migration) -> dict[str, Any]:
     return {
         "id": m.id, "vm": m.vm, "from": m.source, "to": m.destination, "phase": m.phase.value,
-        "pause_ms": m.stats.pause_ms, "total_ms": m.stats.total_ms,
+        "pause_ms": m.stats.pause_ms, "guest_pause_ms": m.stats.guest_pause_ms, "total_ms": m.stats.total_ms,
         "transferred_bytes": m.stats.transferred_bytes, "rounds": m.stats.rounds,
         "guest_memory_check": m.guest_check or "not run",
         "disk_check": m.disk_check or "not run",

@@ -70,6 +70,7 @@ def test_migration_walks_every_phase_and_moves_ownership(api, fleet):
     ]
     assert [e.at for e in m.timeline] == sorted(e.at for e in m.timeline)
     assert m.stats.pause_ms == 12 and m.guest_check == "ok"
+    assert m.stats.guest_pause_ms == 17.5  # source STOP -> destination RESUME, from the two hosts' reports
     assert api.get("/vms/vm1").json()["host"] == "B"
     assert "vm1" not in fleet.hosts["A"].vms and fleet.hosts["B"].vms["vm1"].state == "running"
     # the source was stopped only after the destination was observed running

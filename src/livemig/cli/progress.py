@@ -57,6 +57,8 @@ def stats_line(m: Migration) -> str:
     parts = [f"pause {s.pause_ms} ms" if s.pause_ms is not None else "pause -",
              f"total {s.total_ms} ms" if s.total_ms is not None else "total -",
              f"{s.transferred_bytes / MIB:.1f} MiB sent", f"{s.rounds} rounds"]  # fmt: skip
+    if s.guest_pause_ms is not None:
+        parts.append(f"guest paused {s.guest_pause_ms:.0f} ms (STOP to RESUME)")
     if s.switchover_hook_ms is not None:
         parts.append(f"switchover hook {s.switchover_hook_ms:.2f} ms")
     if m.guest_check is not None:

@@ -261,6 +261,8 @@ class Controller:
             return
         if observed.state != "running":
             return  # still loading the last state; observe again next pass
+        if m.stats.stopped_at is not None and observed.resumed_at is not None:
+            m.stats.guest_pause_ms = round((observed.resumed_at - m.stats.stopped_at) * 1000, 1)
         await self.volumes.fence(m.vm, m.source)  # a late write from the source can never land now
         await source.destroy_vm(m.vm)
         self.store.set_vm(m.vm, host=m.destination)

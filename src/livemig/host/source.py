@@ -65,7 +65,7 @@ def sample_from(reply: dict[str, Any]) -> MigrationSample:
     )
 
 
-def stats_from(reply: dict[str, Any], hook_ms: float | None) -> MigrationStats:
+def stats_from(reply: dict[str, Any], hook_ms: float | None, stopped_at: float | None = None) -> MigrationStats:
     ram = reply.get("ram", {})
     return MigrationStats(
         status=reply.get("status", ""),
@@ -78,6 +78,7 @@ def stats_from(reply: dict[str, Any], hook_ms: float | None) -> MigrationStats:
         duplicate_pages=ram.get("duplicate", 0),
         normal_pages=ram.get("normal", 0),
         switchover_hook_ms=hook_ms,
+        stopped_at=stopped_at,
         error=reply.get("error-desc"),
     )
 
@@ -153,7 +154,7 @@ class SourceMigration:
                     if status in FINAL_STATUSES:
                         break
             reply = await self._final_reply()
-            self.stats = stats_from(reply, self.hook_ms)
+            self.stats = stats_from(reply, self.hook_ms, self.stopped_at)
             self.samples.append(sample_from(reply))
             final = reply.get("status", "failed")
             self.state = final if final in FINAL_STATUSES else "failed"

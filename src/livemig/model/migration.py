@@ -140,6 +140,12 @@ class MigrationStats(BaseModel):
     switchover_hook_ms: float | None = Field(
         default=None, description="time between pre-switchover event and migrate-continue"
     )
+    stopped_at: float | None = Field(default=None, description="Unix time QEMU stopped the source guest")
+    guest_pause_ms: float | None = Field(
+        default=None,
+        description="source STOP to destination RESUME: the pause the guest saw (QEMU's downtime ends "
+        "when the source has sent everything, before the destination has loaded and started)",
+    )
     error: str | None = None
 
 

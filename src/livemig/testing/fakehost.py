@@ -26,6 +26,7 @@ class FakeVm:
     migration: dict[str, Any] | None = None
     polls: int = 0
     incoming_uri: str | None = None
+    resumed_at: float | None = None
 
 
 @dataclass
@@ -52,7 +53,7 @@ class FakeHost:
 
     def status(self, vm: FakeVm) -> dict[str, Any]:
         return {"name": vm.spec.name, "host": self.name, "state": vm.state, "pid": 4242, "role": vm.role,
-                "spec": vm.spec.model_dump(), "console_log": None}  # fmt: skip
+                "spec": vm.spec.model_dump(), "console_log": None, "resumed_at": vm.resumed_at}  # fmt: skip
 
     # ------------------------------------------------------------------ routing
     def handle(self, request: httpx.Request) -> httpx.Response:
@@ -135,12 +136,13 @@ class FakeHost:
         migration["events"] = [{"at": now, "status": "pre-switchover"}, {"at": now, "status": "completed"}]
         migration["state"] = "completed"
         migration["stats"] = {"status": "completed", "pause_ms": 12, "total_ms": 900, "transferred_bytes": 1 << 20,
-                              "rounds": 3}  # fmt: skip
+                              "rounds": 3, "stopped_at": 1000.0}  # fmt: skip
         vm.state = "postmigrate"
         target = self.peers.get(migration["uri"])
         if target is not None and vm.spec.name in target.vms:
             target.vms[vm.spec.name].state = "running"
             target.vms[vm.spec.name].role = "running"
+            target.vms[vm.spec.name].resumed_at = 1000.0175  # the guest ran again 17.5 ms after it stopped
 
 
 class FakeFleet:
