@@ -15,15 +15,16 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from livemig.errors import CapacityError, Conflict, GuestError, InvalidRequest, NotFound, QemuError
 from livemig.host import console
 from livemig.host.accel import AccelChoice
 from livemig.host.qemu import VmPaths, command_line, machine_aliases, qemu_binary, qemu_version, resolve_machine
-from livemig.host.qmp import QmpSession
+from livemig.host.qmp import QmpSession, event_time
 from livemig.host.source import SourceMigration, SourceMigrationStatus
 from livemig.host.vnics import VnicHandoff, VswitchPorts
 from livemig.model.host import HostInfo
@@ -244,9 +245,7 @@ class HostAgent:
         pause the guest really saw (QEMU's own downtime ends when the source has sent everything)."""
         with vm.qmp.listener("RESUME") as listener:
             async for message in listener:
-                event: dict[str, Any] = dict(message)
-                stamp: dict[str, Any] = event.get("timestamp", {})
-                vm.resumed_at = stamp.get("seconds", time.time()) + stamp.get("microseconds", 0) / 1e6
+                vm.resumed_at = event_time(dict(message))
                 return
 
     async def migrate(
@@ -333,16 +332,18 @@ class HostAgent:
         return state
 
     async def guest_check(self, name: str) -> tuple[bool, str]:
-        vm = self.get(name)
-        try:
-            return await console.memory_check(vm.paths.console, vm.paths.console_log)
-        except GuestError as exc:
-            raise GuestError(f"{exc.message}; {await self._qemu_view(vm)}", vm=name) from None
+        return await self._run_check(name, console.memory_check)
 
     async def disk_check(self, name: str) -> tuple[bool, str]:
+        return await self._run_check(name, console.disk_check)
+
+    async def _run_check(
+        self, name: str, check: Callable[[Path, Path], Awaitable[tuple[bool, str]]]
+    ) -> tuple[bool, str]:
+        """Run a guest self-check; if the guest does not answer, say what QEMU sees."""
         vm = self.get(name)
         try:
-            return await console.disk_check(vm.paths.console, vm.paths.console_log)
+            return await check(vm.paths.console, vm.paths.console_log)
         except GuestError as exc:
             raise GuestError(f"{exc.message}; {await self._qemu_view(vm)}", vm=name) from None
 

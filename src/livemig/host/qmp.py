@@ -7,6 +7,7 @@ command sent and QEMU's answer, instead of the library's several exception class
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -16,6 +17,12 @@ from qemu.qmp import EventListener, QMPClient, QMPError
 from qemu.qmp.qmp_client import ExecuteError
 
 from livemig.errors import QemuError
+
+
+def event_time(event: dict[str, Any]) -> float:
+    """Unix time QEMU stamped on a QMP event (now, if it carries none)."""
+    stamp: dict[str, Any] = event.get("timestamp", {})
+    return float(stamp.get("seconds", time.time()) + stamp.get("microseconds", 0) / 1e6)
 
 
 class QmpSession:

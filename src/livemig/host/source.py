@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from livemig.errors import LivemigError, QemuError
 from livemig.faults import fault_point
-from livemig.host.qmp import QmpSession
+from livemig.host.qmp import QmpSession, event_time
 from livemig.model.migration import MigrationParams, MigrationSample, MigrationStats
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,7 @@ class SourceMigration:
                 sampler = asyncio.create_task(self._sample_loop())
                 async for message in listener:
                     event: dict[str, Any] = dict(message)
-                    stamp = event.get("timestamp", {})
-                    seconds = stamp.get("seconds", time.time()) + stamp.get("microseconds", 0) / 1e6
+                    seconds = event_time(event)
                     if event.get("event") == "STOP":
                         self.stopped_at = seconds  # the network hand-off tells late frames by it
                         continue
