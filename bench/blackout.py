@@ -33,8 +33,9 @@ def main() -> int:
     import test_network as net  # the same topology and probes as the e2e tests
 
     from livemig.model import NicDevice, VmSpec, WorkloadSpec
+    from livemig.netplumb import netns
     from livemig.network.client import VswitchClient
-    from livemig.network.gateway import netns, plumb_tap
+    from livemig.network.gateway import plumb_tap
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--migrations", type=int, default=4)

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import httpx
 
+from livemig import hostns
 from livemig.errors import BootstrapError
+from livemig.hostns import NamespaceLayout
 from livemig.proc import pid_alive, wait_gone
 
 DEFAULT_HOSTS = ("A", "B")
@@ -55,6 +57,7 @@ class HostConfig:
     vswitch_port: int = 0
     overlay: str = ""
     vswitch_pid: int | None = None
+    netns: str | None = None  # a namespace host (hostns.py): its QEMUs and migration address live there
 
     @property
     def vswitch_url(self) -> str:
@@ -76,6 +79,7 @@ class RegionConfig:
     nbd_port: int = 0
     blockd_pid: int | None = None
     replica_pids: list[int] = field(default_factory=list)
+    netns_region: int | None = None  # hostns.NamespaceLayout number when the hosts are namespace hosts
 
     @property
     def lmo_url(self) -> str:
@@ -133,9 +137,12 @@ class Region:
         return ["lmo", "--listen", f"127.0.0.1:{port}", "--db", db, "--blockd", config.blockd_url]
 
     def start_blockd(self, config: RegionConfig) -> None:
+        # namespace hosts' QEMUs reach NBD through the service bridge, not the root's loopback
+        layout = None if config.netns_region is None else NamespaceLayout(config.netns_region)
+        nbd_address = layout.service_gateway if layout else "127.0.0.1"
         config.blockd_pid = self._spawn("blockd", [
             "blockd", "--data-dir", str(self.state_dir / "blockd"), "--listen", f"127.0.0.1:{config.blockd_port}",
-            "--nbd-listen", f"127.0.0.1:{config.nbd_port}",
+            "--nbd-listen", f"{nbd_address}:{config.nbd_port}",
         ])  # fmt: skip
         self._save(config)
 
@@ -180,22 +187,33 @@ class Region:
             "--accel", config.accel, "--migration-bandwidth", str(host.migration_bandwidth_mib_s),
             "--vswitch", host.vswitch_url, "--overlay", host.overlay,
             *(["--memory-mib", str(host.memory_mib)] if host.memory_mib else []),
+            *(["--netns", host.netns] if host.netns else []),
         ], faults)  # fmt: skip
         self._save(config)
 
     def up(
         self, hosts: tuple[str, ...] = DEFAULT_HOSTS, accel: str = "auto", timeout: float = 30.0,
-        db_url: str | None = None,
+        db_url: str | None = None, netns: bool = False, migration_bandwidth_mib_s: int = 1024,
     ) -> RegionConfig:  # fmt: skip
-        """Start the LMO and one hostd per name; reuse the region if it already runs."""
+        """Start the LMO and one hostd per name; reuse the region if it already runs.
+
+        ``netns``: namespace hosts (root; ``hostns.py``), whose migration traffic crosses a real
+        interface that tc holds to each migration's reserved share."""
         existing = self.running()
         if existing is not None:
             return existing
+        layout = NamespaceLayout.for_state_dir(self.state_dir) if netns else None
         config = RegionConfig(
             lmo_port=free_port(),
             hosts=[
                 HostConfig(
-                    name, free_port(), f"127.0.100.{i + 1}", vswitch_port=free_port(), overlay=overlay_endpoint(i)
+                    name,
+                    free_port(),
+                    layout.migration_address(i) if layout else f"127.0.100.{i + 1}",
+                    migration_bandwidth_mib_s=migration_bandwidth_mib_s,
+                    vswitch_port=free_port(),
+                    overlay=overlay_endpoint(i),
+                    netns=layout.netns(i) if layout else None,
                 )
                 for i, name in enumerate(hosts)
             ],
@@ -203,8 +221,11 @@ class Region:
             db_url=db_url,
             blockd_port=free_port(),
             nbd_port=free_port(),
+            netns_region=layout.region if layout else None,
         )
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if layout is not None:
+            hostns.plumb(layout, len(config.hosts))
         self.start_blockd(config)
         self.start_lmo(config)
         for host in config.hosts:
@@ -246,6 +267,8 @@ class Region:
             for pidfile in (self.state_dir / "hosts").glob("*/vms/*/qemu.pid"):
                 with contextlib.suppress(OSError, ValueError):
                     _terminate(int(pidfile.read_text().strip()))
+            if config.netns_region is not None:  # the VMs are gone, so their namespaces can go
+                hostns.unplumb(NamespaceLayout(config.netns_region), len(config.hosts))
         self.config_path.unlink(missing_ok=True)
 
     def kill_host(self, name: str, sig: int = signal.SIGKILL) -> None:

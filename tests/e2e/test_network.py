@@ -56,7 +56,8 @@ def lmo_objects(lmo: LmoClient) -> None:
 @pytest.fixture(scope="module")
 def topology(region: Region) -> Iterator[LmoClient]:
     """The VCN objects and the gateway namespace, once per module."""
-    from livemig.network.gateway import netns, plumb_tap
+    from livemig.netplumb import netns
+    from livemig.network.gateway import plumb_tap
 
     config = region.load()
     assert config is not None

@@ -73,6 +73,7 @@ def hostd(
     migration_bandwidth: Annotated[int, typer.Option(help="MiB/s reserved for migrations, each way")] = 1024,
     vswitch: Annotated[str | None, typer.Option(help="this host's vswitch API URL")] = None,
     overlay: Annotated[str | None, typer.Option(help="this host's vswitch VXLAN endpoint ip:port")] = None,
+    netns: Annotated[str | None, typer.Option(help="namespace host: run QEMUs in this netns, tc on its mig0")] = None,
 ) -> None:
     """Run a host agent (QEMU lifecycle, migration source/destination)."""
     from livemig.host.accel import choose_accel
@@ -84,8 +85,13 @@ def hostd(
         memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024) - 1024
     if migration_bandwidth <= 0 or memory_mib <= 0:
         fail("--migration-bandwidth and --memory-mib must be positive")
+    if netns is not None:
+        from livemig.netplumb import netns_exists
+
+        if not netns_exists(netns):
+            fail(f"network namespace {netns!r} does not exist (`livemig up --netns` creates them)")
     agent = HostAgent(name, state_dir, migration_address, choice, memory_mib, migration_bandwidth,
-                      vswitch_url=vswitch, overlay=overlay)  # fmt: skip
+                      vswitch_url=vswitch, overlay=overlay, netns=netns)  # fmt: skip
     logging.getLogger(__name__).info("hostd %s: accelerator %s (%s)", name, choice.name, choice.reason)
     _serve(create_app(agent, lmo_url, f"http://{listen}"), listen)
 
@@ -140,13 +146,21 @@ def up(
     hosts: Annotated[str, typer.Option(help="comma-separated host names")] = "A,B",
     accel: Annotated[str, typer.Option(help="auto | kvm | tcg")] = "auto",
     db: Annotated[str | None, typer.Option(help="store URL (default SQLite in the state dir)")] = None,
+    netns: Annotated[
+        bool, typer.Option(help="root: each host in its own network namespace, tc on its migration interface")
+    ] = False,
+    migration_bandwidth: Annotated[int, typer.Option(help="each host's migration budget, MiB/s each way")] = 1024,
 ) -> None:
-    """Start a local region: the LMO and one hostd per host, on loopback."""
+    """Start a local region: the LMO and one hostd per host (loopback, or namespace hosts)."""
+    if migration_bandwidth <= 0:
+        fail("--migration-bandwidth must be positive")
     region = Region(state_dir)
-    config = region.up(tuple(h.strip() for h in hosts.split(",") if h.strip()), accel=accel, db_url=db)
+    config = region.up(tuple(h.strip() for h in hosts.split(",") if h.strip()), accel=accel, db_url=db,
+                       netns=netns, migration_bandwidth_mib_s=migration_bandwidth)  # fmt: skip
     out.print(f"region up in {region.state_dir}: LMO {config.lmo_url}")
     for host in config.hosts:
-        out.print(f"  host {host.name}: API {host.url}, migration address {host.migration_address}")
+        where = f", netns {host.netns}" if host.netns else ""
+        out.print(f"  host {host.name}: API {host.url}, migration address {host.migration_address}{where}")
 
 
 @app.command()

@@ -211,7 +211,9 @@ class Controller:
             assert m.incoming_uri is not None
             spec, _ = self.store.vm(m.vm)
             job = await source.migrate(m.vm, m.incoming_uri, m.params, self._handoffs(spec, m.destination))
+            held_by = job.enforced_by or "QEMU max-bandwidth (no tc on loopback hosts)"
             m.set_condition("MigrationStarted", True, m.incoming_uri)
+            m.set_condition("BandwidthEnforced", True, f"{m.params.max_bandwidth_mib_s} MiB/s held by {held_by}")
         self._absorb(m, job)
         if m.phase is Phase.PRECOPY and job.state == "running":
             spec, _ = self.store.vm(m.vm)

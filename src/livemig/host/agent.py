@@ -25,8 +25,10 @@ from livemig.host import console
 from livemig.host.accel import AccelChoice
 from livemig.host.qemu import VmPaths, command_line, machine_aliases, qemu_binary, qemu_version, resolve_machine
 from livemig.host.qmp import QmpSession, event_time
+from livemig.host.shaping import MigrationShaper
 from livemig.host.source import SourceMigration, SourceMigrationStatus
 from livemig.host.vnics import VnicHandoff, VswitchPorts
+from livemig.hostns import MIGRATION_DEVICE
 from livemig.model.host import HostInfo
 from livemig.model.migration import MigrationParams
 from livemig.model.vm import NbdExport, VmSpec, VmStatus, VolumeDevice
@@ -80,6 +82,7 @@ class HostAgent:
         migration_bandwidth_mib_s: int = 1024,
         vswitch_url: str | None = None,
         overlay: str | None = None,
+        netns: str | None = None,
     ) -> None:
         self.name = name
         self.state_dir = state_dir
@@ -91,6 +94,9 @@ class HostAgent:
         self.migration_bandwidth_mib_s = migration_bandwidth_mib_s
         self.ports = VswitchPorts(vswitch_url)
         self.overlay = overlay
+        # a namespace host (hostns.py): QEMUs run in its netns, outgoing migrations get a tc class
+        self.netns = netns
+        self.shaper = MigrationShaper(netns, MIGRATION_DEVICE, migration_bandwidth_mib_s) if netns else None
         self.vms: dict[str, ManagedVm] = {}
         self._lock = asyncio.Lock()
 
@@ -183,6 +189,8 @@ class HostAgent:
             netdevs = await self.ports.attach(spec, hold=incoming)
             argv = command_line(spec, paths, self.accel.name, incoming=incoming, binary=qemu_binary(),
                                 exports=exports, netdevs=netdevs)  # fmt: skip
+            if self.netns:  # the NIC socket is a passed fd, so it stays in hostd's namespace
+                argv = ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, pass_fds=self.ports.pass_fds(spec),
@@ -268,10 +276,18 @@ class HostAgent:
 
         if handoffs:
             await self.ports.warm_up(handoffs)
+        shaped = None
+        if self.shaper is not None:
+            shaped = await asyncio.to_thread(self.shaper.reserve, uri, params.max_bandwidth_mib_s)
         job = SourceMigration(name, vm.qmp, uri, params,
                               switchover_hooks=[hand_off_network] if handoffs else [],
-                              after_failed_switchover=take_network_back)  # fmt: skip
-        await job.configure()
+                              after_failed_switchover=take_network_back, shaped=shaped)  # fmt: skip
+        try:
+            await job.configure()
+        except BaseException:
+            if shaped is not None:
+                await asyncio.to_thread(shaped.release)
+            raise
         vm.migration = job
         vm.role = "outgoing"
         vm.save()
@@ -373,6 +389,10 @@ class HostAgent:
 
     async def adopt(self) -> list[str]:
         """Re-adopt every VM whose QEMU is still running after a hostd restart."""
+        if self.shaper is not None:
+            # no migration outlives the hostd that ran it (unfinished ones are cancelled below),
+            # so every per-migration class left on the interface is stale
+            await asyncio.to_thread(self.shaper.reset)
         adopted: list[str] = []
         if not self.vms_dir.exists():
             return adopted

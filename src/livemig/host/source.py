@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from livemig.errors import LivemigError, QemuError
 from livemig.faults import fault_point
 from livemig.host.qmp import QmpSession, event_time
+from livemig.host.shaping import ShapedMigration
 from livemig.model.migration import MigrationParams, MigrationSample, MigrationStats
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class SourceMigrationStatus(BaseModel):
     samples: list[MigrationSample] = Field(default_factory=list)
     stats: MigrationStats | None = None
     error: str | None = None
+    enforced_by: str | None = Field(default=None, description="the tc class holding the stream to its share")
 
 
 def sample_from(reply: dict[str, Any]) -> MigrationSample:
@@ -94,6 +96,7 @@ class SourceMigration:
         params: MigrationParams,
         switchover_hooks: list[SwitchoverHook] | None = None,
         after_failed_switchover: SwitchoverHook | None = None,
+        shaped: ShapedMigration | None = None,
     ) -> None:
         self.vm = vm
         self.qmp = qmp
@@ -110,6 +113,7 @@ class SourceMigration:
         self.hook_ms: float | None = None
         self.stopped_at: float | None = None  # wall clock of QEMU's STOP event (the pause began)
         self.task: asyncio.Task[None] | None = None
+        self.shaped = shaped  # the tc class holding this stream to its share (namespace hosts)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"migrate-{self.vm}")
@@ -154,6 +158,9 @@ class SourceMigration:
                         break
             reply = await self._final_reply()
             self.stats = stats_from(reply, self.hook_ms, self.stopped_at)
+            if self.shaped is not None:
+                self.stats.bandwidth_enforced_by = self.shaped.describe()
+                self.stats.shaped_bytes = await asyncio.to_thread(self.shaped.bytes_sent)
             self.samples.append(sample_from(reply))
             final = reply.get("status", "failed")
             self.state = final if final in FINAL_STATUSES else "failed"
@@ -171,6 +178,8 @@ class SourceMigration:
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampler
+            if self.shaped is not None:
+                await asyncio.to_thread(self.shaped.release)
 
     async def _final_reply(self) -> dict[str, Any]:
         """``query-migrate`` once QEMU has filled in its final numbers.
@@ -233,4 +242,5 @@ class SourceMigration:
             samples=chosen,
             stats=self.stats,
             error=self.error,
+            enforced_by=self.shaped.describe() if self.shaped is not None else None,
         )

@@ -146,6 +146,10 @@ class MigrationStats(BaseModel):
         description="source STOP to destination RESUME: the pause the guest saw (QEMU's downtime ends "
         "when the source has sent everything, before the destination has loaded and started)",
     )
+    bandwidth_enforced_by: str | None = Field(
+        default=None, description="the tc class that held the stream to its share (namespace hosts)"
+    )
+    shaped_bytes: int | None = Field(default=None, description="bytes that tc class passed")
     error: str | None = None
 
 

@@ -26,11 +26,10 @@ import fcntl
 import logging
 import os
 import struct
-import subprocess
 from collections import Counter
-from collections.abc import Iterator
 
 from livemig.errors import BootstrapError, Conflict
+from livemig.netplumb import ip
 from livemig.network.ports import FrameSink
 
 log = logging.getLogger(__name__)
@@ -98,36 +97,7 @@ class TapPort:
 
 
 # ---------------------------------------------------------------------------------------------
-# namespace plumbing (root; for tests and demos)
-
-
-def _ip(*args: str) -> None:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise Conflict(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
-
-
-def create_netns(name: str) -> None:
-    """A fresh network namespace with loopback up and IPv6 off (no router solicitations on the VCN)."""
-    _ip("netns", "add", name)
-    _ip("-n", name, "link", "set", "lo", "up")
-    subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            name,
-            "sh",
-            "-c",
-            "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
-        ],
-        check=False,
-        capture_output=True,
-    )
-
-
-def delete_netns(name: str) -> None:
-    subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+# putting the tap where its processes live (root; for tests and demos)
 
 
 def plumb_tap(tap: str, netns: str | None, mac: str, address: str | None = None, gateway: str | None = None) -> None:
@@ -138,22 +108,11 @@ def plumb_tap(tap: str, netns: str | None, mac: str, address: str | None = None,
     """
     ns: list[str] = []
     if netns:
-        _ip("link", "set", tap, "netns", netns)
+        ip("link", "set", tap, "netns", netns)
         ns = ["-n", netns]
-    _ip(*ns, "link", "set", tap, "address", mac)
+    ip(*ns, "link", "set", tap, "address", mac)
     if address:
-        _ip(*ns, "addr", "add", address, "dev", tap)
-    _ip(*ns, "link", "set", tap, "up")
+        ip(*ns, "addr", "add", address, "dev", tap)
+    ip(*ns, "link", "set", tap, "up")
     if gateway:
-        _ip(*ns, "route", "add", "default", "via", gateway, "dev", tap)
-
-
-@contextlib.contextmanager
-def netns(name: str) -> Iterator[str]:
-    """A throwaway network namespace."""
-    delete_netns(name)
-    create_netns(name)
-    try:
-        yield name
-    finally:
-        delete_netns(name)
+        ip(*ns, "route", "add", "default", "via", gateway, "dev", tap)

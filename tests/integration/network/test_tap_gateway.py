@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
+from livemig.netplumb import netns
 from livemig.network.fakevm import SAMPLE
-from livemig.network.gateway import netns, plumb_tap
+from livemig.network.gateway import plumb_tap
 from livemig.network.model import PortRange, SecurityList, SecurityRule
 
 
