@@ -95,3 +95,29 @@ def test_bad_requests_get_clear_errors_and_start_nothing(lmo: LmoClient):
         assert len(qemu_pids_running("target")) == 1
     finally:
         lmo.delete_vm("target")
+
+
+def test_a_guest_that_rebooted_never_passes_its_check(region, lmo: LmoClient):
+    """A guest that crashes reboots (``panic=-1``), and a freshly booted workload passes its own
+    memory check, so the check must not ask it: hostd reports the guest's reset instead. The
+    reboot here is the guest's own (busybox ``reboot -f`` on its serial console), as after the
+    TCG dirty-tracking crash that the RAM trim prevents (host/qemu.py: TCG_RAM_TRIM_KIB)."""
+    import socket
+
+    boot(lmo, "rebooter", rate=5)
+    try:
+        assert lmo.guest_check("rebooter")["ok"]
+        lmo.console_input("rebooter", "exit 0")  # the workload ends; init starts a shell on the console
+        lmo.wait_for_console("rebooter", "LIVEMIG SHELL", timeout=30)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(region.state_dir / "hosts" / "A" / "vms" / "rebooter" / "console.sock"))
+            sock.sendall(b"\nreboot -f\n")
+            deadline = time.monotonic() + 30
+            while not lmo.vm("rebooter")["observed"]["guest_resets"]:
+                assert time.monotonic() < deadline, "QEMU reports the guest's reset"
+                time.sleep(0.2)
+        lmo.wait_for_console("rebooter", "LIVEMIG HB seq=2 ", timeout=90)  # the fresh boot's workload runs...
+        check = lmo.guest_check("rebooter")
+        assert not check["ok"] and "crashed or rebooted" in check["detail"] and "RESET" in check["detail"], check
+    finally:
+        lmo.delete_vm("rebooter")

@@ -100,7 +100,10 @@ def test_reserve_rejects_a_uri_it_cannot_match(two_hosts: NamespaceLayout) -> No
     from livemig.errors import Conflict
 
     shaper = MigrationShaper(two_hosts.netns(0), MIGRATION_DEVICE, budget_mib_s=64)
+    shaper.reset()  # hostd start, then every reserve installs again: idempotent
     shaper.install()
     with pytest.raises(Conflict, match="expected tcp:ADDRESS:PORT"):
         shaper.reserve("unix:/tmp/x", 8)
+    assert list(shaper.classes()) == ["1:1"]
+    shaper.reserve(f"tcp:{two_hosts.migration_address(1)}:7003", 8).release()
     assert list(shaper.classes()) == ["1:1"]

@@ -60,3 +60,24 @@ def test_accel_override_and_env(tmp_path, monkeypatch):
     assert choose_accel(None, tmp_path).name == "kvm"
     with pytest.raises(InvalidRequest):
         choose_accel("xen", tmp_path)
+
+
+def test_ram_size_is_the_spec_less_its_pinned_trim():
+    """The trim moves TCG guests off QEMU 7.2's 256 KiB fast-sync grid (host/qemu.py); the size
+    comes from the spec alone, so source and destination always agree."""
+    from livemig.host.qemu import TCG_RAM_TRIM_KIB
+
+    paths = VmPaths(Path("/run/vm1"))
+    plain = command_line(spec(), paths, "tcg")
+    assert plain[plain.index("-m") + 1] == "524288K"
+    trimmed = command_line(spec().model_copy(update={"ram_trim_kib": TCG_RAM_TRIM_KIB}), paths, "kvm")
+    size_kib = int(trimmed[trimmed.index("-m") + 1].rstrip("K"))
+    assert size_kib == 512 * 1024 - TCG_RAM_TRIM_KIB and size_kib % 256 != 0
+
+
+@pytest.mark.parametrize("trim", [-8, 4, 2048])
+def test_a_trim_off_the_8k_grid_or_out_of_range_is_refused(trim):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="ram_trim_kib"):
+        VmSpec(name="vm", memory_mib=512, ram_trim_kib=trim)

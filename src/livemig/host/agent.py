@@ -18,12 +18,20 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from livemig.errors import CapacityError, Conflict, GuestError, InvalidRequest, NotFound, QemuError
 from livemig.host import console
 from livemig.host.accel import AccelChoice
-from livemig.host.qemu import VmPaths, command_line, machine_aliases, qemu_binary, qemu_version, resolve_machine
+from livemig.host.qemu import (
+    TCG_RAM_TRIM_KIB,
+    VmPaths,
+    command_line,
+    machine_aliases,
+    qemu_binary,
+    qemu_version,
+    resolve_machine,
+)
 from livemig.host.qmp import QmpSession, event_time
 from livemig.host.shaping import MigrationShaper
 from livemig.host.source import SourceMigration, SourceMigrationStatus
@@ -39,6 +47,10 @@ log = logging.getLogger(__name__)
 Role = Literal["running", "incoming", "outgoing"]
 
 
+#: QMP events that mean the guest did not survive: a reset or shutdown it asked for, or a panic
+GUEST_FAILURE_EVENTS = ("RESET", "SHUTDOWN", "GUEST_PANICKED")
+
+
 @dataclass
 class ManagedVm:
     spec: VmSpec
@@ -51,7 +63,8 @@ class ManagedVm:
     incoming_uri: str | None = None
     exports: dict[str, NbdExport] = field(default_factory=dict)
     resumed_at: float | None = None  # incoming VM: wall clock of QEMU's RESUME (the guest runs here)
-    resume_watch: asyncio.Task[None] | None = None
+    guest_resets: list[str] = field(default_factory=list)  # guest-initiated resets/panics seen on this host
+    guest_watch: asyncio.Task[None] | None = None
 
     def save(self) -> None:
         record = {"spec": self.spec.model_dump(), "role": self.role, "argv": self.argv,
@@ -134,7 +147,8 @@ class HostAgent:
             vm.role = "running"
             vm.save()
         return VmStatus(name=name, host=self.name, state=state, pid=vm.pid, role=vm.role, spec=vm.spec,
-                        console_log=str(vm.paths.console_log), resumed_at=vm.resumed_at)  # fmt: skip
+                        console_log=str(vm.paths.console_log), resumed_at=vm.resumed_at,
+                        guest_resets=list(vm.guest_resets))  # fmt: skip
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -160,7 +174,8 @@ class HostAgent:
         for path in (boot.kernel, boot.initrd):
             if path is None or not Path(path).is_file():
                 raise InvalidRequest(f"VM {spec.name}: boot file {path} does not exist on host {self.name}")
-        return spec.model_copy(update={"machine": machine, "boot": boot})
+        trim = TCG_RAM_TRIM_KIB if self.accel.name == "tcg" and spec.ram_trim_kib == 0 else spec.ram_trim_kib
+        return spec.model_copy(update={"machine": machine, "boot": boot, "ram_trim_kib": trim})
 
     def image_cache(self) -> Path:
         env = os.environ.get("LIVEMIG_CACHE")
@@ -211,6 +226,7 @@ class HostAgent:
                 await self._kill(vm)
                 shutil.rmtree(paths.root, ignore_errors=True)
                 raise
+            self._watch_guest(vm)
             vm.save()
             self.vms[spec.name] = vm
             log.info("started VM %s (pid %d, %s)", spec.name, pid, vm.role)
@@ -230,8 +246,7 @@ class HostAgent:
             if not Path(path).is_file():
                 raise InvalidRequest(f"boot file {path} does not exist on host {self.name}")
         vm = await self.create(spec, incoming=True, exports=exports)
-        vm.resume_watch = asyncio.create_task(self._watch_resume(vm), name=f"resume-{spec.name}")
-        await asyncio.sleep(0)  # the listener is registered before the migration can start
+        await asyncio.sleep(0)  # the watcher's listener is registered before the migration can start
         try:
             await vm.qmp.execute("migrate-set-capabilities",
                                  {"capabilities": [{"capability": "events", "state": True}]})  # fmt: skip
@@ -248,13 +263,33 @@ class HostAgent:
         return vm.incoming_uri
 
     @staticmethod
-    async def _watch_resume(vm: ManagedVm) -> None:
-        """Note when an incoming guest starts running: with the source's STOP time, that is the
-        pause the guest really saw (QEMU's own downtime ends when the source has sent everything)."""
-        with vm.qmp.listener("RESUME") as listener:
+    def _watch_guest(vm: ManagedVm) -> None:
+        vm.guest_watch = asyncio.create_task(HostAgent._guest_events(vm), name=f"guest-{vm.spec.name}")
+
+    @staticmethod
+    async def _guest_events(vm: ManagedVm) -> None:
+        """Record what QEMU says happens to the guest on this host.
+
+        ``RESUME`` of an incoming VM: with the source's STOP time, the pause the guest really saw
+        (QEMU's own downtime ends when the source has sent everything). A guest-initiated reset,
+        shutdown or panic: the guest crashed or rebooted here. Why watch for it: the guest image
+        reboots on a panic (``panic=-1``), and a freshly booted workload passes its own memory
+        check, so without this a guest that crashed right after a migration looked healthy."""
+        with vm.qmp.listener("RESUME", *GUEST_FAILURE_EVENTS) as listener:
             async for message in listener:
-                vm.resumed_at = event_time(dict(message))
-                return
+                event: dict[str, Any] = dict(message)
+                name, data = str(event.get("event")), dict(event.get("data") or {})
+                at = event_time(event)
+                if name == "RESUME":
+                    if vm.role == "incoming" and vm.resumed_at is None:
+                        vm.resumed_at = at
+                    continue
+                reason = str(data.get("reason", data.get("action", "")))
+                if name == "SHUTDOWN" and not reason.startswith("guest"):
+                    continue  # hostd's own quit
+                after = f", {at - vm.resumed_at:.2f} s after resuming here" if vm.resumed_at else ""
+                vm.guest_resets.append(f"{name} ({reason or 'no reason given'}){after}")
+                log.warning("VM %s: guest %s (%s)%s", vm.spec.name, name, reason, after)
 
     async def migrate(
         self, name: str, uri: str, params: MigrationParams, handoffs: list[VnicHandoff] | None = None
@@ -312,8 +347,8 @@ class HostAgent:
         vm = self.vms.pop(name, None)
         if vm is None:
             return
-        if vm.resume_watch is not None:
-            vm.resume_watch.cancel()
+        if vm.guest_watch is not None:
+            vm.guest_watch.cancel()
         await self._kill(vm)
         await self.ports.detach(vm.spec)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -358,6 +393,8 @@ class HostAgent:
     ) -> tuple[bool, str]:
         """Run a guest self-check; if the guest does not answer, say what QEMU sees."""
         vm = self.get(name)
+        if vm.guest_resets:  # an answer now would come from a fresh boot, not the migrated guest
+            return False, f"the guest crashed or rebooted on host {self.name}: {'; '.join(vm.guest_resets)}"
         try:
             return await check(vm.paths.console, vm.paths.console_log)
         except GuestError as exc:
@@ -416,6 +453,7 @@ class HostAgent:
                            exports={k: NbdExport.model_validate(v)
                                     for k, v in record.get("exports", {}).items()})  # fmt: skip
             await vm.qmp.connect(paths.qmp)
+            self._watch_guest(vm)
             if role == "outgoing":
                 # the migration job died with the old hostd; QEMU's own state tells what happened
                 # (nobody would answer pause-before-switchover): cancel an unfinished one, so the VM

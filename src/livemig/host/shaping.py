@@ -76,8 +76,11 @@ class MigrationShaper:
         return result.stdout
 
     def install(self) -> None:
-        """The root qdisc and the host's budget class; idempotent (hostd runs it at start)."""
-        self._tc("qdisc", "replace", "dev", self.device, "root", "handle", "1:", "htb", "default", "0")
+        """The root qdisc and the host's budget class; idempotent (hostd runs it at start).
+
+        The qdisc is added only when missing: HTB refuses a ``replace`` of itself."""
+        if "qdisc htb 1: root" not in self._tc("qdisc", "show", "dev", self.device):
+            self._tc("qdisc", "replace", "dev", self.device, "root", "handle", "1:", "htb", "default", "0")
         self._tc("class", "replace", "dev", self.device, "parent", "1:", "classid", f"1:{ROOT_CLASS_MINOR}",
                  "htb", *_htb_rate(self.budget_mib_s))  # fmt: skip
 

@@ -119,6 +119,10 @@ class VmSpec(_Strict):
     devices: list[Device] = Field(default_factory=list)
     boot: BootSpec = Field(default_factory=BootSpec)
     workload: WorkloadSpec | None = Field(default_factory=WorkloadSpec)
+    ram_trim_kib: int = Field(default=0, ge=0, le=1024, multiple_of=8,
+                              description="KiB left off the guest's RAM; hostd pins 8 under TCG, where a "
+                              "RAM size that is a multiple of 256 KiB loses guest writes during pre-copy "
+                              "(host/qemu.py: TCG_RAM_TRIM_KIB)")  # fmt: skip
 
     @field_validator("devices")
     @classmethod
@@ -177,4 +181,7 @@ class VmStatus(BaseModel):
     console_log: str | None = None
     resumed_at: float | None = Field(
         default=None, description="incoming VM: Unix time QEMU resumed the guest here (after a migration)"
+    )
+    guest_resets: list[str] = Field(
+        default_factory=list, description="guest-initiated resets, shutdowns or panics QEMU reported on this host"
     )
