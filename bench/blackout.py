@@ -74,6 +74,13 @@ def main() -> int:
                     gap_end_after = {p: round((gap_end - at[p]) * 1000, 1) for p in ("Switchover", "CuttingOver")
                                      if gap_end and p in at}  # fmt: skip
                     resumed = (lmo.vm("netvm").get("observed") or {}).get("resumed_at")
+                    # the stall around the switchover (the gap spanning the source's STOP), and the
+                    # worst one during pre-copy (TCG holds the vCPU while QEMU syncs the dirty bitmap)
+                    stop_at = m.stats.stopped_at or at.get("Switchover")
+                    spans = [(end - ms / 1000, end, ms) for end, ms in probe.get("long_gaps", [])]
+                    switchover_gap = max((ms for start, end, ms in spans if stop_at and start <= stop_at + 0.001
+                                          and end >= stop_at), default=None)  # fmt: skip
+                    precopy_gap = max((ms for start, end, ms in spans if stop_at and end < stop_at), default=None)
                     # the pause the guest saw: source paused (Switchover) -> destination resumed
                     guest_pause = (
                         round((resumed - at["Switchover"]) * 1000, 1) if resumed and "Switchover" in at else None
@@ -81,7 +88,8 @@ def main() -> int:
                     rows.append({"phase": m.phase.value, "pause_ms": m.stats.pause_ms, "guest_pause_ms": guest_pause,
                                  "gap_end_ms_after": gap_end_after,
                                  "switchover_hook_ms": m.stats.switchover_hook_ms,
-                                 "blackout_ms": probe["max_gap_ms"], "probe_p50_gap_ms": probe["p50_gap_ms"],
+                                 "blackout_ms": probe["max_gap_ms"], "switchover_gap_ms": switchover_gap,
+                                 "precopy_worst_gap_ms": precopy_gap, "probe_p50_gap_ms": probe["p50_gap_ms"],
                                  "probe_error": probe["error"], "udp_sent": sent, "lost": stats.get("lost"),
                                  "duplicated": stats.get("duplicated")})  # fmt: skip
                     print(json.dumps(rows[-1]), file=sys.stderr)

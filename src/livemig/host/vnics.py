@@ -27,7 +27,7 @@ from livemig.errors import HostUnreachable, InvalidRequest, LivemigError
 from livemig.faults import fault_point
 from livemig.model.vm import NicDevice, VmSpec
 from livemig.network.envelope import MEDIA_TYPE
-from livemig.network.handoff import PAUSE_PROBE, replay_marker
+from livemig.network.handoff import PAUSE_PROBE, Drain, replay_marker
 from livemig.network.model import PauseMarker
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class VswitchPorts:
         """The NIC sockets QEMU must inherit (after ``attach``)."""
         return [self._sockets[nic.vnic].fileno() for nic in vswitch_nics(spec) if nic.vnic in self._sockets]
 
-    def _drain(self, vnic: str) -> tuple[int, bool] | None:
+    def _drain(self, vnic: str) -> Drain | None:
         """Read out every frame QEMU left unread: (how many, not counting the vswitch's pause probe;
         whether the probe was among them). None if we hold no duplicate (re-adopted VM)."""
         sock = self._sockets.get(vnic)
@@ -131,9 +131,9 @@ class VswitchPorts:
             try:
                 frame = sock.recv(65536)
             except (BlockingIOError, InterruptedError):
-                return drained, probe_left
+                return Drain(drained, probe_left)
             except OSError:
-                return drained, probe_left  # e.g. ECONNREFUSED from an earlier send: nothing to read
+                return Drain(drained, probe_left)  # e.g. ECONNREFUSED from an earlier send: nothing to read
             if frame == PAUSE_PROBE:
                 probe_left = True
             else:
@@ -160,9 +160,7 @@ class VswitchPorts:
             reply = PauseMarker.model_validate(answer.json())
             markers[h.vnic] = reply.marker
             # the vswitch writes nothing more to QEMU now: what is left in its socket, it never read
-            left = self._drain(h.vnic)
-            drained, probe_left = left if left is not None else (None, None)
-            replay = replay_marker(reply.marker, reply.recent, drained, stopped_at, probe_left)
+            replay = replay_marker(reply.marker, reply.recent, self._drain(h.vnic), stopped_at)
             marker = replay.marker
             log.info("VNIC %s: %d frame(s) never reached the paused guest; the destination delivers them%s",
                      h.vnic, replay.unconsumed,

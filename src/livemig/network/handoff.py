@@ -44,6 +44,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from livemig.network.model import Delivery
 
@@ -185,30 +186,31 @@ class Replay:
     unrecoverable: int  # of those, frames without a sequence number (only ever sent to the source)
 
 
+class Drain(NamedTuple):
+    """What hostd read back out of a paused QEMU's NIC socket through its duplicate."""
+
+    frames: int  # frames QEMU never read, the vswitch's pause probe not counted
+    probe_left: bool  # the probe was still there: QEMU holds one more frame parked
+
+
 def replay_marker(
     marker: dict[str, int],
     recent: Sequence[Delivery],
-    drained: int | None,
+    drain: Drain | None,
     stopped_at: float | None,
-    probe_left: bool | None = None,
 ) -> Replay:
     """Lower ``marker`` below the frames the paused source QEMU never passed to its guest.
 
     ``recent``: the last frames the source vswitch wrote to QEMU's socket, oldest first (the socket
-    is FIFO, so the unconsumed ones are its tail). ``drained``: how many hostd read back out of
-    that socket after the vswitch stopped writing, the probe not counted (None when hostd holds no
-    duplicate of it, e.g. after a hostd restart re-adopted the VM). ``probe_left``: the probe was
-    still in the socket, so QEMU holds one parked frame. ``stopped_at``: the wall-clock time of
-    QEMU's STOP event, the fallback when there is no probe answer: frames written after it cannot
-    have reached the guest.
+    is FIFO, so the unconsumed ones are its tail). ``drain``: what hostd read out of that socket
+    after the vswitch stopped writing (None when hostd holds no duplicate of it, e.g. after a
+    hostd restart re-adopted the VM); then ``stopped_at``, the wall-clock time of QEMU's STOP
+    event, is the fallback: frames written after it cannot have reached the guest.
     """
-    after_stop = sum(1 for d in recent if stopped_at is not None and d.at > stopped_at)
-    if drained is None:
-        unconsumed = after_stop
-    elif probe_left is None:
-        unconsumed = max(after_stop, drained + (1 if drained or after_stop else 0))
+    if drain is None:
+        unconsumed = sum(1 for d in recent if stopped_at is not None and d.at > stopped_at)
     else:
-        unconsumed = drained + (1 if probe_left else 0)
+        unconsumed = drain.frames + (1 if drain.probe_left else 0)
     unconsumed = min(unconsumed, len(recent))
     adjusted = dict(marker)
     unrecoverable = 0

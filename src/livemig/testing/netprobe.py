@@ -14,10 +14,13 @@ import struct
 import time
 from typing import Any
 
+LONG_GAP_MS = 20.0  # echo gaps at least this long are listed with their end time
+
 
 def tcp_echo(host: str, port: int, interval_ms: float, stop_file: str, max_s: float) -> dict[str, Any]:
     sent = received = 0
     gaps: list[float] = []
+    long_gaps: list[tuple[float, float]] = []  # (wall-clock end, ms): where the stalls were
     error = None
     worst_end = 0.0
     deadline = time.monotonic() + max_s
@@ -39,6 +42,8 @@ def tcp_echo(host: str, port: int, interval_ms: float, stop_file: str, max_s: fl
             gaps.append((now - last) * 1000)
             if gaps[-1] >= max(gaps):
                 worst_end = time.time()  # wall clock: lines up with the migration's timeline
+            if gaps[-1] >= LONG_GAP_MS and len(long_gaps) < 1000:
+                long_gaps.append((time.time(), round(gaps[-1], 1)))
             last = now
             time.sleep(interval_ms / 1000)
         sock.close()
@@ -46,7 +51,8 @@ def tcp_echo(host: str, port: int, interval_ms: float, stop_file: str, max_s: fl
         error = f"{type(exc).__name__}: {exc}"
     return {"sent": sent, "received": received, "error": error,
             "max_gap_ms": round(max(gaps), 1) if gaps else None, "max_gap_end_unix": worst_end or None,
-            "p50_gap_ms": round(sorted(gaps)[len(gaps) // 2], 1) if gaps else None}  # fmt: skip
+            "p50_gap_ms": round(sorted(gaps)[len(gaps) // 2], 1) if gaps else None,
+            "long_gaps": long_gaps}  # fmt: skip
 
 
 def tcp_serve(host: str, port: int, interval_ms: float, stop_file: str, max_s: float) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from livemig.network.handoff import Admission, IngressGate, Sequencer, replay_marker
+from livemig.network.handoff import Admission, Drain, IngressGate, Sequencer, replay_marker
 from livemig.network.model import Delivery
 
 
@@ -164,7 +164,7 @@ def test_replay_marker_gives_the_destination_exactly_what_the_guest_missed(sende
     # the STOP event's time may be off by a few frames either way: the probe answer decides
     stopped_at = unread_from - 0.5 + stop_offset
 
-    replay = replay_marker(marker, recent, drained, stopped_at, probe_left)
+    replay = replay_marker(marker, recent, Drain(drained, probe_left), stopped_at)
 
     # the destination held every stamped frame: it releases those above the replayed marker
     released = [(s, q) for s, q in deliveries if q > replay.marker.get(s, 0)]
@@ -172,23 +172,16 @@ def test_replay_marker_gives_the_destination_exactly_what_the_guest_missed(sende
     assert replay.unconsumed == len(deliveries) - unread_from
 
 
-def test_replay_marker_without_a_probe_answer_counts_late_frames_and_the_parked_one():
-    recent = [Delivery(sender="A", seq=q, at=float(q)) for q in range(1, 6)]
-    # frames 4 and 5 came after the stop; QEMU parked 4, hostd drained 5
-    replay = replay_marker({"A": 5}, recent, drained=1, stopped_at=3.5)
-    assert replay.marker == {"A": 3} and replay.unconsumed == 2
-
-
 def test_replay_marker_without_our_socket_falls_back_to_the_stop_time():
     recent = [Delivery(sender="A", seq=q, at=float(q)) for q in range(1, 6)]
-    replay = replay_marker({"A": 5}, recent, drained=None, stopped_at=3.5)
+    replay = replay_marker({"A": 5}, recent, None, stopped_at=3.5)
     assert replay.marker == {"A": 3} and replay.unconsumed == 2
 
 
 def test_replay_marker_when_nothing_came_after_the_stop_changes_nothing():
     recent = [Delivery(sender="A", seq=q, at=float(q)) for q in range(1, 6)]
-    assert replay_marker({"A": 5}, recent, drained=0, stopped_at=9.0).marker == {"A": 5}
-    assert replay_marker({"A": 5}, recent, drained=0, stopped_at=0.0, probe_left=False).marker == {"A": 5}
+    assert replay_marker({"A": 5}, recent, None, stopped_at=9.0).marker == {"A": 5}
+    assert replay_marker({"A": 5}, recent, Drain(0, False), stopped_at=0.0).marker == {"A": 5}
 
 
 def test_replay_marker_counts_unstamped_late_frames_as_unrecoverable():
@@ -197,12 +190,12 @@ def test_replay_marker_counts_unstamped_late_frames_as_unrecoverable():
         Delivery(sender="", seq=0, at=2.0),
         Delivery(sender="A", seq=2, at=3.0),
     ]
-    replay = replay_marker({"A": 2}, recent, drained=1, stopped_at=1.5)
+    replay = replay_marker({"A": 2}, recent, Drain(1, probe_left=True), stopped_at=1.5)
     assert replay.marker == {"A": 1}
     assert (replay.unconsumed, replay.unrecoverable) == (2, 1)
 
 
 def test_replay_marker_never_rolls_back_more_than_it_remembers():
     recent = [Delivery(sender="A", seq=9, at=1.0)]
-    replay = replay_marker({"A": 9}, recent, drained=50, stopped_at=None, probe_left=True)
+    replay = replay_marker({"A": 9}, recent, Drain(50, probe_left=True), stopped_at=None)
     assert replay.unconsumed == 1 and replay.marker == {"A": 8}
