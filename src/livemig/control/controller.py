@@ -189,17 +189,22 @@ class Controller:
             return
         await self.network.push(self._in_flight(m))  # dual ingress: source and destination
         source, destination = self.store.host(m.source), self.store.host(m.destination)
-        copied = {vnic: await self.network.copy_flows(vnic, source, destination) for vnic in vnics}
+        copied: dict[str, int] = {}
+        for vnic in vnics:
+            copied[vnic], m.flow_versions[vnic] = await self.network.copy_flows(vnic, source, destination)
         transition(m, Phase.PRECOPY, f"dual ingress on for {', '.join(vnics)}; flows copied in bulk: {copied}",
-                   flows=copied)  # fmt: skip
+                   flows=copied, flow_versions=dict(m.flow_versions))  # fmt: skip
 
     def _in_flight(self, m: Migration) -> list[Migration]:
         """Active migrations as the store has them, with ``m`` as this step has it."""
         return [m, *(other for other in self.store.migrations(active_only=True) if other.id != m.id)]
 
-    def _handoffs(self, spec: VmSpec, destination: str) -> list[VnicHandoff]:
-        url = self.store.host(destination).vswitch_url
-        return [VnicHandoff(vnic=v, destination_vswitch=url) for v in vm_vnics(spec) if url]
+    def _handoffs(self, m: Migration, spec: VmSpec) -> list[VnicHandoff]:
+        """What the source hostd hands over inside the pause: per VNIC, where it goes and the flow
+        version the destination already has (so only later changes travel in the pause)."""
+        url = self.store.host(m.destination).vswitch_url
+        return [VnicHandoff(vnic=v, destination_vswitch=url, flows_since=m.flow_versions.get(v, 0))
+                for v in vm_vnics(spec) if url]  # fmt: skip
 
     async def _precopy(self, m: Migration) -> None:
         source = self.host(m.source)
@@ -210,7 +215,7 @@ class Controller:
                 return
             assert m.incoming_uri is not None
             spec, _ = self.store.vm(m.vm)
-            job = await source.migrate(m.vm, m.incoming_uri, m.params, self._handoffs(spec, m.destination))
+            job = await source.migrate(m.vm, m.incoming_uri, m.params, self._handoffs(m, spec))
             held_by = job.enforced_by or "QEMU max-bandwidth (no tc on loopback hosts)"
             m.set_condition("MigrationStarted", True, m.incoming_uri)
             m.set_condition("BandwidthEnforced", True, f"{m.params.max_bandwidth_mib_s} MiB/s held by {held_by}")

@@ -22,7 +22,7 @@ from livemig.faults import fault_point
 from livemig.model.host import HostRegistration
 from livemig.model.migration import Migration, Phase
 from livemig.model.vm import NicDevice, VmSpec
-from livemig.network.envelope import MEDIA_TYPE
+from livemig.network.envelope import FLOW_VERSION_HEADER, MEDIA_TYPE
 from livemig.network.model import Mapping, OverlayHost, SecurityList, Subnet, Vcn, Vnic
 
 KINDS: dict[str, type[BaseModel]] = {"vcns": Vcn, "subnets": Subnet, "vnics": Vnic, "security-lists": SecurityList}
@@ -142,17 +142,19 @@ class NetworkService:
                              headers={"content-type": "application/json"})  # fmt: skip
         return mapping
 
-    async def copy_flows(self, vnic: str, source: HostRegistration, destination: HostRegistration) -> int:
-        """Bulk copy of a VNIC's conntrack entries; returns how many the destination imported.
+    async def copy_flows(self, vnic: str, source: HostRegistration, destination: HostRegistration,
+                         since: int = 0) -> tuple[int, int]:  # fmt: skip
+        """Copy a VNIC's conntrack entries changed after the source's version ``since`` (0: all);
+        returns (how many the destination imported, the source's version they bring it to).
 
         The fault point ``lmo.flow_sync=hold`` skips it: the test switch that proves the copy matters.
         """
         if await fault_point("lmo.flow_sync"):
-            return 0
-        envelope = (await self._call(source, "GET", f"/vnics/{vnic}/flows", params={"since": 0})).content
-        reply = await self._call(destination, "POST", f"/vnics/{vnic}/flows", content=envelope,
+            return 0, since
+        exported = await self._call(source, "GET", f"/vnics/{vnic}/flows", params={"since": since})
+        reply = await self._call(destination, "POST", f"/vnics/{vnic}/flows", content=exported.content,
                                  headers={"content-type": MEDIA_TYPE})  # fmt: skip
-        return int(reply.json().get("imported", 0))
+        return int(reply.json().get("imported", 0)), int(exported.headers.get(FLOW_VERSION_HEADER, since))
 
     async def _call(self, host: HostRegistration, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:

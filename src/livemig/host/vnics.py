@@ -1,12 +1,13 @@
 """hostd's side of the VCN dataplane: plugging NICs into this host's vswitch, and the network
 part of the switchover hook.
 
-At the pause (QEMU's pre-switchover), for each VNIC: take the source vswitch's pause marker (it
-holds the VNIC's ingress from now on), copy the final flow state to the destination vswitch, and
-release the destination's held ingress above the marker. The destination QEMU is not running yet,
-but everything released now arrived after the source paused, so the kernel socket hands the
-resumed guest exactly the frames it has not seen. All of it is a few local HTTP calls: the pause
-includes them, so nothing else may happen here.
+At the pause (QEMU's pre-switchover), for each VNIC, two local HTTP calls: the source vswitch's
+pause marker (it holds the VNIC's ingress from now on), which also carries the flows changed
+since the bulk copy; then the destination vswitch's hand-off, which imports those flows and
+releases its held ingress above the marker. The destination QEMU is not running yet, but
+everything released now arrived after the source paused, so the kernel socket hands the resumed
+guest exactly the frames it has not seen. The pause includes these calls, so nothing else may
+happen here.
 
 hostd creates each NIC's datagram socket itself and passes it to QEMU (``-netdev
 dgram,local.type=fd``), keeping a duplicate. At the pause it drains, through that duplicate,
@@ -21,14 +22,13 @@ import logging
 import socket
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from livemig.errors import HostUnreachable, InvalidRequest, LivemigError
 from livemig.faults import fault_point
 from livemig.model.vm import NicDevice, VmSpec
-from livemig.network.envelope import MEDIA_TYPE
 from livemig.network.handoff import PAUSE_PROBE, Drain, replay_marker
-from livemig.network.model import PauseMarker
+from livemig.network.model import HandoffRequest, PauseMarker
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class VnicHandoff(BaseModel):
 
     vnic: str
     destination_vswitch: str
+    flows_since: int = Field(default=0, ge=0, description="the source's flow version the destination has "
+                             "(the bulk copy's); the pause sends only later changes (0: all)")  # fmt: skip
 
 
 def vswitch_nics(spec: VmSpec) -> list[NicDevice]:
@@ -156,21 +158,22 @@ class VswitchPorts:
         assert self.url is not None
         markers: dict[str, dict[str, int]] = {}
         for h in handoffs:
-            answer = await self._call("POST", f"{self.url}/vnics/{h.vnic}/pause-marker")
+            # two calls per VNIC inside the pause: the source's marker with the final flow delta,
+            # then the destination's import-and-release ("hold" at hostd.flow_sync: the test switch
+            # that sends no final flows)
+            send_flows = not await fault_point("hostd.flow_sync")
+            params = {"flows_since": h.flows_since} if send_flows else {}
+            answer = await self._call("POST", f"{self.url}/vnics/{h.vnic}/pause-marker", params=params)
             reply = PauseMarker.model_validate(answer.json())
             markers[h.vnic] = reply.marker
             # the vswitch writes nothing more to QEMU now: what is left in its socket, it never read
             replay = replay_marker(reply.marker, reply.recent, self._drain(h.vnic), stopped_at)
-            marker = replay.marker
             log.info("VNIC %s: %d frame(s) never reached the paused guest; the destination delivers them%s",
                      h.vnic, replay.unconsumed,
                      f" ({replay.unrecoverable} unstamped, lost)" if replay.unrecoverable else "")  # fmt: skip
-            dest = h.destination_vswitch.rstrip("/")
-            if not await fault_point("hostd.flow_sync"):  # "hold" = the test switch: no final flows
-                flows = (await self._call("GET", f"{self.url}/vnics/{h.vnic}/flows", params={"since": 0})).content
-                await self._call("POST", f"{dest}/vnics/{h.vnic}/flows", content=flows,
-                                 headers={"content-type": MEDIA_TYPE})  # fmt: skip
-            await self._call("POST", f"{dest}/vnics/{h.vnic}/resume", json={"marker": marker})
+            handoff = HandoffRequest(marker=replay.marker, flows=reply.flows)
+            await self._call("POST", f"{h.destination_vswitch.rstrip('/')}/vnics/{h.vnic}/handoff",
+                             json=handoff.model_dump())  # fmt: skip
         return markers
 
     async def release_here(self, markers: dict[str, dict[str, int]]) -> None:

@@ -190,6 +190,9 @@ class Migration(BaseModel):
     reserved_mib_s: int | None = Field(default=None, description="bandwidth share admitted (QEMU max-bandwidth)")
     evacuation: str | None = None
     rollback_to: Phase | None = Field(default=None, description="terminal phase a rollback ends in")
+    flow_versions: dict[str, int] = Field(
+        default_factory=dict, description="per VNIC, the source's flow version the destination holds (bulk copy)"
+    )
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 

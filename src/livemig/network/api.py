@@ -17,8 +17,12 @@ Routes (all JSON unless said otherwise; errors are livemig's ``{"error", "messag
                                           (idempotent: 204 whether or not it was attached)
     GET    /vnics/{id}/flows?since=V      flow envelope (bytes); header X-Livemig-Flow-Version
     POST   /vnics/{id}/flows              body: flow envelope -> ImportReport
-    POST   /vnics/{id}/pause-marker       -> PauseMarker (and the VNIC's ingress is held from now on)
+    POST   /vnics/{id}/pause-marker?flows_since=V
+                                          -> PauseMarker (and the VNIC's ingress is held from now on);
+                                          with flows_since, also the final flow delta (base64 envelope)
     POST   /vnics/{id}/resume             ResumeRequest -> ResumeReport (held frames above the marker)
+    POST   /vnics/{id}/handoff            HandoffRequest -> HandoffReport (import flows, then resume:
+                                          the destination's half of the pause in one call)
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from livemig.errors import InvalidRequest
-from livemig.network.envelope import MEDIA_TYPE
+from livemig.network.envelope import FLOW_VERSION_HEADER, MEDIA_TYPE
 from livemig.network.model import (
     Attachment,
     AttachRequest,
     CounterSnapshot,
+    HandoffReport,
+    HandoffRequest,
     ImportReport,
     Mapping,
     PauseMarker,
@@ -50,7 +56,6 @@ from livemig.network.vswitch import Vswitch
 from livemig.webutil import install_error_handlers
 
 log = logging.getLogger(__name__)
-FLOW_VERSION_HEADER = "X-Livemig-Flow-Version"
 _GAUGES = {"held", "held_bytes", "flows"}
 
 
@@ -156,8 +161,12 @@ def create_app(vswitch: Vswitch) -> FastAPI:
         return vswitch.import_flows(vnic_id, await request.body())
 
     @app.post("/vnics/{vnic_id}/pause-marker")
-    async def pause_marker(vnic_id: str) -> PauseMarker:
-        return vswitch.pause_marker(vnic_id)
+    async def pause_marker(vnic_id: str, flows_since: int | None = None) -> PauseMarker:
+        return vswitch.pause_marker(vnic_id, flows_since)
+
+    @app.post("/vnics/{vnic_id}/handoff")
+    async def hand_over(vnic_id: str, body: HandoffRequest) -> HandoffReport:
+        return vswitch.hand_over(vnic_id, body)
 
     @app.post("/vnics/{vnic_id}/resume")
     async def resume(vnic_id: str, body: ResumeRequest | None = None) -> ResumeReport:

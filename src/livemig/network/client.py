@@ -7,11 +7,12 @@ from typing import Any
 import httpx
 
 from livemig import errors
-from livemig.network.api import FLOW_VERSION_HEADER
-from livemig.network.envelope import MEDIA_TYPE
+from livemig.network.envelope import FLOW_VERSION_HEADER, MEDIA_TYPE
 from livemig.network.model import (
     Attachment,
     AttachRequest,
+    HandoffReport,
+    HandoffRequest,
     ImportReport,
     Mapping,
     PauseMarker,
@@ -93,8 +94,15 @@ class VswitchClient:
         reply = self._call("POST", f"/vnics/{vnic_id}/flows", content=envelope, headers={"content-type": MEDIA_TYPE})
         return ImportReport.model_validate(reply.json())
 
-    def pause_marker(self, vnic_id: str) -> PauseMarker:
-        return PauseMarker.model_validate(self._call("POST", f"/vnics/{vnic_id}/pause-marker").json())
+    def pause_marker(self, vnic_id: str, flows_since: int | None = None) -> PauseMarker:
+        params = {} if flows_since is None else {"flows_since": flows_since}
+        return PauseMarker.model_validate(self._call("POST", f"/vnics/{vnic_id}/pause-marker", params=params).json())
+
+    def hand_over(self, vnic_id: str, marker: dict[str, int], flows: str | None = None) -> HandoffReport:
+        body = HandoffRequest(marker=marker, flows=flows)
+        return HandoffReport.model_validate(
+            self._call("POST", f"/vnics/{vnic_id}/handoff", json=body.model_dump()).json()
+        )
 
     def resume(self, vnic_id: str, marker: dict[str, int] | None = None) -> ResumeReport:
         body = ResumeRequest(marker=marker or {})

@@ -35,6 +35,8 @@ MAX_PAYLOAD = 256 * 1024 * 1024
 _HEADER = struct.Struct("!4sBBHII")
 HEADER_SIZE = _HEADER.size
 MEDIA_TYPE = "application/vnd.livemig.flow-envelope"
+#: HTTP header carrying the exporting table's version: the ``since`` of the next delta
+FLOW_VERSION_HEADER = "X-Livemig-Flow-Version"
 
 
 class Kind(IntEnum):

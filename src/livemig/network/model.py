@@ -349,11 +349,22 @@ class Delivery(_Strict):
 
 class PauseMarker(_Strict):
     """Per sending host, the last sequence number this vswitch processed for the VNIC before holding,
-    and the last frames written to QEMU's socket (oldest first)."""
+    and the last frames written to QEMU's socket (oldest first). Asked with ``flows_since``, also
+    the VNIC's final flow delta (its envelope, base64), so the pause needs one call here, not two."""
 
     vnic_id: str
     marker: dict[str, int]
     recent: list[Delivery] = Field(default_factory=list)
+    flows: str | None = Field(default=None, description="base64 flow envelope: changes after flows_since")
+    flows_version: int | None = None
+
+
+class HandoffRequest(_Strict):
+    """The destination's half of the pause, in one call: import the final flows, then release the
+    held ingress above ``marker``."""
+
+    marker: dict[str, int] = Field(default_factory=dict)
+    flows: str | None = Field(default=None, max_length=64 * 1024 * 1024, description="base64 flow envelope")
 
 
 class ResumeRequest(_Strict):
@@ -385,3 +396,9 @@ class ImportReport(_Strict):
     imported: int
     removed: int
     version: int
+
+
+class HandoffReport(_Strict):
+    vnic_id: str
+    flows: ImportReport | None
+    resume: ResumeReport

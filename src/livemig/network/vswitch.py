@@ -63,6 +63,8 @@ between a sender and S can make S count a frame as processed that it never saw.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import time
@@ -82,6 +84,8 @@ from livemig.network.model import (
     CounterSnapshot,
     Delivery,
     FlowBatch,
+    HandoffReport,
+    HandoffRequest,
     ImportReport,
     Mapping,
     PauseMarker,
@@ -366,17 +370,35 @@ class Vswitch:
             vnic_id=vnic_id, imported=imported, removed=removed, version=self.conntrack.table(vnic_id).version
         )
 
-    def pause_marker(self, vnic_id: str) -> PauseMarker:
+    def pause_marker(self, vnic_id: str, flows_since: int | None = None) -> PauseMarker:
         """Start holding the VNIC's ingress here; the marker says what was processed before.
 
         ``recent`` lists the last frames written to QEMU's socket, so that the caller, who can see
-        how many of them the paused QEMU never read, can lower the marker below those.
+        how many of them the paused QEMU never read, can lower the marker below those. With
+        ``flows_since``, the reply also carries the flows changed after that version: with
+        ingress held and the guest paused, this is the VNIC's final flow state.
         """
         local = self.local(vnic_id)
         marker = local.gate.hold()
         local.port.send(PAUSE_PROBE)  # tells hostd whether the stopped QEMU parked a frame (handoff.py)
         recent = [Delivery(sender=sender, seq=seq, at=at) for sender, seq, at in local.recent]
-        return PauseMarker(vnic_id=vnic_id, marker=marker, recent=recent)
+        if flows_since is None:
+            return PauseMarker(vnic_id=vnic_id, marker=marker, recent=recent)
+        batch, envelope = self.export_flows(vnic_id, max(0, flows_since))
+        return PauseMarker(vnic_id=vnic_id, marker=marker, recent=recent,
+                           flows=base64.b64encode(envelope).decode("ascii"), flows_version=batch.version)  # fmt: skip
+
+    def hand_over(self, vnic_id: str, request: HandoffRequest) -> HandoffReport:
+        """The destination's half of the pause: the final flows first (so the released frames meet
+        the moved connection state), then the held ingress above the marker."""
+        imported = None
+        if request.flows is not None:
+            try:
+                envelope = base64.b64decode(request.flows, validate=True)
+            except binascii.Error:
+                raise InvalidRequest(f"VNIC {vnic_id}: the hand-off's flows are not base64") from None
+            imported = self.import_flows(vnic_id, envelope)
+        return HandoffReport(vnic_id=vnic_id, flows=imported, resume=self.resume(vnic_id, request.marker))
 
     def resume(self, vnic_id: str, marker: dict[str, int]) -> ResumeReport:
         """Release held ingress newer than ``marker`` through the VNIC's ingress filter."""

@@ -8,12 +8,18 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 
+import pytest
+
+from livemig.errors import InvalidRequest
+from livemig.network.envelope import open_flows
 from livemig.network.fakevm import SAMPLE, FakeVm, tcp_frame
+from livemig.network.handoff import PAUSE_PROBE
 from livemig.network.model import derived_gateway_mac
-from livemig.network.packets import TCP_ACK, TCP_PSH, TCP_SYN, Ethernet, IPv4, Tcp
+from livemig.network.packets import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN, Ethernet, IPv4, Tcp
 
 GW_A, GW_B = derived_gateway_mac("blue-a"), derived_gateway_mac("blue-b")
 
@@ -58,7 +64,7 @@ def test_conntrack_moves_with_the_vm(net):
 def _collect(vm: FakeVm, sink: list[int], stop: threading.Event) -> None:
     while not stop.is_set():
         frame = vm.recv(0.05)
-        if frame is not None:
+        if frame is not None and frame != PAUSE_PROBE:  # the probe is for hostd's drain, not the guest
             sink.append(Tcp.parse(IPv4.parse(Ethernet.parse(frame).payload).payload).seq)
 
 
@@ -98,12 +104,12 @@ def test_dual_ingress_exactly_once_at_1000_frames_per_second(net):
     at(0.3)
     net.push(placement={"app": "C"}, ingress={"web": ["A", "B"]})  # dual ingress starts
     at(0.9)
-    marker = net.client("A").pause_marker("web").marker  # the VM pauses on A
-    assert marker.get("C", 0) > 0
+    paused = net.client("A").pause_marker("web", flows_since=0)  # the VM pauses on A: marker + final flows
+    marker = paused.marker
+    assert marker.get("C", 0) > 0 and paused.flows is not None
     at(1.1)
-    envelope, _ = net.client("A").export_flows("web", 0)  # final flow state, inside the pause
-    net.client("B").import_flows("web", envelope)
-    report = net.client("B").resume("web", marker)  # the VM runs on B
+    handed = net.client("B").hand_over("web", marker, paused.flows)  # import, then release: the VM runs on B
+    report = handed.resume
     at(1.3)
     net.push(placement={"app": "C", "web": "B"})  # switchover: only B from now on
     net.detach("A", "web")
@@ -122,3 +128,43 @@ def test_dual_ingress_exactly_once_at_1000_frames_per_second(net):
     assert max(at_source) < min(at_destination)  # the handoff is a clean cut in the stream
     # the window was exercised: frames held through the pause, duplicates recognised, none evicted
     assert report.delivered > 20 and report.duplicates_skipped > 100 and report.lost_to_overflow == 0
+
+
+def test_the_pause_carries_only_the_flows_changed_since_the_bulk_copy(net):
+    """SyncingFlows copies in bulk and remembers the source's version; inside the pause the source's
+    marker carries only later changes (a new flow, a reset one), and the destination's one
+    hand-off call imports them before it releases ingress."""
+    net.push(placement={"db": "C"})
+    web_a, db = net.attach("A", "web"), net.attach("C", "db")
+    net.attach("B", "web", hold=True)
+
+    def open_flow(port: int) -> None:
+        web_a.send(tcp_frame(mac("web"), mac("db"), ip("web"), ip("db"), port, 5432, TCP_SYN, seq=100))
+        assert db.recv() is not None
+
+    open_flow(40001)
+    open_flow(40002)
+    envelope, bulk_version = net.client("A").export_flows("web", 0)  # SyncingFlows: the bulk copy
+    assert net.client("B").import_flows("web", envelope).imported == 2
+    open_flow(40003)  # pre-copy goes on: one more connection
+    web_a.send(tcp_frame(mac("web"), mac("db"), ip("web"), ip("db"), 40001, 5432, TCP_RST, seq=101))
+
+    paused = net.client("A").pause_marker("web", flows_since=bulk_version)
+    assert paused.flows is not None and paused.flows_version is not None and paused.flows_version > bulk_version
+    delta = open_flows(base64.b64decode(paused.flows))
+    assert not delta.full and sorted(r.sport for r in delta.records) == [40001, 40003], (
+        "only what changed after the bulk copy: 40003 opened, 40001 reset; 40002 stays behind"
+    )
+    handed = net.client("B").hand_over("web", paused.marker, paused.flows)
+    assert handed.flows is not None and handed.flows.imported == 2
+    held, _ = net.client("B").export_flows("web", 0)
+    states = {r.sport: r.state for r in open_flows(held).records}
+    assert sorted(states) == [40001, 40002, 40003] and states[40001] != states[40002], states
+
+
+def test_a_hand_off_with_damaged_flows_is_refused_and_releases_nothing(net):
+    net.attach("B", "web", hold=True)
+    for flows, why in (("%%%not-base64", "base64"), ("AAAA", "envelope")):
+        with pytest.raises(InvalidRequest, match=why):
+            net.client("B").hand_over("web", {}, flows)
+    assert net.client("B").hand_over("web", {}).resume.delivered == 0
