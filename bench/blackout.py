@@ -78,8 +78,9 @@ def main() -> int:
                     # worst one during pre-copy (TCG holds the vCPU while QEMU syncs the dirty bitmap)
                     stop_at = m.stats.stopped_at or at.get("Switchover")
                     spans = [(end - ms / 1000, end, ms) for end, ms in probe.get("long_gaps", [])]
-                    switchover_gap = max((ms for start, end, ms in spans if stop_at and start <= stop_at + 0.001
-                                          and end >= stop_at), default=None)  # fmt: skip
+                    resume_at = resumed or stop_at  # the gap overlapping [source STOP, destination RESUME]
+                    switchover_gap = max((ms for start, end, ms in spans if stop_at and resume_at
+                                          and start <= resume_at and end >= stop_at), default=None)  # fmt: skip
                     precopy_gap = max((ms for start, end, ms in spans if stop_at and end < stop_at), default=None)
                     # the pause the guest saw: source paused (Switchover) -> destination resumed
                     guest_pause = (

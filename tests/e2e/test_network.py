@@ -27,8 +27,9 @@ pytestmark = [
 ]
 TAG = os.getpid() % 100000
 NS, TAP = f"lmgw{TAG}", f"lmgt{TAG}"
-GUEST_IP, GATEWAY_IP = "10.0.1.10", "10.0.1.2"
-GUEST_MAC, GATEWAY_MAC = "52:54:00:00:01:10", "52:54:00:00:01:02"
+RED_NS, RED_TAP = f"lmrd{TAG}", f"lmrt{TAG}"  # a tenant in another VCN, same subnet CIDR
+GUEST_IP, GATEWAY_IP, RED_IP = "10.0.1.10", "10.0.1.2", "10.0.1.3"
+GUEST_MAC, GATEWAY_MAC, RED_MAC = "52:54:00:00:01:10", "52:54:00:00:01:02", "52:54:00:00:02:03"
 
 
 def lmo_objects(lmo: LmoClient) -> None:
@@ -51,6 +52,8 @@ def lmo_objects(lmo: LmoClient) -> None:
                   "host": "A"})  # fmt: skip
     put("vnics", {"id": "guest", "mac": GUEST_MAC, "ip": GUEST_IP, "subnet": "blue-a", "security_lists": ["guest"],
                   "host": ""})  # fmt: skip
+    put("vnics", {"id": "red-gw", "mac": RED_MAC, "ip": RED_IP, "subnet": "red-a", "security_lists": ["open"],
+                  "host": "A"})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +64,12 @@ def topology(region: Region) -> Iterator[LmoClient]:
 
     config = region.load()
     assert config is not None
-    with LmoClient(config.lmo_url) as lmo, netns(NS):
+    with LmoClient(config.lmo_url) as lmo, netns(NS), netns(RED_NS):
         lmo_objects(lmo)
         VswitchClient(config.hosts[0].vswitch_url).attach("gw", tap=TAP)
         plumb_tap(TAP, NS, GATEWAY_MAC, f"{GATEWAY_IP}/24", "10.0.1.1")
+        VswitchClient(config.hosts[0].vswitch_url).attach("red-gw", tap=RED_TAP)
+        plumb_tap(RED_TAP, RED_NS, RED_MAC, f"{RED_IP}/24", "10.0.1.1")
         yield lmo
 
 
@@ -167,17 +172,27 @@ def test_udp_stream_loses_and_duplicates_nothing(net: LmoClient, tmp_path, kind)
     assert stats["lost"] <= 1, stats
 
 
-def test_security_lists_hold_after_migration(net: LmoClient):
+def connect(ns: str, port: int) -> subprocess.CompletedProcess[str]:
+    """A TCP connect from namespace ``ns`` to the guest's address (3 s timeout)."""
+    return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                           f"import socket; socket.create_connection(('{GUEST_IP}', {port}), timeout=3).close()"],
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def test_security_lists_and_vcn_isolation_hold_across_migration(net: LmoClient):
+    """Allowed traffic passes, denied traffic is dropped, and a tenant of another VCN, whose
+    address is inside the guest's allowed CIDR (same subnet range, VCN "red"), cannot reach the
+    guest: before the migration and after it."""
     here = net.vm("netvm")["host"]
-    migrate(net, "B" if here == "A" else "A")
-    allowed = subprocess.run(["ip", "netns", "exec", NS, sys.executable, "-c",
-                              f"import socket; socket.create_connection(('{GUEST_IP}', 7), timeout=3).close()"],
-                             capture_output=True, text=True)  # fmt: skip
-    assert allowed.returncode == 0, allowed.stderr
-    denied = subprocess.run(["ip", "netns", "exec", NS, sys.executable, "-c",
-                             f"import socket; socket.create_connection(('{GUEST_IP}', 22), timeout=3).close()"],
-                            capture_output=True, text=True)  # fmt: skip
-    assert denied.returncode != 0 and "timed out" in denied.stderr, "tcp/22 is not in the guest's ingress rules"
+    for moment in ("before", "after"):
+        if moment == "after":
+            migrate(net, "B" if here == "A" else "A")
+        allowed = connect(NS, 7)
+        assert allowed.returncode == 0, f"{moment}: {allowed.stderr}"
+        denied = connect(NS, 22)
+        assert denied.returncode != 0 and "timed out" in denied.stderr, f"{moment}: tcp/22 is not allowed in"
+        other_vcn = connect(RED_NS, 7)
+        assert other_vcn.returncode != 0, f"{moment}: VCN red reached the guest in VCN blue"
 
 
 @pytest.mark.parametrize("flow_sync", [True, False], ids=["synced", "not-synced"])
