@@ -81,6 +81,9 @@ class HostClient:
         except errors.NotFound:
             return None
 
+    async def advance_flow_versions(self, name: str, versions: dict[str, int]) -> None:
+        await self._call("POST", f"/vms/{name}/migration/flow-versions", json=versions)
+
     async def cancel_migration(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/migration/cancel")
 

@@ -304,7 +304,7 @@ class HostAgent:
         markers: dict[str, dict[str, int]] = {}
 
         async def hand_off_network() -> None:
-            markers.update(await self.ports.hand_off(handoffs or [], stopped_at=job.stopped_at))
+            markers.update(await self.ports.hand_off(job.handoffs, stopped_at=job.stopped_at))
 
         async def take_network_back() -> None:
             await self.ports.release_here(markers)
@@ -317,6 +317,7 @@ class HostAgent:
         job = SourceMigration(name, vm.qmp, uri, params,
                               switchover_hooks=[hand_off_network] if handoffs else [],
                               after_failed_switchover=take_network_back, shaped=shaped)  # fmt: skip
+        job.handoffs = list(handoffs or [])
         try:
             await job.configure()
         except BaseException:
@@ -328,6 +329,16 @@ class HostAgent:
         vm.save()
         job.start()
         return job.status()
+
+    def advance_flow_versions(self, name: str, versions: dict[str, int]) -> None:
+        """Raise the flow versions the destination holds (never lower: a late update is harmless,
+        the pause then sends a few flows twice, and an import is an idempotent upsert)."""
+        vm = self.get(name)
+        if vm.migration is None:
+            raise NotFound(f"VM {name!r} has no migration on host {self.name}")
+        for handoff in vm.migration.handoffs:
+            if versions.get(handoff.vnic, 0) > handoff.flows_since:
+                handoff.flows_since = versions[handoff.vnic]
 
     def migration_status(self, name: str, since: int = 0) -> SourceMigrationStatus:
         vm = self.get(name)

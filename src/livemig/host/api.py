@@ -123,6 +123,12 @@ def create_app(agent: HostAgent, lmo_url: str | None = None, api_url: str | None
     async def migration(name: str, since: int = 0) -> SourceMigrationStatus:
         return agent.migration_status(name, since)
 
+    @app.post("/vms/{name}/migration/flow-versions", status_code=204)
+    async def flow_versions(name: str, body: dict[str, int]) -> Response:
+        """The LMO copied flow deltas during pre-copy: the pause need only send what came after."""
+        agent.advance_flow_versions(name, body)
+        return Response(status_code=204)
+
     @app.post("/vms/{name}/migration/cancel", status_code=204)
     async def cancel(name: str) -> Response:
         await agent.cancel_migration(name)

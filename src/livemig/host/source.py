@@ -23,6 +23,7 @@ from livemig.errors import LivemigError, QemuError
 from livemig.faults import fault_point
 from livemig.host.qmp import QmpSession, event_time
 from livemig.host.shaping import ShapedMigration
+from livemig.host.vnics import VnicHandoff
 from livemig.model.migration import MigrationParams, MigrationSample, MigrationStats
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class SourceMigration:
         self.stopped_at: float | None = None  # wall clock of QEMU's STOP event (the pause began)
         self.task: asyncio.Task[None] | None = None
         self.shaped = shaped  # the tc class holding this stream to its share (namespace hosts)
+        self.handoffs: list[VnicHandoff] = []  # VNICs handed over inside the pause (agent.py)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"migrate-{self.vm}")

@@ -27,6 +27,7 @@ class FakeVm:
     polls: int = 0
     incoming_uri: str | None = None
     resumed_at: float | None = None
+    flow_versions: dict[str, int] = field(default_factory=dict)  # what the LMO told the source hostd
 
 
 @dataclass
@@ -106,6 +107,10 @@ class FakeHost:
                 return _error(404, "NotFound", "no migration")
             self._advance(vm)
             return _json(vm.migration)
+        if rest == "/migration/flow-versions":
+            assert body is not None
+            vm.flow_versions.update(body)
+            return httpx.Response(204)
         if rest == "/migration/cancel":
             if vm.migration and vm.migration["state"] == "running":
                 vm.migration["state"] = "cancelled"
