@@ -165,9 +165,9 @@ class VswitchPorts:
             params = {"flows_since": h.flows_since} if send_flows else {}
             answer = await self._call("POST", f"{self.url}/vnics/{h.vnic}/pause-marker", params=params)
             reply = PauseMarker.model_validate(answer.json())
-            markers[h.vnic] = reply.marker
             # the vswitch writes nothing more to QEMU now: what is left in its socket, it never read
             replay = replay_marker(reply.marker, reply.recent, self._drain(h.vnic), stopped_at)
+            markers[h.vnic] = replay.marker  # what the guest has seen: the same cut for either side
             log.info("VNIC %s: %d frame(s) never reached the paused guest; the destination delivers them%s",
                      h.vnic, replay.unconsumed,
                      f" ({replay.unrecoverable} unstamped, lost)" if replay.unrecoverable else "")  # fmt: skip
@@ -177,9 +177,14 @@ class VswitchPorts:
         return markers
 
     async def release_here(self, markers: dict[str, dict[str, int]]) -> None:
-        """The migration failed after the hand-off: the source runs again, give it its ingress back."""
+        """The migration failed after the hand-off: the source runs again, give it its ingress back.
+
+        ``markers`` are the lowered ones: the source vswitch first re-sends the frames its paused
+        QEMU never passed to the guest (hostd drained them, or QEMU dropped its parked one at the
+        stop), then releases what it held."""
         if self.url is None:
             return
         for vnic, marker in markers.items():
             with contextlib.suppress(LivemigError):
-                await self._call("POST", f"{self.url}/vnics/{vnic}/resume", json={"marker": marker})
+                await self._call("POST", f"{self.url}/vnics/{vnic}/resume",
+                                 json={"marker": marker, "replay_recent": True})  # fmt: skip

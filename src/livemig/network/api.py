@@ -170,7 +170,8 @@ def create_app(vswitch: Vswitch) -> FastAPI:
 
     @app.post("/vnics/{vnic_id}/resume")
     async def resume(vnic_id: str, body: ResumeRequest | None = None) -> ResumeReport:
-        return vswitch.resume(vnic_id, (body or ResumeRequest()).marker)
+        request = body or ResumeRequest()
+        return vswitch.resume(vnic_id, request.marker, request.replay_recent)
 
     return app
 

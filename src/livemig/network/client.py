@@ -104,8 +104,8 @@ class VswitchClient:
             self._call("POST", f"/vnics/{vnic_id}/handoff", json=body.model_dump()).json()
         )
 
-    def resume(self, vnic_id: str, marker: dict[str, int] | None = None) -> ResumeReport:
-        body = ResumeRequest(marker=marker or {})
+    def resume(self, vnic_id: str, marker: dict[str, int] | None = None, replay_recent: bool = False) -> ResumeReport:
+        body = ResumeRequest(marker=marker or {}, replay_recent=replay_recent)
         return ResumeReport.model_validate(
             self._call("POST", f"/vnics/{vnic_id}/resume", json=body.model_dump()).json()
         )

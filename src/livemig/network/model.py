@@ -371,10 +371,13 @@ class ResumeRequest(_Strict):
     """Release held ingress: frames whose sequence is above ``marker`` (the source's) are delivered."""
 
     marker: dict[str, int] = Field(default_factory=dict)
+    replay_recent: bool = Field(default=False, description="first re-send the frames this vswitch wrote to "
+                                "QEMU above the marker (the source, after a failed hand-off)")  # fmt: skip
 
 
 class ResumeReport(_Strict):
     vnic_id: str
+    replayed: int = 0
     delivered: int
     duplicates_skipped: int
     denied: int

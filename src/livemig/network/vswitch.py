@@ -45,7 +45,9 @@ is a map ``{sender host: last sequence}``.
   far as the vswitch can know: frames QEMU itself had queued but not yet put into guest memory
   when it paused are QEMU's to lose (TCP retransmits them). The marker stays as a floor for a
   grace period, so a straggling stamped copy is still dropped as a duplicate.
-* Cancel after the marker: ``POST /vnics/X/resume`` on S with S's own marker releases what S held.
+* Cancel after the marker: ``POST /vnics/X/resume`` on S with S's own marker releases what S held;
+  with the marker hostd lowered and ``replay_recent``, S first re-sends, from its memory of the
+  last frames it wrote, the ones the paused QEMU never passed to the guest.
   ``DELETE /vnics/X`` (on D after a cancel, on S after success) drops the port, X's flows, its
   buffer, and this host from X's ingress set.
 
@@ -190,13 +192,14 @@ class LocalVnic:
     attachment: Attachment
     counters: Counter[str] = field(default_factory=Counter)
     # the last frames written to QEMU's socket, oldest first: the hand-off needs to know which of
-    # them a paused QEMU never read (see ``handoff.replay_marker``)
-    recent: deque[tuple[str, int, float]] = field(default_factory=lambda: deque(maxlen=RECENT_DELIVERIES))
+    # them a paused QEMU never read (see ``handoff.replay_marker``), and a failed hand-off gives
+    # those back to the source (``resume`` with ``replay_recent``), so their bytes are kept too
+    recent: deque[tuple[str, int, float, bytes]] = field(default_factory=lambda: deque(maxlen=RECENT_DELIVERIES))
 
     def send(self, frame: bytes, sender: str = "", seq: int = 0) -> None:
         """Hand one frame to the VM's QEMU and remember it (``seq`` 0: not stamped)."""
         self.port.send(frame)
-        self.recent.append((sender, seq, time.time()))  # a tuple: this runs for every frame
+        self.recent.append((sender, seq, time.time(), frame))  # a tuple: this runs for every frame
 
 
 class Vswitch:
@@ -381,7 +384,7 @@ class Vswitch:
         local = self.local(vnic_id)
         marker = local.gate.hold()
         local.port.send(PAUSE_PROBE)  # tells hostd whether the stopped QEMU parked a frame (handoff.py)
-        recent = [Delivery(sender=sender, seq=seq, at=at) for sender, seq, at in local.recent]
+        recent = [Delivery(sender=sender, seq=seq, at=at) for sender, seq, at, _ in local.recent]
         if flows_since is None:
             return PauseMarker(vnic_id=vnic_id, marker=marker, recent=recent)
         batch, envelope = self.export_flows(vnic_id, max(0, flows_since))
@@ -400,10 +403,21 @@ class Vswitch:
             imported = self.import_flows(vnic_id, envelope)
         return HandoffReport(vnic_id=vnic_id, flows=imported, resume=self.resume(vnic_id, request.marker))
 
-    def resume(self, vnic_id: str, marker: dict[str, int]) -> ResumeReport:
-        """Release held ingress newer than ``marker`` through the VNIC's ingress filter."""
+    def resume(self, vnic_id: str, marker: dict[str, int], replay_recent: bool = False) -> ResumeReport:
+        """Release held ingress newer than ``marker`` through the VNIC's ingress filter.
+
+        ``replay_recent`` (the source after a failed hand-off, with the marker hostd lowered below
+        the frames its paused QEMU never passed on): first write those again, from ``recent``, in
+        their order, so the guest that runs on here gets them instead of nobody."""
         local = self.local(vnic_id)
         view = self.view(vnic_id)
+        replayed = 0
+        if replay_recent:
+            for sender, seq, _at, frame in list(local.recent):
+                if seq and seq > marker.get(sender, seq):
+                    local.port.send(frame)
+                    replayed += 1
+            local.counters["replayed"] += replayed
         release = local.gate.resume(marker)
         delivered = denied = 0
         for held in release.frames:
@@ -416,6 +430,7 @@ class Vswitch:
         local.counters["lost_to_overflow"] += release.lost_to_overflow
         return ResumeReport(
             vnic_id=vnic_id,
+            replayed=replayed,
             delivered=delivered,
             duplicates_skipped=release.duplicates_skipped,
             denied=denied,

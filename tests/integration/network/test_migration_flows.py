@@ -17,7 +17,7 @@ import pytest
 from livemig.errors import InvalidRequest
 from livemig.network.envelope import open_flows
 from livemig.network.fakevm import SAMPLE, FakeVm, tcp_frame
-from livemig.network.handoff import PAUSE_PROBE
+from livemig.network.handoff import PAUSE_PROBE, Drain, replay_marker
 from livemig.network.model import derived_gateway_mac
 from livemig.network.packets import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN, Ethernet, IPv4, Tcp
 
@@ -168,3 +168,40 @@ def test_a_hand_off_with_damaged_flows_is_refused_and_releases_nothing(net):
         with pytest.raises(InvalidRequest, match=why):
             net.client("B").hand_over("web", {}, flows)
     assert net.client("B").hand_over("web", {}).resume.delivered == 0
+
+
+def test_a_failed_hand_off_gives_the_source_what_its_paused_qemu_never_read(net):
+    """The destination failed after the hand-off, so the source runs on: the frames its paused QEMU
+    never passed on (the one it dropped at the stop, the ones hostd drained) are written again from
+    the source vswitch's memory, then the ones it held since the pause; the guest sees every frame
+    once, in order. The socket plays QEMU's dgram backend (network/handoff.py)."""
+    net.push(placement={"app": "C"})
+    web = net.attach("A", "web")
+    app = net.attach("C", "app")
+    net.attach("B", "web", hold=True)
+    net.push(placement={"app": "C"}, ingress={"web": ["A", "B"]})  # the migration's dual ingress: stamped frames
+
+    def send(n: int) -> None:
+        app.send(tcp_frame(mac("app"), GW_B, ip("app"), ip("web"), 33000, 80, TCP_ACK | TCP_PSH, n, 1, b"x"))
+
+    def seq_of(frame: bytes) -> int:
+        return Tcp.parse(IPv4.parse(Ethernet.parse(frame).payload).payload).seq
+
+    for n in range(1, 11):
+        send(n)
+    seen = [seq_of(f) for f in (web.recv() for _ in range(6)) if f is not None]  # the guest took 6
+    time.sleep(0.3)
+    assert web.recv() is not None  # the stopped QEMU read #7, could not deliver it, and drops it at the stop
+    paused = net.client("A").pause_marker("web")  # its probe queues behind #8-#10: QEMU parked one
+    unread = web.recv_all(quiet=0.2)  # hostd's drain
+    drained = [f for f in unread if f != PAUSE_PROBE]
+    replay = replay_marker(paused.marker, paused.recent, Drain(len(drained), PAUSE_PROBE in unread), None)
+    for n in range(11, 14):
+        send(n)  # held by the source vswitch during the pause
+    time.sleep(0.3)
+
+    report = net.client("A").resume("web", replay.marker, replay_recent=True)  # the hand-off failed
+    after = [seq_of(f) for f in web.recv_all(quiet=0.3)]
+    assert seen == [1, 2, 3, 4, 5, 6] and len(drained) == 3 and PAUSE_PROBE in unread
+    assert (report.replayed, report.delivered) == (4, 3)
+    assert seen + after == list(range(1, 14)), "every frame once, in order"
