@@ -281,7 +281,9 @@ class HostAgent:
                 name, data = str(event.get("event")), dict(event.get("data") or {})
                 at = event_time(event)
                 if name == "RESUME":
-                    if vm.role == "incoming" and vm.resumed_at is None:
+                    # the first RESUME of a VM that came in by migration (not its role: a status
+                    # poll may already have flipped that to "running" before this event is read)
+                    if vm.incoming_uri is not None and vm.resumed_at is None:
                         vm.resumed_at = at
                     continue
                 reason = str(data.get("reason", data.get("action", "")))
