@@ -78,6 +78,17 @@ def test_migration_walks_every_phase_and_moves_ownership(api, fleet):
     assert calls.index("DELETE /vms/vm1") > max(i for i, c in enumerate(calls) if c == "GET /vms/vm1/migration")
 
 
+def test_a_guest_that_crashes_after_resuming_fails_the_migration_with_qemus_words(api, fleet):
+    """Any guest, not only livemig's workload: QEMU's reset event on the destination is the proof."""
+    api.post("/vms", json={"spec": VmSpec(name="plain", memory_mib=512, workload=None).model_dump(), "host": "A"})
+    fleet.hosts["B"].crash_after_resume = True
+    m = wait_terminal(api, api.post("/migrations", json={"vm": "plain", "destination": "B"}).json()["id"])
+    assert m.phase is Phase.FAILED
+    assert m.reason == ("the guest crashed or rebooted on B after the migration: "
+                        "RESET (guest-reset), 0.03 s after resuming here")  # fmt: skip
+    assert m.guest_check is None, "no workload, so no workload check; the reason says what happened"
+
+
 def test_failed_precopy_rolls_back_to_the_source(api, fleet):
     create_vm(api)
     fleet.hosts["A"].fail_migration = "Unable to write to socket: Broken pipe"

@@ -314,6 +314,15 @@ class Controller:
     async def _cleanup(self, m: Migration) -> None:
         spec, _ = self.store.vm(m.vm)
         await self.volumes.detach(m.vm, m.source)
+        # any guest, with or without livemig's workload: QEMU's own word that it reset or panicked
+        observed = await self.host(m.destination).vm(m.vm)
+        if observed is not None and observed.guest_resets:
+            detail = "; ".join(observed.guest_resets)
+            if spec.workload is not None and m.verify_guest:
+                m.guest_check = f"fail: the guest crashed or rebooted: {detail}"
+            m.reason = f"the guest crashed or rebooted on {m.destination} after the migration: {detail}"
+            transition(m, Phase.FAILED, m.reason)
+            return
         checks = []
         if m.verify_guest and _runs_disk_workload(spec) and m.disk_check is None:
             checks.append(("disk", self.host(m.destination).disk_check))

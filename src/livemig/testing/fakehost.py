@@ -28,6 +28,7 @@ class FakeVm:
     incoming_uri: str | None = None
     resumed_at: float | None = None
     flow_versions: dict[str, int] = field(default_factory=dict)  # what the LMO told the source hostd
+    guest_resets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class FakeHost:
     vms: dict[str, FakeVm] = field(default_factory=dict)
     polls_to_complete: int = 3
     fail_migration: str | None = None  # QEMU error text to fail with
+    crash_after_resume: bool = False  # as a destination: the guest resets right after it resumes
     fail_incoming: bool = False
     dirty_rate_mib_s: float = 0.0  # what the fake QEMU reports as dirty-pages-rate
     down: bool = False
@@ -54,7 +56,8 @@ class FakeHost:
 
     def status(self, vm: FakeVm) -> dict[str, Any]:
         return {"name": vm.spec.name, "host": self.name, "state": vm.state, "pid": 4242, "role": vm.role,
-                "spec": vm.spec.model_dump(), "console_log": None, "resumed_at": vm.resumed_at}  # fmt: skip
+                "spec": vm.spec.model_dump(), "console_log": None, "resumed_at": vm.resumed_at,
+                "guest_resets": vm.guest_resets}  # fmt: skip
 
     # ------------------------------------------------------------------ routing
     def handle(self, request: httpx.Request) -> httpx.Response:
@@ -148,6 +151,8 @@ class FakeHost:
             target.vms[vm.spec.name].state = "running"
             target.vms[vm.spec.name].role = "running"
             target.vms[vm.spec.name].resumed_at = 1000.0175  # the guest ran again 17.5 ms after it stopped
+            if target.crash_after_resume:
+                target.vms[vm.spec.name].guest_resets.append("RESET (guest-reset), 0.03 s after resuming here")
 
 
 class FakeFleet:
