@@ -175,17 +175,19 @@ def status(url: Url = None, state_dir: StateDir = None) -> None:
     """Hosts (accelerator, memory) and VMs of the region."""
     with lmo(url, state_dir) as client:
         table = Table(title="hosts")
-        for col in ("host", "api", "migration address", "accel", "memory free/total MiB", "VMs"):
+        for col in ("host", "api", "migration address", "budget MiB/s", "accel", "memory free/total MiB", "VMs"):
             table.add_column(col)
         for h in client.hosts():
             reg, info = h["registration"], h.get("info")
+            budget = str(reg.get("migration_bandwidth_mib_s", "-"))
             if info:
                 free = info["memory_mib"] - info["memory_used_mib"]
-                table.add_row(reg["name"], reg["api_url"], reg["migration_address"],
+                table.add_row(reg["name"], reg["api_url"], reg["migration_address"], budget,
                               f"{info['accel']} ({info['accel_reason']})", f"{free}/{info['memory_mib']}",
                               ", ".join(info["vms"]))  # fmt: skip
             else:
-                table.add_row(reg["name"], reg["api_url"], reg["migration_address"], "-", "-", h.get("error", ""))
+                table.add_row(reg["name"], reg["api_url"], reg["migration_address"], budget, "-", "-",
+                              h.get("error", ""))  # fmt: skip
         out.print(table)
         _print_vms(client)
 
