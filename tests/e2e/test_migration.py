@@ -119,5 +119,8 @@ def test_a_guest_that_rebooted_never_passes_its_check(region, lmo: LmoClient):
         lmo.wait_for_console("rebooter", "LIVEMIG HB seq=2 ", timeout=90)  # the fresh boot's workload runs...
         check = lmo.guest_check("rebooter")
         assert not check["ok"] and "crashed or rebooted" in check["detail"] and "RESET" in check["detail"], check
+        region.kill_host("A")  # a restarted hostd still knows (vm.json)
+        region.restart_host("A")
+        assert not lmo.guest_check("rebooter")["ok"]
     finally:
         lmo.delete_vm("rebooter")

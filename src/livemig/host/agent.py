@@ -68,7 +68,8 @@ class ManagedVm:
 
     def save(self) -> None:
         record = {"spec": self.spec.model_dump(), "role": self.role, "argv": self.argv,
-                  "incoming_uri": self.incoming_uri,
+                  "incoming_uri": self.incoming_uri, "resumed_at": self.resumed_at,
+                  "guest_resets": self.guest_resets,  # a restarted hostd still knows the guest crashed
                   "exports": {k: v.model_dump() for k, v in self.exports.items()}}  # fmt: skip
         tmp = self.paths.record.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2))
@@ -285,12 +286,16 @@ class HostAgent:
                     # poll may already have flipped that to "running" before this event is read)
                     if vm.incoming_uri is not None and vm.resumed_at is None:
                         vm.resumed_at = at
+                        with contextlib.suppress(OSError):  # the VM may be on its way out
+                            vm.save()
                     continue
                 reason = str(data.get("reason", data.get("action", "")))
                 if name == "SHUTDOWN" and not reason.startswith("guest"):
                     continue  # hostd's own quit
                 after = f", {at - vm.resumed_at:.2f} s after resuming here" if vm.resumed_at else ""
                 vm.guest_resets.append(f"{name} ({reason or 'no reason given'}){after}")
+                with contextlib.suppress(OSError):
+                    vm.save()
                 log.warning("VM %s: guest %s (%s)%s", vm.spec.name, name, reason, after)
 
     async def migrate(
@@ -462,7 +467,8 @@ class HostAgent:
             role: Role = record.get("role", "running")
             vm = ManagedVm(spec=spec, paths=paths, pid=pid, role=role,
                            qmp=QmpSession(f"{self.name}/{spec.name}"), argv=record.get("argv", []),
-                           incoming_uri=record.get("incoming_uri"),
+                           incoming_uri=record.get("incoming_uri"), resumed_at=record.get("resumed_at"),
+                           guest_resets=list(record.get("guest_resets", [])),
                            exports={k: NbdExport.model_validate(v)
                                     for k, v in record.get("exports", {}).items()})  # fmt: skip
             await vm.qmp.connect(paths.qmp)
