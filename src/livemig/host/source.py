@@ -213,8 +213,11 @@ class SourceMigration:
         except BaseException:
             await self.qmp.execute("migrate_cancel")
             raise
+        hooked = time.perf_counter()
         await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
         self.hook_ms = (time.perf_counter() - started) * 1000
+        log.info("migration of %s: switchover hooks %.1f ms, migrate-continue %.1f ms", self.vm,
+                 (hooked - started) * 1000, self.hook_ms - (hooked - started) * 1000)  # fmt: skip
 
     async def _sample_loop(self) -> None:
         while True:

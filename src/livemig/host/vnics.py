@@ -17,10 +17,12 @@ the frames the stopped QEMU never read, and lowers the marker below them
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -29,7 +31,7 @@ from pydantic import BaseModel, Field
 from livemig.errors import HostUnreachable, InvalidRequest, LivemigError
 from livemig.faults import fault_point
 from livemig.model.vm import NicDevice, VmSpec
-from livemig.network.handoff import PAUSE_PROBE, Drain, replay_marker
+from livemig.network.handoff import PAUSE_PROBE, Drain, Replay, replay_marker
 from livemig.network.model import HandoffRequest, PauseMarker
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,13 @@ class VswitchPorts:
         self._sockets[str(vnic)] = sock
         return sock
 
+    def _log_hand_off(self, vnic: str, replay: Replay, timings: str) -> None:
+        drops = self._socket_drops(vnic)
+        log.info("VNIC %s: %d frame(s) never reached the paused guest; the destination delivers them%s%s (%s)",
+                 vnic, replay.unconsumed,
+                 f" ({replay.unrecoverable} unstamped, lost)" if replay.unrecoverable else "",
+                 f"; the kernel dropped {drops} for a full socket buffer" if drops else "", timings)  # fmt: skip
+
     def _socket_drops(self, vnic: str) -> int | None:
         """How many datagrams the kernel dropped for QEMU's socket (full receive buffer): a frame
         lost before the guest could read it, which no marker can bring back."""
@@ -172,21 +181,24 @@ class VswitchPorts:
             # two calls per VNIC inside the pause: the source's marker with the final flow delta,
             # then the destination's import-and-release ("hold" at hostd.flow_sync: the test switch
             # that sends no final flows)
+            started = time.perf_counter()
             send_flows = not await fault_point("hostd.flow_sync")
             params = {"flows_since": h.flows_since} if send_flows else {}
             answer = await self._call("POST", f"{self.url}/vnics/{h.vnic}/pause-marker", params=params)
             reply = PauseMarker.model_validate(answer.json())
+            marked = time.perf_counter()
             # the vswitch writes nothing more to QEMU now: what is left in its socket, it never read
             replay = replay_marker(reply.marker, reply.recent, self._drain(h.vnic), stopped_at)
             markers[h.vnic] = replay.marker  # what the guest has seen: the same cut for either side
-            drops = self._socket_drops(h.vnic)
-            log.info("VNIC %s: %d frame(s) never reached the paused guest; the destination delivers them%s%s",
-                     h.vnic, replay.unconsumed,
-                     f" ({replay.unrecoverable} unstamped, lost)" if replay.unrecoverable else "",
-                     f"; the kernel dropped {drops} for a full socket buffer" if drops else "")  # fmt: skip
+            drained = time.perf_counter()
             handoff = HandoffRequest(marker=replay.marker, flows=reply.flows)
             await self._call("POST", f"{h.destination_vswitch.rstrip('/')}/vnics/{h.vnic}/handoff",
                              json=handoff.model_dump())  # fmt: skip
+            done = time.perf_counter()
+            timings = (f"marker {1000 * (marked - started):.1f} ms, drain {1000 * (drained - marked):.1f} ms, "
+                       f"hand-off {1000 * (done - drained):.1f} ms")  # fmt: skip
+            # after the pause: reading /proc/net/udp is not the guest's time to spend
+            asyncio.get_running_loop().call_later(0.05, self._log_hand_off, h.vnic, replay, timings)
         return markers
 
     async def release_here(self, markers: dict[str, dict[str, int]]) -> None:
