@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -116,3 +117,32 @@ def test_host_agent_refuses_a_missing_namespace(tmp_path):
 
     result = CliRunner().invoke(app, ["hostd", "--name", "X", "--state-dir", str(tmp_path), "--netns", "lm-none-0"])
     assert result.exit_code != 0 and "does not exist" in result.output
+
+
+def test_hostd_killed_mid_migration_leaves_no_stale_class(region: Region, lmo: LmoClient):
+    """SIGKILL the source hostd while its migration runs under a tc class: the class outlives it,
+    the restarted hostd cancels the orphaned migration and sweeps the class, the LMO rolls back,
+    and the VM runs on the source with its memory intact."""
+    config = region.load()
+    assert config is not None
+    source_ns = str(next(h.netns for h in config.hosts if h.name == "A"))
+    shaper = MigrationShaper(source_ns, MIGRATION_DEVICE, HOST_BUDGET_MIB_S)
+    lmo.create_vm(demo_spec(memory_mib=256, rate=10, wss_mib=64, name="nskill"), host="A")
+    try:
+        lmo.wait_for_console("nskill", "LIVEMIG HB", timeout=90)
+        migration = lmo.migrate("nskill", "B", MigrationParams(max_bandwidth_mib_s=SHARE_MIB_S))
+        deadline = time.monotonic() + 60
+        while len(shaper.classes()) < 2 or lmo.migration(migration.id).phase is not Phase.PRECOPY:
+            assert time.monotonic() < deadline, "the migration reaches pre-copy under its class"
+            time.sleep(0.1)
+        region.kill_host("A")
+        assert len(shaper.classes()) == 2, "the class outlives the hostd that made it"
+        region.restart_host("A")
+        final = lmo.wait(migration.id, timeout=180)
+        print(f"after the kill: {final.phase.value}: {final.reason}")
+        assert final.phase in (Phase.ABORTED, Phase.FAILED), final.reason
+        assert list(shaper.classes()) == ["1:1"], "the restarted hostd swept the orphaned class"
+        assert lmo.vm("nskill")["host"] == "A" and len(qemu_pids_running("nskill")) == 1
+        assert lmo.guest_check("nskill")["ok"]
+    finally:
+        lmo.delete_vm("nskill")
