@@ -81,3 +81,14 @@ def test_a_trim_off_the_8k_grid_or_out_of_range_is_refused(trim):
 
     with pytest.raises(ValidationError, match="ram_trim_kib"):
         VmSpec(name="vm", memory_mib=512, ram_trim_kib=trim)
+
+
+@pytest.mark.parametrize(
+    ("accel", "version", "trim"),
+    [("tcg", "7.2.22", True), ("tcg", "8.2.2", True), ("tcg", "9.0.0", False), ("tcg", "10.0.2", False),
+     ("kvm", "7.2.22", False), ("tcg", "unknown", True)],
+)  # fmt: skip
+def test_only_tcg_before_qemu_9_needs_the_trim(accel, version, trim):
+    from livemig.host.qemu import needs_tcg_ram_trim
+
+    assert needs_tcg_ram_trim(accel, version) is trim

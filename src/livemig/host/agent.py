@@ -28,6 +28,7 @@ from livemig.host.qemu import (
     VmPaths,
     command_line,
     machine_aliases,
+    needs_tcg_ram_trim,
     qemu_binary,
     qemu_version,
     resolve_machine,
@@ -175,7 +176,9 @@ class HostAgent:
         for path in (boot.kernel, boot.initrd):
             if path is None or not Path(path).is_file():
                 raise InvalidRequest(f"VM {spec.name}: boot file {path} does not exist on host {self.name}")
-        trim = TCG_RAM_TRIM_KIB if self.accel.name == "tcg" and spec.ram_trim_kib == 0 else spec.ram_trim_kib
+        trim = spec.ram_trim_kib
+        if trim == 0 and needs_tcg_ram_trim(self.accel.name, qemu_version()):
+            trim = TCG_RAM_TRIM_KIB
         return spec.model_copy(update={"machine": machine, "boot": boot, "ram_trim_kib": trim})
 
     def image_cache(self) -> Path:

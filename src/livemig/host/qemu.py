@@ -97,9 +97,19 @@ def resolve_machine(machine: str, table: dict[str, str] | None = None) -> str:
 #: destination gets a stale copy: guest hangs, a wedged UART, "virtio_net ... id N is not a
 #: head!". Fixed upstream in QEMU 9.0 (commit 03bfc2188f, "physmem: Fix migration dirty bitmap
 #: coherency with TCG memory access"). A RAM size off the 256 KiB grid takes the per-page path,
-#: which resets the TLB marks. KVM tracks dirty pages in the kernel and is not affected. The
-#: trim is pinned in the resolved spec, so both ends of a migration use the same size.
+#: which resets the TLB marks. KVM tracks dirty pages in the kernel and is not affected, nor is
+#: QEMU 9.0 or later. The trim is pinned in the resolved spec, so both ends of a migration use
+#: the same size.
 TCG_RAM_TRIM_KIB = 8
+TCG_DIRTY_SYNC_FIXED_IN = (9, 0)
+
+
+def needs_tcg_ram_trim(accel: str, version: str) -> bool:
+    """True where guest RAM must leave QEMU's 256 KiB grid: TCG on a QEMU before the fix."""
+    numbers = re.match(r"(\d+)\.(\d+)", version)
+    if accel != "tcg" or numbers is None:
+        return accel == "tcg"  # an unreadable version: assume the bug
+    return (int(numbers.group(1)), int(numbers.group(2))) < TCG_DIRTY_SYNC_FIXED_IN
 
 
 def command_line(
