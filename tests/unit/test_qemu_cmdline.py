@@ -92,3 +92,17 @@ def test_only_tcg_before_qemu_9_needs_the_trim(accel, version, trim):
     from livemig.host.qemu import needs_tcg_ram_trim
 
     assert needs_tcg_ram_trim(accel, version) is trim
+
+
+def test_livemig_qemu_chooses_the_binary_and_a_bad_one_is_named(monkeypatch, tmp_path):
+    from livemig.errors import BootstrapError
+    from livemig.host.qemu import qemu_binary
+
+    fake = tmp_path / "qemu-10"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("LIVEMIG_QEMU", str(fake))
+    assert qemu_binary() == str(fake)
+    monkeypatch.setenv("LIVEMIG_QEMU", str(tmp_path / "missing"))
+    with pytest.raises(BootstrapError, match="LIVEMIG_QEMU="):
+        qemu_binary()

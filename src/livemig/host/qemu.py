@@ -8,6 +8,7 @@ construction (and unit-testable without QEMU).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -54,6 +55,13 @@ class VmPaths:
 
 
 def qemu_binary() -> str:
+    """``$LIVEMIG_QEMU`` if set (e.g. a newer QEMU than the distribution's), else the one on PATH."""
+    chosen = os.environ.get("LIVEMIG_QEMU")
+    if chosen:
+        path = shutil.which(chosen)
+        if path is None:
+            raise BootstrapError(f"LIVEMIG_QEMU={chosen} is not an executable QEMU")
+        return path
     path = shutil.which(QEMU_BINARY)
     if path is None:
         raise BootstrapError(f"{QEMU_BINARY} not found: install the Debian package qemu-system-x86")
