@@ -42,3 +42,14 @@ def test_tcp_uris_parse_and_others_are_refused() -> None:
 def test_a_share_is_a_ceiling_in_bits() -> None:
     args = _htb_rate(24)
     assert args[args.index("rate") + 1] == args[args.index("ceil") + 1] == f"{24 * 1024 * 1024 * 8}bit"
+
+
+def test_namespace_hosts_without_root_get_a_clear_error_and_start_nothing(tmp_path: Path, monkeypatch) -> None:
+    from livemig.errors import BootstrapError
+    from livemig.region import Region
+
+    monkeypatch.setattr("livemig.hostns.os.geteuid", lambda: 1000)
+    region = Region(tmp_path)
+    with pytest.raises(BootstrapError, match="namespace hosts need root"):
+        region.up(("A", "B"), netns=True)
+    assert region.load() is None and not (tmp_path / "logs").exists()
