@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from livemig.storage.harness import BlockdProcess, free_port
+from livemig.freeport import free_port
+from livemig.storage.harness import BlockdProcess
 from livemig.storage.nbd import protocol as p
 from livemig.storage.nbd.client import NbdClient
 

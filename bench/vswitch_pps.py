@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from livemig.freeport import free_port, free_ports
 from livemig.network.client import VswitchClient
 from livemig.network.fakevm import SAMPLE, sample_mapping, sample_security_lists, tcp_frame
 from livemig.network.packets import TCP_ACK, TCP_PSH
@@ -43,12 +44,6 @@ def frame_of_size(size: int) -> bytes:
     frame = tcp_frame(web_mac, db_mac, web_ip, db_ip, 40000, 5432, TCP_ACK | TCP_PSH, 1, 1, b"x" * (size - _HEADERS))
     assert len(frame) == size
     return frame
-
-
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------ traffic
@@ -135,7 +130,7 @@ def start_forwarder(kind: str, listen: int, to: int) -> subprocess.Popen[bytes]:
 
 
 def start_vswitch(directory: Path) -> tuple[subprocess.Popen[bytes], VswitchClient]:
-    api = free_port(socket.SOCK_STREAM)
+    api = free_port()
     log = (directory / "vswitch.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "livemig.network", "--host-name", "A", "--api", f"127.0.0.1:{api}",
                              "--overlay", "127.0.0.1:0", "--log-level", "warning"], stdout=log, stderr=log)  # fmt: skip
@@ -184,7 +179,7 @@ def main() -> int:
             receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
             receiver.bind(("127.0.0.1", db.qemu_port))
-            base_in, base_out = free_port(), free_port()
+            base_in, base_out = free_ports(2, kind=socket.SOCK_DGRAM)
             base_receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             base_receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
             base_receiver.bind(("127.0.0.1", base_out))
@@ -198,7 +193,14 @@ def main() -> int:
                         forwarder = start_forwarder(kind, base_in, base_out)
                         time.sleep(0.5)
                         try:
-                            rate, cpu = measure(base_receiver, frame, free_port(), base_in, args.seconds, forwarder.pid)
+                            rate, cpu = measure(
+                                base_receiver,
+                                frame,
+                                free_port(kind=socket.SOCK_DGRAM),
+                                base_in,
+                                args.seconds,
+                                forwarder.pid,
+                            )
                             results[kind][str(size)].append(rate)
                             cpu_us[kind][str(size)].append(cpu)
                         finally:

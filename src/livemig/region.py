@@ -22,6 +22,7 @@ import httpx
 
 from livemig import hostns
 from livemig.errors import BootstrapError
+from livemig.freeport import free_port, free_ports
 from livemig.hostns import NamespaceLayout
 from livemig.proc import pid_alive, wait_gone
 
@@ -31,12 +32,6 @@ DEFAULT_HOSTS = ("A", "B")
 def default_state_dir() -> Path:
     env = os.environ.get("LIVEMIG_STATE")
     return Path(env) if env else Path.home() / ".local" / "state" / "livemig"
-
-
-def free_port(address: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((address, 0))
-        return int(sock.getsockname()[1])
 
 
 def overlay_endpoint(index: int) -> str:
@@ -203,15 +198,16 @@ class Region:
         if existing is not None:
             return existing
         layout = NamespaceLayout.for_state_dir(self.state_dir) if netns else None
+        ports = iter(free_ports(3 + 2 * len(hosts)))  # one batch: every service gets its own port
         config = RegionConfig(
-            lmo_port=free_port(),
+            lmo_port=next(ports),
             hosts=[
                 HostConfig(
                     name,
-                    free_port(),
+                    next(ports),
                     layout.migration_address(i) if layout else f"127.0.100.{i + 1}",
                     migration_bandwidth_mib_s=migration_bandwidth_mib_s,
-                    vswitch_port=free_port(),
+                    vswitch_port=next(ports),
                     overlay=overlay_endpoint(i),
                     netns=layout.netns(i) if layout else None,
                 )
@@ -219,8 +215,8 @@ class Region:
             ],
             accel=accel,
             db_url=db_url,
-            blockd_port=free_port(),
-            nbd_port=free_port(),
+            blockd_port=next(ports),
+            nbd_port=next(ports),
             netns_region=layout.region if layout else None,
         )
         self.state_dir.mkdir(parents=True, exist_ok=True)

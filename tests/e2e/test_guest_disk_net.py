@@ -26,6 +26,7 @@ from typing import Protocol
 
 import pytest
 
+from livemig.freeport import free_port
 from livemig.guest.disklog import read_disk_log
 from livemig.guest.image import GuestImage, build_image, kernel_cmdline
 
@@ -215,12 +216,6 @@ def test_disk_full_stops_the_log_and_keeps_answering(boot: Boot, tmp_path: Path)
 # --------------------------------------------------------------------------- network mode
 
 
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class HostEchoServer:
     """A line echo server on the host's loopback: slirp maps the guest's 10.0.2.2 to it."""
 
@@ -255,7 +250,7 @@ class HostEchoServer:
 
 
 def test_network_mode_echo_udp_sink_and_tcp_client(boot: Boot) -> None:
-    tcp_port, udp_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
+    tcp_port, udp_port = free_port(kind=socket.SOCK_STREAM), free_port(kind=socket.SOCK_DGRAM)
     netdev = f"user,id=n0,restrict=off,hostfwd=tcp:127.0.0.1:{tcp_port}-:7,hostfwd=udp:127.0.0.1:{udp_port}-:9"
     append = kernel_cmdline(8, 5, ip="10.0.2.15/24", gateway="10.0.2.2")
     guest = boot(append=append, extra_args=("-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"))
@@ -323,7 +318,7 @@ def test_network_mode_echo_udp_sink_and_tcp_client(boot: Boot) -> None:
     finally:
         server.close()
 
-    refused = guest.send(f"tcpclient 10.0.2.2 {free_port(socket.SOCK_STREAM)} 100")
+    refused = guest.send(f"tcpclient 10.0.2.2 {free_port(kind=socket.SOCK_STREAM)} 100")
     guest.wait_for(r"^LIVEMIG TCPCLIENT state=closed error=(refused|reset)$", 20, refused)
     assert tcp_stats(guest, "t4").errors == 1
     assert guest.command("tcpclient 10.0.2.2 0 5", r"^LIVEMIG ERR (usage)")[1] == "usage"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,10 @@ from typing import Any
 
 import httpx
 
+from livemig.freeport import free_ports
 from livemig.storage.nbd.client import NbdClient
 
 MIB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class BlockdProcess:
@@ -35,8 +29,7 @@ class BlockdProcess:
         self.data_dir = data_dir
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
-        self.api_port = free_port()
-        self.nbd_port = free_port()
+        self.api_port, self.nbd_port = free_ports(2)
         self.proc: subprocess.Popen[bytes] | None = None
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=30)
 
