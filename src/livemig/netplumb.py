@@ -1,8 +1,8 @@
-"""Kernel network plumbing with ``ip`` (root): namespaces, bridges, veth pairs.
+"""Kernel network plumbing with iproute2 (root): namespaces, bridges, veth pairs.
 
-Why one module: the tap gateway (``network/gateway.py``) and the namespace hosts of a region
-(``hostns.py``) both build namespaces and links; each ``ip`` failure becomes one ``Conflict``
-carrying iproute2's own message instead of a stack trace.
+Why one module: the tap gateway (``network/gateway.py``), the namespace hosts of a region
+(``hostns.py``) and their tc classes (``host/shaping.py``) all drive iproute2; each failure
+becomes one ``Conflict`` carrying the tool's own message instead of a stack trace.
 """
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ from collections.abc import Iterator
 from livemig.errors import Conflict
 
 
-def ip(*args: str) -> str:
-    """Run ``ip ARGS``; its stdout, or a ``Conflict`` with iproute2's message."""
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise Conflict(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+def iproute2(tool: str, *args: str, check: bool = True) -> str:
+    """Run an iproute2 ``tool`` (``ip``, ``tc``); its stdout, or (``check``) a ``Conflict`` with
+    the tool's own message."""
+    result = subprocess.run([tool, *args], capture_output=True, text=True, check=False)
+    if check and result.returncode != 0:
+        raise Conflict(f"{tool} {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout
+
+
+def ip(*args: str) -> str:
+    return iproute2("ip", *args)
 
 
 def create_netns(name: str) -> None:

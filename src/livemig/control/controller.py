@@ -192,10 +192,7 @@ class Controller:
             transition(m, Phase.PRECOPY, "no VNICs on the livemig dataplane: no flow state to copy")
             return
         await self.network.push(self._in_flight(m))  # dual ingress: source and destination
-        source, destination = self.store.host(m.source), self.store.host(m.destination)
-        copied: dict[str, int] = {}
-        for vnic in vnics:
-            copied[vnic], m.flow_versions[vnic] = await self.network.copy_flows(vnic, source, destination)
+        copied = await self._copy_flow_changes(m, vnics)
         m.set_condition("FlowsSynced", True, f"bulk copy: destination holds the source's flow versions "
                                              f"{m.flow_versions}")  # fmt: skip
         transition(m, Phase.PRECOPY, f"dual ingress on for {', '.join(vnics)}; flows copied in bulk: {copied}",
@@ -258,20 +255,26 @@ class Controller:
         if not vnics or now - self._flows_synced_at.get(m.id, 0.0) < FLOW_DELTA_INTERVAL_S:
             return
         self._flows_synced_at[m.id] = now
-        source, destination = self.store.host(m.source), self.store.host(m.destination)
+        before = dict(m.flow_versions)
         try:
-            advanced = False
-            for vnic in vnics:
-                since = m.flow_versions.get(vnic, 0)
-                _, version = await self.network.copy_flows(vnic, source, destination, since)
-                if version != since:
-                    m.flow_versions[vnic], advanced = version, True
-            if advanced:
+            await self._copy_flow_changes(m, vnics)
+            if m.flow_versions != before:
                 await self.host(m.source).advance_flow_versions(m.vm, dict(m.flow_versions))
                 m.set_condition("FlowsSynced", True, f"destination holds the source's flow versions "
                                                      f"{m.flow_versions}; the pause sends later changes")  # fmt: skip
         except LivemigError as exc:
             log.warning("migration %s: flow delta skipped (%s); the pause sends more", m.id, exc.message)
+
+    async def _copy_flow_changes(self, m: Migration, vnics: list[str]) -> dict[str, int]:
+        """Copy each VNIC's flows changed after the version the destination holds (all, the first
+        time) and record the new versions; returns how many flows each import took."""
+        source, destination = self.store.host(m.source), self.store.host(m.destination)
+        copied: dict[str, int] = {}
+        for vnic in vnics:
+            copied[vnic], m.flow_versions[vnic] = await self.network.copy_flows(
+                vnic, source, destination, m.flow_versions.get(vnic, 0)
+            )
+        return copied
 
     async def _job_lost(self, m: Migration, source: HostClient) -> None:
         """The source hostd restarted and lost its job: QEMU's runstate says what happened."""

@@ -326,8 +326,8 @@ class HostAgent:
             shaped = await asyncio.to_thread(self.shaper.reserve, uri, params.max_bandwidth_mib_s)
         job = SourceMigration(name, vm.qmp, uri, params,
                               switchover_hooks=[hand_off_network] if handoffs else [],
-                              after_failed_switchover=take_network_back, shaped=shaped)  # fmt: skip
-        job.handoffs = list(handoffs or [])
+                              after_failed_switchover=take_network_back, shaped=shaped,
+                              handoffs=handoffs)  # fmt: skip
         try:
             await job.configure()
         except BaseException:

@@ -114,9 +114,11 @@ TCG_DIRTY_SYNC_FIXED_IN = (9, 0)
 
 def needs_tcg_ram_trim(accel: str, version: str) -> bool:
     """True where guest RAM must leave QEMU's 256 KiB grid: TCG on a QEMU before the fix."""
+    if accel != "tcg":
+        return False
     numbers = re.match(r"(\d+)\.(\d+)", version)
-    if accel != "tcg" or numbers is None:
-        return accel == "tcg"  # an unreadable version: assume the bug
+    if numbers is None:
+        return True  # an unreadable version: assume the bug
     return (int(numbers.group(1)), int(numbers.group(2))) < TCG_DIRTY_SYNC_FIXED_IN
 
 

@@ -16,10 +16,10 @@ Layout on the host's migration interface (``hostns.MIGRATION_DEVICE`` inside its
 from __future__ import annotations
 
 import logging
-import subprocess
 from dataclasses import dataclass
 
 from livemig.errors import Conflict
+from livemig.netplumb import iproute2
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,7 @@ class MigrationShaper:
         self.budget_mib_s = budget_mib_s
 
     def _tc(self, *args: str, check: bool = True) -> str:
-        result = subprocess.run(["tc", "-n", self.netns, *args], capture_output=True, text=True, check=False)
-        if check and result.returncode != 0:
-            raise Conflict(f"tc {' '.join(args)} (netns {self.netns}) failed: {result.stderr.strip()}")
-        return result.stdout
+        return iproute2("tc", "-n", self.netns, *args, check=check)
 
     def install(self) -> None:
         """The root qdisc and the host's budget class; idempotent (hostd runs it at start).
@@ -106,7 +103,7 @@ class MigrationShaper:
         """A class of ``mib_s`` for the migration stream to ``uri`` (``tcp:ADDRESS:PORT``)."""
         destination, port = _parse_tcp_uri(uri)
         self.install()
-        used = {int(handle.split(":")[1], 16) for handle in self.classes()}
+        used = {_minor(handle) for handle in self.classes()}
         minor = next((n for n in range(FIRST_MINOR, LAST_MINOR) if n not in used), None)
         if minor is None:
             raise Conflict(f"no free tc class on {self.device} (netns {self.netns})")
@@ -126,14 +123,18 @@ class MigrationShaper:
     def reset(self) -> None:
         """The root qdisc and budget class, and no per-migration class (hostd start)."""
         self.install()
-        for handle in self.classes():
-            minor = int(handle.split(":")[1], 16)
+        for minor in map(_minor, self.classes()):
             if minor != ROOT_CLASS_MINOR:
                 self.remove(minor)
 
     def remove(self, minor: int) -> None:
         self._tc("filter", "del", "dev", self.device, "parent", "1:", "prio", str(minor), check=False)
         self._tc("class", "del", "dev", self.device, "classid", f"1:{minor:x}", check=False)
+
+
+def _minor(handle: str) -> int:
+    """``1:1a`` -> 0x1a."""
+    return int(handle.split(":")[1], 16)
 
 
 def _parse_tcp_uri(uri: str) -> tuple[str, int]:

@@ -98,6 +98,7 @@ class SourceMigration:
         switchover_hooks: list[SwitchoverHook] | None = None,
         after_failed_switchover: SwitchoverHook | None = None,
         shaped: ShapedMigration | None = None,
+        handoffs: list[VnicHandoff] | None = None,
     ) -> None:
         self.vm = vm
         self.qmp = qmp
@@ -115,7 +116,7 @@ class SourceMigration:
         self.stopped_at: float | None = None  # wall clock of QEMU's STOP event (the pause began)
         self.task: asyncio.Task[None] | None = None
         self.shaped = shaped  # the tc class holding this stream to its share (namespace hosts)
-        self.handoffs: list[VnicHandoff] = []  # VNICs handed over inside the pause (agent.py)
+        self.handoffs = list(handoffs or [])  # VNICs handed over inside the pause (agent.py)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"migrate-{self.vm}")
