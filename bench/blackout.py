@@ -25,17 +25,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
 
-from livemig.client import LmoClient
-from livemig.region import Region
+from livemig.region.local import Region
+from livemig.wire.lmo import LmoClient
 
 
 def main() -> int:
     import test_network as net  # the same topology and probes as the e2e tests
 
     from livemig.model import NicDevice, VmSpec, WorkloadSpec
-    from livemig.netplumb import netns
     from livemig.network.client import VswitchClient
     from livemig.network.gateway import plumb_tap
+    from livemig.region.netplumb import netns
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--migrations", type=int, default=4)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """blockd vs qemu-nbd, same client, same kind of file, same run: sequential 1 MiB and random 4 KiB I/O.
 
-Starts a real blockd (``python -m livemig.storage``, fencing on) and ``qemu-nbd`` serving a fresh
+Starts a real blockd (``livemig blockd``, fencing on) and ``qemu-nbd`` serving a fresh
 sparse raw file of the same size, fills both once (so block allocation is not measured), then
 runs each workload ``--rounds`` times, alternating which server goes first, and reports medians.
 
@@ -38,10 +38,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from livemig.freeport import free_port
-from livemig.storage.harness import BlockdProcess
+from livemig.region.freeport import free_port
 from livemig.storage.nbd import protocol as p
 from livemig.storage.nbd.client import NbdClient
+from livemig.testing.blockd import BlockdProcess
 
 MIB = 1 << 20
 _REQUEST = struct.Struct(">IHHQQI")

@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from livemig.client import LmoClient
-from livemig.demo import demo_spec
+from livemig.guest.workload import workload_vm_spec
 from livemig.model import MigrationParams, Phase
-from livemig.region import Region
+from livemig.region.local import Region
+from livemig.wire.lmo import LmoClient
 
 SETTINGS = {
     "livemig": MigrationParams(),
@@ -68,7 +68,7 @@ def main() -> int:
         config = region.up()
         try:
             with LmoClient(config.lmo_url) as lmo:
-                lmo.create_vm(demo_spec(args.memory, args.rate, args.wss, name="bench"), host="A")
+                lmo.create_vm(workload_vm_spec(args.memory, args.rate, args.wss, name="bench"), host="A")
                 lmo.wait_for_console("bench", "LIVEMIG HB", timeout=90)
                 host = "A"
                 for i in range(args.runs):

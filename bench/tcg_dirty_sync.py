@@ -25,17 +25,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from livemig.client import LmoClient
-from livemig.demo import demo_spec
+from livemig.guest.workload import workload_vm_spec
 from livemig.model import MigrationParams
-from livemig.region import Region
+from livemig.region.local import Region
+from livemig.wire.lmo import LmoClient
 
 ARMS = {"on_grid": 256, "livemig": 8}  # ram_trim_kib
 
 
 def trial(lmo: LmoClient, arm: str, index: int, rate: int, bandwidth: int) -> dict[str, Any]:
     name = f"tcg-{arm.replace('_', '-')}-{index}"
-    spec = demo_spec(memory_mib=256, rate=rate, wss_mib=128, name=name).model_copy(update={"ram_trim_kib": ARMS[arm]})
+    spec = workload_vm_spec(memory_mib=256, rate=rate, wss_mib=128, name=name).model_copy(
+        update={"ram_trim_kib": ARMS[arm]}
+    )
     lmo.create_vm(spec, host="A")
     try:
         lmo.wait_for_console(name, "LIVEMIG HB", timeout=90)

@@ -28,7 +28,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from livemig.guest.image import build_image
+from livemig.guest.image import build_image, default_cache_dir
 from livemig.host.qemu import TCG_RAM_TRIM_KIB, VmPaths, command_line, resolve_machine
 from livemig.model import BootSpec, VmSpec
 
@@ -93,7 +93,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    image = build_image(Path.home() / ".cache" / "livemig")
+    image = build_image(default_cache_dir())
     spec = VmSpec(name="warmup", memory_mib=256, ram_trim_kib=TCG_RAM_TRIM_KIB, machine=resolve_machine("q35"),
                   boot=BootSpec(kernel=str(image.kernel), initrd=str(image.initrd),
                                 append=image.kernel_cmdline(64, 5)))  # fmt: skip

@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from livemig.freeport import free_port, free_ports
 from livemig.network.client import VswitchClient
-from livemig.network.fakevm import SAMPLE, sample_mapping, sample_security_lists, tcp_frame
 from livemig.network.packets import TCP_ACK, TCP_PSH
+from livemig.region.freeport import free_port, free_ports
+from livemig.testing.fakevm import SAMPLE, sample_mapping, sample_security_lists, tcp_frame
 
 SIZES = (64, 1400)
 _HEADERS = 14 + 20 + 20  # Ethernet + IPv4 + TCP
@@ -132,8 +132,9 @@ def start_forwarder(kind: str, listen: int, to: int) -> subprocess.Popen[bytes]:
 def start_vswitch(directory: Path) -> tuple[subprocess.Popen[bytes], VswitchClient]:
     api = free_port()
     log = (directory / "vswitch.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "livemig.network", "--host-name", "A", "--api", f"127.0.0.1:{api}",
-                             "--overlay", "127.0.0.1:0", "--log-level", "warning"], stdout=log, stderr=log)  # fmt: skip
+    command = [sys.executable, "-m", "livemig.cli.main", "vswitch", "--name", "A", "--listen", f"127.0.0.1:{api}",
+               "--overlay", "127.0.0.1:0", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=log, stderr=log)
     client = VswitchClient(f"http://127.0.0.1:{api}")
     for _ in range(200):
         try:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from livemig.client import LmoClient
-from livemig.guest.image import build_image
-from livemig.region import Region
+from livemig.guest.image import build_image, default_cache_dir
+from livemig.region.local import Region
+from livemig.wire.lmo import LmoClient
 
 
 def image_cache() -> Path:
-    return Path(os.environ.get("LIVEMIG_CACHE") or Path.home() / ".cache" / "livemig")
+    return default_cache_dir()
 
 
 @pytest.fixture

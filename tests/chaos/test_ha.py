@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from livemig.client import LmoClient
-from livemig.demo import demo_spec
+from livemig.guest.workload import workload_vm_spec
 from livemig.model import MigrationParams, Phase
-from livemig.proc import pid_alive, wait_gone
-from livemig.region import Region
+from livemig.region.local import Region
+from livemig.region.proc import pid_alive, wait_gone
 from livemig.testing.processes import qemu_pids_running
+from livemig.wire.lmo import LmoClient
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -26,7 +26,7 @@ def test_the_surviving_replica_finishes_the_migration(tmp_path, postgres_url, gu
         second_url = region.add_lmo_replica()
         replicas = {config.lmo_url: config.lmo_pid, second_url: region.load().replica_pids[0]}
         with LmoClient(config.lmo_url) as first, LmoClient(second_url) as second:
-            first.create_vm(demo_spec(memory_mib=256, rate=10, wss_mib=128, name="ha"), host="A")
+            first.create_vm(workload_vm_spec(memory_mib=256, rate=10, wss_mib=128, name="ha"), host="A")
             first.wait_for_console("ha", "LIVEMIG HB", timeout=90)
             # slow enough (32 MiB/s for ~150 MiB) that the kill lands inside pre-copy
             migration = second.migrate("ha", "B", MigrationParams(max_bandwidth_mib_s=32))

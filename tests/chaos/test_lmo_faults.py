@@ -1,7 +1,7 @@
 """The LMO killed (SIGKILL) or held at every phase of a real migration: every migration still ends,
 the VM runs on exactly one host, and the guest's own memory check passes.
 
-Fault points (``livemig.faults``) make the kill land at an exact moment: ``controller.after.<P>``
+Fault points (``livemig.faults.points``) make the kill land at an exact moment: ``controller.after.<P>``
 fires after the step of phase P acted on the hosts but before its result was saved — the worst
 moment for a crash, since the store is behind what the hosts did.
 """
@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from livemig.client import LmoClient
-from livemig.demo import demo_spec
+from livemig.guest.workload import workload_vm_spec
 from livemig.model import MigrationParams, Phase
 from livemig.model.migration import ConvergencePolicy
 from livemig.testing.processes import qemu_pids_running
+from livemig.wire.lmo import LmoClient
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 VM = "chaos"
@@ -26,7 +26,7 @@ VM = "chaos"
 def vm(region):
     config = region.load()
     with LmoClient(config.lmo_url) as lmo:
-        lmo.create_vm(demo_spec(memory_mib=256, rate=10, wss_mib=64, name=VM), host="A")
+        lmo.create_vm(workload_vm_spec(memory_mib=256, rate=10, wss_mib=64, name=VM), host="A")
         lmo.wait_for_console(VM, "LIVEMIG HB", timeout=90)
     yield VM
     region.restart_lmo()

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from livemig.client import LmoClient
-from livemig.demo import demo_spec
+from livemig.guest.workload import workload_vm_spec
 from livemig.model import MigrationParams, Phase
+from livemig.wire.lmo import LmoClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -16,7 +16,7 @@ RESERVED = MigrationParams(max_bandwidth_mib_s=32)  # the default policy, 32 MiB
 
 
 def test_fast_dirtier_is_aborted_early_and_slow_one_succeeds(lmo: LmoClient):
-    lmo.create_vm(demo_spec(memory_mib=256, rate=200, wss_mib=128, name="dirty"), host="A")
+    lmo.create_vm(workload_vm_spec(memory_mib=256, rate=200, wss_mib=128, name="dirty"), host="A")
     try:
         lmo.wait_for_console("dirty", "LIVEMIG HB", timeout=90)
         m = lmo.wait(lmo.migrate("dirty", "B", RESERVED).id, timeout=300)

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from livemig.client import LmoClient
 from livemig.control.evacuation import peak_concurrency
-from livemig.demo import demo_spec
+from livemig.guest.workload import workload_vm_spec
 from livemig.model import Migration, Phase
-from livemig.region import Region
+from livemig.region.local import Region
 from livemig.testing.processes import qemu_pids_running
+from livemig.wire.lmo import LmoClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 VMS = [f"evac{i}" for i in range(4)]
@@ -26,7 +26,7 @@ def test_evacuate_four_vms_onto_two_hosts_within_limits(tmp_path, guest_image):
     try:
         with LmoClient(config.lmo_url) as lmo:
             for name in VMS:
-                lmo.create_vm(demo_spec(memory_mib=160, rate=2, wss_mib=32, name=name), host="A")
+                lmo.create_vm(workload_vm_spec(memory_mib=160, rate=2, wss_mib=32, name=name), host="A")
             for name in VMS:
                 lmo.wait_for_console(name, "LIVEMIG HB", timeout=120)
             done = subprocess.run(

@@ -26,9 +26,9 @@ from typing import Protocol
 
 import pytest
 
-from livemig.freeport import free_port
 from livemig.guest.disklog import read_disk_log
 from livemig.guest.image import GuestImage, build_image, kernel_cmdline
+from livemig.region.freeport import free_port
 
 pytestmark = [
     pytest.mark.e2e,

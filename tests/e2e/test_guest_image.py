@@ -8,7 +8,6 @@ its own small VM and talks to the serial console over QEMU's unix socket.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
@@ -21,7 +20,7 @@ from typing import Protocol
 
 import pytest
 
-from livemig.guest.image import GuestImage, build_image, kernel_cmdline
+from livemig.guest.image import GuestImage, build_image, default_cache_dir, kernel_cmdline
 
 pytestmark = [
     pytest.mark.e2e,
@@ -35,7 +34,7 @@ HB = re.compile(r"^LIVEMIG HB seq=(\d+) uptime_ms=(\d+) dirtied_mib=(\d+) live_e
 
 
 def image_cache() -> Path:
-    return Path(os.environ.get("LIVEMIG_CACHE") or Path.home() / ".cache" / "livemig")
+    return default_cache_dir()
 
 
 @pytest.fixture(scope="module")

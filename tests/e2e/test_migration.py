@@ -7,17 +7,17 @@ import time
 
 import pytest
 
-from livemig.client import LmoClient
-from livemig.demo import demo_spec, heartbeat_seq, wait_heartbeat_after
+from livemig.guest.workload import heartbeat_seq, wait_heartbeat_after, workload_vm_spec
 from livemig.model import Phase
-from livemig.proc import pid_alive
+from livemig.region.proc import pid_alive
 from livemig.testing.processes import qemu_pids_running
+from livemig.wire.lmo import LmoClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def boot(lmo: LmoClient, name: str, host: str = "A", rate: int = 20, memory: int = 256) -> dict:
-    view = lmo.create_vm(demo_spec(memory_mib=memory, rate=rate, wss_mib=96, name=name), host=host)
+    view = lmo.create_vm(workload_vm_spec(memory_mib=memory, rate=rate, wss_mib=96, name=name), host=host)
     lmo.wait_for_console(name, "LIVEMIG HB", timeout=90)
     return view
 
@@ -40,7 +40,9 @@ def test_round_trip_keeps_memory_intact_and_runs_on_one_host(lmo: LmoClient):
                 "migration traffic uses the destination's migration address, never its API address"
             )
             assert not pid_alive(before_pid), "the source QEMU must have exited"
-            assert wait_heartbeat_after(lmo, "rt", seq) > seq, "heartbeat must continue on the destination"
+            assert wait_heartbeat_after(lambda: lmo.console("rt", tail=50), seq) > seq, (
+                "heartbeat must continue on the destination"
+            )
         pids = qemu_pids_running("rt")
         assert len(pids) == 1, f"exactly one QEMU must run the VM, found {pids}"
         assert lmo.vm("rt")["observed"]["pid"] == pids[0]

@@ -18,14 +18,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from livemig.client import LmoClient
-from livemig.demo import demo_spec
+from livemig.guest.workload import workload_vm_spec
 from livemig.host.shaping import MigrationShaper
-from livemig.hostns import MIGRATION_DEVICE, SERVICE_DEVICE
 from livemig.model import MigrationParams, NicDevice, Phase
 from livemig.network.client import VswitchClient
-from livemig.region import Region
+from livemig.region.hostns import MIGRATION_DEVICE, SERVICE_DEVICE
+from livemig.region.local import Region
 from livemig.testing.processes import qemu_pids_running
+from livemig.wire.lmo import LmoClient
 
 pytestmark = [
     pytest.mark.e2e,
@@ -70,7 +70,7 @@ def test_migration_crosses_mig0_held_by_its_tc_class(region: Region, lmo: LmoCli
     put("vnics", {"id": "ns-guest", "mac": GUEST_MAC, "ip": "10.9.1.10", "subnet": "ns-a",
                   "security_lists": ["ns-open"], "host": ""})  # fmt: skip
     lmo.call("POST", "/volumes", json={"name": "ns-vol", "size_bytes": 32 * 1024 * 1024})
-    spec = demo_spec(memory_mib=256, rate=10, wss_mib=64, name="nsvm", volume="ns-vol", disk_rate=20)
+    spec = workload_vm_spec(memory_mib=256, rate=10, wss_mib=64, name="nsvm", volume="ns-vol", disk_rate=20)
     spec.devices.append(NicDevice(id="nic0", pci_addr="0x3", mac=GUEST_MAC, backend="vswitch", vnic="ns-guest"))
     lmo.create_vm(spec, host="A")
     try:
@@ -127,7 +127,7 @@ def test_hostd_killed_mid_migration_leaves_no_stale_class(region: Region, lmo: L
     assert config is not None
     source_ns = str(next(h.netns for h in config.hosts if h.name == "A"))
     shaper = MigrationShaper(source_ns, MIGRATION_DEVICE, HOST_BUDGET_MIB_S)
-    lmo.create_vm(demo_spec(memory_mib=256, rate=10, wss_mib=64, name="nskill"), host="A")
+    lmo.create_vm(workload_vm_spec(memory_mib=256, rate=10, wss_mib=64, name="nskill"), host="A")
     try:
         lmo.wait_for_console("nskill", "LIVEMIG HB", timeout=90)
         migration = lmo.migrate("nskill", "B", MigrationParams(max_bandwidth_mib_s=SHARE_MIB_S))

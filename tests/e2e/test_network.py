@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from livemig.client import LmoClient
 from livemig.model import MigrationParams, NicDevice, Phase, VmSpec, WorkloadSpec
 from livemig.model.migration import ConvergencePolicy
 from livemig.network.client import VswitchClient
-from livemig.region import Region
+from livemig.region.local import Region
+from livemig.wire.lmo import LmoClient
 
 pytestmark = [
     pytest.mark.e2e,
@@ -59,8 +59,8 @@ def lmo_objects(lmo: LmoClient) -> None:
 @pytest.fixture(scope="module")
 def topology(region: Region) -> Iterator[LmoClient]:
     """The VCN objects and the gateway namespace, once per module."""
-    from livemig.netplumb import netns
     from livemig.network.gateway import plumb_tap
+    from livemig.region.netplumb import netns
 
     config = region.load()
     assert config is not None

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from livemig.client import LmoClient
-from livemig.demo import demo_spec
+from livemig.guest.workload import workload_vm_spec
 from livemig.model import Phase
 from livemig.testing.processes import qemu_pids_running
+from livemig.wire.lmo import LmoClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -21,7 +21,7 @@ def attachments(lmo: LmoClient, volume: str) -> list[dict]:
 
 def test_disk_log_survives_round_trip_and_source_is_fenced(lmo: LmoClient):
     lmo.call("POST", "/volumes", json={"name": "vol-rt", "size_bytes": 64 * 1024 * 1024})
-    lmo.create_vm(demo_spec(memory_mib=256, rate=10, wss_mib=64, name="disky", volume="vol-rt", disk_rate=40),
+    lmo.create_vm(workload_vm_spec(memory_mib=256, rate=10, wss_mib=64, name="disky", volume="vol-rt", disk_rate=40),
                   host="A")  # fmt: skip
     try:
         lmo.wait_for_console("disky", "disk_acked=", timeout=90)
@@ -47,7 +47,7 @@ def test_disk_log_survives_round_trip_and_source_is_fenced(lmo: LmoClient):
 
 def test_cancel_leaves_no_destination_attachment(region, lmo: LmoClient):
     lmo.call("POST", "/volumes", json={"name": "vol-cancel", "size_bytes": 32 * 1024 * 1024})
-    lmo.create_vm(demo_spec(memory_mib=256, rate=5, wss_mib=32, name="cancelled", volume="vol-cancel"), host="A")
+    lmo.create_vm(workload_vm_spec(memory_mib=256, rate=5, wss_mib=32, name="cancelled", volume="vol-cancel"), host="A")
     region.restart_lmo(faults="controller.before.PreCopy=hold")  # the destination is prepared, then we wait
     try:
         lmo.wait_for_console("cancelled", "disk_acked=", timeout=90)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from livemig.host.shaping import MigrationShaper
-from livemig.hostns import MIGRATION_DEVICE, NamespaceLayout, plumb, unplumb
+from livemig.region.hostns import MIGRATION_DEVICE, NamespaceLayout, plumb, unplumb
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("tc") is None or shutil.which("nsenter") is None,

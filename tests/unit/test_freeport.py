@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from livemig.freeport import free_port, free_ports
+from livemig.region.freeport import free_port, free_ports
 
 
 def test_a_batch_is_distinct_and_bindable() -> None:

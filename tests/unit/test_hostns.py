@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from livemig.errors import Conflict
 from livemig.host.shaping import _htb_rate, _parse_tcp_uri
-from livemig.hostns import NamespaceLayout
+from livemig.region.hostns import NamespaceLayout
 
 IFNAMSIZ = 15  # usable characters of a Linux interface name
 
@@ -46,9 +46,9 @@ def test_a_share_is_a_ceiling_in_bits() -> None:
 
 def test_namespace_hosts_without_root_get_a_clear_error_and_start_nothing(tmp_path: Path, monkeypatch) -> None:
     from livemig.errors import BootstrapError
-    from livemig.region import Region
+    from livemig.region.local import Region
 
-    monkeypatch.setattr("livemig.hostns.os.geteuid", lambda: 1000)
+    monkeypatch.setattr("livemig.region.hostns.os.geteuid", lambda: 1000)
     region = Region(tmp_path)
     with pytest.raises(BootstrapError, match="namespace hosts need root"):
         region.up(("A", "B"), netns=True)

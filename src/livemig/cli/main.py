@@ -13,11 +13,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from livemig.client import LmoClient
 from livemig.errors import LivemigError
 from livemig.model.migration import MigrationParams
 from livemig.model.vm import VmSpec, WorkloadSpec
-from livemig.region import Region, default_state_dir
+from livemig.region.local import Region, default_state_dir
+from livemig.wire.lmo import LmoClient
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 vm_app = typer.Typer(no_args_is_help=True, help="Create, inspect and delete VMs.")
@@ -51,11 +51,20 @@ def lmo(url: str | None, state_dir: Path | None = None) -> LmoClient:
 # ---------------------------------------------------------------------- services
 
 
-def _serve(app_: object, listen: str) -> None:
+LogLevel = Annotated[str, typer.Option(help="debug | info | warning | error")]
+
+
+def _configure_logging(level: str) -> None:
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        fail(f"--log-level must be debug, info, warning or error, not {level!r}")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _serve(app_: object, listen: str, log_level: str = "info") -> None:
     import uvicorn
 
     host, _, port = listen.rpartition(":")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _configure_logging(log_level)
     uvicorn.run(app_, host=host or "127.0.0.1", port=int(port), log_level="warning")  # type: ignore[arg-type]
 
 
@@ -74,6 +83,7 @@ def hostd(
     vswitch: Annotated[str | None, typer.Option(help="this host's vswitch API URL")] = None,
     overlay: Annotated[str | None, typer.Option(help="this host's vswitch VXLAN endpoint ip:port")] = None,
     netns: Annotated[str | None, typer.Option(help="namespace host: run QEMUs in this netns, tc on its mig0")] = None,
+    log_level: LogLevel = "info",
 ) -> None:
     """Run a host agent (QEMU lifecycle, migration source/destination)."""
     from livemig.host.accel import choose_accel
@@ -86,14 +96,14 @@ def hostd(
     if migration_bandwidth <= 0 or memory_mib <= 0:
         fail("--migration-bandwidth and --memory-mib must be positive")
     if netns is not None:
-        from livemig.netplumb import netns_exists
+        from livemig.region.netplumb import netns_exists
 
         if not netns_exists(netns):
             fail(f"network namespace {netns!r} does not exist (`livemig up --netns` creates them)")
     agent = HostAgent(name, state_dir, migration_address, choice, memory_mib, migration_bandwidth,
                       vswitch_url=vswitch, overlay=overlay, netns=netns)  # fmt: skip
     logging.getLogger(__name__).info("hostd %s: accelerator %s (%s)", name, choice.name, choice.reason)
-    _serve(create_app(agent, lmo_url, f"http://{listen}"), listen)
+    _serve(create_app(agent, lmo_url, f"http://{listen}"), listen, log_level)
 
 
 @app.command("lmo")
@@ -101,25 +111,27 @@ def lmo_command(
     listen: Annotated[str, typer.Option(help="API address host:port")] = "127.0.0.1:7700",
     db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] = "sqlite:///livemig.db",
     blockd: Annotated[str | None, typer.Option(help="blockd admin API URL (volumes)")] = None,
+    log_level: LogLevel = "info",
 ) -> None:
     """Run the LMO control plane (API + migration controller)."""
     from livemig.control.api import create_app
     from livemig.control.store import Store
 
-    _serve(create_app(Store(db), blockd_url=blockd), listen)
+    _serve(create_app(Store(db), blockd_url=blockd), listen, log_level)
 
 
 @app.command("vswitch")
 def vswitch_command(
     name: Annotated[str, typer.Option(help="this host's name in the mapping")],
     listen: Annotated[str, typer.Option(help="API address host:port")] = "127.0.0.1:7480",
-    overlay: Annotated[str, typer.Option(help="VXLAN endpoint ip:port")] = "127.0.0.1:4789",
+    overlay: Annotated[str, typer.Option(help="VXLAN endpoint ip:port (port 0: any free port)")] = "127.0.0.1:4789",
+    log_level: LogLevel = "info",
 ) -> None:
     """Run a host's vswitch: the VCN dataplane (VXLAN overlay, security lists, flow state)."""
-    from livemig.network import run_vswitch
+    from livemig.network.api import run_vswitch
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run_vswitch(name, listen, overlay)
+    _configure_logging(log_level)
+    run_vswitch(name, listen, overlay, log_level=log_level)
 
 
 @app.command("blockd")
@@ -129,11 +141,12 @@ def blockd_command(
     ),
     listen: Annotated[str, typer.Option(help="admin API address host:port")] = "127.0.0.1:7410",
     nbd_listen: Annotated[str, typer.Option(help="NBD server address host:port")] = "127.0.0.1:10809",
+    log_level: LogLevel = "info",
 ) -> None:
     """Run blockd: block volumes over NBD with write fencing."""
     from livemig.storage.service import run_blockd
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _configure_logging(log_level)
     run_blockd(data_dir, listen, nbd_listen)
 
 
@@ -528,9 +541,9 @@ def image_build(
     force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
 ) -> None:
     """Build the guest image (Debian cloud kernel, busybox, the livemig workload)."""
-    from livemig.guest.image import build_image
+    from livemig.guest.image import build_image, default_cache_dir
 
-    cache = cache or Path(os.environ.get("LIVEMIG_CACHE") or Path.home() / ".cache" / "livemig")
+    cache = cache or default_cache_dir()
     with err.status("building the guest image") as status:
         image = build_image(cache, force=force, progress=lambda msg: status.update(msg))
     out.print(f"kernel {image.kernel}\ninitrd {image.initrd}")
@@ -545,7 +558,7 @@ def demo(
     memory: Annotated[int, typer.Option(help="guest memory, MiB")] = 512,
 ) -> None:
     """Start a region, boot a VM, migrate it A→B→A live, print the report."""
-    from livemig.demo import run_demo
+    from livemig.cli.demo import run_demo
 
     report = run_demo(state_dir or default_state_dir() / "demo", quiet=as_json, keep=keep, rate=rate,
                       memory_mib=memory, console=err if as_json else out)  # fmt: skip

@@ -6,8 +6,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from livemig.client import LmoClient
 from livemig.model.migration import Migration
+from livemig.wire.lmo import LmoClient
 
 MIB = 1024 * 1024
 

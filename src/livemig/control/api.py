@@ -30,7 +30,7 @@ from livemig.errors import CapacityError, Conflict, HostUnreachable, InvalidRequ
 from livemig.model.host import HostInfo, HostRegistration
 from livemig.model.migration import Migration, MigrationRequest, Phase
 from livemig.model.vm import VmSpec, VmStatus
-from livemig.webutil import install_error_handlers
+from livemig.wire.server import install_error_handlers
 
 log = logging.getLogger(__name__)
 

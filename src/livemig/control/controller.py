@@ -27,7 +27,7 @@ from livemig.control.policy import judge
 from livemig.control.store import Store
 from livemig.control.volumes import VolumeOps
 from livemig.errors import GuestError, HostUnreachable, LivemigError
-from livemig.faults import fault_point
+from livemig.faults.points import fault_point
 from livemig.host.source import SourceMigrationStatus
 from livemig.host.vnics import VnicHandoff
 from livemig.model.migration import Migration, Phase, utcnow

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from livemig.control.store import Store
 from livemig.errors import Conflict, HostUnreachable, InvalidRequest, LivemigError, NotFound
-from livemig.faults import fault_point
+from livemig.faults.points import fault_point
 from livemig.model.host import HostRegistration
 from livemig.model.migration import Migration, Phase
 from livemig.model.vm import NicDevice, VmSpec

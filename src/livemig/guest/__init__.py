@@ -6,29 +6,4 @@ or corrupted no memory. In disk mode it also appends a checksummed log to a bloc
 ``diskcheck``, proves no acknowledged record was lost (:mod:`livemig.guest.disklog` reads the same
 log from the host); in network mode it serves TCP echo and a UDP sequence sink and runs a TCP
 client, counting every loss. :func:`livemig.guest.image.build_image` builds and caches the image.
-
-The names below are loaded lazily, so ``python -m livemig.guest.image`` does not import the
-module twice.
 """
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from livemig.guest.errors import ImageBuildError
-    from livemig.guest.image import GuestImage, build_image, kernel_cmdline
-
-__all__ = ["GuestImage", "ImageBuildError", "build_image", "kernel_cmdline"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "ImageBuildError":
-        from livemig.guest import errors
-
-        return errors.ImageBuildError
-    if name in ("GuestImage", "build_image", "kernel_cmdline"):
-        from livemig.guest import image
-
-        return getattr(image, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,12 +15,11 @@ Why this design:
   inside the cache and are moved into place with ``os.replace`` under a lock, so a crash or a
   concurrent builder never leaves a half-written image that looks valid.
 
-Run ``python -m livemig.guest.image [--cache DIR] [--force]`` to build by hand.
+``livemig image build [--cache DIR] [--force]`` builds it by hand.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import gzip
@@ -32,7 +31,6 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,7 +51,6 @@ __all__ = [
     "build_image",
     "default_cache_dir",
     "kernel_cmdline",
-    "main",
 ]
 
 #: Debian metapackage whose ``Depends:`` names the current versioned cloud kernel.
@@ -620,32 +617,3 @@ def build_image(cache_dir: Path, *, force: bool = False, progress: Progress | No
             raise ImageBuildError(f"building the guest image failed: {exc}") from exc
     report(f"guest image ready: kernel {kernel_version}")
     return image
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m livemig.guest.image``: build the image and print the kernel and initrd paths."""
-    parser = argparse.ArgumentParser(prog="python -m livemig.guest.image", description=main.__doc__)
-    parser.add_argument(
-        "--cache", type=Path, default=None, help="cache directory (default $LIVEMIG_CACHE or ~/.cache/livemig)"
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild even if the cached image is current")
-    args = parser.parse_args(argv)
-    started = time.monotonic()
-    try:
-        image = build_image(
-            args.cache or default_cache_dir(),
-            force=args.force,
-            progress=lambda msg: print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr),
-        )
-    except ImageBuildError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    print(f"kernel {image.kernel}")
-    print(f"initrd {image.initrd}")
-    print(f"kernel_version {image.kernel_version}")
-    print(f"cmdline {image.kernel_cmdline()}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

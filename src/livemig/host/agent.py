@@ -37,11 +37,11 @@ from livemig.host.qmp import QmpSession, event_time
 from livemig.host.shaping import MigrationShaper
 from livemig.host.source import SourceMigration, SourceMigrationStatus
 from livemig.host.vnics import VnicHandoff, VswitchPorts
-from livemig.hostns import MIGRATION_DEVICE
 from livemig.model.host import HostInfo
 from livemig.model.migration import MigrationParams
 from livemig.model.vm import NbdExport, VmSpec, VmStatus, VolumeDevice
-from livemig.proc import pid_alive
+from livemig.region.hostns import MIGRATION_DEVICE
+from livemig.region.proc import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,9 @@ class HostAgent:
         machine = resolve_machine(spec.machine)
         boot = spec.boot
         if boot.kernel is None or boot.initrd is None:
-            from livemig.guest.image import build_image  # the cached guest image
+            from livemig.guest.image import build_image, default_cache_dir
 
-            image = build_image(self.image_cache())
+            image = build_image(default_cache_dir())
             extra = ""
             if spec.workload is not None:
                 disk = spec.workload.disk_rate > 0 and any(isinstance(d, VolumeDevice) for d in spec.devices)
@@ -180,10 +180,6 @@ class HostAgent:
         if trim == 0 and needs_tcg_ram_trim(self.accel.name, qemu_version()):
             trim = TCG_RAM_TRIM_KIB
         return spec.model_copy(update={"machine": machine, "boot": boot, "ram_trim_kib": trim})
-
-    def image_cache(self) -> Path:
-        env = os.environ.get("LIVEMIG_CACHE")
-        return Path(env) if env else Path.home() / ".cache" / "livemig"
 
     def _check_capacity(self, spec: VmSpec) -> None:
         free = self.memory_mib - sum(vm.spec.memory_mib for vm in self.vms.values())

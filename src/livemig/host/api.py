@@ -21,7 +21,7 @@ from livemig.host.vnics import VnicHandoff
 from livemig.model.host import HostInfo
 from livemig.model.migration import MigrationParams
 from livemig.model.vm import VmLaunch, VmStatus
-from livemig.webutil import install_error_handlers
+from livemig.wire.server import install_error_handlers
 
 log = logging.getLogger(__name__)
 VMS_GAUGE = Gauge("livemig_host_vms", "VMs managed by this hostd", ["host"])

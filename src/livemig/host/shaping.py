@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 
 from livemig.errors import Conflict
-from livemig.netplumb import iproute2
+from livemig.region.netplumb import iproute2
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from livemig.errors import LivemigError, QemuError
-from livemig.faults import fault_point
+from livemig.faults.points import fault_point
 from livemig.host.qmp import QmpSession, event_time
 from livemig.host.shaping import ShapedMigration
 from livemig.host.vnics import VnicHandoff

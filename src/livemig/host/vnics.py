@@ -29,7 +29,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from livemig.errors import HostUnreachable, InvalidRequest, LivemigError
-from livemig.faults import fault_point
+from livemig.faults.points import fault_point
 from livemig.model.vm import NicDevice, VmSpec
 from livemig.network.handoff import PAUSE_PROBE, Drain, Replay, replay_marker
 from livemig.network.model import HandoffRequest, PauseMarker

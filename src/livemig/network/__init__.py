@@ -11,15 +11,6 @@ One module, one job::
     ports      UDP sockets facing QEMU (-netdev dgram) and the overlay
     gateway    tap VNICs (optionally in a netns) so host processes can reach a subnet
     vswitch    the switch: pipeline, routing, overlay, migration surface (design notes inside)
-    api        the REST API and ``run_vswitch``;  ``python -m livemig.network`` runs it
+    api        the REST API and ``run_vswitch`` (``livemig vswitch`` runs it)
     client     a small typed httpx client for the API
 """
-
-from __future__ import annotations
-
-
-def run_vswitch(host_name: str, api_listen: str, overlay_listen: str) -> None:
-    """Run one host's vswitch until SIGINT/SIGTERM (imported lazily: codecs need no web stack)."""
-    from livemig.network.api import run_vswitch as _run
-
-    _run(host_name, api_listen, overlay_listen)

@@ -53,7 +53,7 @@ from livemig.network.model import (
     SecurityList,
 )
 from livemig.network.vswitch import Vswitch
-from livemig.webutil import install_error_handlers
+from livemig.wire.server import install_error_handlers
 
 log = logging.getLogger(__name__)
 _GAUGES = {"held", "held_bytes", "flows"}

@@ -29,8 +29,8 @@ import struct
 from collections import Counter
 
 from livemig.errors import BootstrapError, Conflict
-from livemig.netplumb import ip
 from livemig.network.ports import FrameSink
+from livemig.region.netplumb import ip
 
 log = logging.getLogger(__name__)
 TUNSETIFF = 0x400454CA

@@ -3,5 +3,5 @@
 Modules, one job each: ``volumes`` (sparse files + their metadata), ``fencing`` (attachments and
 the single-writer rule), ``blockd`` (joins the two for the NBD server and the API), ``nbd/``
 (wire codecs, server, a small client), ``api`` (admin REST), ``service`` (runs it all in one
-event loop), ``testing_proxy`` (a fault point that holds one request back).
+event loop).
 """

@@ -18,7 +18,7 @@ from livemig.storage.blockd import Blockd
 from livemig.storage.fencing import Attachment
 from livemig.storage.metrics import BlockdCollector
 from livemig.storage.volumes import Volume
-from livemig.webutil import install_error_handlers
+from livemig.wire.server import install_error_handlers
 
 
 class CreateVolumeBody(BaseModel):

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from livemig.errors import Conflict, InvalidRequest, NotFound
-from livemig.storage.statefile import StateFile
+from livemig.statefile import StateFile
 
 log = logging.getLogger(__name__)
 

@@ -102,5 +102,5 @@ async def serve_blockd(
 
 
 def run_blockd(data_dir: Path, api_listen: str = DEFAULT_API_LISTEN, nbd_listen: str = DEFAULT_NBD_LISTEN) -> None:
-    """Blocking entry point for ``livemig blockd`` / ``python -m livemig.storage``."""
+    """Blocking entry point for ``livemig blockd``."""
     asyncio.run(serve_blockd(data_dir, api_listen, nbd_listen))

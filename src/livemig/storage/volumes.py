@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from livemig.errors import Conflict, InvalidRequest, LivemigError, NotFound
-from livemig.storage.statefile import StateFile, fsync_dir
+from livemig.statefile import StateFile, fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Real vswitch processes (``python -m livemig.network``) on loopback, and helpers to drive them."""
+"""Real vswitch processes (``livemig vswitch``) on loopback, and helpers to drive them."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from livemig.network.client import VswitchClient
-from livemig.network.fakevm import SAMPLE, FakeVm, sample_mapping, sample_security_lists
 from livemig.network.model import Mapping
+from livemig.testing.fakevm import SAMPLE, FakeVm, sample_mapping, sample_security_lists
 
 _generation = itertools.count(1)
 
@@ -40,7 +40,7 @@ def _free_tcp_port() -> int:
 def start_switch(name: str, directory: Path) -> Switch:
     port = _free_tcp_port()
     log = directory / f"vswitch-{name}.log"
-    cmd = [sys.executable, "-m", "livemig.network", "--host-name", name, "--api", f"127.0.0.1:{port}",
+    cmd = [sys.executable, "-m", "livemig.cli.main", "vswitch", "--name", name, "--listen", f"127.0.0.1:{port}",
            "--overlay", "127.0.0.1:0", "--log-level", "warning"]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)

@@ -7,7 +7,6 @@ import socket
 import pytest
 
 from livemig.errors import InvalidRequest, NotFound
-from livemig.network.fakevm import SAMPLE, arp_request, tcp_frame, udp_frame, udp_payload
 from livemig.network.model import derived_gateway_mac
 from livemig.network.packets import (
     ARP_REPLY,
@@ -22,6 +21,7 @@ from livemig.network.packets import (
     mac_to_bytes,
     mac_to_str,
 )
+from livemig.testing.fakevm import SAMPLE, arp_request, tcp_frame, udp_frame, udp_payload
 
 GW_A, GW_B = derived_gateway_mac("blue-a"), derived_gateway_mac("blue-b")
 

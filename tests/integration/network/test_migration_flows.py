@@ -16,10 +16,10 @@ import pytest
 
 from livemig.errors import InvalidRequest
 from livemig.network.envelope import open_flows
-from livemig.network.fakevm import SAMPLE, FakeVm, tcp_frame
 from livemig.network.handoff import PAUSE_PROBE, Drain, replay_marker
 from livemig.network.model import derived_gateway_mac
 from livemig.network.packets import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN, Ethernet, IPv4, Tcp
+from livemig.testing.fakevm import SAMPLE, FakeVm, tcp_frame
 
 GW_A, GW_B = derived_gateway_mac("blue-a"), derived_gateway_mac("blue-b")
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from livemig.network.fakevm import SAMPLE
+from livemig.testing.fakevm import SAMPLE
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
 

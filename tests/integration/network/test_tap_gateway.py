@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from livemig.netplumb import netns
-from livemig.network.fakevm import SAMPLE
 from livemig.network.gateway import plumb_tap
 from livemig.network.model import PortRange, SecurityList, SecurityRule
+from livemig.region.netplumb import netns
+from livemig.testing.fakevm import SAMPLE
 
 
 def _net_admin() -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from livemig.storage.harness import BlockdProcess
+from livemig.testing.blockd import BlockdProcess
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import random
 import subprocess
 from collections.abc import Callable
 
-from livemig.storage.harness import MIB, BlockdProcess
+from livemig.testing.blockd import MIB, BlockdProcess
 
 Factory = Callable[..., BlockdProcess]
 

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from livemig.storage.fencing import UNSAFE_ENV
-from livemig.storage.harness import MIB, BlockdProcess
 from livemig.storage.nbd.client import NbdError
 from livemig.storage.nbd.protocol import Errno
-from livemig.storage.testing_proxy import ThreadedHoldingProxy
+from livemig.testing.blockd import MIB, BlockdProcess
+from livemig.testing.nbdproxy import ThreadedHoldingProxy
 
 pytestmark = pytest.mark.usefixtures("real_clients")
 Factory = Callable[..., BlockdProcess]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import shutil
 import subprocess
@@ -13,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from livemig.errors import LivemigError
-from livemig.storage.harness import MIB, BlockdProcess
+from livemig.guest.image import default_cache_dir
+from livemig.testing.blockd import MIB, BlockdProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("real_clients")]
 MARKER = b"LIVEMIG-BLOCKD-GUEST-MARKER"
@@ -26,7 +26,7 @@ def guest_image() -> tuple[Path, Path]:
         from livemig.guest.image import build_image
     except ImportError:
         pytest.skip("livemig.guest is not available")
-    cache = Path(os.environ.get("LIVEMIG_CACHE") or Path.home() / ".cache" / "livemig")
+    cache = default_cache_dir()
     try:
         image = build_image(cache)
     except (LivemigError, OSError) as exc:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from livemig.storage.harness import MIB, BlockdProcess
+from livemig.testing.blockd import MIB, BlockdProcess
 
 pytestmark = pytest.mark.usefixtures("real_clients")
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from livemig.storage.harness import MIB, BlockdProcess
 from livemig.storage.nbd import protocol as p
 from livemig.storage.nbd.client import NbdClient, NegotiationError
+from livemig.testing.blockd import MIB, BlockdProcess
 
 BLOCK = 4096
 

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from livemig.network import dhcp
-from livemig.network.fakevm import SAMPLE, dhcp_frame, sample_mapping, sample_security_lists
 from livemig.network.model import Attachment, derived_gateway_mac
 from livemig.network.packets import Ethernet, IPv4, MalformedPacket, Udp, int_to_ip, ip_to_int, mac_to_bytes
 from livemig.network.vswitch import Vswitch
+from livemig.testing.fakevm import SAMPLE, dhcp_frame, sample_mapping, sample_security_lists
 
 MAC, IP = SAMPLE["web"]
 

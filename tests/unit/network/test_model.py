@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from livemig.network.fakevm import sample_mapping
 from livemig.network.model import (
     Attachment,
     Mapping,
@@ -17,6 +16,7 @@ from livemig.network.model import (
     Vnic,
     derived_gateway_mac,
 )
+from livemig.testing.fakevm import sample_mapping
 
 HOSTS = {"A": "127.0.0.1:4789", "B": "127.0.0.2"}
 

@@ -7,15 +7,6 @@ from collections import Counter
 import pytest
 
 from livemig.errors import Conflict, NotFound
-from livemig.network.fakevm import (
-    SAMPLE,
-    arp_request,
-    icmp_echo_frame,
-    sample_mapping,
-    sample_security_lists,
-    tcp_frame,
-    udp_frame,
-)
 from livemig.network.handoff import PAUSE_PROBE
 from livemig.network.model import Attachment, SecurityList, SecurityRule, derived_gateway_mac
 from livemig.network.packets import (
@@ -33,6 +24,15 @@ from livemig.network.packets import (
     mac_to_str,
 )
 from livemig.network.vswitch import Vswitch
+from livemig.testing.fakevm import (
+    SAMPLE,
+    arp_request,
+    icmp_echo_frame,
+    sample_mapping,
+    sample_security_lists,
+    tcp_frame,
+    udp_frame,
+)
 
 HOSTS = {"A": "10.99.0.1:4789", "B": "10.99.0.2:4789", "C": "10.99.0.3:4789"}
 GW_A = derived_gateway_mac("blue-a")

@@ -7,57 +7,21 @@ and that the source QEMU process has exited (the VM runs on exactly one host).
 
 from __future__ import annotations
 
-import os
-import re
-import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from livemig.cli.progress import follow, stats_line, timeline_table
-from livemig.client import LmoClient
-from livemig.guest.image import build_image
+from livemig.guest.image import build_image, default_cache_dir
+from livemig.guest.workload import heartbeat_seq, wait_heartbeat_after, workload_vm_spec
 from livemig.model.migration import Migration
-from livemig.model.vm import Device, RngDevice, VmSpec, VolumeDevice, WorkloadSpec
-from livemig.proc import pid_alive
-from livemig.region import Region
+from livemig.region.local import Region
+from livemig.region.proc import pid_alive
+from livemig.wire.lmo import LmoClient
 
 DEMO_VM = "demo"
 DEMO_VOLUME = "demo-data"
-_HB = re.compile(r"LIVEMIG HB seq=(\d+)")
-
-
-def demo_spec(
-    memory_mib: int = 512, rate: int = 20, wss_mib: int = 128, name: str = DEMO_VM, volume: str | None = None,
-    disk_rate: int = 40,
-) -> VmSpec:  # fmt: skip
-    """The demo guest: pinned device layout so the destination reproduces it exactly; with
-    ``volume``, a data disk on blockd that the workload appends its checksummed log to."""
-    devices: list[Device] = [RngDevice(id="rng0", pci_addr="0x5")]
-    if volume is not None:
-        devices.append(VolumeDevice(id="data0", pci_addr="0x6", volume=volume))
-    return VmSpec(
-        name=name, memory_mib=memory_mib, vcpus=1, devices=devices,
-        workload=WorkloadSpec(wss_mib=min(wss_mib, memory_mib - 64), rate_mib_s=rate,
-                              disk_rate=disk_rate if volume is not None else 0),
-    )  # fmt: skip
-
-
-def heartbeat_seq(text: str) -> int | None:
-    found = _HB.findall(text)
-    return int(found[-1]) if found else None
-
-
-def wait_heartbeat_after(client: LmoClient, vm: str, after: int, timeout: float = 30.0) -> int:
-    """Wait for a heartbeat newer than ``after`` on the VM's current host; return its seq."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        seq = heartbeat_seq(client.console(vm, tail=50))
-        if seq is not None and seq > after:
-            return seq
-        time.sleep(0.25)
-    return -1
 
 
 def migration_report(m: Migration) -> dict[str, Any]:
@@ -83,7 +47,7 @@ def migrate_and_prove(client: LmoClient, vm: str, destination: str, console: Con
     after = client.vm(vm)
     report["source_qemu_exited"] = not pid_alive(source_pid)
     report["runs_on"] = after["host"]
-    report["heartbeat_after_migration"] = wait_heartbeat_after(client, vm, last_seq)
+    report["heartbeat_after_migration"] = wait_heartbeat_after(lambda: client.console(vm, tail=50), last_seq)
     report["heartbeat_continues"] = report["heartbeat_after_migration"] > last_seq
     if not quiet:
         console.print(timeline_table(final))
@@ -95,7 +59,7 @@ def migrate_and_prove(client: LmoClient, vm: str, destination: str, console: Con
 
 def run_demo(state_dir: Path, *, quiet: bool, keep: bool, rate: int, memory_mib: int,
              console: Console) -> dict[str, Any]:  # fmt: skip
-    cache = Path(os.environ.get("LIVEMIG_CACHE") or Path.home() / ".cache" / "livemig")
+    cache = default_cache_dir()
     with console.status("building the guest image (cached after the first run)") as status:
         build_image(cache, progress=lambda msg: status.update(msg))
     region = Region(state_dir)
@@ -111,7 +75,7 @@ def run_demo(state_dir: Path, *, quiet: bool, keep: bool, rate: int, memory_mib:
             accel = client.hosts()[0]["info"]
             console.print(f"accelerator: {accel['accel']} ({accel['accel_reason']})")
             client.call("POST", "/volumes", json={"name": DEMO_VOLUME, "size_bytes": 64 * 1024 * 1024})
-            client.create_vm(demo_spec(memory_mib, rate, volume=DEMO_VOLUME), host="A")
+            client.create_vm(workload_vm_spec(memory_mib, rate, name=DEMO_VM, volume=DEMO_VOLUME), host="A")
             with console.status("booting the guest and waiting for the workload's heartbeat"):
                 client.wait_for_console(DEMO_VM, "LIVEMIG HB", timeout=90)
             console.print(

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import httpx
 
-from livemig import hostns
 from livemig.errors import BootstrapError
-from livemig.freeport import free_port, free_ports
-from livemig.hostns import NamespaceLayout
-from livemig.proc import pid_alive, wait_gone
+from livemig.region import hostns
+from livemig.region.freeport import free_port, free_ports
+from livemig.region.hostns import NamespaceLayout
+from livemig.region.proc import pid_alive, wait_gone
 
 DEFAULT_HOSTS = ("A", "B")
 
@@ -289,7 +289,7 @@ class Region:
             wait_gone(config.lmo_pid, 5.0)
 
     def restart_lmo(self, faults: str | None = None, timeout: float = 30.0) -> None:
-        """(Re)start the LMO, optionally with a fault plan (see ``livemig.faults``)."""
+        """(Re)start the LMO, optionally with a fault plan (see ``livemig.faults.points``)."""
         config = self._require()
         if config.lmo_pid is not None and pid_alive(config.lmo_pid):
             self.kill_lmo()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from livemig.errors import BootstrapError
-from livemig.netplumb import create_bridge, create_netns, delete_link, delete_netns, veth_into_netns
+from livemig.region.netplumb import create_bridge, create_netns, delete_link, delete_netns, veth_into_netns
 
 MIGRATION_DEVICE = "mig0"
 SERVICE_DEVICE = "svc0"

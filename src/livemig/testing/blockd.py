@@ -1,4 +1,4 @@
-"""Start a real blockd (``python -m livemig.storage``) on free loopback ports and drive its API.
+"""Start a real blockd (``livemig blockd``) on free loopback ports and drive its API.
 
 Why in the package and not in tests/: the integration tests, the benchmark and other services'
 end-to-end tests all need "a blockd I can kill -9 and restart on the same data"; one harness.
@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from livemig.freeport import free_ports
+from livemig.region.freeport import free_ports
 from livemig.storage.nbd.client import NbdClient
 
 MIB = 1 << 20
@@ -39,7 +39,8 @@ class BlockdProcess:
             [
                 sys.executable,
                 "-m",
-                "livemig.storage",
+                "livemig.cli.main",
+                "blockd",
                 "--data-dir",
                 str(self.data_dir),
                 "--listen",

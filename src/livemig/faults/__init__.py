@@ -1,0 +1,1 @@
+"""Fault injection: named fault points inside the services, armed by a plan."""
