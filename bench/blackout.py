@@ -33,9 +33,9 @@ def main() -> int:
     import test_network as net  # the same topology and probes as the e2e tests
 
     from livemig.model import NicDevice, VmSpec, WorkloadSpec
-    from livemig.network.client import VswitchClient
     from livemig.network.gateway import plumb_tap
     from livemig.region.netplumb import netns
+    from livemig.wire.vswitch import VswitchClient
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--migrations", type=int, default=4)
@@ -73,7 +73,8 @@ def main() -> int:
                     # where the worst gap ended, relative to the phases (ms): explains a long blackout
                     gap_end_after = {p: round((gap_end - at[p]) * 1000, 1) for p in ("Switchover", "CuttingOver")
                                      if gap_end and p in at}  # fmt: skip
-                    resumed = (lmo.vm("netvm").get("observed") or {}).get("resumed_at")
+                    observed = lmo.vm("netvm").observed
+                    resumed = observed.resumed_at if observed else None
                     # the stall around the switchover (the gap spanning the source's STOP), and the
                     # worst one during pre-copy (TCG holds the vCPU while QEMU syncs the dirty bitmap)
                     stop_at = m.stats.stopped_at or at.get("Switchover")

@@ -28,7 +28,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from livemig.guest.image import build_image, default_cache_dir
+from livemig.guest.image import build_image, default_cache_dir, kernel_cmdline
 from livemig.host.qemu import TCG_RAM_TRIM_KIB, VmPaths, command_line, resolve_machine
 from livemig.model import BootSpec, VmSpec
 
@@ -96,7 +96,7 @@ def main() -> int:
     image = build_image(default_cache_dir())
     spec = VmSpec(name="warmup", memory_mib=256, ram_trim_kib=TCG_RAM_TRIM_KIB, machine=resolve_machine("q35"),
                   boot=BootSpec(kernel=str(image.kernel), initrd=str(image.initrd),
-                                append=image.kernel_cmdline(64, 5)))  # fmt: skip
+                                append=kernel_cmdline(64, 5)))  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="livemig-bench-warmup-") as tmp:
         runs = [asyncio.run(one_run(spec, Path(tmp))) for _ in range(args.runs)]
     print(json.dumps({"window_ms": WINDOW_S * 1000, "runs": runs}, indent=2))

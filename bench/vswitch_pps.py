@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from livemig.network.client import VswitchClient
 from livemig.network.packets import TCP_ACK, TCP_PSH
 from livemig.region.freeport import free_port, free_ports
 from livemig.testing.fakevm import SAMPLE, sample_mapping, sample_security_lists, tcp_frame
+from livemig.wire.vswitch import VswitchClient
 
 SIZES = (64, 1400)
 _HEADERS = 14 + 20 + 20  # Ethernet + IPv4 + TCP
@@ -138,7 +138,7 @@ def start_vswitch(directory: Path) -> tuple[subprocess.Popen[bytes], VswitchClie
     client = VswitchClient(f"http://127.0.0.1:{api}")
     for _ in range(200):
         try:
-            overlay = client.health()["overlay"]
+            overlay = client.health().overlay
             break
         except Exception:
             time.sleep(0.1)

@@ -10,8 +10,9 @@ CLI prints a one-line message for any ``LivemigError`` instead of a stack trace:
     ├── CapacityError       409     destination cannot hold the VM
     ├── HostUnreachable     502     a hostd did not answer
     ├── QemuError           500     QEMU refused to start or a QMP command failed
-    ├── MigrationError      500     a migration step failed (carries the phase)
     ├── GuestError          500     the guest workload did not answer or reported a failure
+    ├── StateError          500     a persisted record is corrupt, torn, or from a newer livemig
+    ├── InjectedFault       500     a fault point armed by a test or a chaos plan fired
     └── BootstrapError      -       a prerequisite (package, image) is missing on this machine
 """
 
@@ -67,12 +68,16 @@ class QemuError(LivemigError):
     """QEMU refused to start, died, or rejected a QMP command."""
 
 
-class MigrationError(LivemigError):
-    """A migration step failed; the controller rolls back from here."""
-
-
 class GuestError(LivemigError):
     """The guest workload did not answer, or its self-check failed."""
+
+
+class StateError(LivemigError):
+    """A persisted record (hostd's VM record, blockd's metadata) cannot be trusted as read."""
+
+
+class InjectedFault(LivemigError):
+    """Raised by a fault point armed with ``error`` (tests, chaos plans): never in normal operation."""
 
 
 class BootstrapError(LivemigError):

@@ -46,7 +46,7 @@ def test_the_surviving_replica_finishes_the_migration(tmp_path, postgres_url, gu
                 assert final.guest_check == "ok"
                 drivers = {e.by for e in final.timeline if e.by}
                 assert len(drivers) == 2 and driver in drivers, drivers
-                assert lmo.vm("ha")["host"] == "B"
+                assert lmo.vm("ha").host == "B"
                 assert len(qemu_pids_running("ha")) == 1
                 lmo.delete_vm("ha")
             assert not pid_alive(driver_pid)

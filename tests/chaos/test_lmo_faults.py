@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from livemig.errors import Conflict
 from livemig.guest.workload import workload_vm_spec
 from livemig.model import MigrationParams, Phase
 from livemig.model.migration import ConvergencePolicy
@@ -53,12 +54,12 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 def assert_vm_safe(lmo: LmoClient, host: str) -> None:
     """Invariants 1 and 3: one QEMU runs the VM, on the host the LMO names, memory intact."""
     view = lmo.vm(VM)
-    assert view["host"] == host
-    assert view["observed"]["state"] == "running"
+    assert view.host == host
+    assert view.observed.state == "running"
     pids = qemu_pids_running(VM)
-    assert pids == [view["observed"]["pid"]], f"exactly one QEMU must run {VM}: {pids}"
+    assert pids == [view.observed.pid], f"exactly one QEMU must run {VM}: {pids}"
     check = lmo.guest_check(VM)
-    assert check["ok"], check
+    assert check.ok, check
 
 
 def phase_of(lmo: LmoClient, migration_id: str) -> Phase:
@@ -70,7 +71,7 @@ FORWARD = ["Pending", "Validating", "PreparingTarget", "SyncingFlows", "PreCopy"
 
 @pytest.mark.parametrize("phase", FORWARD)
 def test_lmo_killed_right_after_each_step_recovers(region, lmo, vm, phase):
-    source = lmo.vm(vm)["host"]
+    source = lmo.vm(vm).host
     region.restart_lmo(faults=f"controller.after.{phase}=crash")
     migration = lmo.migrate(vm, other_host(source))
     wait_until(lambda: not region.lmo_alive(), 60, f"the LMO to die after {phase}")
@@ -81,7 +82,7 @@ def test_lmo_killed_right_after_each_step_recovers(region, lmo, vm, phase):
 
 
 def test_lmo_killed_while_the_source_is_paused_at_switchover(region, lmo, vm):
-    source = lmo.vm(vm)["host"]
+    source = lmo.vm(vm).host
     region.kill_host(source)
     region.restart_host(source, faults="hostd.switchover=delay:3")  # hold QEMU at pre-switchover
     try:
@@ -103,7 +104,7 @@ CANCELLABLE = ["Pending", "Validating", "PreparingTarget", "SyncingFlows", "PreC
 
 @pytest.mark.parametrize("phase", CANCELLABLE)
 def test_cancel_in_each_phase_keeps_the_vm_on_the_source(region, lmo, vm, phase):
-    source = lmo.vm(vm)["host"]
+    source = lmo.vm(vm).host
     destination = other_host(source)
     region.restart_lmo(faults=f"controller.before.{phase}=hold")
     migration = lmo.migrate(vm, destination)
@@ -111,14 +112,14 @@ def test_cancel_in_each_phase_keeps_the_vm_on_the_source(region, lmo, vm, phase)
     lmo.cancel(migration.id)
     final = lmo.wait(migration.id, timeout=120)
     assert final.phase is Phase.CANCELLED, final.reason
-    hosts = {h["registration"]["name"]: h["info"] for h in lmo.hosts()}
-    assert VM not in hosts[destination]["vms"], "no leftover VM on the destination"
+    hosts = {h.registration.name: h.info for h in lmo.hosts()}
+    assert VM not in hosts[destination].vms, "no leftover VM on the destination"
     assert_vm_safe(lmo, source)
     region.restart_lmo()
 
 
 def test_cancel_during_active_precopy(region, lmo, vm):
-    source = lmo.vm(vm)["host"]
+    source = lmo.vm(vm).host
     lmo.console_input(vm, "rate 400")
     try:
         # a policy that never gives up, so only the cancel can end this pre-copy
@@ -135,9 +136,9 @@ def test_cancel_during_active_precopy(region, lmo, vm):
 
 
 def test_cancelling_a_finished_migration_is_refused(lmo, vm):
-    source = lmo.vm(vm)["host"]
+    source = lmo.vm(vm).host
     final = lmo.wait(lmo.migrate(vm, other_host(source)).id, timeout=180)
     assert final.phase is Phase.SUCCEEDED
-    reply = lmo._http.post(f"/migrations/{final.id}/cancel")
-    assert reply.status_code == 409 and "already ended" in reply.json()["message"]
+    with pytest.raises(Conflict, match="already ended"):  # the LMO's 409, decoded to the same class
+        lmo.cancel(final.id)
     assert lmo.migration(final.id).phase is Phase.SUCCEEDED

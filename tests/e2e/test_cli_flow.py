@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def livemig(state: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}  # rich sizes tables to the terminal; give it room
+    env = {**os.environ, "COLUMNS": "80"}  # a plain terminal: ids and phases must still be whole
     done = subprocess.run([sys.executable, "-m", "livemig.cli.main", *args, "--state-dir", str(state)],
                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     if ok:
@@ -43,6 +43,9 @@ def test_readme_flow(tmp_path, guest_image):
         listing = livemig(tmp_path, "migrations", "list").stdout
         assert "Succeeded" in listing
         migration_id = next(word for word in listing.split() if word.startswith("m-"))
+        assert len(migration_id) == len("m-") + 10, f"the id is never cut at 80 columns: {listing}"
+        listed = json.loads(livemig(tmp_path, "migrations", "list", "--json").stdout)
+        assert [m["id"] for m in listed] == [migration_id]
         shown = json.loads(livemig(tmp_path, "migrations", "show", migration_id, "--json").stdout)
         assert shown["phase"] == "Succeeded" and shown["stats"]["pause_ms"] is not None
         net = tmp_path / "net.json"

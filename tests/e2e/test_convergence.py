@@ -26,8 +26,8 @@ def test_fast_dirtier_is_aborted_early_and_slow_one_succeeds(lmo: LmoClient):
         elapsed = (m.timeline[-1].at - m.timeline[0].at).total_seconds()
         assert elapsed < RESERVED.timeout_s / 4, f"aborted after {elapsed:.0f}s: long before the timeout"
         view = lmo.vm("dirty")
-        assert view["host"] == "A" and view["observed"]["state"] == "running"
-        assert lmo.guest_check("dirty")["ok"]
+        assert view.host == "A" and view.observed.state == "running"
+        assert lmo.guest_check("dirty").ok
 
         lmo.console_input("dirty", "rate 10")
         m = lmo.wait(lmo.migrate("dirty", "B", RESERVED).id, timeout=300)

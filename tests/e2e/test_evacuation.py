@@ -43,9 +43,9 @@ def test_evacuate_four_vms_onto_two_hosts_within_limits(tmp_path, guest_image):
             assert all(m.guest_check == "ok" for m in migrations)
             assert max(peak_concurrency(migrations, "destination").values()) <= 1
             assert max(peak_concurrency(migrations, "source").values()) <= 2
-            hosts = {h["registration"]["name"]: h for h in lmo.hosts()}
-            assert hosts["A"]["info"]["vms"] == [] and hosts["A"]["registration"]["maintenance"] is True
-            assert {lmo.vm(name)["host"] for name in VMS} == {"B", "C"}
+            hosts = {h.registration.name: h for h in lmo.hosts()}
+            assert hosts["A"].info.vms == [] and hosts["A"].registration.maintenance is True
+            assert {lmo.vm(name).host for name in VMS} == {"B", "C"}
             for name in VMS:
                 assert len(qemu_pids_running(name)) == 1
                 lmo.delete_vm(name)

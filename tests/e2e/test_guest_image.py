@@ -196,7 +196,7 @@ def test_build_is_cached_and_idempotent(image: GuestImage) -> None:
     assert (again.kernel.stat().st_mtime_ns, again.initrd.stat().st_mtime_ns) == stat_before
     assert elapsed < 5, f"a cached build took {elapsed:.1f}s"
     assert image.kernel_version.endswith("cloud-amd64")
-    cmdline = image.kernel_cmdline(64, 20)
+    cmdline = kernel_cmdline(64, 20)
     assert cmdline.split()[0] == "console=ttyS0"
     assert "livemig.wss=64" in cmdline.split() and "livemig.rate=20" in cmdline.split()
 
@@ -267,7 +267,7 @@ def test_exit_drops_to_a_shell_with_virtio_loaded(boot: Boot) -> None:
 
 
 def test_workload_off_gives_a_shell(boot: Boot, image: GuestImage) -> None:
-    guest = boot(append=image.kernel_cmdline(1, 0, workload=False), memory_mib=256)
+    guest = boot(append=kernel_cmdline(1, 0, workload=False), memory_mib=256)
     guest.wait_for(r"^LIVEMIG SHELL$", BOOT_TIMEOUT)
     time.sleep(0.5)
     assert guest.command("echo SUM-$((40+2))", r"SUM-(\d+)$", 30)[1] == "42"

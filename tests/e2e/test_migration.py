@@ -26,7 +26,7 @@ def test_round_trip_keeps_memory_intact_and_runs_on_one_host(lmo: LmoClient):
     boot(lmo, "rt")
     try:
         for destination in ("B", "A"):
-            before_pid = lmo.vm("rt")["observed"]["pid"]
+            before_pid = lmo.vm("rt").observed.pid
             seq = heartbeat_seq(lmo.console("rt")) or 0
             m = lmo.wait(lmo.migrate("rt", destination).id, timeout=180)
             assert m.phase is Phase.SUCCEEDED, m.reason
@@ -34,7 +34,7 @@ def test_round_trip_keeps_memory_intact_and_runs_on_one_host(lmo: LmoClient):
             assert m.stats.pause_ms is not None and m.stats.total_ms and m.stats.transferred_bytes > 0
             assert m.stats.rounds >= 1
             assert [e.phase for e in m.timeline][-1] is Phase.SUCCEEDED
-            assert lmo.vm("rt")["host"] == destination
+            assert lmo.vm("rt").host == destination
             migration_address = {"A": "127.0.100.1", "B": "127.0.100.2"}[destination]
             assert m.incoming_uri and m.incoming_uri.startswith(f"tcp:{migration_address}:"), (
                 "migration traffic uses the destination's migration address, never its API address"
@@ -45,7 +45,7 @@ def test_round_trip_keeps_memory_intact_and_runs_on_one_host(lmo: LmoClient):
             )
         pids = qemu_pids_running("rt")
         assert len(pids) == 1, f"exactly one QEMU must run the VM, found {pids}"
-        assert lmo.vm("rt")["observed"]["pid"] == pids[0]
+        assert lmo.vm("rt").observed.pid == pids[0]
     finally:
         lmo.delete_vm("rt")
     assert qemu_pids_running("rt") == []
@@ -54,7 +54,7 @@ def test_round_trip_keeps_memory_intact_and_runs_on_one_host(lmo: LmoClient):
 def test_hostd_sigkill_leaves_the_vm_running_and_manageable(region, lmo: LmoClient):
     boot(lmo, "survivor")
     try:
-        pid = lmo.vm("survivor")["observed"]["pid"]
+        pid = lmo.vm("survivor").observed.pid
         region.kill_host("A", signal.SIGKILL)
         assert pid_alive(pid), "killing hostd must never kill a VM"
         console_log = region.state_dir / "hosts" / "A" / "vms" / "survivor" / "console.log"
@@ -63,9 +63,9 @@ def test_hostd_sigkill_leaves_the_vm_running_and_manageable(region, lmo: LmoClie
         assert (heartbeat_seq(console_log.read_text()) or 0) > (seq or 0), "the guest keeps running unmanaged"
         region.restart_host("A")
         view = lmo.vm("survivor")
-        assert view["observed"]["state"] == "running" and view["observed"]["pid"] == pid
+        assert view.observed.state == "running" and view.observed.pid == pid
         check = lmo.guest_check("survivor")
-        assert check["ok"], check
+        assert check.ok, check
         # still manageable: it migrates away and back after the restart
         m = lmo.wait(lmo.migrate("survivor", "B").id, timeout=180)
         assert m.phase is Phase.SUCCEEDED and m.guest_check == "ok", m.reason
@@ -87,10 +87,12 @@ def test_bad_requests_get_clear_errors_and_start_nothing(lmo: LmoClient):
             ("POST", "/vms", {"spec": {"name": "target", "memory_mib": 256}}, 409, "taken"),
         ]
         for method, path, body, status, needle in cases:
-            reply = lmo._http.request(method, path, json=body)
+            reply = lmo.http.request(method, lmo.url + path, json=body)
             assert reply.status_code == status, (path, body, reply.text)
             assert needle in reply.json()["message"], reply.text
-        malformed = lmo._http.post("/migrations", content=b'{"vm": ', headers={"content-type": "application/json"})
+        malformed = lmo.http.post(
+            lmo.url + "/migrations", content=b'{"vm": ', headers={"content-type": "application/json"}
+        )
         assert malformed.status_code == 422 and malformed.json()["error"] == "InvalidRequest"
         assert lmo.migrations() == [] or all(m.vm != "target" for m in lmo.migrations())
         assert qemu_pids_running("zero") == [] and qemu_pids_running("huge") == []
@@ -108,21 +110,21 @@ def test_a_guest_that_rebooted_never_passes_its_check(region, lmo: LmoClient):
 
     boot(lmo, "rebooter", rate=5)
     try:
-        assert lmo.guest_check("rebooter")["ok"]
+        assert lmo.guest_check("rebooter").ok
         lmo.console_input("rebooter", "exit 0")  # the workload ends; init starts a shell on the console
         lmo.wait_for_console("rebooter", "LIVEMIG SHELL", timeout=30)
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(str(region.state_dir / "hosts" / "A" / "vms" / "rebooter" / "console.sock"))
             sock.sendall(b"\nreboot -f\n")
             deadline = time.monotonic() + 30
-            while not lmo.vm("rebooter")["observed"]["guest_resets"]:
+            while not lmo.vm("rebooter").observed.guest_resets:
                 assert time.monotonic() < deadline, "QEMU reports the guest's reset"
                 time.sleep(0.2)
         lmo.wait_for_console("rebooter", "LIVEMIG HB seq=2 ", timeout=90)  # the fresh boot's workload runs...
         check = lmo.guest_check("rebooter")
-        assert not check["ok"] and "crashed or rebooted" in check["detail"] and "RESET" in check["detail"], check
+        assert not check.ok and "crashed or rebooted" in check.detail and "RESET" in check.detail, check
         region.kill_host("A")  # a restarted hostd still knows (vm.json)
         region.restart_host("A")
-        assert not lmo.guest_check("rebooter")["ok"]
+        assert not lmo.guest_check("rebooter").ok
     finally:
         lmo.delete_vm("rebooter")

@@ -21,11 +21,11 @@ import pytest
 from livemig.guest.workload import workload_vm_spec
 from livemig.host.shaping import MigrationShaper
 from livemig.model import MigrationParams, NicDevice, Phase
-from livemig.network.client import VswitchClient
 from livemig.region.hostns import MIGRATION_DEVICE, SERVICE_DEVICE
 from livemig.region.local import Region
 from livemig.testing.processes import qemu_pids_running
 from livemig.wire.lmo import LmoClient
+from livemig.wire.vswitch import VswitchClient
 
 pytestmark = [
     pytest.mark.e2e,
@@ -63,13 +63,13 @@ def test_migration_crosses_mig0_held_by_its_tc_class(region: Region, lmo: LmoCli
     config = region.load()
     assert config is not None and all(h.netns for h in config.hosts)
     netns = {h.name: str(h.netns) for h in config.hosts}
-    put = lambda kind, body: lmo.call("PUT", f"/network/{kind}/{body['id']}", json=body)  # noqa: E731
+    put = lambda kind, body: lmo.put_network_object(kind, body)  # noqa: E731
     put("vcns", {"id": "ns-vcn", "cidr": "10.9.0.0/16", "vni": 300})
     put("subnets", {"id": "ns-a", "vcn": "ns-vcn", "cidr": "10.9.1.0/24", "gateway": "10.9.1.1"})
     put("security-lists", {"id": "ns-open", "rules": [{"direction": "egress", "protocol": "all", "cidr": "0.0.0.0/0"}]})
     put("vnics", {"id": "ns-guest", "mac": GUEST_MAC, "ip": "10.9.1.10", "subnet": "ns-a",
                   "security_lists": ["ns-open"], "host": ""})  # fmt: skip
-    lmo.call("POST", "/volumes", json={"name": "ns-vol", "size_bytes": 32 * 1024 * 1024})
+    lmo.create_volume("ns-vol", 32)
     spec = workload_vm_spec(memory_mib=256, rate=10, wss_mib=64, name="nsvm", volume="ns-vol", disk_rate=20)
     spec.devices.append(NicDevice(id="nic0", pci_addr="0x3", mac=GUEST_MAC, backend="vswitch", vnic="ns-guest"))
     lmo.create_vm(spec, host="A")
@@ -100,14 +100,14 @@ def test_migration_crosses_mig0_held_by_its_tc_class(region: Region, lmo: LmoCli
             assert svc_tx < moved / 4, "and not through the service interface (storage only)"
             shaper = MigrationShaper(netns[source], MIGRATION_DEVICE, HOST_BUDGET_MIB_S)
             assert list(shaper.classes()) == ["1:1"], "the migration's class is gone when it ends"
-            assert lmo.vm("nsvm")["host"] == destination and len(qemu_pids_running("nsvm")) == 1
+            assert lmo.vm("nsvm").host == destination and len(qemu_pids_running("nsvm")) == 1
             vswitch = next(h.vswitch_url for h in config.hosts if h.name == destination)
-            seen = VswitchClient(vswitch).counters()["vnics"]["ns-guest"]
+            seen = VswitchClient(vswitch).counters().vnics["ns-guest"]
             print(f"VNIC on {destination}'s vswitch: {seen}")
             assert seen.get("rx", 0) > 0, "frames from the namespaced QEMU reach the vswitch (its announce)"
     finally:
         lmo.delete_vm("nsvm")
-        lmo.call("DELETE", "/volumes/ns-vol")
+        lmo.delete_volume("ns-vol")
 
 
 def test_host_agent_refuses_a_missing_namespace(tmp_path):
@@ -142,7 +142,7 @@ def test_hostd_killed_mid_migration_leaves_no_stale_class(region: Region, lmo: L
         print(f"after the kill: {final.phase.value}: {final.reason}")
         assert final.phase in (Phase.ABORTED, Phase.FAILED), final.reason
         assert list(shaper.classes()) == ["1:1"], "the restarted hostd swept the orphaned class"
-        assert lmo.vm("nskill")["host"] == "A" and len(qemu_pids_running("nskill")) == 1
-        assert lmo.guest_check("nskill")["ok"]
+        assert lmo.vm("nskill").host == "A" and len(qemu_pids_running("nskill")) == 1
+        assert lmo.guest_check("nskill").ok
     finally:
         lmo.delete_vm("nskill")

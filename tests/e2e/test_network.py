@@ -16,9 +16,9 @@ import pytest
 
 from livemig.model import MigrationParams, NicDevice, Phase, VmSpec, WorkloadSpec
 from livemig.model.migration import ConvergencePolicy
-from livemig.network.client import VswitchClient
 from livemig.region.local import Region
 from livemig.wire.lmo import LmoClient
+from livemig.wire.vswitch import VswitchClient
 
 pytestmark = [
     pytest.mark.e2e,
@@ -33,7 +33,7 @@ GUEST_MAC, GATEWAY_MAC, RED_MAC = "52:54:00:00:01:10", "52:54:00:00:01:02", "52:
 
 
 def lmo_objects(lmo: LmoClient) -> None:
-    put = lambda kind, body: lmo.call("PUT", f"/network/{kind}/{body['id']}", json=body)  # noqa: E731
+    put = lambda kind, body: lmo.put_network_object(kind, body)  # noqa: E731
     put("vcns", {"id": "blue", "cidr": "10.0.0.0/16", "vni": 100})
     put("vcns", {"id": "red", "cidr": "10.0.0.0/16", "vni": 200})
     put("subnets", {"id": "blue-a", "vcn": "blue", "cidr": "10.0.1.0/24", "gateway": "10.0.1.1"})
@@ -147,7 +147,7 @@ def test_udp_stream_loses_and_duplicates_nothing(net: LmoClient, tmp_path, kind)
     stop = tmp_path / "stop"
     sender = in_gateway("udp-send", GUEST_IP, "9", "--pps", "1000", "--stop-file", str(stop))
     time.sleep(1)
-    here = net.vm("netvm")["host"]
+    here = net.vm("netvm").host
     migration = net.migrate("netvm", "B" if here == "A" else "A", params)
     if kind == "long":
         time.sleep(4)  # pre-copy cannot finish while the guest dirties 60 MiB/s against 24 MiB/s...
@@ -183,7 +183,7 @@ def test_security_lists_and_vcn_isolation_hold_across_migration(net: LmoClient):
     """Allowed traffic passes, denied traffic is dropped, and a tenant of another VCN, whose
     address is inside the guest's allowed CIDR (same subnet range, VCN "red"), cannot reach the
     guest: before the migration and after it."""
-    here = net.vm("netvm")["host"]
+    here = net.vm("netvm").host
     for moment in ("before", "after"):
         if moment == "after":
             migrate(net, "B" if here == "A" else "A")
@@ -203,14 +203,14 @@ def test_flow_state_moves_with_the_vm(region: Region, net: LmoClient, tmp_path, 
     new host the server's lines are dropped there (counted as denied ingress) and the connection
     stalls, until the guest itself sends again (a retransmission is egress, which re-creates the
     entry, so how long the stall lasts depends on timing; the drops do not)."""
-    here = net.vm("netvm")["host"]
+    here = net.vm("netvm").host
     there = "B" if here == "A" else "A"
     config = region.load()
     assert config is not None
     destination_switch = VswitchClient(next(h.vswitch_url for h in config.hosts if h.name == there))
 
     def denied() -> int:
-        return int(destination_switch.counters()["switch"].get("denied_ingress", 0))
+        return int(destination_switch.counters().switch.get("denied_ingress", 0))
 
     faulty = {"lmo": "lmo.flow_sync=hold", "host": "hostd.flow_sync=hold"} if not flow_sync else {}
     if faulty:
@@ -241,7 +241,7 @@ def test_flow_state_moves_with_the_vm(region: Region, net: LmoClient, tmp_path, 
         net.console_input("netvm", "tcpclient stop")
         if faulty:
             region.restart_lmo()
-            here_now = net.vm("netvm")["host"]
+            here_now = net.vm("netvm").host
             for host in {here, here_now}:
                 region.kill_host(host)
                 region.restart_host(host)

@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from livemig.cli.progress import follow, stats_line, timeline_table
+from livemig.errors import LivemigError
 from livemig.guest.image import build_image, default_cache_dir
 from livemig.guest.workload import heartbeat_seq, wait_heartbeat_after, workload_vm_spec
 from livemig.model.migration import Migration
@@ -39,20 +40,22 @@ def migration_report(m: Migration) -> dict[str, Any]:
 
 def migrate_and_prove(client: LmoClient, vm: str, destination: str, console: Console, quiet: bool) -> dict[str, Any]:
     before = client.vm(vm)
-    source_pid = before["observed"]["pid"]
+    if before.observed is None or before.observed.pid is None:
+        raise LivemigError(f"VM {vm} is not running on {before.host}: {before.error}")
+    source_pid = before.observed.pid
     last_seq = heartbeat_seq(client.console(vm, tail=50)) or 0
     migration = client.migrate(vm, destination)
     final = client.wait(migration.id) if quiet else follow(client, migration, console)
     report = migration_report(final)
     after = client.vm(vm)
     report["source_qemu_exited"] = not pid_alive(source_pid)
-    report["runs_on"] = after["host"]
+    report["runs_on"] = after.host
     report["heartbeat_after_migration"] = wait_heartbeat_after(lambda: client.console(vm, tail=50), last_seq)
     report["heartbeat_continues"] = report["heartbeat_after_migration"] > last_seq
     if not quiet:
         console.print(timeline_table(final))
         console.print(stats_line(final))
-        console.print(f"heartbeat on {after['host']}: seq {last_seq} → {report['heartbeat_after_migration']}; "
+        console.print(f"heartbeat on {after.host}: seq {last_seq} → {report['heartbeat_after_migration']}; "
                       f"source QEMU pid {source_pid} exited: {report['source_qemu_exited']}")  # fmt: skip
     return report
 
@@ -72,9 +75,10 @@ def run_demo(state_dir: Path, *, quiet: bool, keep: bool, rate: int, memory_mib:
     migrations: list[dict[str, Any]] = []
     try:
         with LmoClient(config.lmo_url) as client:
-            accel = client.hosts()[0]["info"]
-            console.print(f"accelerator: {accel['accel']} ({accel['accel_reason']})")
-            client.call("POST", "/volumes", json={"name": DEMO_VOLUME, "size_bytes": 64 * 1024 * 1024})
+            info = client.hosts()[0].info
+            if info is not None:
+                console.print(f"accelerator: {info.accel} ({info.accel_reason})")
+            client.create_volume(DEMO_VOLUME, 64)
             client.create_vm(workload_vm_spec(memory_mib, rate, name=DEMO_VM, volume=DEMO_VOLUME), host="A")
             with console.status("booting the guest and waiting for the workload's heartbeat"):
                 client.wait_for_console(DEMO_VM, "LIVEMIG HB", timeout=90)
@@ -86,7 +90,7 @@ def run_demo(state_dir: Path, *, quiet: bool, keep: bool, rate: int, memory_mib:
                 migrations.append(migrate_and_prove(client, DEMO_VM, destination, console, quiet))
             if not keep:
                 client.delete_vm(DEMO_VM)
-                client.call("DELETE", f"/volumes/{DEMO_VOLUME}")
+                client.delete_volume(DEMO_VOLUME)
     finally:
         if not keep:
             region.down()

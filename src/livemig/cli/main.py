@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.table import Table
 
 from livemig.errors import LivemigError
-from livemig.model.migration import MigrationParams
+from livemig.model.migration import ConcurrencyLimits, MigrationParams, Phase
 from livemig.model.vm import VmSpec, WorkloadSpec
 from livemig.region.local import Region, default_state_dir
-from livemig.wire.lmo import LmoClient
+from livemig.wire import lmo as wire_lmo
+from livemig.wire.lmo import EvacuationReport, LmoClient, NetKind, VmView
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 vm_app = typer.Typer(no_args_is_help=True, help="Create, inspect and delete VMs.")
@@ -183,39 +185,57 @@ def down(state_dir: StateDir = None) -> None:
     out.print("region down")
 
 
+AsJson = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+
+def _print_json(data: object) -> None:
+    """JSON on stdout for scripts: pydantic models and lists of them as the API returns them."""
+    sys.stdout.write(json.dumps(to_jsonable_python(data), indent=2) + "\n")
+
+
+def _table(title: str, *columns: str, keep: tuple[str, ...] = ()) -> Table:
+    """A table whose ``keep`` columns (ids, phases: things people copy) are never cut or wrapped;
+    the others wrap to fit 80 columns."""
+    table = Table(title=title)
+    for column in columns:
+        if column in keep:
+            table.add_column(column, no_wrap=True, overflow="fold", min_width=len(column))
+        else:
+            table.add_column(column, overflow="fold")
+    return table
+
+
 @app.command()
-def status(url: Url = None, state_dir: StateDir = None) -> None:
-    """Hosts (accelerator, memory) and VMs of the region."""
+def status(url: Url = None, state_dir: StateDir = None, as_json: AsJson = False) -> None:
+    """Hosts (accelerator, memory, migration budget) and VMs of the region."""
     with lmo(url, state_dir) as client:
-        table = Table(title="hosts")
-        for col in ("host", "api", "migration address", "budget MiB/s", "accel", "memory free/total MiB", "VMs"):
-            table.add_column(col)
-        for h in client.hosts():
-            reg, info = h["registration"], h.get("info")
-            budget = str(reg.get("migration_bandwidth_mib_s", "-"))
+        hosts, vms = client.hosts(), client.vms()
+        if as_json:
+            _print_json({"hosts": hosts, "vms": vms})
+            return
+        table = _table("hosts", "host", "accel", "free/total MiB", "budget MiB/s", "migration address", "VMs",
+                       keep=("host",))  # fmt: skip
+        for h in hosts:
+            reg, info = h.registration, h.info
+            budget = str(reg.migration_bandwidth_mib_s) + (" (maintenance)" if reg.maintenance else "")
             if info:
-                free = info["memory_mib"] - info["memory_used_mib"]
-                table.add_row(reg["name"], reg["api_url"], reg["migration_address"], budget,
-                              f"{info['accel']} ({info['accel_reason']})", f"{free}/{info['memory_mib']}",
-                              ", ".join(info["vms"]))  # fmt: skip
+                table.add_row(reg.name, f"{info.accel} ({info.accel_reason})",
+                              f"{info.memory_free_mib}/{info.memory_mib}", budget, reg.migration_address,
+                              ", ".join(info.vms))  # fmt: skip
             else:
-                table.add_row(reg["name"], reg["api_url"], reg["migration_address"], budget, "-", "-",
-                              h.get("error", ""))  # fmt: skip
+                table.add_row(reg.name, "-", "-", budget, reg.migration_address, h.error or "")
         out.print(table)
-        _print_vms(client)
+        _print_vms(vms)
 
 
 # ---------------------------------------------------------------------- VMs
 
 
-def _print_vms(client: LmoClient) -> None:
-    table = Table(title="VMs")
-    for col in ("name", "host", "state", "memory MiB", "vCPUs", "machine"):
-        table.add_column(col)
-    for vm in client.vms():
-        observed = vm.get("observed") or {}
-        table.add_row(vm["name"], vm["host"], observed.get("state", vm.get("error") or "?"),
-                      str(vm["spec"]["memory_mib"]), str(vm["spec"]["vcpus"]), vm["spec"]["machine"])  # fmt: skip
+def _print_vms(vms: list[VmView]) -> None:
+    table = _table("VMs", "name", "host", "state", "MiB", "vCPUs", "machine", keep=("name", "host"))
+    for vm in vms:
+        state = vm.observed.state.value if vm.observed else (vm.error or "?")
+        table.add_row(vm.name, vm.host, state, str(vm.spec.memory_mib), str(vm.spec.vcpus), vm.spec.machine)
     out.print(table)
 
 
@@ -242,21 +262,26 @@ def vm_create(
         fail(f"invalid VM spec: {exc}")
     with lmo(url, state_dir) as client:
         view = client.create_vm(spec, host)
-        out.print(f"VM {view['name']} runs on host {view['host']} (QEMU pid {view['observed']['pid']})")
+        pid = view.observed.pid if view.observed else "?"
+        out.print(f"VM {view.name} runs on host {view.host} (QEMU pid {pid})")
 
 
 @vm_app.command("list")
-def vm_list(url: Url = None, state_dir: StateDir = None) -> None:
+def vm_list(url: Url = None, state_dir: StateDir = None, as_json: AsJson = False) -> None:
     """All VMs with their host and QEMU runstate."""
     with lmo(url, state_dir) as client:
-        _print_vms(client)
+        vms = client.vms()
+    if as_json:
+        _print_json(vms)
+    else:
+        _print_vms(vms)
 
 
 @vm_app.command("show")
 def vm_show(name: str, url: Url = None, state_dir: StateDir = None) -> None:
     """One VM's spec and observed state, as JSON."""
     with lmo(url, state_dir) as client:
-        out.print_json(json.dumps(client.vm(name)))
+        _print_json(client.vm(name))
 
 
 @vm_app.command("delete")
@@ -295,35 +320,37 @@ def volume_create(
 ) -> None:
     """Create a sparse volume."""
     with lmo(url, state_dir) as client:
-        client.call("POST", "/volumes", json={"name": name, "size_bytes": size_mib * 1024 * 1024})
+        client.create_volume(name, size_mib)
         out.print(f"volume {name}: {size_mib} MiB")
 
 
 @volume_app.command("list")
-def volume_list(url: Url = None, state_dir: StateDir = None) -> None:
+def volume_list(url: Url = None, state_dir: StateDir = None, as_json: AsJson = False) -> None:
     """Volumes with size, allocation and the current writer attachment."""
     with lmo(url, state_dir) as client:
-        table = Table(title="volumes")
-        for col in ("name", "size MiB", "allocated MiB", "attachments", "writer"):
-            table.add_column(col)
-        for v in client.call("GET", "/volumes"):
-            table.add_row(v["name"], f"{v['size_bytes'] / 2**20:.0f}", f"{v['allocated_bytes'] / 2**20:.1f}",
-                          str(v["attachments"]), str(v["writer"] or "-"))  # fmt: skip
-        out.print(table)
+        volumes = client.run(wire_lmo.volumes())
+    if as_json:
+        _print_json(volumes)
+        return
+    table = _table("volumes", "name", "size MiB", "allocated MiB", "attachments", "writer", keep=("name", "writer"))
+    for v in volumes:
+        table.add_row(v.name, f"{v.size_bytes / 2**20:.0f}", f"{v.allocated_bytes / 2**20:.1f}", str(v.attachments),
+                      v.writer or "-")  # fmt: skip
+    out.print(table)
 
 
 @volume_app.command("show")
 def volume_show(name: str, url: Url = None, state_dir: StateDir = None) -> None:
     """One volume with its attachments and their fencing counters, as JSON."""
     with lmo(url, state_dir) as client:
-        out.print_json(json.dumps(client.call("GET", f"/volumes/{name}")))
+        _print_json(client.volume(name))
 
 
 @volume_app.command("delete")
 def volume_delete(name: str, url: Url = None, state_dir: StateDir = None) -> None:
     """Delete a volume (refused while attached)."""
     with lmo(url, state_dir) as client:
-        client.call("DELETE", f"/volumes/{name}")
+        client.delete_volume(name)
         out.print(f"volume {name} deleted")
 
 
@@ -352,7 +379,7 @@ def net_apply(
             for obj in doc.get(kind, []):
                 if not isinstance(obj, dict) or "id" not in obj:
                     fail(f"{kind}: every object needs an id")
-                client.call("PUT", f"/network/{kind}/{obj['id']}", json=obj)
+                client.put_network_object(kind, obj)
                 out.print(f"{kind[:-1]} {obj['id']} applied")
 
 
@@ -366,7 +393,7 @@ def net_list(
     if kind not in NET_KINDS:
         fail(f"kind must be one of {', '.join(NET_KINDS)}")
     with lmo(url, state_dir) as client:
-        out.print_json(json.dumps(client.call("GET", f"/network/{kind}")))
+        _print_json(client.run(wire_lmo.network_objects(NetKind(kind))))
 
 
 @net_app.command("delete")
@@ -375,7 +402,7 @@ def net_delete(kind: str, object_id: str, url: Url = None, state_dir: StateDir =
     if kind not in NET_KINDS:
         fail(f"kind must be one of {', '.join(NET_KINDS)}")
     with lmo(url, state_dir) as client:
-        client.call("DELETE", f"/network/{kind}/{object_id}")
+        client.run(wire_lmo.delete_network_object(NetKind(kind), object_id))
         out.print(f"{kind[:-1]} {object_id} deleted")
 
 
@@ -404,18 +431,15 @@ def migrate(
         params.max_bandwidth_mib_s = bandwidth
     with lmo(url, state_dir) as client:
         if dry_run:
-            report = client.preflight(vm, to)
+            report = client.preflight(vm, to, params)
             if as_json:
-                sys.stdout.write(json.dumps(report, indent=2) + "\n")
+                _print_json(report)
             else:
-                table = Table(title=f"pre-flight: {vm} {report['source']} -> {to}")
-                for col in ("check", "result", "detail"):
-                    table.add_column(col)
-                for check in report["checks"]:
-                    mark = "[green]ok[/]" if check["ok"] else "[red]FAIL[/]"
-                    table.add_row(check["name"], mark, check["detail"])
+                table = _table(f"pre-flight: {vm} {report.source} -> {to}", "check", "result", "detail")
+                for check in report.checks:
+                    table.add_row(check.name, "[green]ok[/]" if check.ok else "[red]FAIL[/]", check.detail)
                 out.print(table)
-            raise typer.Exit(0 if report["ok"] else 1)
+            raise typer.Exit(0 if report.ok else 1)
         migration = client.migrate(vm, to, params)
         if no_wait:
             out.print(f"migration {migration.id} accepted")
@@ -431,16 +455,23 @@ def migrate(
 
 
 @migrations_app.command("list")
-def migrations_list(url: Url = None, state_dir: StateDir = None) -> None:
-    """Every migration with its phase and QEMU's numbers."""
+def migrations_list(
+    url: Url = None,
+    state_dir: StateDir = None,
+    as_json: AsJson = False,
+    active: Annotated[bool, typer.Option("--active", help="only migrations that have not ended")] = False,
+) -> None:
+    """Every migration with its phase and QEMU's numbers (the reason: `migrations show ID`)."""
     with lmo(url, state_dir) as client:
-        table = Table(title="migrations")
-        for col in ("id", "vm", "from", "to", "phase", "pause ms", "total ms", "rounds", "reason"):
-            table.add_column(col)
-        for m in client.migrations():
-            table.add_row(m.id, m.vm, m.source, m.destination, m.phase.value, str(m.stats.pause_ms or "-"),
-                          str(m.stats.total_ms or "-"), str(m.stats.rounds), m.reason)  # fmt: skip
-        out.print(table)
+        migrations = client.migrations(active=active)
+    if as_json:
+        _print_json(migrations)
+        return
+    table = _table("migrations", "id", "vm", "from → to", "phase", "pause ms", "total ms", keep=("id", "phase"))
+    for m in migrations:
+        table.add_row(m.id, m.vm, f"{m.source} → {m.destination}", m.phase.value, str(m.stats.pause_ms or "-"),
+                      str(m.stats.total_ms or "-"))  # fmt: skip
+    out.print(table)
 
 
 @migrations_app.command("show")
@@ -486,48 +517,43 @@ def evacuate(
     from rich.live import Live
 
     from livemig.control.evacuation import peak_concurrency
-    from livemig.model.migration import Migration
 
-    limits = {"per_host_outbound": per_host_outbound, "per_host_inbound": per_host_inbound,
-              "region_total": region_total}  # fmt: skip
+    limits = ConcurrencyLimits(per_host_outbound=per_host_outbound, per_host_inbound=per_host_inbound,
+                               region_total=region_total)  # fmt: skip
     with lmo(url, state_dir) as client:
         evacuation = client.evacuate(host, limits)
 
-        def render(report: dict[str, object]) -> Table:
-            table = Table(title=f"evacuation {evacuation['id']} of {host}")
-            for col in ("vm", "to", "phase", "pause ms", "reason"):
-                table.add_column(col)
-            by_id = {m["id"]: m for m in report["migrations"]}  # type: ignore[attr-defined]
-            for item in evacuation["items"]:
-                m = by_id.get(item["migration"]) if item["migration"] else None
+        def render(report: EvacuationReport) -> Table:
+            table = _table(f"evacuation {evacuation.id} of {host}", "vm", "to", "phase", "pause ms", "reason",
+                           keep=("vm", "phase"))  # fmt: skip
+            by_id = {m.id: m for m in report.migrations}
+            for item in evacuation.items:
+                m = by_id.get(item.migration) if item.migration else None
                 if m is None:
-                    table.add_row(item["vm"], "-", "[red]cannot move[/]", "-", item["reason"])
+                    table.add_row(item.vm, "-", "[red]cannot move[/]", "-", item.reason)
                 else:
-                    table.add_row(
-                        item["vm"],
-                        m["destination"],
-                        m["phase"],
-                        str(m["stats"]["pause_ms"] or "-"),
-                        m["reason"] or next((c["reason"] for c in m["conditions"] if not c["status"]), ""),
-                    )
+                    waiting = next((c.reason for c in m.conditions if not c.status), "")
+                    table.add_row(item.vm, m.destination, m.phase.value, str(m.stats.pause_ms or "-"),
+                                  m.reason or waiting)  # fmt: skip
             return table
 
-        report = client.evacuation(evacuation["id"])
+        report = client.evacuation(evacuation.id)
         with Live(render(report), console=err if as_json else out, refresh_per_second=4) as live:
-            while not report["done"]:
+            while not report.done:
                 time.sleep(0.5)
-                report = client.evacuation(evacuation["id"])
+                report = client.evacuation(evacuation.id)
                 live.update(render(report))
-        migrations = [Migration.model_validate(m) for m in report["migrations"]]
-        peaks = {"outbound": peak_concurrency(migrations, "source"),
-                 "inbound": peak_concurrency(migrations, "destination")}  # fmt: skip
-        stuck = [i for i in evacuation["items"] if not i["migration"]]
-        failed = [m for m in migrations if m.phase.value != "Succeeded"]
+        peaks = {"outbound": peak_concurrency(report.migrations, "source"),
+                 "inbound": peak_concurrency(report.migrations, "destination")}  # fmt: skip
+        stuck = [i for i in evacuation.items if not i.migration]
+        failed = [m for m in report.migrations if m.phase is not Phase.SUCCEEDED]
         if as_json:
-            sys.stdout.write(json.dumps({**report, "peak_concurrency": peaks}, indent=2, default=str) + "\n")
+            _print_json({**report.model_dump(mode="json"), "peak_concurrency": peaks})
         else:
             out.print(f"peak concurrency: outbound {peaks['outbound']}, inbound {peaks['inbound']}")
-            out.print(f"{len(migrations) - len(failed)} moved, {len(failed)} failed, {len(stuck)} could not move")
+            out.print(
+                f"{len(report.migrations) - len(failed)} moved, {len(failed)} failed, {len(stuck)} could not move"
+            )
         if stuck or failed:
             raise typer.Exit(1)
 

@@ -15,23 +15,17 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
-from typing import Any
-
-import httpx
 
 from livemig.control.admission import admit
-from livemig.control.hostclient import HostClient
-from livemig.control.network import NetworkService, vm_vnics
+from livemig.control.network import vm_vnics
 from livemig.control.policy import judge
-from livemig.control.store import Store
-from livemig.control.volumes import VolumeOps
+from livemig.control.services import Services
 from livemig.errors import GuestError, HostUnreachable, LivemigError
 from livemig.faults.points import fault_point
-from livemig.host.source import SourceMigrationStatus
-from livemig.host.vnics import VnicHandoff
-from livemig.model.migration import Migration, Phase, utcnow
-from livemig.model.vm import VmSpec, VolumeDevice
+from livemig.model.migration import ConditionType, Migration, Phase, utcnow
+from livemig.model.vm import RunState, VmSpec, VolumeDevice
+from livemig.wire import hostd
+from livemig.wire.hostd import HostdClient, JobState, SourceMigrationStatus, VnicHandoff
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +42,15 @@ LEASE_S = 5.0
 FLOW_DELTA_INTERVAL_S = 1.0
 
 
-def transition(m: Migration, phase: Phase, message: str = "", at: datetime | None = None,
-               **data: Any) -> None:  # fmt: skip
-    """Move ``m`` to ``phase`` and say why in its timeline."""
-    m.phase = phase
-    m.timeline.append(_entry(phase, message, at, data))
-    log.info("migration %s (%s): %s %s", m.id, m.vm, phase.value, message)
-
-
-def _entry(phase: Phase, message: str, at: datetime | None, data: dict[str, Any]) -> Any:
-    from livemig.model.migration import TimelineEntry
-
-    return TimelineEntry(at=at or utcnow(), phase=phase, message=message, data=data)
-
-
 class Controller:
-    def __init__(self, store: Store, client: httpx.AsyncClient, interval_s: float = 0.1,
-                 replica: str | None = None, lease_s: float = LEASE_S,
-                 volumes: VolumeOps | None = None) -> None:  # fmt: skip
-        self.store = store
-        self.volumes = volumes or VolumeOps(store, None)
-        self.network = NetworkService(store, client)
+    def __init__(self, services: Services, interval_s: float = 0.1, replica: str | None = None,
+                 lease_s: float = LEASE_S) -> None:  # fmt: skip
+        self.services = services
+        self.store = services.store
+        self.volumes = services.volumes
+        self.network = services.network
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.lease_s = lease_s
-        self.client = client
         self.interval_s = interval_s
         self._unreachable_since: dict[str, float] = {}
         self._flows_synced_at: dict[str, float] = {}  # migration id -> monotonic time of its last delta
@@ -89,8 +68,8 @@ class Controller:
             Phase.ROLLING_BACK: self._rolling_back,
         }
 
-    def host(self, name: str) -> HostClient:
-        return HostClient(self.store.host(name), self.client)
+    def host(self, name: str) -> HostdClient:
+        return self.services.host(name)
 
     async def run_forever(self) -> None:
         while True:
@@ -108,7 +87,7 @@ class Controller:
         seen = len(m.timeline)
         try:
             if m.cancel_requested and m.phase in CANCELLABLE:
-                transition(m, Phase.CANCELLING, "cancel requested")
+                m.transition(Phase.CANCELLING, "cancel requested")
             elif self._timed_out(m) and m.phase in CANCELLABLE:
                 self._fail(m, Phase.ABORTING, f"did not complete within {m.params.timeout_s:.0f} s",
                            end=Phase.ABORTED)  # fmt: skip
@@ -144,7 +123,7 @@ class Controller:
         """Start rolling back; the migration ends in ``end`` once the source is safe again."""
         m.reason = reason
         m.rollback_to = end
-        transition(m, via, reason)
+        m.transition(via, reason)
 
     # ------------------------------------------------------------------ forward path
 
@@ -152,50 +131,50 @@ class Controller:
         hosts = {h.name: h for h in self.store.hosts()}
         decision = admit(m, self.store.migrations(active_only=True), hosts)
         if decision.reserved_mib_s is None:
-            m.set_condition("BandwidthReserved", False, decision.reason)
+            m.set_condition(ConditionType.BANDWIDTH_RESERVED, False, decision.reason)
             return
         m.reserved_mib_s = decision.reserved_mib_s
         m.params.max_bandwidth_mib_s = decision.reserved_mib_s  # QEMU's max-bandwidth = the share
-        m.set_condition("BandwidthReserved", True, decision.reason)
-        transition(m, Phase.VALIDATING, decision.reason)
+        m.set_condition(ConditionType.BANDWIDTH_RESERVED, True, decision.reason)
+        m.transition(Phase.VALIDATING, decision.reason)
 
     async def _validating(self, m: Migration) -> None:
         spec, owner = self.store.vm(m.vm)
         if owner != m.source:
             raise LivemigError(f"VM {m.vm} is on {owner}, not on the source {m.source}")
         source, destination = self.host(m.source), self.host(m.destination)
-        observed = await source.vm(m.vm)
-        if observed is None or observed.state != "running":
+        observed = await source.observe(m.vm)
+        if observed is None or observed.state is not RunState.RUNNING:
             raise LivemigError(f"VM {m.vm} is not running on {m.source} "
-                               f"({observed.state if observed else 'absent'})")  # fmt: skip
-        src_info, dst_info = await source.info(), await destination.info()
+                               f"({observed.state.value if observed else 'absent'})")  # fmt: skip
+        src_info, dst_info = await source.run(hostd.info()), await destination.run(hostd.info())
         already_there = m.vm in dst_info.vms
         if not already_there and dst_info.memory_free_mib < spec.memory_mib:
             raise LivemigError(f"destination {m.destination} has {dst_info.memory_free_mib} MiB free, "
                                f"VM needs {spec.memory_mib} MiB")  # fmt: skip
-        transition(m, Phase.PREPARING_TARGET, "source running, destination has room",
+        m.transition(Phase.PREPARING_TARGET, "source running, destination has room",
                    source_qemu=src_info.qemu_version, destination_qemu=dst_info.qemu_version,
                    machine=spec.machine, accel=f"{src_info.accel}->{dst_info.accel}")  # fmt: skip
 
     async def _preparing_target(self, m: Migration) -> None:
         spec, _ = self.store.vm(m.vm)
         exports = await self.volumes.ensure_attached(spec, m.destination)
-        uri = await self.host(m.destination).prepare_incoming(spec, exports)
+        uri = (await self.host(m.destination).run(hostd.prepare_incoming(spec, exports))).uri
         m.incoming_uri = uri
-        m.set_condition("TargetPrepared", True, uri)
-        transition(m, Phase.SYNCING_FLOWS, f"destination listening on {uri}")
+        m.set_condition(ConditionType.TARGET_PREPARED, True, uri)
+        m.transition(Phase.SYNCING_FLOWS, f"destination listening on {uri}")
 
     async def _syncing_flows(self, m: Migration) -> None:
         spec, _ = self.store.vm(m.vm)
         vnics = vm_vnics(spec)
         if not vnics:
-            transition(m, Phase.PRECOPY, "no VNICs on the livemig dataplane: no flow state to copy")
+            m.transition(Phase.PRECOPY, "no VNICs on the livemig dataplane: no flow state to copy")
             return
         await self.network.push(self._in_flight(m))  # dual ingress: source and destination
         copied = await self._copy_flow_changes(m, vnics)
-        m.set_condition("FlowsSynced", True, f"bulk copy: destination holds the source's flow versions "
+        m.set_condition(ConditionType.FLOWS_SYNCED, True, f"bulk copy: destination holds the source's flow versions "
                                              f"{m.flow_versions}")  # fmt: skip
-        transition(m, Phase.PRECOPY, f"dual ingress on for {', '.join(vnics)}; flows copied in bulk: {copied}",
+        m.transition(Phase.PRECOPY, f"dual ingress on for {', '.join(vnics)}; flows copied in bulk: {copied}",
                    flows=copied, flow_versions=dict(m.flow_versions))  # fmt: skip
 
     def _in_flight(self, m: Migration) -> list[Migration]:
@@ -211,39 +190,41 @@ class Controller:
 
     async def _precopy(self, m: Migration) -> None:
         source = self.host(m.source)
-        job = await source.migration(m.vm)
+        job = await source.observe_migration(m.vm)
         if job is None or job.uri != m.incoming_uri:
-            if m.phase is Phase.SWITCHOVER or _condition(m, "MigrationStarted"):
+            if m.phase is Phase.SWITCHOVER or _condition(m, ConditionType.MIGRATION_STARTED):
                 await self._job_lost(m, source)
                 return
             assert m.incoming_uri is not None
             spec, _ = self.store.vm(m.vm)
-            job = await source.migrate(m.vm, m.incoming_uri, m.params, self._handoffs(m, spec))
+            job = await source.run(hostd.migrate(m.vm, m.incoming_uri, m.params, self._handoffs(m, spec)))
             held_by = job.enforced_by or "QEMU max-bandwidth (no tc on loopback hosts)"
-            m.set_condition("MigrationStarted", True, m.incoming_uri)
-            m.set_condition("BandwidthEnforced", True, f"{m.params.max_bandwidth_mib_s} MiB/s held by {held_by}")
+            m.set_condition(ConditionType.MIGRATION_STARTED, True, m.incoming_uri)
+            m.set_condition(
+                ConditionType.BANDWIDTH_ENFORCED, True, f"{m.params.max_bandwidth_mib_s} MiB/s held by {held_by}"
+            )
         self._absorb(m, job)
-        if m.phase is Phase.PRECOPY and job.state == "running":
+        if m.phase is Phase.PRECOPY and job.state is JobState.RUNNING:
             spec, _ = self.store.vm(m.vm)
             started = m.timeline[-1].at
             verdict = judge(job.samples, m.params.policy, m.params.max_bandwidth_mib_s, spec.memory_mib, started)
             if verdict.abort:
-                await source.cancel_migration(m.vm)
+                await source.run(hostd.cancel_migration(m.vm))
                 self._fail(m, Phase.ABORTING, verdict.reason, end=Phase.ABORTED)
                 return
             await self._sync_flow_deltas(m, spec)
         if m.phase is Phase.PRECOPY:
             pause = next((e for e in job.events if e.status in ("pre-switchover", "device")), None)
             if pause is not None:
-                transition(m, Phase.SWITCHOVER, "source paused for the final dirty pages and device state",
+                m.transition(Phase.SWITCHOVER, "source paused for the final dirty pages and device state",
                            at=pause.at)  # fmt: skip
-        if job.state == "completed":
+        if job.state is JobState.COMPLETED:
             if m.phase is Phase.PRECOPY:
-                transition(m, Phase.SWITCHOVER, "source paused", at=job.events[-1].at if job.events else None)
+                m.transition(Phase.SWITCHOVER, "source paused", at=job.events[-1].at if job.events else None)
             stats = job.stats.model_dump() if job.stats else {}
-            transition(m, Phase.CUTTING_OVER, "QEMU reports the migration completed", **stats)
-        elif job.state in ("failed", "cancelled"):
-            self._fail(m, Phase.ABORTING, f"QEMU reports migration {job.state}: {job.error or 'no detail'}")
+            m.transition(Phase.CUTTING_OVER, "QEMU reports the migration completed", **stats)
+        elif job.state in (JobState.FAILED, JobState.CANCELLED):
+            self._fail(m, Phase.ABORTING, f"QEMU reports migration {job.state.value}: {job.error or 'no detail'}")
 
     async def _sync_flow_deltas(self, m: Migration, spec: VmSpec) -> None:
         """About once a second of pre-copy, copy the flows changed since the destination's version
@@ -259,8 +240,8 @@ class Controller:
         try:
             await self._copy_flow_changes(m, vnics)
             if m.flow_versions != before:
-                await self.host(m.source).advance_flow_versions(m.vm, dict(m.flow_versions))
-                m.set_condition("FlowsSynced", True, f"destination holds the source's flow versions "
+                await self.host(m.source).run(hostd.advance_flow_versions(m.vm, dict(m.flow_versions)))
+                m.set_condition(ConditionType.FLOWS_SYNCED, True, f"destination holds the source's flow versions "
                                                      f"{m.flow_versions}; the pause sends later changes")  # fmt: skip
         except LivemigError as exc:
             log.warning("migration %s: flow delta skipped (%s); the pause sends more", m.id, exc.message)
@@ -276,11 +257,11 @@ class Controller:
             )
         return copied
 
-    async def _job_lost(self, m: Migration, source: HostClient) -> None:
+    async def _job_lost(self, m: Migration, source: HostdClient) -> None:
         """The source hostd restarted and lost its job: QEMU's runstate says what happened."""
-        observed = await source.vm(m.vm)
-        if observed is not None and observed.state == "postmigrate":
-            transition(m, Phase.CUTTING_OVER, "source hostd restarted; QEMU says migration completed")
+        observed = await source.observe(m.vm)
+        if observed is not None and observed.state is RunState.POSTMIGRATE:
+            m.transition(Phase.CUTTING_OVER, "source hostd restarted; QEMU says migration completed")
         else:
             self._fail(m, Phase.ABORTING, "source hostd restarted during the migration; QEMU did not complete")
 
@@ -292,25 +273,25 @@ class Controller:
 
     async def _cutting_over(self, m: Migration) -> None:
         destination, source = self.host(m.destination), self.host(m.source)
-        observed = await destination.vm(m.vm)
+        observed = await destination.observe(m.vm)
         _, owner = self.store.vm(m.vm)
         if owner == m.destination:  # already cut over before a restart
-            transition(m, Phase.CLEANUP, "ownership already moved")
+            m.transition(Phase.CLEANUP, "ownership already moved")
             return
-        if observed is None or observed.state not in ("running", "inmigrate"):
-            self._fail(m, Phase.ABORTING, f"destination VM is {observed.state if observed else 'absent'} "
+        if observed is None or observed.state not in (RunState.RUNNING, RunState.INMIGRATE):
+            self._fail(m, Phase.ABORTING, f"destination VM is {observed.state.value if observed else 'absent'} "
                                           "after QEMU reported completion")  # fmt: skip
             return
-        if observed.state != "running":
+        if observed.state is not RunState.RUNNING:
             return  # still loading the last state; observe again next pass
         if m.stats.stopped_at is not None and observed.resumed_at is not None:
             m.stats.guest_pause_ms = round((observed.resumed_at - m.stats.stopped_at) * 1000, 1)
         await self.volumes.fence(m.vm, m.source)  # a late write from the source can never land now
-        await source.destroy_vm(m.vm)
+        await source.run(hostd.destroy_vm(m.vm))
         self.store.set_vm(m.vm, host=m.destination)
         spec, _ = self.store.vm(m.vm)
         self.network.place(vm_vnics(spec), m.destination)
-        transition(m, Phase.CLEANUP, f"destination running; source QEMU stopped; owner is {m.destination}")
+        m.transition(Phase.CLEANUP, f"destination running; source QEMU stopped; owner is {m.destination}")
         if vm_vnics(spec):
             await self.network.push(self._in_flight(m))  # ingress only to the destination from now on
 
@@ -318,22 +299,23 @@ class Controller:
         spec, _ = self.store.vm(m.vm)
         await self.volumes.detach(m.vm, m.source)
         # any guest, with or without livemig's workload: QEMU's own word that it reset or panicked
-        observed = await self.host(m.destination).vm(m.vm)
+        observed = await self.host(m.destination).observe(m.vm)
         if observed is not None and observed.guest_resets:
             detail = "; ".join(observed.guest_resets)
             if spec.workload is not None and m.verify_guest:
                 m.guest_check = f"fail: the guest crashed or rebooted: {detail}"
             m.reason = f"the guest crashed or rebooted on {m.destination} after the migration: {detail}"
-            transition(m, Phase.FAILED, m.reason)
+            m.transition(Phase.FAILED, m.reason)
             return
         checks = []
         if m.verify_guest and _runs_disk_workload(spec) and m.disk_check is None:
-            checks.append(("disk", self.host(m.destination).disk_check))
+            checks.append(("disk", hostd.disk_check(m.vm)))
         if m.verify_guest and spec.workload is not None and m.guest_check is None:
-            checks.append(("memory", self.host(m.destination).guest_check))
+            checks.append(("memory", hostd.guest_check(m.vm)))
         for what, check in checks:
             try:
-                ok, detail = await check(m.vm)
+                reply = await self.host(m.destination).run(check)
+                ok, detail = reply.ok, reply.detail
             except GuestError as exc:
                 ok, detail = False, exc.message
             verdict = "ok" if ok else f"fail: {detail}"
@@ -343,11 +325,11 @@ class Controller:
                 m.guest_check = verdict
             if not ok:
                 m.reason = f"guest {what} check failed on {m.destination}: {detail}"
-                transition(m, Phase.FAILED, m.reason)
+                m.transition(Phase.FAILED, m.reason)
                 return
         total = (utcnow() - m.created_at).total_seconds() * 1000
         m.reason = "migrated"
-        transition(m, Phase.SUCCEEDED, f"VM runs on {m.destination}", orchestration_ms=round(total))
+        m.transition(Phase.SUCCEEDED, f"VM runs on {m.destination}", orchestration_ms=round(total))
 
     # ------------------------------------------------------------------ rollback path
 
@@ -357,24 +339,24 @@ class Controller:
             m.reason = m.reason or "cancelled by request"
         elif m.rollback_to is None:
             m.rollback_to = Phase.ABORTED
-        transition(m, Phase.ROLLING_BACK, "keeping the VM on the source; tearing down the destination")
+        m.transition(Phase.ROLLING_BACK, "keeping the VM on the source; tearing down the destination")
 
     async def _rolling_back(self, m: Migration) -> None:
         source, destination = self.host(m.source), self.host(m.destination)
         _, owner = self.store.vm(m.vm)
         if owner != m.source:
             raise LivemigError(f"cannot roll back: VM {m.vm} already belongs to {owner}")
-        job = await source.migration(m.vm)
-        if job is not None and job.state == "running":
-            await source.cancel_migration(m.vm)
+        job = await source.observe_migration(m.vm)
+        if job is not None and job.state is JobState.RUNNING:
+            await source.run(hostd.cancel_migration(m.vm))
             return  # observe the cancellation land next pass
-        observed = await source.vm(m.vm)
-        if observed is not None and observed.state != "running":
-            await source.resume(m.vm)
-        await destination.destroy_vm(m.vm)
+        observed = await source.observe(m.vm)
+        if observed is not None and observed.state is not RunState.RUNNING:
+            await source.run(hostd.resume(m.vm))
+        await destination.run(hostd.destroy_vm(m.vm))
         await self.volumes.detach(m.vm, m.destination)
         target = m.rollback_to or Phase.FAILED
-        transition(m, target, m.reason or "rolled back")
+        m.transition(target, m.reason or "rolled back")
         spec, _ = self.store.vm(m.vm)
         if vm_vnics(spec):
             await self.network.push(self._in_flight(m))  # dual ingress off: only the source again
@@ -385,5 +367,6 @@ def _runs_disk_workload(spec: VmSpec) -> bool:
             and any(isinstance(d, VolumeDevice) for d in spec.devices))  # fmt: skip
 
 
-def _condition(m: Migration, type_: str) -> bool:
-    return any(c.type == type_ and c.status for c in m.conditions)
+def _condition(m: Migration, type_: ConditionType) -> bool:
+    condition = m.condition(type_)
+    return condition is not None and condition.status

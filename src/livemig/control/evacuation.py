@@ -12,41 +12,16 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from livemig.control.controller import transition
-from livemig.control.hostclient import HostClient
-from livemig.control.store import Store
+from livemig.control.services import Services
 from livemig.errors import Conflict, LivemigError
-from livemig.model.migration import ConcurrencyLimits, Migration, MigrationParams, Phase, utcnow
+from livemig.model.migration import Migration, Phase, utcnow
+from livemig.wire import hostd
+from livemig.wire.lmo import Evacuation, EvacuationItem, EvacuationRequest
 
 
-class EvacuationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    limits: ConcurrencyLimits = Field(
-        default_factory=lambda: ConcurrencyLimits(per_host_outbound=2, per_host_inbound=1, region_total=4)
-    )
-    params: MigrationParams = Field(default_factory=MigrationParams)
-
-
-class EvacuationItem(BaseModel):
-    vm: str
-    destination: str | None = None
-    migration: str | None = None
-    reason: str = ""
-
-
-class Evacuation(BaseModel):
-    id: str
-    host: str
-    created_at: datetime = Field(default_factory=utcnow)
-    limits: ConcurrencyLimits
-    items: list[EvacuationItem] = Field(default_factory=list)
-
-
-async def evacuate(store: Store, hosts: dict[str, HostClient], host: str, request: EvacuationRequest) -> Evacuation:
+async def evacuate(services: Services, host: str, request: EvacuationRequest) -> Evacuation:
     """Plan and start the evacuation of ``host``; raises before changing anything if it cannot."""
+    store, hosts = services.store, services.hosts()
     store.host(host)  # 404 for an unknown host
     candidates = [h for h in store.hosts() if h.name != host and not h.maintenance]
     if not candidates:
@@ -54,7 +29,7 @@ async def evacuate(store: Store, hosts: dict[str, HostClient], host: str, reques
     free: dict[str, int] = {}
     for registration in candidates:
         try:
-            free[registration.name] = (await hosts[registration.name].info()).memory_free_mib
+            free[registration.name] = (await hosts[registration.name].run(hostd.info())).memory_free_mib
         except LivemigError:
             continue  # an unreachable host gets no VMs
     if not free:
@@ -77,7 +52,7 @@ async def evacuate(store: Store, hosts: dict[str, HostClient], host: str, reques
                 params = request.params.model_copy(update={"limits": request.limits})
                 migration = Migration(id=f"m-{uuid.uuid4().hex[:10]}", vm=spec.name, source=host,
                                       destination=target, params=params, evacuation=evacuation.id)  # fmt: skip
-                transition(migration, Phase.PENDING, f"evacuation {evacuation.id} of {host}: {spec.name} -> {target}")
+                migration.transition(Phase.PENDING, f"evacuation {evacuation.id} of {host}: {spec.name} -> {target}")
                 store.add_migration(migration)
                 item.destination, item.migration = target, migration.id
         evacuation.items.append(item)

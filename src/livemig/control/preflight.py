@@ -4,43 +4,21 @@ promises is exactly what a real request enforces."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from collections.abc import Callable
 
-from livemig.control.blockclient import BlockClient
-from livemig.control.hostclient import HostClient
-from livemig.control.store import Store
-from livemig.errors import CapacityError, Conflict, HostUnreachable, InvalidRequest, LivemigError, NotFound
+from livemig.control.network import vm_vnics
+from livemig.control.services import Services
+from livemig.errors import LivemigError, NotFound
 from livemig.model.host import HostInfo
-from livemig.model.vm import VolumeDevice
+from livemig.model.vm import RunState, VolumeDevice
+from livemig.wire import blockd, hostd, vswitch
+from livemig.wire.lmo import Check, MigrationRequest, PreflightReport
 
 
-class Check(BaseModel):
-    name: str
-    ok: bool
-    detail: str
-    error: str | None = None  # the exception class a real request raises when this fails
-
-
-class PreflightReport(BaseModel):
-    vm: str
-    source: str
-    destination: str
-    ok: bool
-    checks: list[Check]
-
-    def raise_first_failure(self) -> None:
-        classes: dict[str, type[LivemigError]] = {
-            c.__name__: c for c in (Conflict, CapacityError, InvalidRequest, HostUnreachable)
-        }
-        for check in self.checks:
-            if not check.ok:
-                raise classes.get(check.error or "", Conflict)(f"{check.name}: {check.detail}")
-
-
-async def preflight(
-    store: Store, hosts: dict[str, HostClient], vm: str, destination: str, block: BlockClient | None = None
-) -> PreflightReport:
+async def preflight(services: Services, request: MigrationRequest) -> PreflightReport:
     """Run every check; unknown VM or host raise NotFound (there is nothing to check then)."""
+    store, vm, destination = services.store, request.vm, request.destination
+    hosts = services.hosts()
     spec, source = store.vm(vm)
     if destination not in hosts:
         raise NotFound(f"unknown host {destination!r}", host=destination)
@@ -69,14 +47,14 @@ async def preflight(
     src_info: HostInfo | None = None
     dst_info: HostInfo | None = None
     try:
-        src_info = await hosts[source].info()
-        observed = await hosts[source].vm(vm)
-        state = observed.state if observed else "absent"
-        add("source VM running", state == "running", f"QEMU runstate on {source}: {state}")
+        src_info = await hosts[source].run(hostd.info())
+        observed = await hosts[source].observe(vm)
+        state = observed.state if observed else RunState.ABSENT
+        add("source VM running", state is RunState.RUNNING, f"QEMU runstate on {source}: {state.value}")
     except LivemigError as exc:
         add("source reachable", False, exc.message, error="HostUnreachable")
     try:
-        dst_info = await hosts[destination].info()
+        dst_info = await hosts[destination].run(hostd.info())
         add("destination reachable", True, f"{destination} answers (accelerator {dst_info.accel})")
     except LivemigError as exc:
         add("destination reachable", False, exc.message, error="HostUnreachable")
@@ -115,6 +93,7 @@ async def preflight(
                 error="InvalidRequest",
             )
     volumes = [d.volume for d in spec.devices if isinstance(d, VolumeDevice)]
+    block = services.volumes.block
     if not volumes:
         add("volumes", True, "no volumes attached")
     elif block is None:
@@ -122,13 +101,35 @@ async def preflight(
     else:
         try:
             for name in volumes:
-                await block.volume(name)
+                await block.run(blockd.volume(name))
             add("volumes", True, f"{', '.join(volumes)} reachable on blockd; destination attaches them over NBD")
         except LivemigError as exc:
             add("volumes", False, exc.message, error="HostUnreachable")
-    add("VNICs", True, "no VNICs on the livemig dataplane")
+    await _check_vnics(services, vm_vnics(spec), destination, add)
     return PreflightReport(vm=vm, source=source, destination=destination, ok=all(c.ok for c in checks),
                            checks=checks)  # fmt: skip
+
+
+async def _check_vnics(services: Services, vnics: list[str], destination: str, add: Callable[..., None]) -> None:
+    """A VM on the VCN can move only to a host whose vswitch answers: its flows and its ingress
+    are handed over there inside the pause, so a missing one would fail the migration late."""
+    if not vnics:
+        add("VNICs", True, "no VNICs on the livemig dataplane")
+        return
+    registration = services.store.host(destination)
+    if not registration.vswitch_url:
+        add("VNICs", False, f"VM has VNICs {', '.join(vnics)} but {destination} runs no vswitch",
+            error="InvalidRequest")  # fmt: skip
+        return
+    try:
+        for vnic in vnics:
+            services.network.get("vnics", vnic)
+        await services.network.switch(registration).run(vswitch.health())
+        add("VNICs", True, f"{', '.join(vnics)} known; the vswitch of {destination} answers")
+    except NotFound as exc:
+        add("VNICs", False, exc.message, error="InvalidRequest")
+    except LivemigError as exc:
+        add("VNICs", False, exc.message, error="HostUnreachable")
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -4,18 +4,19 @@ restarted LMO repeating a step never attaches twice."""
 
 from __future__ import annotations
 
-from livemig.control.blockclient import BlockClient
 from livemig.control.store import Store
 from livemig.errors import InvalidRequest
 from livemig.model.vm import NbdExport, VmSpec, VolumeDevice
+from livemig.wire import blockd
+from livemig.wire.blockd import BlockdClient
 
 
 class VolumeOps:
-    def __init__(self, store: Store, block: BlockClient | None) -> None:
+    def __init__(self, store: Store, block: BlockdClient | None) -> None:
         self.store = store
         self.block = block
 
-    def _require_block(self) -> BlockClient:
+    def _require_block(self) -> BlockdClient:
         if self.block is None:
             raise InvalidRequest("this VM has volumes but the LMO runs without blockd (start it with --blockd URL)")
         return self.block
@@ -29,7 +30,7 @@ class VolumeOps:
         exports = self.store.attachments(spec.name, host)
         for device in devices:
             if device.id not in exports:
-                export = await block.attach(device.volume, spec.name, host)
+                export = (await block.run(blockd.attach(device.volume, spec.name, host))).export()
                 self.store.add_attachment(spec.name, host, device.id, export)
                 exports[device.id] = export
         return exports
@@ -37,9 +38,9 @@ class VolumeOps:
     async def fence(self, vm: str, host: str) -> None:
         """Fence the host's attachments explicitly: from now on its writes are rejected."""
         for export in self.store.attachments(vm, host).values():
-            await self._require_block().fence(export.attachment)
+            await self._require_block().run(blockd.fence(export.attachment))
 
     async def detach(self, vm: str, host: str) -> None:
         for export in self.store.attachments(vm, host).values():
-            await self._require_block().detach(export.attachment)
+            await self._require_block().detach_if_attached(export.attachment)
             self.store.deactivate_attachment(export.attachment)

@@ -22,14 +22,10 @@ import os
 import signal
 from functools import lru_cache
 
-from livemig.errors import InvalidRequest, LivemigError
+from livemig.errors import InjectedFault, InvalidRequest
 
 log = logging.getLogger(__name__)
 ACTIONS = ("crash", "hold", "error", "delay")
-
-
-class InjectedFault(LivemigError):
-    """Raised by an ``error`` fault point."""
 
 
 def parse_plan(text: str) -> dict[str, str]:

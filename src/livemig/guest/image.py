@@ -93,22 +93,6 @@ class GuestImage:
     initrd: Path
     kernel_version: str
 
-    def kernel_cmdline(
-        self,
-        wss_mib: int = 64,
-        rate_mib_s: int = 20,
-        *,
-        workload: bool = True,
-        disk: str | None = None,
-        disk_rate: int | None = None,
-        ip: str | None = None,
-        gateway: str | None = None,
-    ) -> str:
-        """The ``-append`` string that starts the workload with this working set and dirty rate."""
-        return kernel_cmdline(
-            wss_mib, rate_mib_s, workload=workload, disk=disk, disk_rate=disk_rate, ip=ip, gateway=gateway
-        )
-
 
 #: Highest ``disk_rate`` (records per second) the workload accepts; TCG reaches far less.
 MAX_DISK_RATE = 100_000

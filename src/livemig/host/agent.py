@@ -9,81 +9,83 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import shutil
-import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from livemig.errors import CapacityError, Conflict, GuestError, InvalidRequest, NotFound, QemuError
-from livemig.host import console
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from livemig.errors import CapacityError, Conflict, GuestError, InvalidRequest, LivemigError, NotFound, QemuError
+from livemig.guest.image import kernel_cmdline
 from livemig.host.accel import AccelChoice
-from livemig.host.qemu import (
-    TCG_RAM_TRIM_KIB,
-    VmPaths,
-    command_line,
-    machine_aliases,
-    needs_tcg_ram_trim,
-    qemu_binary,
-    qemu_version,
-    resolve_machine,
-)
-from livemig.host.qmp import QmpSession, event_time
+from livemig.host.qemu import TCG_RAM_TRIM_KIB, VmPaths, command_line, needs_tcg_ram_trim, resolve_machine
+from livemig.host.qmp import event_time
+from livemig.host.runtime import LocalQemu, QemuRuntime, Qmp
 from livemig.host.shaping import MigrationShaper
-from livemig.host.source import SourceMigration, SourceMigrationStatus
-from livemig.host.vnics import VnicHandoff, VswitchPorts
+from livemig.host.source import SourceMigration
+from livemig.host.vnics import VswitchPorts
 from livemig.model.host import HostInfo
 from livemig.model.migration import MigrationParams
-from livemig.model.vm import NbdExport, VmSpec, VmStatus, VolumeDevice
+from livemig.model.vm import RESUMABLE, NbdExport, RunState, VmRole, VmSpec, VolumeDevice
 from livemig.region.hostns import MIGRATION_DEVICE
-from livemig.region.proc import pid_alive
+from livemig.statefile import StateFile
+from livemig.wire.hostd import JobState, SourceMigrationStatus, VmStatus, VnicHandoff
 
 log = logging.getLogger(__name__)
-
-Role = Literal["running", "incoming", "outgoing"]
 
 
 #: QMP events that mean the guest did not survive: a reset or shutdown it asked for, or a panic
 GUEST_FAILURE_EVENTS = ("RESET", "SHUTDOWN", "GUEST_PANICKED")
 
 
-@dataclass
-class ManagedVm:
+#: the format of ``vm.json`` this hostd writes and the newest it reads
+VM_RECORD_VERSION = 1
+
+
+class VmRecord(BaseModel):
+    """What survives a hostd restart about one VM (``vm.json``, through ``StateFile``): enough to
+    re-adopt its QEMU and to keep what only hostd saw (a guest reset, when an incoming VM resumed)."""
+
     spec: VmSpec
-    paths: VmPaths
     pid: int
-    role: Role
-    qmp: QmpSession
-    argv: list[str] = field(default_factory=list)
-    migration: SourceMigration | None = None
+    role: VmRole
+    argv: list[str] = Field(default_factory=list)
     incoming_uri: str | None = None
-    exports: dict[str, NbdExport] = field(default_factory=dict)
-    resumed_at: float | None = None  # incoming VM: wall clock of QEMU's RESUME (the guest runs here)
-    guest_resets: list[str] = field(default_factory=list)  # guest-initiated resets/panics seen on this host
-    guest_watch: asyncio.Task[None] | None = None
+    resumed_at: float | None = None
+    guest_resets: list[str] = Field(default_factory=list)
+    exports: dict[str, NbdExport] = Field(default_factory=dict)
+
+
+class ManagedVm(VmRecord):
+    """A VM this hostd runs: its record (saved on every change) plus what lives only in memory."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    paths: VmPaths = Field(exclude=True)
+    qmp: Qmp = Field(exclude=True)
+    migration: SourceMigration | None = Field(default=None, exclude=True)
+    guest_watch: asyncio.Task[None] | None = Field(default=None, exclude=True)
 
     def save(self) -> None:
-        record = {"spec": self.spec.model_dump(), "role": self.role, "argv": self.argv,
-                  "incoming_uri": self.incoming_uri, "resumed_at": self.resumed_at,
-                  "guest_resets": self.guest_resets,  # a restarted hostd still knows the guest crashed
-                  "exports": {k: v.model_dump() for k, v in self.exports.items()}}  # fmt: skip
-        tmp = self.paths.record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(self.paths.record)
+        StateFile(self.paths.record, VM_RECORD_VERSION).save(self.model_dump(mode="json"))
 
 
-def pid_runs_vm(pid: int, paths: VmPaths) -> bool:
-    """True if ``pid`` is the QEMU we started for this VM (guards against pid reuse)."""
+def load_record(paths: VmPaths) -> VmRecord:
+    """A VM's record; ``StateError``/``InvalidRequest`` say why it cannot be trusted (never half-read)."""
+    saved = StateFile(paths.record, VM_RECORD_VERSION).load()
+    if saved is None:
+        raise LivemigError(f"{paths.record} is missing")
+    saved.pop("version", None)
+    if "pid" not in saved:  # records of format 1 written before the pid moved into them
+        saved["pid"] = int(paths.pidfile.read_text().strip())
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return False
-    return str(paths.qmp) in cmdline and pid_alive(pid)
+        return VmRecord.model_validate(saved)
+    except ValidationError as exc:
+        raise InvalidRequest(f"{paths.record}: {exc.errors()[0].get('msg')} at "
+                             f"{'.'.join(str(p) for p in exc.errors()[0].get('loc', ()))}") from None  # fmt: skip
 
 
 class HostAgent:
@@ -98,8 +100,10 @@ class HostAgent:
         vswitch_url: str | None = None,
         overlay: str | None = None,
         netns: str | None = None,
+        runtime: QemuRuntime | None = None,
     ) -> None:
         self.name = name
+        self.runtime: QemuRuntime = runtime or LocalQemu()
         self.state_dir = state_dir
         self.vms_dir = state_dir / "vms"
         self.logs_dir = state_dir / "logs"
@@ -113,6 +117,7 @@ class HostAgent:
         self.netns = netns
         self.shaper = MigrationShaper(netns, MIGRATION_DEVICE, migration_bandwidth_mib_s) if netns else None
         self.vms: dict[str, ManagedVm] = {}
+        self.refused_records: dict[str, str] = {}  # VM directory -> why its record was not trusted
         self._lock = asyncio.Lock()
 
     # ---------------------------------------------------------------- observation
@@ -123,12 +128,13 @@ class HostAgent:
             migration_address=self.migration_address,
             accel=self.accel.name,
             accel_reason=self.accel.reason,
-            qemu_version=qemu_version(),
+            qemu_version=self.runtime.version(),
             memory_mib=self.memory_mib,
             memory_used_mib=sum(vm.spec.memory_mib for vm in self.vms.values()),
             migration_bandwidth_mib_s=self.migration_bandwidth_mib_s,
             vms=sorted(self.vms),
-            machines=sorted(set(machine_aliases().values())),
+            machines=sorted(set(self.runtime.machines().values())),
+            refused_records=[f"{vm}: {why}" for vm, why in sorted(self.refused_records.items())],
         )
 
     def get(self, name: str) -> ManagedVm:
@@ -139,14 +145,14 @@ class HostAgent:
 
     async def status(self, name: str) -> VmStatus:
         vm = self.get(name)
-        state = "absent"
-        if pid_runs_vm(vm.pid, vm.paths):
+        state = RunState.ABSENT
+        if self.runtime.owns(vm.pid, vm.paths):
             try:
-                state = str((await vm.qmp.execute("query-status"))["status"])
+                state = RunState.parse(str((await vm.qmp.execute("query-status"))["status"]))
             except QemuError:
-                state = "unreachable"
-        if vm.role == "incoming" and state == "running":
-            vm.role = "running"
+                state = RunState.UNREACHABLE
+        if vm.role is VmRole.INCOMING and state is RunState.RUNNING:
+            vm.role = VmRole.RUNNING
             vm.save()
         return VmStatus(name=name, host=self.name, state=state, pid=vm.pid, role=vm.role, spec=vm.spec,
                         console_log=str(vm.paths.console_log), resumed_at=vm.resumed_at,
@@ -156,28 +162,26 @@ class HostAgent:
 
     def resolve_spec(self, spec: VmSpec) -> VmSpec:
         """Pin what the user left open: the versioned machine type and the boot files."""
-        machine = resolve_machine(spec.machine)
+        machine = resolve_machine(spec.machine, self.runtime.machines())
         boot = spec.boot
         if boot.kernel is None or boot.initrd is None:
-            from livemig.guest.image import build_image, default_cache_dir
-
-            image = build_image(default_cache_dir())
+            image = self.runtime.guest_image()
             extra = ""
             if spec.workload is not None:
                 disk = spec.workload.disk_rate > 0 and any(isinstance(d, VolumeDevice) for d in spec.devices)
                 # the first virtio-blk device (lowest PCI slot) is /dev/vda in the guest
-                extra = image.kernel_cmdline(spec.workload.wss_mib, spec.workload.rate_mib_s,
+                extra = kernel_cmdline(spec.workload.wss_mib, spec.workload.rate_mib_s,
                                              disk="/dev/vda" if disk else None,
                                              disk_rate=spec.workload.disk_rate if disk else None)  # fmt: skip
             else:
-                extra = image.kernel_cmdline(1, 0) + " livemig.workload=off"
+                extra = kernel_cmdline(1, 0) + " livemig.workload=off"
             boot = boot.model_copy(update={"kernel": str(image.kernel), "initrd": str(image.initrd),
                                            "append": " ".join(p for p in (extra, boot.append) if p)})  # fmt: skip
         for path in (boot.kernel, boot.initrd):
             if path is None or not Path(path).is_file():
                 raise InvalidRequest(f"VM {spec.name}: boot file {path} does not exist on host {self.name}")
         trim = spec.ram_trim_kib
-        if trim == 0 and needs_tcg_ram_trim(self.accel.name, qemu_version()):
+        if trim == 0 and needs_tcg_ram_trim(self.accel.name, self.runtime.version()):
             trim = TCG_RAM_TRIM_KIB
         return spec.model_copy(update={"machine": machine, "boot": boot, "ram_trim_kib": trim})
 
@@ -202,23 +206,18 @@ class HostAgent:
                 shutil.rmtree(paths.root)
             paths.root.mkdir(parents=True)
             netdevs = await self.ports.attach(spec, hold=incoming)
-            argv = command_line(spec, paths, self.accel.name, incoming=incoming, binary=qemu_binary(),
+            argv = command_line(spec, paths, self.accel.name, incoming=incoming, binary=self.runtime.binary(),
                                 exports=exports, netdevs=netdevs)  # fmt: skip
             if self.netns:  # the NIC socket is a passed fd, so it stays in hostd's namespace
                 argv = ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, pass_fds=self.ports.pass_fds(spec),
-            )  # fmt: skip
-            out, err = await proc.communicate()
-            if proc.returncode != 0:
+            try:
+                pid = await self.runtime.launch(argv, self.ports.pass_fds(spec), paths)
+            except QemuError as exc:
                 shutil.rmtree(paths.root, ignore_errors=True)
                 await self.ports.detach(spec)
-                message = (err or out).decode(errors="replace").strip()
-                raise QemuError(f"QEMU refused to start VM {spec.name}: {message}", vm=spec.name)
-            pid = int(paths.pidfile.read_text().strip())
-            vm = ManagedVm(spec=spec, paths=paths, pid=pid, role="incoming" if incoming else "running",
-                           qmp=QmpSession(f"{self.name}/{spec.name}"), argv=argv,
+                raise QemuError(f"QEMU refused to start VM {spec.name}: {exc.message}", vm=spec.name) from None
+            vm = ManagedVm(spec=spec, paths=paths, pid=pid, role=VmRole.INCOMING if incoming else VmRole.RUNNING,
+                           qmp=self.runtime.qmp(f"{self.name}/{spec.name}"), argv=argv,
                            exports=dict(exports or {}))  # fmt: skip
             try:
                 await vm.qmp.connect(paths.qmp)
@@ -236,7 +235,7 @@ class HostAgent:
         """Start a suspended destination listening on this host's migration address; idempotent."""
         existing = self.vms.get(spec.name)
         if existing is not None:
-            if (existing.role == "incoming" and existing.incoming_uri and existing.spec == spec
+            if (existing.role is VmRole.INCOMING and existing.incoming_uri and existing.spec == spec
                     and existing.exports == (exports or {})):  # fmt: skip
                 return existing.incoming_uri
             raise Conflict(f"VM {spec.name!r} already exists on host {self.name} ({existing.role})")
@@ -301,11 +300,11 @@ class HostAgent:
         self, name: str, uri: str, params: MigrationParams, handoffs: list[VnicHandoff] | None = None
     ) -> SourceMigrationStatus:
         vm = self.get(name)
-        if vm.migration is not None and vm.migration.state == "running":
+        if vm.migration is not None and vm.migration.state is JobState.RUNNING:
             if vm.migration.uri == uri:
                 return vm.migration.status()  # idempotent retry of the same request
             raise Conflict(f"VM {name!r} is already migrating to {vm.migration.uri}")
-        if vm.role == "incoming":
+        if vm.role is VmRole.INCOMING:
             raise Conflict(f"VM {name!r} on host {self.name} is an incoming VM, not a source")
         markers: dict[str, dict[str, int]] = {}
 
@@ -331,7 +330,7 @@ class HostAgent:
                 await asyncio.to_thread(shaped.release)
             raise
         vm.migration = job
-        vm.role = "outgoing"
+        vm.role = VmRole.OUTGOING
         vm.save()
         job.start()
         return job.status()
@@ -356,7 +355,7 @@ class HostAgent:
         vm = self.get(name)
         if vm.migration is not None:
             await vm.migration.cancel()
-        vm.role = "running"
+        vm.role = VmRole.RUNNING
         vm.save()
 
     async def destroy(self, name: str) -> None:
@@ -376,44 +375,41 @@ class HostAgent:
         log.info("destroyed VM %s", name)
 
     async def _kill(self, vm: ManagedVm) -> None:
-        if pid_runs_vm(vm.pid, vm.paths):
-            with contextlib.suppress(QemuError):
+        if self.runtime.owns(vm.pid, vm.paths):
+            with contextlib.suppress(QemuError, TimeoutError):
                 await asyncio.wait_for(vm.qmp.execute("quit"), timeout=3)
             for _ in range(50):
-                if not pid_alive(vm.pid):
+                if not self.runtime.alive(vm.pid):
                     break
                 await asyncio.sleep(0.05)
             else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(vm.pid, signal.SIGKILL)
+                self.runtime.kill(vm.pid)
         await vm.qmp.close()
 
     async def resume(self, name: str) -> str:
         """Make sure the VM runs (rollback after a failed switchover); returns the runstate."""
         vm = self.get(name)
-        state = str((await vm.qmp.execute("query-status"))["status"])
-        if state in ("paused", "postmigrate", "prelaunch", "finish-migrate"):
+        state = RunState.parse(str((await vm.qmp.execute("query-status"))["status"]))
+        if state in RESUMABLE:
             await vm.qmp.execute("cont")
-            state = str((await vm.qmp.execute("query-status"))["status"])
-        vm.role = "running"
+            state = RunState.parse(str((await vm.qmp.execute("query-status"))["status"]))
+        vm.role = VmRole.RUNNING
         vm.save()
         return state
 
     async def guest_check(self, name: str) -> tuple[bool, str]:
-        return await self._run_check(name, console.memory_check)
+        return await self._run_check(name, self.runtime.memory_check)
 
     async def disk_check(self, name: str) -> tuple[bool, str]:
-        return await self._run_check(name, console.disk_check)
+        return await self._run_check(name, self.runtime.disk_check)
 
-    async def _run_check(
-        self, name: str, check: Callable[[Path, Path], Awaitable[tuple[bool, str]]]
-    ) -> tuple[bool, str]:
+    async def _run_check(self, name: str, check: Callable[[VmPaths], Awaitable[tuple[bool, str]]]) -> tuple[bool, str]:
         """Run a guest self-check; if the guest does not answer, say what QEMU sees."""
         vm = self.get(name)
         if vm.guest_resets:  # an answer now would come from a fresh boot, not the migrated guest
             return False, f"the guest crashed or rebooted on host {self.name}: {'; '.join(vm.guest_resets)}"
         try:
-            return await check(vm.paths.console, vm.paths.console_log)
+            return await check(vm.paths)
         except GuestError as exc:
             raise GuestError(f"{exc.message}; {await self._qemu_view(vm)}", vm=name) from None
 
@@ -436,8 +432,7 @@ class HostAgent:
         vm = self.get(name)
         if "\n" in line or len(line) > 200:
             raise InvalidRequest("a console command is one line of at most 200 characters")
-        port = vm.paths.command_port
-        await console.send_line(port if port.exists() else vm.paths.console, line)
+        await self.runtime.send_line(vm.paths, line)
 
     # ---------------------------------------------------------------- restart
 
@@ -453,40 +448,34 @@ class HostAgent:
         for root in sorted(self.vms_dir.iterdir()):
             paths = VmPaths(root)
             try:
-                record = json.loads(paths.record.read_text())
-                pid = int(paths.pidfile.read_text().strip())
-                spec = VmSpec.model_validate(record["spec"])
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("ignoring %s: unreadable record (%s)", root, exc)
+                record = load_record(paths)
+            except (LivemigError, OSError, ValueError) as exc:
+                why = exc.message if isinstance(exc, LivemigError) else str(exc)
+                # kept on disk and reported: a record we cannot trust is never half-read or deleted
+                self.refused_records[root.name] = why
+                log.error("VM record %s refused, its VM is not adopted: %s", paths.record, why)
                 continue
-            if not pid_runs_vm(pid, paths):
-                log.warning("VM %s: QEMU pid %d is gone; forgetting it", spec.name, pid)
+            spec = record.spec
+            if not self.runtime.owns(record.pid, paths):
+                log.warning("VM %s: QEMU pid %d is gone; forgetting it", spec.name, record.pid)
                 shutil.rmtree(root, ignore_errors=True)
                 continue
-            role: Role = record.get("role", "running")
-            vm = ManagedVm(spec=spec, paths=paths, pid=pid, role=role,
-                           qmp=QmpSession(f"{self.name}/{spec.name}"), argv=record.get("argv", []),
-                           incoming_uri=record.get("incoming_uri"), resumed_at=record.get("resumed_at"),
-                           guest_resets=list(record.get("guest_resets", [])),
-                           exports={k: NbdExport.model_validate(v)
-                                    for k, v in record.get("exports", {}).items()})  # fmt: skip
+            vm = ManagedVm(**dict(record), paths=paths, qmp=self.runtime.qmp(f"{self.name}/{spec.name}"))
             await vm.qmp.connect(paths.qmp)
             self._watch_guest(vm)
-            if role == "outgoing":
+            if record.role is VmRole.OUTGOING:
                 # the migration job died with the old hostd; QEMU's own state tells what happened
                 # (nobody would answer pause-before-switchover): cancel an unfinished one, so the VM
                 # keeps running here and the LMO sees a failed attempt it can roll back.
                 status = (await vm.qmp.execute("query-migrate")).get("status")
-                if status == "completed":
-                    vm.role = "outgoing"
-                else:
+                if status != "completed":
                     if status not in ("failed", "cancelled", "none", None):
                         await vm.qmp.execute("migrate_cancel")
-                    vm.role = "running"
+                    vm.role = VmRole.RUNNING
                 vm.save()
             self.vms[spec.name] = vm
             adopted.append(spec.name)
-            log.info("re-adopted VM %s (pid %d, %s)", spec.name, pid, vm.role)
+            log.info("re-adopted VM %s (pid %d, %s)", spec.name, record.pid, vm.role)
         return adopted
 
     async def close(self) -> None:

@@ -1,4 +1,6 @@
-"""hostd's REST API (FastAPI). Observed state out, idempotent actions in."""
+"""hostd's REST API (FastAPI). Observed state out, idempotent actions in.
+
+The routes and their models are the boundary's, in ``livemig.wire.hostd``."""
 
 from __future__ import annotations
 
@@ -8,61 +10,48 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
 
-from livemig.errors import InvalidRequest
+from livemig.errors import HostUnreachable, InvalidRequest, LivemigError
 from livemig.host.agent import HostAgent
-from livemig.host.source import SourceMigrationStatus
-from livemig.host.vnics import VnicHandoff
-from livemig.model.host import HostInfo
-from livemig.model.migration import MigrationParams
-from livemig.model.vm import VmLaunch, VmStatus
+from livemig.model.host import HostInfo, HostRegistration
+from livemig.wire import lmo as wire_lmo
+from livemig.wire.base import async_http
+from livemig.wire.hostd import (
+    CheckReply,
+    ConsoleLine,
+    IncomingReply,
+    MigrateRequest,
+    ResumeReply,
+    SourceMigrationStatus,
+    VmLaunch,
+    VmStatus,
+)
+from livemig.wire.lmo import AsyncLmoClient
 from livemig.wire.server import install_error_handlers
 
 log = logging.getLogger(__name__)
 VMS_GAUGE = Gauge("livemig_host_vms", "VMs managed by this hostd", ["host"])
 
 
-class MigrateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    uri: str = Field(pattern=r"^tcp:[^:]+:\d+$")
-    params: MigrationParams = Field(default_factory=MigrationParams)
-    handoffs: list[VnicHandoff] = Field(default_factory=list)
-
-
-class IncomingReply(BaseModel):
-    uri: str
-
-
-class CheckReply(BaseModel):
-    ok: bool
-    detail: str
-
-
-class ConsoleLine(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    line: str = Field(max_length=200)
-
-
 async def register_with_lmo(agent: HostAgent, lmo_url: str, api_url: str) -> None:
     """Tell the LMO where this host is; retried until it answers (it may start after us)."""
-    body = {"name": agent.name, "api_url": api_url, "migration_address": agent.migration_address,
-            "migration_bandwidth_mib_s": agent.migration_bandwidth_mib_s,
-            "vswitch_url": agent.ports.url, "overlay": agent.overlay}  # fmt: skip
-    async with httpx.AsyncClient(timeout=5) as client:
+    registration = HostRegistration(name=agent.name, api_url=api_url, migration_address=agent.migration_address,
+                                    migration_bandwidth_mib_s=agent.migration_bandwidth_mib_s,
+                                    vswitch_url=agent.ports.url, overlay=agent.overlay)  # fmt: skip
+    async with async_http(timeout=5) as http:
+        lmo = AsyncLmoClient(lmo_url, http)
         for _attempt in range(600):
             try:
-                reply = await client.put(f"{lmo_url}/hosts/{agent.name}", json=body)
-                if reply.status_code < 300:
-                    log.info("registered with LMO at %s", lmo_url)
-                    return
-                log.warning("LMO refused registration: %s", reply.text)
-            except httpx.HTTPError:
+                await lmo.run(wire_lmo.register_host(registration))
+                log.info("registered with LMO at %s", lmo_url)
+                return
+            except HostUnreachable:
                 pass
+            except LivemigError as exc:
+                log.warning("LMO refused registration: %s", exc.message)
             await asyncio.sleep(0.5)
 
 
@@ -116,7 +105,7 @@ def create_app(agent: HostAgent, lmo_url: str | None = None, api_url: str | None
         return IncomingReply(uri=await agent.prepare_incoming(launch.spec, launch.exports))
 
     @app.post("/vms/{name}/migrate", status_code=202)
-    async def migrate(name: str, body: MigrateBody) -> SourceMigrationStatus:
+    async def migrate(name: str, body: MigrateRequest) -> SourceMigrationStatus:
         return await agent.migrate(name, body.uri, body.params, body.handoffs)
 
     @app.get("/vms/{name}/migration")
@@ -135,8 +124,8 @@ def create_app(agent: HostAgent, lmo_url: str | None = None, api_url: str | None
         return Response(status_code=204)
 
     @app.post("/vms/{name}/resume")
-    async def resume(name: str) -> dict[str, str]:
-        return {"state": await agent.resume(name)}
+    async def resume(name: str) -> ResumeReply:
+        return ResumeReply(state=await agent.resume(name))
 
     @app.post("/vms/{name}/guest-check")
     async def guest_check(name: str) -> CheckReply:

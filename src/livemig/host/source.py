@@ -15,40 +15,21 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
-
-from pydantic import BaseModel, Field
+from typing import Any
 
 from livemig.errors import LivemigError, QemuError
 from livemig.faults.points import fault_point
-from livemig.host.qmp import QmpSession, event_time
+from livemig.host.qmp import event_time
+from livemig.host.runtime import Qmp
 from livemig.host.shaping import ShapedMigration
-from livemig.host.vnics import VnicHandoff
 from livemig.model.migration import MigrationParams, MigrationSample, MigrationStats
+from livemig.wire.hostd import JobState, MigrationEvent, SourceMigrationStatus, VnicHandoff
 
 log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL_S = 0.1
-FINAL_STATUSES = ("completed", "failed", "cancelled")
+FINAL_STATUSES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 SwitchoverHook = Callable[[], Awaitable[None]]
-
-
-class MigrationEvent(BaseModel):
-    at: datetime
-    status: str
-
-
-class SourceMigrationStatus(BaseModel):
-    """What hostd reports about the migration it drives (the LMO polls this)."""
-
-    vm: str
-    uri: str
-    state: Literal["running", "completed", "failed", "cancelled"]
-    events: list[MigrationEvent] = Field(default_factory=list)
-    samples: list[MigrationSample] = Field(default_factory=list)
-    stats: MigrationStats | None = None
-    error: str | None = None
-    enforced_by: str | None = Field(default=None, description="the tc class holding the stream to its share")
 
 
 def sample_from(reply: dict[str, Any]) -> MigrationSample:
@@ -92,7 +73,7 @@ class SourceMigration:
     def __init__(
         self,
         vm: str,
-        qmp: QmpSession,
+        qmp: Qmp,
         uri: str,
         params: MigrationParams,
         switchover_hooks: list[SwitchoverHook] | None = None,
@@ -107,7 +88,7 @@ class SourceMigration:
         self.switchover_hooks = switchover_hooks or []
         self.after_failed_switchover = after_failed_switchover
         self.hooks_ran = False
-        self.state: Literal["running", "completed", "failed", "cancelled"] = "running"
+        self.state = JobState.RUNNING
         self.events: list[MigrationEvent] = []
         self.samples: deque[MigrationSample] = deque(maxlen=3000)
         self.stats: MigrationStats | None = None
@@ -165,16 +146,16 @@ class SourceMigration:
                 self.stats.bandwidth_enforced_by = self.shaped.describe()
                 self.stats.shaped_bytes = await asyncio.to_thread(self.shaped.bytes_sent)
             self.samples.append(sample_from(reply))
-            final = reply.get("status", "failed")
-            self.state = final if final in FINAL_STATUSES else "failed"
+            final = str(reply.get("status", "failed"))
+            self.state = JobState(final) if final in FINAL_STATUSES else JobState.FAILED
             self.error = reply.get("error-desc")
-            if self.state != "completed" and self.hooks_ran and self.after_failed_switchover is not None:
+            if self.state is not JobState.COMPLETED and self.hooks_ran and self.after_failed_switchover is not None:
                 await self.after_failed_switchover()  # the source runs on: undo what the hooks handed off
         except LivemigError as exc:
-            self.state, self.error = "failed", exc.message
+            self.state, self.error = JobState.FAILED, exc.message
             log.warning("migration of %s failed: %s", self.vm, exc.message)
         except Exception as exc:  # a bug must still end the job, never leave it "running"
-            self.state, self.error = "failed", f"internal error: {exc!r}"
+            self.state, self.error = JobState.FAILED, f"internal error: {exc!r}"
             log.exception("migration of %s crashed", self.vm)
         finally:
             if sampler is not None:
@@ -229,7 +210,7 @@ class SourceMigration:
             await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     async def cancel(self) -> None:
-        if self.state == "running":
+        if self.state is JobState.RUNNING:
             await self.qmp.execute("migrate_cancel")
 
     def status(self, since_samples: int = 0) -> SourceMigrationStatus:

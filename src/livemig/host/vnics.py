@@ -25,25 +25,16 @@ import socket
 import time
 from pathlib import Path
 
-import httpx
-from pydantic import BaseModel, Field
-
-from livemig.errors import HostUnreachable, InvalidRequest, LivemigError
+from livemig.errors import InvalidRequest, LivemigError
 from livemig.faults.points import fault_point
 from livemig.model.vm import NicDevice, VmSpec
 from livemig.network.handoff import PAUSE_PROBE, Drain, Replay, replay_marker
-from livemig.network.model import HandoffRequest, PauseMarker
+from livemig.wire import vswitch
+from livemig.wire.base import async_http
+from livemig.wire.hostd import VnicHandoff
+from livemig.wire.vswitch import AsyncVswitchClient
 
 log = logging.getLogger(__name__)
-
-
-class VnicHandoff(BaseModel):
-    """One VNIC moving with the VM: its id and the destination host's vswitch."""
-
-    vnic: str
-    destination_vswitch: str
-    flows_since: int = Field(default=0, ge=0, description="the source's flow version the destination has "
-                             "(the bulk copy's); the pause sends only later changes (0: all)")  # fmt: skip
 
 
 def vswitch_nics(spec: VmSpec) -> list[NicDevice]:
@@ -55,37 +46,29 @@ class VswitchPorts:
 
     def __init__(self, url: str | None) -> None:
         self.url = url.rstrip("/") if url else None
-        self._client: httpx.AsyncClient | None = None
+        self._switches: dict[str, AsyncVswitchClient] = {}
+        self._http = async_http(timeout=10)
         self._sockets: dict[str, socket.socket] = {}  # VNIC id -> our duplicate of QEMU's NIC socket
 
-    @property
-    def client(self) -> httpx.AsyncClient:
-        # one long-lived client with keep-alive: a fresh client per call costs tens of ms (TLS
-        # context, connect), and the hand-off runs inside the guest's pause
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=10)
-        return self._client
+    def switch(self, url: str | None = None) -> AsyncVswitchClient:
+        """This host's vswitch (or another's, by URL). All share one keep-alive connection pool: a
+        fresh connection costs milliseconds, and the hand-off runs inside the guest's pause."""
+        url = (url or self.url or "").rstrip("/")
+        if not url:
+            raise InvalidRequest("this hostd runs without a vswitch (--vswitch URL)")
+        if url not in self._switches:
+            self._switches[url] = AsyncVswitchClient(url, self._http)
+        return self._switches[url]
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._http.aclose()
 
     async def warm_up(self, handoffs: list[VnicHandoff]) -> None:
         """Open the connections the hand-off will use, before the pause rather than inside it."""
         for url in {self.url, *(h.destination_vswitch for h in handoffs)}:
             if url:
                 with contextlib.suppress(LivemigError):
-                    await self._call("GET", f"{url.rstrip('/')}/healthz")
-
-    async def _call(self, method: str, url: str, **kwargs: object) -> httpx.Response:
-        try:
-            reply = await self.client.request(method, url, **kwargs)  # type: ignore[arg-type]
-        except httpx.HTTPError as exc:
-            raise HostUnreachable(f"vswitch {url} did not answer: {exc!r}") from exc
-        if reply.status_code >= 400:
-            raise LivemigError(f"vswitch {url}: {reply.text}")
-        return reply
+                    await self.switch(url).run(vswitch.health())
 
     async def attach(self, spec: VmSpec, *, hold: bool) -> dict[str, str]:
         """``-netdev`` arguments per NIC id; ``hold`` for a migration destination (not yet running)."""
@@ -96,10 +79,13 @@ class VswitchPorts:
             raise InvalidRequest(f"VM {spec.name} has vswitch NICs but this hostd has no --vswitch")
         netdevs: dict[str, str] = {}
         for nic in nics:
+            assert nic.vnic is not None  # the spec's validator: a vswitch NIC names its VNIC
             with contextlib.suppress(LivemigError):  # a leftover port from an earlier attempt
-                await self._call("DELETE", f"{self.url}/vnics/{nic.vnic}")
-            port = (await self._call("POST", f"{self.url}/vnics", json={"vnic_id": nic.vnic, "hold": hold})).json()
-            sock = self._open_socket(nic.vnic, int(port["qemu_port"]), int(port["switch_port"]))
+                await self.switch().run(vswitch.detach(nic.vnic))
+            port = await self.switch().run(vswitch.attach(nic.vnic, hold=hold))
+            if port.qemu_port is None or port.switch_port is None:
+                raise LivemigError(f"vswitch attached VNIC {nic.vnic} without a UDP port pair: {port}")
+            sock = self._open_socket(nic.vnic, port.qemu_port, port.switch_port)
             netdevs[nic.id] = f"dgram,id=net_{nic.id},local.type=fd,local.str={sock.fileno()}"
         return netdevs
 
@@ -168,7 +154,7 @@ class VswitchPorts:
             return
         for nic in vswitch_nics(spec):
             with contextlib.suppress(LivemigError):
-                await self._call("DELETE", f"{self.url}/vnics/{nic.vnic}")
+                await self.switch().run(vswitch.detach(str(nic.vnic)))
 
     async def hand_off(self, handoffs: list[VnicHandoff], stopped_at: float | None = None) -> dict[str, dict[str, int]]:
         """Inside the pause: marker, final flows, release on the destination. Returns the markers.
@@ -183,17 +169,13 @@ class VswitchPorts:
             # that sends no final flows)
             started = time.perf_counter()
             send_flows = not await fault_point("hostd.flow_sync")
-            params = {"flows_since": h.flows_since} if send_flows else {}
-            answer = await self._call("POST", f"{self.url}/vnics/{h.vnic}/pause-marker", params=params)
-            reply = PauseMarker.model_validate(answer.json())
+            reply = await self.switch().run(vswitch.pause_marker(h.vnic, h.flows_since if send_flows else None))
             marked = time.perf_counter()
             # the vswitch writes nothing more to QEMU now: what is left in its socket, it never read
             replay = replay_marker(reply.marker, reply.recent, self._drain(h.vnic), stopped_at)
             markers[h.vnic] = replay.marker  # what the guest has seen: the same cut for either side
             drained = time.perf_counter()
-            handoff = HandoffRequest(marker=replay.marker, flows=reply.flows)
-            await self._call("POST", f"{h.destination_vswitch.rstrip('/')}/vnics/{h.vnic}/handoff",
-                             json=handoff.model_dump())  # fmt: skip
+            await self.switch(h.destination_vswitch).run(vswitch.hand_over(h.vnic, replay.marker, reply.flows))
             done = time.perf_counter()
             timings = (f"marker {1000 * (marked - started):.1f} ms, drain {1000 * (drained - marked):.1f} ms, "
                        f"hand-off {1000 * (done - drained):.1f} ms")  # fmt: skip
@@ -211,8 +193,7 @@ class VswitchPorts:
             return
         for vnic, marker in markers.items():
             with contextlib.suppress(LivemigError):
-                await self._call("POST", f"{self.url}/vnics/{vnic}/resume",
-                                 json={"marker": marker, "replay_recent": True})  # fmt: skip
+                await self.switch().run(vswitch.resume(vnic, marker, replay_recent=True))
 
 
 #: QEMU's NIC socket's receive buffer: under TCG a pre-copy dirty sync can hold the vCPU for

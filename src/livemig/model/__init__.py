@@ -3,9 +3,10 @@
 from livemig.model.host import HostInfo, HostRegistration
 from livemig.model.migration import (
     TERMINAL_PHASES,
+    Condition,
+    ConditionType,
     Migration,
     MigrationParams,
-    MigrationRequest,
     MigrationSample,
     MigrationStats,
     Phase,
@@ -17,9 +18,7 @@ from livemig.model.vm import (
     NbdExport,
     NicDevice,
     RngDevice,
-    VmLaunch,
     VmSpec,
-    VmStatus,
     VolumeDevice,
     WorkloadSpec,
 )
@@ -27,12 +26,13 @@ from livemig.model.vm import (
 __all__ = [
     "TERMINAL_PHASES",
     "BootSpec",
+    "Condition",
+    "ConditionType",
     "Device",
     "HostInfo",
     "HostRegistration",
     "Migration",
     "MigrationParams",
-    "MigrationRequest",
     "MigrationSample",
     "MigrationStats",
     "NbdExport",
@@ -40,9 +40,7 @@ __all__ = [
     "Phase",
     "RngDevice",
     "TimelineEntry",
-    "VmLaunch",
     "VmSpec",
-    "VmStatus",
     "VolumeDevice",
     "WorkloadSpec",
 ]

@@ -6,11 +6,14 @@ the timeline records every transition with a timestamp so every migration explai
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -36,19 +39,6 @@ class Phase(StrEnum):
 
 
 TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.CANCELLED, Phase.ABORTED, Phase.FAILED})
-
-# The happy path, in order; the controller refuses any other forward step.
-FORWARD_PHASES: tuple[Phase, ...] = (
-    Phase.PENDING,
-    Phase.VALIDATING,
-    Phase.PREPARING_TARGET,
-    Phase.SYNCING_FLOWS,
-    Phase.PRECOPY,
-    Phase.SWITCHOVER,
-    Phase.CUTTING_OVER,
-    Phase.CLEANUP,
-    Phase.SUCCEEDED,
-)
 
 
 class ConvergencePolicy(BaseModel):
@@ -93,17 +83,6 @@ class MigrationParams(BaseModel):
     min_bandwidth_mib_s: int = Field(default=32, ge=1, le=1_000_000,
                                      description="admission: start only when this much is free both ways")  # fmt: skip
     limits: ConcurrencyLimits = Field(default_factory=ConcurrencyLimits)
-
-
-class MigrationRequest(BaseModel):
-    """``POST /migrations``: move ``vm`` to ``destination``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    vm: str = Field(min_length=1)
-    destination: str = Field(min_length=1)
-    params: MigrationParams = Field(default_factory=MigrationParams)
-    verify_guest: bool = Field(default=True, description="run the guest workload's memory check on the destination")
 
 
 class MigrationSample(BaseModel):
@@ -161,10 +140,20 @@ class TimelineEntry(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+class ConditionType(StrEnum):
+    """The facts a migration records besides its phase (see ``Condition``)."""
+
+    BANDWIDTH_RESERVED = "BandwidthReserved"  # admission: the share is reserved, or why it waits
+    TARGET_PREPARED = "TargetPrepared"  # the destination QEMU listens (the URI)
+    FLOWS_SYNCED = "FlowsSynced"  # which source flow versions the destination holds
+    MIGRATION_STARTED = "MigrationStarted"  # the source QEMU was told to migrate
+    BANDWIDTH_ENFORCED = "BandwidthEnforced"  # what holds the stream to its share (QEMU, a tc class)
+
+
 class Condition(BaseModel):
     """A fact independent of phase, e.g. TargetPrepared=True, with when it last changed."""
 
-    type: str
+    type: ConditionType
     status: bool
     at: datetime
     reason: str = ""
@@ -200,7 +189,16 @@ class Migration(BaseModel):
     def terminal(self) -> bool:
         return self.phase in TERMINAL_PHASES
 
-    def set_condition(self, type_: str, status: bool, reason: str = "") -> None:
+    def transition(self, phase: Phase, message: str = "", at: datetime | None = None, **data: Any) -> None:
+        """Move to ``phase`` and say why in the timeline (every phase change goes through here)."""
+        self.phase = phase
+        self.timeline.append(TimelineEntry(at=at or utcnow(), phase=phase, message=message, data=data))
+        log.info("migration %s (%s): %s %s", self.id, self.vm, phase.value, message)
+
+    def condition(self, type_: ConditionType) -> Condition | None:
+        return next((c for c in self.conditions if c.type is type_), None)
+
+    def set_condition(self, type_: ConditionType, status: bool, reason: str = "") -> None:
         for condition in self.conditions:
             if condition.type == type_:
                 if condition.status != status or condition.reason != reason:

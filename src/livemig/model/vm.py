@@ -9,6 +9,7 @@ stored resolved (``pc-q35-7.2``, never the moving alias ``q35``).
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -29,6 +30,49 @@ def unicast_mac(value: str) -> str:
     if int(value[:2], 16) & 1:
         raise ValueError(f"MAC {value!r} is a multicast address")
     return value
+
+
+class RunState(StrEnum):
+    """QEMU's runstate (``query-status``), plus what hostd says when it cannot ask QEMU."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    INMIGRATE = "inmigrate"
+    POSTMIGRATE = "postmigrate"
+    FINISH_MIGRATE = "finish-migrate"
+    PRELAUNCH = "prelaunch"
+    SUSPENDED = "suspended"
+    SHUTDOWN = "shutdown"
+    GUEST_PANICKED = "guest-panicked"
+    INTERNAL_ERROR = "internal-error"
+    IO_ERROR = "io-error"
+    WATCHDOG = "watchdog"
+    DEBUG = "debug"
+    RESTORE_VM = "restore-vm"
+    SAVE_VM = "save-vm"
+    COLO = "colo"
+    ABSENT = "absent"  # hostd: the VM's QEMU process is gone
+    UNREACHABLE = "unreachable"  # hostd: the process runs but does not answer QMP
+    UNKNOWN = "unknown"  # a runstate this livemig does not know (a newer QEMU)
+
+    @classmethod
+    def parse(cls, text: str) -> RunState:
+        try:
+            return cls(text)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+#: runstates in which ``cont`` makes a stopped source guest run again
+RESUMABLE = frozenset({RunState.PAUSED, RunState.POSTMIGRATE, RunState.PRELAUNCH, RunState.FINISH_MIGRATE})
+
+
+class VmRole(StrEnum):
+    """What a VM is to this host: its home, a migration's destination, or a migration's source."""
+
+    RUNNING = "running"
+    INCOMING = "incoming"
+    OUTGOING = "outgoing"
 
 
 class _Strict(BaseModel):
@@ -160,28 +204,3 @@ class VmSpec(_Strict):
                 f"{self.memory_mib} MiB of guest memory (keep 64 MiB for the kernel)"
             )
         return self
-
-
-class VmLaunch(_Strict):
-    """What hostd needs to start a VM: the spec plus this host's NBD export per volume device."""
-
-    spec: VmSpec
-    exports: dict[str, NbdExport] = Field(default_factory=dict)
-
-
-class VmStatus(BaseModel):
-    """What a hostd observes about one VM (QEMU's runstate, pid, console)."""
-
-    name: str
-    host: str
-    state: str = Field(description="QEMU runstate (running, paused, inmigrate, ...) or 'absent'")
-    pid: int | None = None
-    role: Literal["running", "incoming", "outgoing"] = "running"
-    spec: VmSpec
-    console_log: str | None = None
-    resumed_at: float | None = Field(
-        default=None, description="incoming VM: Unix time QEMU resumed the guest here (after a migration)"
-    )
-    guest_resets: list[str] = Field(
-        default_factory=list, description="guest-initiated resets, shutdowns or panics QEMU reported on this host"
-    )

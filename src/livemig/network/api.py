@@ -39,21 +39,20 @@ from prometheus_client.registry import Collector
 
 from livemig.errors import InvalidRequest
 from livemig.network.envelope import FLOW_VERSION_HEADER, MEDIA_TYPE
-from livemig.network.model import (
+from livemig.network.model import Mapping, SecurityList
+from livemig.network.vswitch import Vswitch
+from livemig.wire.server import install_error_handlers
+from livemig.wire.vswitch import (
     Attachment,
     AttachRequest,
     CounterSnapshot,
     HandoffReport,
     HandoffRequest,
     ImportReport,
-    Mapping,
     PauseMarker,
     ResumeReport,
     ResumeRequest,
-    SecurityList,
 )
-from livemig.network.vswitch import Vswitch
-from livemig.wire.server import install_error_handlers
 
 log = logging.getLogger(__name__)
 _GAUGES = {"held", "held_bytes", "flows"}

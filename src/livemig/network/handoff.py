@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
-from livemig.network.model import Delivery
+from livemig.wire.vswitch import Delivery
 
 FLOOR_GRACE_S = 30.0
 # an Ethernet frame for nobody (locally administered unicast, IEEE local-experimental ethertype)

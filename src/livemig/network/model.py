@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from typing import Literal, NamedTuple
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -303,108 +303,3 @@ class FlowBatch(_Strict):
     since: int = Field(ge=0)
     full: bool
     records: list[FlowRecord] = Field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------
-# REST bodies
-
-
-class AttachRequest(_Strict):
-    """Attach a local port for a VNIC (a UDP pair for QEMU, or a tap device as root).
-
-    ``hold``: start with ingress held (a migration destination whose VM is not running yet).
-    """
-
-    vnic_id: str
-    hold: bool = False
-    qemu_port: int | None = Field(default=None, ge=1, le=65535, description="default: a free port")
-    tap: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,15}$", description="tap name (root)")
-
-
-class Attachment(_Strict):
-    """Where a VNIC's frames enter and leave this vswitch."""
-
-    vnic_id: str
-    kind: Literal["udp", "tap"]
-    switch_port: int | None = None
-    qemu_port: int | None = None
-    tap: str | None = None
-    holding: bool = False
-
-    def netdev(self, netdev_id: str = "n0") -> str:
-        """The ``-netdev`` argument QEMU needs to plug into this port."""
-        return (
-            f"dgram,id={netdev_id},local.type=inet,local.host=127.0.0.1,local.port={self.qemu_port},"
-            f"remote.type=inet,remote.host=127.0.0.1,remote.port={self.switch_port}"
-        )
-
-
-class Delivery(NamedTuple):
-    """One frame the vswitch wrote to a VM's QEMU socket: who stamped it (``seq`` 0: nobody) and when.
-
-    A named tuple, so a pause marker's 256 of them travel as compact JSON arrays: the marker is
-    fetched inside the guest's pause, where every millisecond of (de)serialization counts."""
-
-    sender: str
-    seq: int
-    at: float  # wall clock, comparable with QEMU's event timestamps on the same host
-
-
-class PauseMarker(_Strict):
-    """Per sending host, the last sequence number this vswitch processed for the VNIC before holding,
-    and the last frames written to QEMU's socket (oldest first). Asked with ``flows_since``, also
-    the VNIC's final flow delta (its envelope, base64), so the pause needs one call here, not two."""
-
-    vnic_id: str
-    marker: dict[str, int]
-    recent: list[Delivery] = Field(default_factory=list)
-    flows: str | None = Field(default=None, description="base64 flow envelope: changes after flows_since")
-    flows_version: int | None = None
-
-
-class HandoffRequest(_Strict):
-    """The destination's half of the pause, in one call: import the final flows, then release the
-    held ingress above ``marker``."""
-
-    marker: dict[str, int] = Field(default_factory=dict)
-    flows: str | None = Field(default=None, max_length=64 * 1024 * 1024, description="base64 flow envelope")
-
-
-class ResumeRequest(_Strict):
-    """Release held ingress: frames whose sequence is above ``marker`` (the source's) are delivered."""
-
-    marker: dict[str, int] = Field(default_factory=dict)
-    replay_recent: bool = Field(default=False, description="first re-send the frames this vswitch wrote to "
-                                "QEMU above the marker (the source, after a failed hand-off)")  # fmt: skip
-
-
-class ResumeReport(_Strict):
-    vnic_id: str
-    replayed: int = 0
-    delivered: int
-    duplicates_skipped: int
-    denied: int
-    lost_to_overflow: int
-
-
-class CounterSnapshot(_Strict):
-    """What ``GET /counters`` returns: switch-wide events (``dropped_<reason>``, ``malformed``,
-    ``denied_ingress``/``denied_egress``, ``arp_replies``, ``routed``, ``overlay_tx``/``rx`` ...)
-    and, per attached VNIC, its events plus ``held``/``held_bytes``/``overflowed``/``flows``."""
-
-    host: str
-    switch: dict[str, int]
-    vnics: dict[str, dict[str, int]]
-
-
-class ImportReport(_Strict):
-    vnic_id: str
-    imported: int
-    removed: int
-    version: int
-
-
-class HandoffReport(_Strict):
-    vnic_id: str
-    flows: ImportReport | None
-    resume: ResumeReport

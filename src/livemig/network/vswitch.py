@@ -80,20 +80,7 @@ from livemig.network.conntrack import Conntrack
 from livemig.network.envelope import open_flows, seal_flows
 from livemig.network.gateway import TapPort
 from livemig.network.handoff import PAUSE_PROBE, RECENT_DELIVERIES, Admission, IngressGate, Sequencer
-from livemig.network.model import (
-    Attachment,
-    AttachRequest,
-    CounterSnapshot,
-    Delivery,
-    FlowBatch,
-    HandoffReport,
-    HandoffRequest,
-    ImportReport,
-    Mapping,
-    PauseMarker,
-    ResumeReport,
-    SecurityList,
-)
+from livemig.network.model import FlowBatch, Mapping, SecurityList
 from livemig.network.packets import (
     ARP_REPLY,
     ARP_REQUEST,
@@ -114,6 +101,17 @@ from livemig.network.packets import (
 )
 from livemig.network.ports import OverlaySocket, Port, UdpPort, open_overlay, open_udp_port
 from livemig.network.seclist import DENY_ALL, RuleSet, decide
+from livemig.wire.vswitch import (
+    Attachment,
+    AttachRequest,
+    CounterSnapshot,
+    Delivery,
+    HandoffReport,
+    HandoffRequest,
+    ImportReport,
+    PauseMarker,
+    ResumeReport,
+)
 
 log = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 5.0

@@ -1,5 +1,7 @@
 """blockd's admin REST API (FastAPI): volumes, attachments, fencing, health and metrics.
 
+The request and reply models are the boundary's, in ``livemig.wire.blockd``.
+
 Every refusal is a ``LivemigError`` turned into a JSON body with the right status by
 ``install_error_handlers``: bad input 422, unknown name 404, a clash with current state 409.
 """
@@ -12,65 +14,21 @@ from typing import Any
 from fastapi import FastAPI, Query, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
 
 from livemig.storage.blockd import Blockd
 from livemig.storage.fencing import Attachment
 from livemig.storage.metrics import BlockdCollector
 from livemig.storage.volumes import Volume
+from livemig.wire.blockd import (
+    AttachmentView,
+    AttachReply,
+    AttachRequest,
+    Health,
+    VolumeCreate,
+    VolumeResize,
+    VolumeView,
+)
 from livemig.wire.server import install_error_handlers
-
-
-class CreateVolumeBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=255)
-    size_bytes: int = Field(gt=0)
-
-
-class ResizeBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    size_bytes: int = Field(gt=0)
-
-
-class AttachBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    vm: str = Field(min_length=1, max_length=128)
-    host: str = Field(min_length=1, max_length=128)
-
-
-class VolumeView(BaseModel):
-    name: str
-    size_bytes: int
-    allocated_bytes: int
-    created_at: float
-    attachments: int
-    writer: str | None
-
-
-class AttachmentView(BaseModel):
-    id: str
-    volume: str
-    vm: str
-    host: str
-    generation: int
-    created_at: float
-    is_writer: bool
-    fenced: bool
-    fence_reason: str | None
-    detached: bool
-    connections: int
-    reads: int
-    writes: int
-    rejected_writes: int
-    flushes: int
-    bytes_read: int
-    bytes_written: int
-
-
-class AttachReply(AttachmentView):
-    export_name: str
-    secret: str
-    nbd_uri: str
 
 
 def create_app(blockd: Blockd) -> FastAPI:
@@ -115,21 +73,16 @@ def create_app(blockd: Blockd) -> FastAPI:
         }
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "uptime_s": round(time.time() - started, 3),
-            "volumes": len(blockd.volumes.list()),
-            "nbd": f"{blockd.nbd_host}:{blockd.nbd_port}",
-            "fencing": blockd.fences.enabled,
-        }
+    async def healthz() -> Health:
+        return Health(status="ok", uptime_s=round(time.time() - started, 3), volumes=len(blockd.volumes.list()),
+                      nbd=f"{blockd.nbd_host}:{blockd.nbd_port}", fencing=blockd.fences.enabled)  # fmt: skip
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/volumes", status_code=201)
-    async def create_volume(body: CreateVolumeBody) -> VolumeView:
+    async def create_volume(body: VolumeCreate) -> VolumeView:
         return volume_view(blockd.create_volume(body.name, body.size_bytes))
 
     @app.get("/volumes")
@@ -141,7 +94,7 @@ def create_app(blockd: Blockd) -> FastAPI:
         return volume_view(blockd.volumes.get(name))
 
     @app.post("/volumes/{name}/resize")
-    async def resize_volume(name: str, body: ResizeBody) -> VolumeView:
+    async def resize_volume(name: str, body: VolumeResize) -> VolumeView:
         return volume_view(blockd.resize_volume(name, body.size_bytes))
 
     @app.delete("/volumes/{name}", status_code=204)
@@ -150,7 +103,7 @@ def create_app(blockd: Blockd) -> FastAPI:
         return Response(status_code=204)
 
     @app.post("/volumes/{name}/attachments", status_code=201)
-    async def attach(name: str, body: AttachBody) -> AttachReply:
+    async def attach(name: str, body: AttachRequest) -> AttachReply:
         result = blockd.attach(name, body.vm, body.host)
         return AttachReply(
             **attachment_view(result.attachment),

@@ -375,7 +375,6 @@ class FenceRegistry:
             return
         self._state.save(
             {
-                "version": 1,
                 "generation": self._generation,
                 "writers": dict(sorted(self._writers.items())),
                 "attachments": [a.to_state() for a in self.all()],

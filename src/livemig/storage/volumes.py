@@ -154,7 +154,7 @@ class VolumeStore:
     # --- internals -------------------------------------------------------------------------------
 
     def _save(self) -> None:
-        self._state.save({"version": 1, "volumes": [asdict(v) for v in self.list()]})
+        self._state.save({"volumes": [asdict(v) for v in self.list()]})
 
     @staticmethod
     def _truncate(path: Path, size_bytes: int) -> None:

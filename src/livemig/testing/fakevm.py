@@ -12,17 +12,7 @@ import socket
 import time
 
 from livemig.network import dhcp
-from livemig.network.model import (
-    Attachment,
-    Mapping,
-    OverlayHost,
-    PortRange,
-    SecurityList,
-    SecurityRule,
-    Subnet,
-    Vcn,
-    Vnic,
-)
+from livemig.network.model import Mapping, OverlayHost, PortRange, SecurityList, SecurityRule, Subnet, Vcn, Vnic
 from livemig.network.packets import (
     ARP_REQUEST,
     BROADCAST_MAC,
@@ -42,6 +32,7 @@ from livemig.network.packets import (
     ip_to_int,
     mac_to_bytes,
 )
+from livemig.wire.vswitch import Attachment
 
 
 def arp_request(src_mac: str, src_ip: str, target_ip: str) -> bytes:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from livemig.network.client import VswitchClient
 from livemig.network.model import Mapping
 from livemig.testing.fakevm import SAMPLE, FakeVm, sample_mapping, sample_security_lists
+from livemig.wire.vswitch import VswitchClient
 
 _generation = itertools.count(1)
 
@@ -54,7 +54,7 @@ def wait_ready(switch: Switch, timeout: float = 20.0) -> None:
         if switch.proc.poll() is not None:
             raise RuntimeError(f"vswitch {switch.name} exited: {switch.log.read_text()}")
         try:
-            switch.overlay = switch.client.health()["overlay"]
+            switch.overlay = switch.client.health().overlay
             return
         except Exception:
             time.sleep(0.1)
@@ -115,7 +115,7 @@ class Net:
         self.attached.remove((host, vnic))
 
     def counters(self, host: str) -> dict[str, int]:
-        return dict(self.client(host).counters()["switch"])
+        return dict(self.client(host).counters().switch)
 
     def close(self) -> None:
         for vm in self.vms:

@@ -9,10 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from livemig.network import dhcp
-from livemig.network.model import Attachment, derived_gateway_mac
+from livemig.network.model import derived_gateway_mac
 from livemig.network.packets import Ethernet, IPv4, MalformedPacket, Udp, int_to_ip, ip_to_int, mac_to_bytes
 from livemig.network.vswitch import Vswitch
 from livemig.testing.fakevm import SAMPLE, dhcp_frame, sample_mapping, sample_security_lists
+from livemig.wire.vswitch import Attachment
 
 MAC, IP = SAMPLE["web"]
 

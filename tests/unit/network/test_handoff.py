@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from livemig.network.handoff import Admission, Drain, IngressGate, Sequencer, replay_marker
-from livemig.network.model import Delivery
+from livemig.wire.vswitch import Delivery
 
 
 class Clock:

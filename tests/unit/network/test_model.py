@@ -5,18 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from livemig.network.model import (
-    Attachment,
-    Mapping,
-    OverlayHost,
-    PortRange,
-    SecurityRule,
-    Subnet,
-    Vcn,
-    Vnic,
-    derived_gateway_mac,
-)
+from livemig.network.model import Mapping, OverlayHost, PortRange, SecurityRule, Subnet, Vcn, Vnic, derived_gateway_mac
 from livemig.testing.fakevm import sample_mapping
+from livemig.wire.vswitch import Attachment
 
 HOSTS = {"A": "127.0.0.1:4789", "B": "127.0.0.2"}
 

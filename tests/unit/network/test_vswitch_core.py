@@ -8,7 +8,7 @@ import pytest
 
 from livemig.errors import Conflict, NotFound
 from livemig.network.handoff import PAUSE_PROBE
-from livemig.network.model import Attachment, SecurityList, SecurityRule, derived_gateway_mac
+from livemig.network.model import SecurityList, SecurityRule, derived_gateway_mac
 from livemig.network.packets import (
     ARP_REPLY,
     ETHERTYPE_ARP,
@@ -33,6 +33,7 @@ from livemig.testing.fakevm import (
     tcp_frame,
     udp_frame,
 )
+from livemig.wire.vswitch import Attachment
 
 HOSTS = {"A": "10.99.0.1:4789", "B": "10.99.0.2:4789", "C": "10.99.0.3:4789"}
 GW_A = derived_gateway_mac("blue-a")

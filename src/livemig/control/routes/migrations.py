@@ -1,0 +1,57 @@
+"""Migrations: the pre-flight report, creating one (validated synchronously, then driven by the
+controller), listing, observing and cancelling them."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter
+
+from livemig.control.controller import CANCELLABLE
+from livemig.control.preflight import preflight
+from livemig.control.services import ServicesDep
+from livemig.errors import Conflict
+from livemig.model.migration import Migration, Phase
+from livemig.wire.lmo import MigrationRequest, PreflightReport
+
+router = APIRouter()
+
+
+@router.post("/migrations/preflight")
+async def dry_run(body: MigrationRequest, services: ServicesDep) -> PreflightReport:
+    return await preflight(services, body)
+
+
+@router.post("/migrations", status_code=201)
+async def create_migration(body: MigrationRequest, services: ServicesDep) -> Migration:
+    report = await preflight(services, body)
+    report.raise_first_failure()
+    source = report.source
+    migration = Migration(id=f"m-{uuid.uuid4().hex[:10]}", vm=body.vm, source=source,
+                          destination=body.destination, params=body.params,
+                          verify_guest=body.verify_guest)  # fmt: skip
+    migration.transition(Phase.PENDING, f"requested: {body.vm} {source} -> {body.destination}")
+    services.store.add_migration(migration)
+    return migration
+
+
+@router.get("/migrations")
+async def list_migrations(services: ServicesDep, vm: str | None = None, active: bool = False) -> list[Migration]:
+    return services.store.migrations(active_only=active, vm=vm)
+
+
+@router.get("/migrations/{migration_id}")
+async def get_migration(migration_id: str, services: ServicesDep) -> Migration:
+    return services.store.migration(migration_id)
+
+
+@router.post("/migrations/{migration_id}/cancel", status_code=202)
+async def cancel_migration(migration_id: str, services: ServicesDep) -> Migration:
+    store = services.store
+    migration = store.migration(migration_id)
+    if migration.terminal:
+        raise Conflict(f"migration {migration_id} already ended ({migration.phase.value})")
+    if migration.phase not in CANCELLABLE:
+        raise Conflict(f"migration {migration_id} is past the point of no return ({migration.phase.value})")
+    store.request_cancel(migration_id)
+    return store.migration(migration_id)

@@ -1,0 +1,189 @@
+"""What every livemig HTTP client shares: how a call is described, made, and how an error reply
+turns back into the exception the service raised.
+
+Why calls are values: each route of a service is written once, in its boundary module, as a
+function returning a :class:`Call` (method, path, body, and how to read the reply). A sync client
+(CLI, tests, benchmarks) and an async client (the LMO, hostd) both execute the same ``Call``, so the
+contract of a boundary reads in one place and cannot drift between two copies of a client.
+
+Why one decoder: a service answers an error with ``LivemigError.to_dict()`` (``wire.server``);
+:func:`error_from_reply` is its inverse, so the caller raises the *same* class with the same message
+(prefixed with who answered) and details. A reply that is not ours (a proxy's 502, a crash page) is
+mapped by its status.
+
+Why one factory: every ``httpx`` client in livemig is created here (:func:`async_http`,
+:func:`sync_http`), so timeouts, and later TLS and credentials, are set in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Self, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+
+from livemig import errors
+
+T = TypeVar("T")
+
+#: default timeouts: connecting should be quick on a region's network; answers may take a while
+#: (a QEMU start, a guest check)
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=3.0)
+
+_BY_STATUS: dict[int, type[errors.LivemigError]] = {
+    400: errors.InvalidRequest,
+    422: errors.InvalidRequest,
+    404: errors.NotFound,
+    409: errors.Conflict,
+    502: errors.HostUnreachable,
+    503: errors.HostUnreachable,
+    504: errors.HostUnreachable,
+}
+
+
+def _error_classes() -> dict[str, type[errors.LivemigError]]:
+    """Every ``LivemigError`` subclass loaded in this process, by name (the ``error`` field)."""
+    found: dict[str, type[errors.LivemigError]] = {}
+    pending: list[type[errors.LivemigError]] = [errors.LivemigError]
+    while pending:
+        cls = pending.pop()
+        found.setdefault(cls.__name__, cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def error_from_reply(reply: httpx.Response, who: str) -> errors.LivemigError:
+    """The exception a service raised, rebuilt from its error reply (the inverse of ``to_dict``)."""
+    body: Any = None
+    try:
+        body = reply.json()
+    except (ValueError, json.JSONDecodeError):
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        name = str(body.get("error", ""))
+        cls = _error_classes().get(name) or _BY_STATUS.get(reply.status_code, errors.LivemigError)
+        details = {k: v for k, v in body.items() if k not in ("error", "message")}
+        return cls(f"{who}: {body['message']}", **details)
+    cls = _BY_STATUS.get(reply.status_code, errors.LivemigError)
+    text = reply.text.strip()[:500] or reply.reason_phrase
+    return cls(f"{who}: HTTP {reply.status_code}: {text}")
+
+
+def _parse_none(_reply: httpx.Response) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One request to a service and how to read its answer."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    json: Any = None
+    params: dict[str, Any] | None = None
+    content: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+
+    @property
+    def name(self) -> str:
+        """``POST /vms/{name}/migrate``-style label for logs and fault points."""
+        return f"{self.method} {self.path}"
+
+    def request_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        if self.json is not None:
+            kwargs["json"] = self.json.model_dump(mode="json") if isinstance(self.json, BaseModel) else self.json
+        if self.params:
+            kwargs["params"] = self.params
+        if self.content is not None:
+            kwargs["content"] = self.content
+        if self.headers:
+            kwargs["headers"] = self.headers
+        if self.timeout is not None:
+            kwargs["timeout"] = self.timeout
+        return kwargs
+
+
+def reply_model(model: type[T]) -> Callable[[httpx.Response], T]:
+    """Read a JSON reply as ``model`` (a pydantic model, or ``list[Model]`` and the like)."""
+    adapter: TypeAdapter[T] = TypeAdapter(model)
+    return lambda reply: adapter.validate_json(reply.content)
+
+
+def call(method: str, path: str, reply: Any = None, **kwargs: Any) -> Call[Any]:
+    """A :class:`Call` whose answer is read as ``reply`` (a model or type), or ignored (None)."""
+    parse = _parse_none if reply is None else reply_model(reply)
+    return Call(method, path, parse, **kwargs)
+
+
+class _Service:
+    def __init__(self, who: str, base_url: str) -> None:
+        self.who = who
+        self.base_url = base_url.rstrip("/")
+
+    def _unreachable(self, request: Call[Any], exc: httpx.HTTPError) -> errors.HostUnreachable:
+        return errors.HostUnreachable(f"{self.who} at {self.base_url} did not answer {request.name}: {exc!r}")
+
+    def _read(self, request: Call[T], reply: httpx.Response) -> T:
+        if reply.status_code >= 400:
+            raise error_from_reply(reply, self.who)
+        return request.parse(reply)
+
+
+class AsyncService(_Service):
+    """A service reached from inside an event loop (the LMO's host calls, hostd's vswitch calls).
+
+    ``http`` is shared: one connection pool per process, kept alive, so a call inside a migration's
+    pause reuses a connection opened before it."""
+
+    def __init__(self, who: str, base_url: str, http: httpx.AsyncClient) -> None:
+        super().__init__(who, base_url)
+        self.http = http
+
+    async def run(self, request: Call[T]) -> T:
+        try:
+            reply = await self.http.request(request.method, self.base_url + request.path, **request.request_kwargs())
+        except httpx.HTTPError as exc:
+            raise self._unreachable(request, exc) from exc
+        return self._read(request, reply)
+
+
+class SyncService(_Service):
+    """A service reached from plain code (the CLI, tests, benchmarks); owns its connection pool."""
+
+    def __init__(self, who: str, base_url: str, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT) -> None:
+        super().__init__(who, base_url)
+        self.http = sync_http(timeout)
+
+    def run(self, request: Call[T]) -> T:
+        try:
+            reply = self.http.request(request.method, self.base_url + request.path, **request.request_kwargs())
+        except httpx.HTTPError as exc:
+            raise self._unreachable(request, exc) from exc
+        return self._read(request, reply)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def async_http(
+    timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """The one place an async HTTP client is made (``transport``: the seam fast tests replace)."""
+    return httpx.AsyncClient(timeout=timeout, transport=transport)
+
+
+def sync_http(timeout: float | httpx.Timeout = DEFAULT_TIMEOUT) -> httpx.Client:
+    """The one place a blocking HTTP client is made."""
+    return httpx.Client(timeout=timeout)

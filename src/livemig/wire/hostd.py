@@ -1,0 +1,217 @@
+"""The hostd boundary (LMO → hostd): its request and reply models, its routes, and the client.
+
+hostd reports observed state (QEMU's runstate, the migration job QEMU runs) and takes idempotent
+actions (start a VM, prepare a destination, migrate, cancel, resume). The LMO is its only caller.
+The routes below are the whole contract; ``host/api.py`` serves exactly these.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from livemig import errors
+from livemig.model.host import HostInfo, HostRegistration
+from livemig.model.migration import MigrationParams, MigrationSample, MigrationStats
+from livemig.model.vm import NbdExport, RunState, VmRole, VmSpec
+from livemig.wire.base import AsyncService, Call, call
+
+# ---------------------------------------------------------------------- models
+
+
+class VmLaunch(BaseModel):
+    """What hostd needs to start a VM: the spec plus this host's NBD export per volume device."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: VmSpec
+    exports: dict[str, NbdExport] = Field(default_factory=dict)
+
+
+class VmStatus(BaseModel):
+    """What a hostd observes about one VM (QEMU's runstate, pid, console)."""
+
+    name: str
+    host: str
+    state: RunState = Field(description="QEMU's runstate, or absent/unreachable as hostd sees it")
+    pid: int | None = None
+    role: VmRole = VmRole.RUNNING
+    spec: VmSpec
+    console_log: str | None = None
+    resumed_at: float | None = Field(
+        default=None, description="incoming VM: Unix time QEMU resumed the guest here (after a migration)"
+    )
+    guest_resets: list[str] = Field(
+        default_factory=list, description="guest-initiated resets, shutdowns or panics QEMU reported on this host"
+    )
+
+
+class VnicHandoff(BaseModel):
+    """One VNIC moving with the VM: its id and the destination host's vswitch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vnic: str
+    destination_vswitch: str
+    flows_since: int = Field(default=0, ge=0, description="the source's flow version the destination has "
+                             "(the bulk copy's); the pause sends only later changes (0: all)")  # fmt: skip
+
+
+class MigrateRequest(BaseModel):
+    """``POST /vms/{name}/migrate``: send the VM to the destination QEMU listening at ``uri``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(pattern=r"^tcp:[^:]+:\d+$")
+    params: MigrationParams = Field(default_factory=MigrationParams)
+    handoffs: list[VnicHandoff] = Field(default_factory=list)
+
+
+class IncomingReply(BaseModel):
+    uri: str = Field(description="where the suspended destination QEMU listens (tcp:address:port)")
+
+
+class CheckReply(BaseModel):
+    ok: bool
+    detail: str
+
+
+class ConsoleLine(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    line: str = Field(max_length=200)
+
+
+class ResumeReply(BaseModel):
+    state: RunState
+
+
+class JobState(StrEnum):
+    """Where the source's migration job stands (QEMU's final statuses, plus still running)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class MigrationEvent(BaseModel):
+    """One QMP ``MIGRATION`` event on the source: QEMU's status and when it changed."""
+
+    at: datetime
+    status: str
+
+
+class SourceMigrationStatus(BaseModel):
+    """What hostd reports about the migration it drives (the LMO polls this)."""
+
+    vm: str
+    uri: str
+    state: JobState
+    events: list[MigrationEvent] = Field(default_factory=list)
+    samples: list[MigrationSample] = Field(default_factory=list)
+    stats: MigrationStats | None = None
+    error: str | None = None
+    enforced_by: str | None = Field(default=None, description="the tc class holding the stream to its share")
+
+
+# ---------------------------------------------------------------------- routes
+
+
+def info() -> Call[HostInfo]:
+    return call("GET", "/host", HostInfo)
+
+
+def list_vms() -> Call[list[VmStatus]]:
+    return call("GET", "/vms", list[VmStatus])
+
+
+def create_vm(spec: VmSpec, exports: dict[str, NbdExport] | None = None) -> Call[VmStatus]:
+    return call("POST", "/vms", VmStatus, json=VmLaunch(spec=spec, exports=exports or {}))
+
+
+def vm(name: str) -> Call[VmStatus]:
+    return call("GET", f"/vms/{name}", VmStatus)
+
+
+def destroy_vm(name: str) -> Call[None]:
+    return call("DELETE", f"/vms/{name}")
+
+
+def prepare_incoming(spec: VmSpec, exports: dict[str, NbdExport] | None = None) -> Call[IncomingReply]:
+    return call("POST", f"/vms/{spec.name}/incoming", IncomingReply, json=VmLaunch(spec=spec, exports=exports or {}))
+
+
+def migrate(
+    name: str, uri: str, params: MigrationParams, handoffs: list[VnicHandoff] | None = None
+) -> Call[SourceMigrationStatus]:
+    body = MigrateRequest(uri=uri, params=params, handoffs=handoffs or [])
+    return call("POST", f"/vms/{name}/migrate", SourceMigrationStatus, json=body)
+
+
+def migration(name: str, since: int = 0) -> Call[SourceMigrationStatus]:
+    return call("GET", f"/vms/{name}/migration", SourceMigrationStatus, params={"since": since} if since else None)
+
+
+def advance_flow_versions(name: str, versions: dict[str, int]) -> Call[None]:
+    return call("POST", f"/vms/{name}/migration/flow-versions", json=versions)
+
+
+def cancel_migration(name: str) -> Call[None]:
+    return call("POST", f"/vms/{name}/migration/cancel")
+
+
+def resume(name: str) -> Call[ResumeReply]:
+    return call("POST", f"/vms/{name}/resume", ResumeReply)
+
+
+#: a guest check may wait for the guest to answer; give it longer than a plain call
+CHECK_TIMEOUT_S = 90.0
+
+
+def guest_check(name: str) -> Call[CheckReply]:
+    return call("POST", f"/vms/{name}/guest-check", CheckReply, timeout=CHECK_TIMEOUT_S)
+
+
+def disk_check(name: str) -> Call[CheckReply]:
+    return call("POST", f"/vms/{name}/disk-check", CheckReply, timeout=CHECK_TIMEOUT_S)
+
+
+def console(name: str, tail: int = 50) -> Call[str]:
+    return Call("GET", f"/vms/{name}/console", _text, params={"tail": tail})
+
+
+def console_input(name: str, line: str) -> Call[None]:
+    return call("POST", f"/vms/{name}/console", json=ConsoleLine(line=line))
+
+
+def _text(reply: httpx.Response) -> str:
+    return reply.text
+
+
+# ---------------------------------------------------------------------- client
+
+
+class HostdClient(AsyncService):
+    """The LMO's client for one host's hostd; errors name the host."""
+
+    def __init__(self, host: HostRegistration, http: httpx.AsyncClient) -> None:
+        super().__init__(f"host {host.name}", host.api_url, http)
+        self.host = host
+
+    async def observe(self, name: str) -> VmStatus | None:
+        """The VM's observed status, or None if this host does not have it."""
+        try:
+            return await self.run(vm(name))
+        except errors.NotFound:
+            return None
+
+    async def observe_migration(self, name: str) -> SourceMigrationStatus | None:
+        """The VM's outgoing migration job, or None if this host runs none for it."""
+        try:
+            return await self.run(migration(name))
+        except errors.NotFound:
+            return None
