@@ -18,13 +18,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
-
-from livemig.errors import BootstrapError
+from livemig.errors import BootstrapError, LivemigError
 from livemig.region import hostns
 from livemig.region.freeport import free_port, free_ports
 from livemig.region.hostns import NamespaceLayout
 from livemig.region.proc import pid_alive, wait_gone
+from livemig.wire import blockd as wire_blockd
+from livemig.wire import lmo as wire_lmo
+from livemig.wire.blockd import BlockingBlockdClient
+from livemig.wire.lmo import LmoClient
+from livemig.wire.vswitch import VswitchClient
 
 DEFAULT_HOSTS = ("A", "B")
 
@@ -167,11 +170,12 @@ class Region:
         self._save(config)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+        with LmoClient(url, timeout=2) as lmo:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(LivemigError):
+                    lmo.run(wire_lmo.health())
                     return url
-            time.sleep(0.1)
+                time.sleep(0.1)
         raise BootstrapError(f"LMO replica on {url} did not come up; see {self.state_dir / 'logs'}")
 
     def start_host(self, config: RegionConfig, host: HostConfig, faults: str | None = None) -> None:
@@ -238,16 +242,19 @@ class Region:
         """Wait until the LMO answers and knows every host, and every hostd is healthy."""
         deadline = time.monotonic() + timeout
         wanted = {h.name for h in config.hosts}
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                hosts = httpx.get(f"{config.lmo_url}/hosts", timeout=5).json()
-                ready = {h["registration"]["name"] for h in hosts if h.get("info")}
-                blockd_ok = httpx.get(f"{config.blockd_url}/healthz", timeout=5).status_code == 200
-                switches_ok = all(httpx.get(f"{h.vswitch_url}/healthz", timeout=5).status_code == 200
-                                  for h in config.hosts)  # fmt: skip
-                if wanted <= ready and blockd_ok and switches_ok:
-                    return
-            time.sleep(0.2)
+        with contextlib.ExitStack() as clients:
+            lmo = clients.enter_context(LmoClient(config.lmo_url, timeout=5))
+            blockd = clients.enter_context(BlockingBlockdClient(config.blockd_url, timeout=5))
+            switches = [clients.enter_context(VswitchClient(h.vswitch_url, timeout=5)) for h in config.hosts]
+            while time.monotonic() < deadline:
+                with contextlib.suppress(LivemigError):
+                    ready = {h.registration.name for h in lmo.hosts() if h.info is not None}
+                    blockd.run(wire_blockd.health())
+                    for switch in switches:
+                        switch.health()
+                    if wanted <= ready:
+                        return
+                time.sleep(0.2)
         raise BootstrapError(f"region did not come up within {timeout:.0f}s; see {self.state_dir / 'logs'}")
 
     def down(self, stop_vms: bool = True) -> None:

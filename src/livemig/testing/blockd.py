@@ -18,6 +18,7 @@ import httpx
 
 from livemig.region.freeport import free_ports
 from livemig.storage.nbd.client import NbdClient
+from livemig.wire.base import sync_http
 
 MIB = 1 << 20
 
@@ -31,7 +32,7 @@ class BlockdProcess:
         self.env = {**os.environ, **(env or {})}
         self.api_port, self.nbd_port = free_ports(2)
         self.proc: subprocess.Popen[bytes] | None = None
-        self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=30)
+        self.api = sync_http(30, base_url=f"http://127.0.0.1:{self.api_port}")  # raw: tests send bad requests too
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child

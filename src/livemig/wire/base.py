@@ -184,6 +184,6 @@ def async_http(
     return httpx.AsyncClient(timeout=timeout, transport=transport)
 
 
-def sync_http(timeout: float | httpx.Timeout = DEFAULT_TIMEOUT) -> httpx.Client:
-    """The one place a blocking HTTP client is made."""
-    return httpx.Client(timeout=timeout)
+def sync_http(timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, base_url: str = "") -> httpx.Client:
+    """The one place a blocking HTTP client is made (``base_url``: for tests that send raw requests)."""
+    return httpx.Client(timeout=timeout, base_url=base_url)

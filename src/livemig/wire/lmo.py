@@ -141,6 +141,10 @@ class EvacuationReport(BaseModel):
 # ---------------------------------------------------------------------- routes
 
 
+def health() -> Call[dict[str, str]]:
+    return call("GET", "/healthz", dict[str, str])
+
+
 def register_host(registration: HostRegistration) -> Call[HostRegistration]:
     return call("PUT", f"/hosts/{registration.name}", HostRegistration, json=registration)
 
