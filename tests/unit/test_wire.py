@@ -27,7 +27,7 @@ from livemig.network.vswitch import Vswitch
 from livemig.storage.api import create_app as blockd_app
 from livemig.storage.blockd import Blockd
 from livemig.testing.fakehost import FakeFleet
-from livemig.wire import blockd, hostd, lmo, vswitch
+from livemig.wire import blockd, faults, hostd, lmo, vswitch
 from livemig.wire.base import AsyncService, Call, error_from_reply
 from livemig.wire.lmo import EvacuationRequest, MigrationRequest, NetKind
 from livemig.wire.server import install_error_handlers
@@ -43,9 +43,12 @@ EXAMPLES: dict[str, Any] = {
     "flows": None, "replay_recent": False, "registration": HostRegistration(name="A", api_url="http://a",
     migration_address="127.0.0.1"), "on": True, "kind": NetKind.VCNS, "body": {"id": "v"}, "object_id": "v",
     "request": MigrationRequest(vm="vm", destination="B"), "migration_id": "m-1", "evacuation_id": "e-1",
-    "active": False,
+    "active": False, "arm_id": "hostd-1-1",
 }  # fmt: skip
-EXAMPLES_BY_ROUTE: dict[str, dict[str, Any]] = {"evacuate": {"request": EvacuationRequest()}}
+EXAMPLES_BY_ROUTE: dict[str, dict[str, Any]] = {
+    "evacuate": {"request": EvacuationRequest()},
+    "arm": {"request": faults.ArmRequest(point="hostd.switchover", action=faults.Action.HANG)},
+}
 
 
 def calls_of(module: ModuleType) -> dict[str, Call[Any]]:
@@ -94,6 +97,22 @@ def test_every_route_a_client_calls_is_served(tmp_path: Path, module: ModuleType
     app = make_app(tmp_path)
     unserved = [f"{name}: {call.name}" for name, call in calls.items() if not matches(app, call)]
     assert unserved == []
+
+
+APPS = {
+    "hostd": lambda tmp: hostd_app(hostd_agent(tmp)),
+    "lmo": lambda tmp: lmo_app(Store(f"sqlite:///{tmp / 'lmo.db'}")),
+    "blockd": lambda tmp: blockd_app(Blockd(tmp / "blockd")),
+    "vswitch": lambda tmp: vswitch_app(Vswitch("A", "127.0.0.1:0")),
+}
+
+
+@pytest.mark.parametrize("service", sorted(APPS))
+def test_every_service_serves_the_fault_api(tmp_path: Path, service: str) -> None:
+    calls = calls_of(faults)
+    assert len(calls) == 6
+    app = APPS[service](tmp_path)
+    assert [f"{name}: {call.name}" for name, call in calls.items() if not matches(app, call)] == []
 
 
 def test_the_fake_hostd_is_the_real_hostd_app(tmp_path: Path) -> None:

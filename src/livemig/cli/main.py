@@ -88,10 +88,12 @@ def hostd(
     log_level: LogLevel = "info",
 ) -> None:
     """Run a host agent (QEMU lifecycle, migration source/destination)."""
+    from livemig.faults.points import configure_service
     from livemig.host.accel import choose_accel
     from livemig.host.agent import HostAgent
     from livemig.host.api import create_app
 
+    configure_service("hostd", host=name)
     choice = choose_accel(accel)
     if memory_mib is None:
         memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024) - 1024
@@ -118,7 +120,9 @@ def lmo_command(
     """Run the LMO control plane (API + migration controller)."""
     from livemig.control.api import create_app
     from livemig.control.store import Store
+    from livemig.faults.points import configure_service
 
+    configure_service("lmo")
     _serve(create_app(Store(db), blockd_url=blockd), listen, log_level)
 
 
@@ -130,9 +134,11 @@ def vswitch_command(
     log_level: LogLevel = "info",
 ) -> None:
     """Run a host's vswitch: the VCN dataplane (VXLAN overlay, security lists, flow state)."""
+    from livemig.faults.points import configure_service
     from livemig.network.api import run_vswitch
 
     _configure_logging(log_level)
+    configure_service("vswitch", host=name)
     run_vswitch(name, listen, overlay, log_level=log_level)
 
 
@@ -146,9 +152,11 @@ def blockd_command(
     log_level: LogLevel = "info",
 ) -> None:
     """Run blockd: block volumes over NBD with write fencing."""
+    from livemig.faults.points import configure_service
     from livemig.storage.service import run_blockd
 
     _configure_logging(log_level)
+    configure_service("blockd")
     run_blockd(data_dir, listen, nbd_listen)
 
 

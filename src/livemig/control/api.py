@@ -20,6 +20,7 @@ from livemig.control.controller import Controller
 from livemig.control.routes import hosts, migrations, netobjects, vms, volumes
 from livemig.control.services import Services
 from livemig.control.store import Store
+from livemig.faults.api import mount_faults
 from livemig.wire.base import async_http
 from livemig.wire.server import install_error_handlers
 
@@ -47,6 +48,7 @@ def create_app(
 
     app = FastAPI(title="livemig LMO", lifespan=lifespan)
     install_error_handlers(app)
+    mount_faults(app)
     for module in (hosts, vms, migrations, netobjects, volumes):
         app.include_router(module.router)
 

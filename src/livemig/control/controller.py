@@ -17,11 +17,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from livemig.control.admission import admit
+from livemig.control.firings import FiringCollector
 from livemig.control.network import vm_vnics
 from livemig.control.policy import judge
 from livemig.control.services import Services
 from livemig.errors import GuestError, HostUnreachable, LivemigError
+from livemig.faults.model import Scope
 from livemig.faults.points import fault_point
+from livemig.faults.registry import CURRENT
 from livemig.model.migration import ConditionType, Migration, Phase, utcnow
 from livemig.model.vm import RunState, VmSpec, VolumeDevice
 from livemig.wire import hostd
@@ -54,6 +57,7 @@ class Controller:
         self.interval_s = interval_s
         self._unreachable_since: dict[str, float] = {}
         self._flows_synced_at: dict[str, float] = {}  # migration id -> monotonic time of its last delta
+        self.firings = FiringCollector(services, self.replica)
         self._handlers: dict[Phase, Callable[[Migration], Awaitable[None]]] = {
             Phase.PENDING: self._pending,
             Phase.VALIDATING: self._validating,
@@ -72,8 +76,18 @@ class Controller:
         return self.services.host(name)
 
     async def run_forever(self) -> None:
+        """Pass after pass, for the life of the LMO. A pass that fails (the store went away, a
+        fault was injected into a store write) is logged and the next one observes again: the
+        controller task must never end while the LMO answers its API."""
         while True:
-            await self.pass_once()
+            try:
+                await self.pass_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                message = exc.message if isinstance(exc, LivemigError) else repr(exc)
+                log.warning("controller pass failed, retrying: %s", message)
+                await asyncio.sleep(min(1.0, self.interval_s * 10))
             await asyncio.sleep(self.interval_s)
 
     async def pass_once(self) -> None:
@@ -82,7 +96,17 @@ class Controller:
                 await self.step(self.store.migration(m.id))
 
     async def step(self, m: Migration) -> None:
-        """One observe-then-act step for one migration, saved to the store afterwards."""
+        """One observe-then-act step for one migration, saved to the store afterwards.
+
+        Every call the step makes names the migration (a header the services' fault points read),
+        and the fault firings that belong to it are copied into its timeline before it is saved."""
+        token = CURRENT.set(Scope(migration=m.id, vm=m.vm))
+        try:
+            await self._step(m)
+        finally:
+            CURRENT.reset(token)
+
+    async def _step(self, m: Migration) -> None:
         loop = asyncio.get_running_loop()
         seen = len(m.timeline)
         try:
@@ -109,6 +133,10 @@ class Controller:
                 self._fail(m, Phase.ABORTING, exc.message)
         for entry in m.timeline[seen:]:
             entry.by = self.replica
+        try:
+            await self.firings.collect(m, final=m.terminal)
+        except LivemigError as exc:  # never let the record of a fault become one
+            log.warning("migration %s: fault firings not collected: %s", m.id, exc.message)
         if not self.store.save_migration(m, owner=self.replica):
             log.warning("migration %s: lease lost to another replica; discarding this step's record", m.id)
 
@@ -206,7 +234,7 @@ class Controller:
         self._absorb(m, job)
         if m.phase is Phase.PRECOPY and job.state is JobState.RUNNING:
             spec, _ = self.store.vm(m.vm)
-            started = m.timeline[-1].at
+            started = m.entered(Phase.PRECOPY) or m.timeline[-1].at
             verdict = judge(job.samples, m.params.policy, m.params.max_bandwidth_mib_s, spec.memory_mib, started)
             if verdict.abort:
                 await source.run(hostd.cancel_migration(m.vm))

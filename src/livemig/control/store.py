@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from livemig.errors import Conflict, NotFound
+from livemig.faults.points import sync_point
 from livemig.model.host import HostRegistration
 from livemig.model.migration import TERMINAL_PHASES, Migration, utcnow
 from livemig.model.vm import NbdExport, VmSpec
@@ -110,6 +111,7 @@ class Store:
             yield session
 
     # ------------------------------------------------------------------ hosts
+    @sync_point("lmo.store.upsert_host")
     def upsert_host(self, host: HostRegistration) -> None:
         with self.session() as s:
             row = s.get(HostRow, host.name)
@@ -119,6 +121,7 @@ class Store:
             else:
                 row.doc = doc
 
+    @sync_point("lmo.store.set_maintenance")
     def set_maintenance(self, name: str, maintenance: bool) -> None:
         with self.session() as s:
             row = s.get(HostRow, name)
@@ -139,12 +142,14 @@ class Store:
         raise NotFound(f"unknown host {name!r}", host=name)
 
     # ------------------------------------------------------------------ VMs
+    @sync_point("lmo.store.add_vm")
     def add_vm(self, spec: VmSpec, host: str) -> None:
         with self.session() as s:
             if s.get(VmRow, spec.name) is not None:
                 raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name)
             s.add(VmRow(name=spec.name, host=host, spec_json=spec.model_dump_json()))
 
+    @sync_point("lmo.store.set_vm")
     def set_vm(self, name: str, *, host: str | None = None, spec: VmSpec | None = None) -> None:
         with self.session() as s:
             row = s.get(VmRow, name)
@@ -155,6 +160,7 @@ class Store:
             if spec is not None:
                 row.spec_json = spec.model_dump_json()
 
+    @sync_point("lmo.store.remove_vm")
     def remove_vm(self, name: str) -> None:
         with self.session() as s:
             row = s.get(VmRow, name)
@@ -174,6 +180,7 @@ class Store:
             return [(VmSpec.model_validate_json(r.spec_json), r.host) for r in rows]
 
     # ------------------------------------------------------------------ migrations
+    @sync_point("lmo.store.add_migration")
     def add_migration(self, migration: Migration) -> None:
         """Insert a migration, claiming its VM: at most one active migration per VM."""
         with self.session() as s:
@@ -189,6 +196,7 @@ class Store:
         except IntegrityError as exc:  # another replica claimed the VM between our check and insert
             raise Conflict(f"VM {migration.vm!r} is already migrating", vm=migration.vm) from exc
 
+    @sync_point("lmo.store.acquire")
     def acquire(self, migration_id: str, owner: str, ttl_s: float) -> bool:
         """Take or renew the lease on an active migration; False if another live replica holds it."""
         now = time.time()
@@ -201,6 +209,7 @@ class Store:
             )  # fmt: skip
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
+    @sync_point("lmo.store.save_migration")
     def save_migration(self, migration: Migration, owner: str | None = None) -> bool:
         """Save; with ``owner``, only while that replica still holds the lease (False if lost)."""
         migration.updated_at = utcnow()
@@ -226,6 +235,7 @@ class Store:
                 raise NotFound(f"unknown migration {migration_id!r}", migration=migration_id)
             return _load(row)
 
+    @sync_point("lmo.store.request_cancel")
     def request_cancel(self, migration_id: str) -> None:
         with self.session() as s:
             row = s.get(MigrationRow, migration_id)
@@ -243,6 +253,7 @@ class Store:
             return [_load(r) for r in s.scalars(query).all()]
 
     # ------------------------------------------------------------------ attachments
+    @sync_point("lmo.store.add_attachment")
     def add_attachment(self, vm: str, host: str, device: str, export: NbdExport) -> None:
         with self.session() as s:
             s.add(AttachmentRow(id=export.attachment, vm=vm, host=host, device=device,
@@ -256,6 +267,7 @@ class Store:
                 query = query.where(AttachmentRow.host == host)
             return {r.device: NbdExport.model_validate_json(r.export_json) for r in s.scalars(query).all()}
 
+    @sync_point("lmo.store.deactivate_attachment")
     def deactivate_attachment(self, attachment: str) -> None:
         with self.session() as s:
             row = s.get(AttachmentRow, attachment)
@@ -263,6 +275,7 @@ class Store:
                 row.active = False
 
     # ------------------------------------------------------------------ VCN objects
+    @sync_point("lmo.store.put_netobject")
     def put_netobject(self, kind: str, object_id: str, doc: str) -> None:
         with self.session() as s:
             row = s.get(NetObjectRow, (kind, object_id))
@@ -276,6 +289,7 @@ class Store:
             query = select(NetObjectRow).where(NetObjectRow.kind == kind).order_by(NetObjectRow.id)
             return [r.doc for r in s.scalars(query).all()]
 
+    @sync_point("lmo.store.delete_netobject")
     def delete_netobject(self, kind: str, object_id: str) -> None:
         with self.session() as s:
             row = s.get(NetObjectRow, (kind, object_id))
@@ -284,6 +298,7 @@ class Store:
             s.delete(row)
 
     # ------------------------------------------------------------------ evacuations
+    @sync_point("lmo.store.add_evacuation")
     def add_evacuation(self, evacuation_id: str, doc: str) -> None:
         with self.session() as s:
             s.add(EvacuationRow(id=evacuation_id, doc=doc))

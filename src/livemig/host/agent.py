@@ -14,15 +14,17 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from livemig.errors import CapacityError, Conflict, GuestError, InvalidRequest, LivemigError, NotFound, QemuError
+from livemig.faults.registry import REGISTRY
 from livemig.guest.image import kernel_cmdline
 from livemig.host.accel import AccelChoice
 from livemig.host.qemu import TCG_RAM_TRIM_KIB, VmPaths, command_line, needs_tcg_ram_trim, resolve_machine
 from livemig.host.qmp import event_time
+from livemig.host.qmpfaults import FaultedQmp
 from livemig.host.runtime import LocalQemu, QemuRuntime, Qmp
 from livemig.host.shaping import MigrationShaper
 from livemig.host.source import SourceMigration
@@ -57,6 +59,8 @@ class VmRecord(BaseModel):
     resumed_at: float | None = None
     guest_resets: list[str] = Field(default_factory=list)
     exports: dict[str, NbdExport] = Field(default_factory=dict)
+    #: the side of a migration this VM last took part in here (fault points are named by it)
+    side: Literal["src", "dst"] = "src"
 
 
 class ManagedVm(VmRecord):
@@ -205,6 +209,9 @@ class HostAgent:
             if paths.root.exists():
                 shutil.rmtree(paths.root)
             paths.root.mkdir(parents=True)
+            side = "dst" if incoming else "src"
+            if REGISTRY.armed:
+                await REGISTRY.fire(f"hostd.{side}.launch", vm=spec.name, host=self.name, error=QemuError)
             netdevs = await self.ports.attach(spec, hold=incoming)
             argv = command_line(spec, paths, self.accel.name, incoming=incoming, binary=self.runtime.binary(),
                                 exports=exports, netdevs=netdevs)  # fmt: skip
@@ -217,8 +224,8 @@ class HostAgent:
                 await self.ports.detach(spec)
                 raise QemuError(f"QEMU refused to start VM {spec.name}: {exc.message}", vm=spec.name) from None
             vm = ManagedVm(spec=spec, paths=paths, pid=pid, role=VmRole.INCOMING if incoming else VmRole.RUNNING,
-                           qmp=self.runtime.qmp(f"{self.name}/{spec.name}"), argv=argv,
-                           exports=dict(exports or {}))  # fmt: skip
+                           qmp=self._qmp(spec.name), argv=argv, exports=dict(exports or {}),
+                           side=side)  # fmt: skip
             try:
                 await vm.qmp.connect(paths.qmp)
             except QemuError:
@@ -261,12 +268,15 @@ class HostAgent:
         vm.save()
         return vm.incoming_uri
 
-    @staticmethod
-    def _watch_guest(vm: ManagedVm) -> None:
-        vm.guest_watch = asyncio.create_task(HostAgent._guest_events(vm), name=f"guest-{vm.spec.name}")
+    def _qmp(self, name: str) -> FaultedQmp:
+        """A new QMP session for VM ``name``, with the fault points of its side around every command."""
+        side = lambda: self.vms[name].side if name in self.vms else "src"  # noqa: E731
+        return FaultedQmp(self.runtime.qmp(f"{self.name}/{name}"), name, self.name, side)
 
-    @staticmethod
-    async def _guest_events(vm: ManagedVm) -> None:
+    def _watch_guest(self, vm: ManagedVm) -> None:
+        vm.guest_watch = asyncio.create_task(self._guest_events(vm), name=f"guest-{vm.spec.name}")
+
+    async def _guest_events(self, vm: ManagedVm) -> None:
         """Record what QEMU says happens to the guest on this host.
 
         ``RESUME`` of an incoming VM: with the source's STOP time, the pause the guest really saw
@@ -279,6 +289,12 @@ class HostAgent:
                 event: dict[str, Any] = dict(message)
                 name, data = str(event.get("event")), dict(event.get("data") or {})
                 at = event_time(event)
+                if REGISTRY.armed:
+                    try:
+                        await REGISTRY.fire(f"hostd.{vm.side}.event.{name}", vm=vm.spec.name, host=self.name)
+                    except LivemigError as exc:  # hostd failed to handle this event: it is not recorded
+                        log.warning("VM %s: event %s not handled: %s", vm.spec.name, name, exc.message)
+                        continue
                 if name == "RESUME":
                     # the first RESUME of a VM that came in by migration (not its role: a status
                     # poll may already have flipped that to "running" before this event is read)
@@ -306,6 +322,7 @@ class HostAgent:
             raise Conflict(f"VM {name!r} is already migrating to {vm.migration.uri}")
         if vm.role is VmRole.INCOMING:
             raise Conflict(f"VM {name!r} on host {self.name} is an incoming VM, not a source")
+        vm.side = "src"
         markers: dict[str, dict[str, int]] = {}
 
         async def hand_off_network() -> None:
@@ -322,7 +339,7 @@ class HostAgent:
         job = SourceMigration(name, vm.qmp, uri, params,
                               switchover_hooks=[hand_off_network] if handoffs else [],
                               after_failed_switchover=take_network_back, shaped=shaped,
-                              handoffs=handoffs)  # fmt: skip
+                              handoffs=handoffs, host=self.name)  # fmt: skip
         try:
             await job.configure()
         except BaseException:
@@ -460,7 +477,7 @@ class HostAgent:
                 log.warning("VM %s: QEMU pid %d is gone; forgetting it", spec.name, record.pid)
                 shutil.rmtree(root, ignore_errors=True)
                 continue
-            vm = ManagedVm(**dict(record), paths=paths, qmp=self.runtime.qmp(f"{self.name}/{spec.name}"))
+            vm = ManagedVm(**dict(record), paths=paths, qmp=self._qmp(spec.name))
             await vm.qmp.connect(paths.qmp)
             self._watch_guest(vm)
             if record.role is VmRole.OUTGOING:

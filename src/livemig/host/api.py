@@ -15,6 +15,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from livemig.errors import HostUnreachable, InvalidRequest, LivemigError
+from livemig.faults.api import mount_faults
 from livemig.host.agent import HostAgent
 from livemig.model.host import HostInfo, HostRegistration
 from livemig.wire import lmo as wire_lmo
@@ -71,6 +72,7 @@ def create_app(agent: HostAgent, lmo_url: str | None = None, api_url: str | None
 
     app = FastAPI(title=f"livemig hostd {agent.name}", lifespan=lifespan)
     install_error_handlers(app)
+    mount_faults(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from livemig.errors import LivemigError, QemuError
 from livemig.faults.points import fault_point
+from livemig.faults.registry import REGISTRY
 from livemig.host.qmp import event_time
 from livemig.host.runtime import Qmp
 from livemig.host.shaping import ShapedMigration
@@ -80,8 +81,10 @@ class SourceMigration:
         after_failed_switchover: SwitchoverHook | None = None,
         shaped: ShapedMigration | None = None,
         handoffs: list[VnicHandoff] | None = None,
+        host: str | None = None,
     ) -> None:
         self.vm = vm
+        self.host = host
         self.qmp = qmp
         self.uri = uri
         self.params = params
@@ -131,6 +134,8 @@ class SourceMigration:
                 async for message in listener:
                     event: dict[str, Any] = dict(message)
                     seconds = event_time(event)
+                    if REGISTRY.armed:
+                        await self._event_point(event)
                     if event.get("event") == "STOP":
                         self.stopped_at = seconds  # the network hand-off tells late frames by it
                         continue
@@ -165,6 +170,13 @@ class SourceMigration:
             if self.shaped is not None:
                 await asyncio.to_thread(self.shaped.release)
 
+    async def _event_point(self, event: dict[str, Any]) -> None:
+        """``hostd.src.event.STOP`` / ``hostd.src.event.MIGRATION.<status>``: before hostd handles it."""
+        name = str(event.get("event"))
+        if name == "MIGRATION":
+            name = f"MIGRATION.{event.get('data', {}).get('status')}"
+        await REGISTRY.fire(f"hostd.src.event.{name}", vm=self.vm, host=self.host)
+
     async def _final_reply(self) -> dict[str, Any]:
         """``query-migrate`` once QEMU has filled in its final numbers.
 
@@ -188,7 +200,7 @@ class SourceMigration:
         """
         started = time.perf_counter()
         try:
-            await fault_point("hostd.switchover")
+            await fault_point("hostd.switchover", vm=self.vm, host=self.host)
             self.hooks_ran = bool(self.switchover_hooks)
             for hook in self.switchover_hooks:
                 await hook()

@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from livemig.faults.model import Firing
+
 log = logging.getLogger(__name__)
 
 
@@ -138,6 +140,7 @@ class TimelineEntry(BaseModel):
     message: str = ""
     by: str = Field(default="", description="the LMO replica that took this step")
     data: dict[str, Any] = Field(default_factory=dict)
+    fault: Firing | None = Field(default=None, description="a fault point that fired (chaos), not a phase change")
 
 
 class ConditionType(StrEnum):
@@ -194,6 +197,24 @@ class Migration(BaseModel):
         self.phase = phase
         self.timeline.append(TimelineEntry(at=at or utcnow(), phase=phase, message=message, data=data))
         log.info("migration %s (%s): %s %s", self.id, self.vm, phase.value, message)
+
+    def record_firing(self, firing: Firing, by: str = "") -> bool:
+        """Put a fault point's firing in the timeline, in time order and under the phase the
+        migration was in when it fired (once: False if it is there already)."""
+        if any(e.fault is not None and e.fault.id == firing.id for e in self.timeline):
+            return False
+        where = firing.service + (f" on {firing.host}" if firing.host and firing.service != "lmo" else "")
+        index = len(self.timeline)
+        while index > 0 and self.timeline[index - 1].at > firing.at:
+            index -= 1
+        phase = next((e.phase for e in reversed(self.timeline[:index]) if e.fault is None), self.phase)
+        message = f"fault {firing.point}={firing.action} fired in {where}"
+        self.timeline.insert(index, TimelineEntry(at=firing.at, phase=phase, fault=firing, by=by, message=message))
+        return True
+
+    def entered(self, phase: Phase) -> datetime | None:
+        """When the migration last moved into ``phase`` (fault entries do not count)."""
+        return next((e.at for e in reversed(self.timeline) if e.phase is phase and e.fault is None), None)
 
     def condition(self, type_: ConditionType) -> Condition | None:
         return next((c for c in self.conditions if c.type is type_), None)

@@ -38,6 +38,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from livemig.errors import InvalidRequest
+from livemig.faults.api import mount_faults
+from livemig.faults.registry import REGISTRY
 from livemig.network.envelope import FLOW_VERSION_HEADER, MEDIA_TYPE
 from livemig.network.model import Mapping, SecurityList
 from livemig.network.vswitch import Vswitch
@@ -84,6 +86,12 @@ class _VswitchCollector(Collector):
         yield vnic_gauges
 
 
+async def _point(name: str, vswitch: Vswitch) -> None:
+    """``vswitch.<route>``: before the route acts (the VM comes from the caller's migration header)."""
+    if REGISTRY.armed:
+        await REGISTRY.fire(name, host=vswitch.name)
+
+
 def create_app(vswitch: Vswitch) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -93,6 +101,7 @@ def create_app(vswitch: Vswitch) -> FastAPI:
 
     app = FastAPI(title=f"livemig vswitch {vswitch.name}", lifespan=lifespan)
     install_error_handlers(app)
+    mount_faults(app)
     registry = CollectorRegistry()
     registry.register(_VswitchCollector(vswitch))
 
@@ -110,6 +119,7 @@ def create_app(vswitch: Vswitch) -> FastAPI:
 
     @app.put("/mapping")
     async def put_mapping(mapping: Mapping) -> dict[str, int]:
+        await _point("vswitch.mapping", vswitch)
         vswitch.set_mapping(mapping)
         return {"generation": mapping.generation}
 
@@ -135,6 +145,7 @@ def create_app(vswitch: Vswitch) -> FastAPI:
 
     @app.post("/vnics", status_code=201)
     async def attach(body: AttachRequest) -> Attachment:
+        await _point("vswitch.attach", vswitch)
         return await vswitch.attach(body)
 
     @app.get("/vnics")
@@ -147,29 +158,35 @@ def create_app(vswitch: Vswitch) -> FastAPI:
 
     @app.delete("/vnics/{vnic_id}", status_code=204)
     async def detach(vnic_id: str) -> Response:
+        await _point("vswitch.detach", vswitch)
         vswitch.detach(vnic_id)
         return Response(status_code=204)
 
     @app.get("/vnics/{vnic_id}/flows")
     async def export_flows(vnic_id: str, since: int = 0) -> Response:
+        await _point("vswitch.flows.export", vswitch)
         batch, envelope = vswitch.export_flows(vnic_id, max(0, since))
         return Response(envelope, media_type=MEDIA_TYPE, headers={FLOW_VERSION_HEADER: str(batch.version)})
 
     @app.post("/vnics/{vnic_id}/flows")
     async def import_flows(vnic_id: str, request: Request) -> ImportReport:
+        await _point("vswitch.flows.import", vswitch)
         return vswitch.import_flows(vnic_id, await request.body())
 
     @app.post("/vnics/{vnic_id}/pause-marker")
     async def pause_marker(vnic_id: str, flows_since: int | None = None) -> PauseMarker:
+        await _point("vswitch.pause_marker", vswitch)
         return vswitch.pause_marker(vnic_id, flows_since)
 
     @app.post("/vnics/{vnic_id}/handoff")
     async def hand_over(vnic_id: str, body: HandoffRequest) -> HandoffReport:
+        await _point("vswitch.handoff", vswitch)
         return vswitch.hand_over(vnic_id, body)
 
     @app.post("/vnics/{vnic_id}/resume")
     async def resume(vnic_id: str, body: ResumeRequest | None = None) -> ResumeReport:
         request = body or ResumeRequest()
+        await _point("vswitch.resume", vswitch)
         return vswitch.resume(vnic_id, request.marker, request.replay_recent)
 
     return app

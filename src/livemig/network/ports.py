@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from livemig.errors import Conflict
+from livemig.faults.registry import REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +139,52 @@ async def open_udp_port(vnic_id: str, on_frame: FrameSink, qemu_port: int | None
     return UdpPort(_bound_udp(LOOPBACK, 0), vnic_id, on_frame, qemu_port or free_udp_port())
 
 
+#: the overlay's data-path fault point (``faults/points.py``)
+OVERLAY_SEND = "vswitch.overlay.send"
+
+
 class OverlaySocket(_BurstReader):
     """The host's VXLAN endpoint: every datagram is a VXLAN header plus one inner frame."""
 
     def __init__(self, sock: socket.socket, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
         super().__init__(sock)
         self.on_datagram = on_datagram
+        self._late: set[asyncio.Task[None]] = set()  # datagrams held by a fault, sent when released
 
     def received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.on_datagram(data, addr)
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        if REGISTRY.armed and REGISTRY.matches(OVERLAY_SEND, REGISTRY.scope()):
+            self._faulted_send(data, addr)
+            return
+        super().sendto(data, addr)
+
+    def _faulted_send(self, data: bytes, addr: tuple[str, int]) -> None:
+        """``vswitch.overlay.send`` fired: drop (loss), or send later (delay, hold) without
+        blocking the switch; ``error`` counts as a send error, ``crash`` kills the vswitch."""
+        fired = REGISTRY.take(OVERLAY_SEND, REGISTRY.scope())
+        if fired is None:
+            super().sendto(data, addr)
+            return
+        action = fired.action.value
+        if action == "crash":
+            REGISTRY.crash()
+        if action in ("drop", "error", "crash"):
+            self.counters["fault_dropped"] += 1
+            return
+        self.counters["fault_delayed"] += 1
+        if action == "delay":
+            self._loop.call_later(fired.seconds or 0.0, super().sendto, data, addr)
+            return
+
+        async def send_when_released() -> None:
+            await REGISTRY.wait(fired)
+            _BurstReader.sendto(self, data, addr)
+
+        task = self._loop.create_task(send_when_released())
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
 
     @property
     def endpoint(self) -> str:

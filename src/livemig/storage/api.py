@@ -15,6 +15,8 @@ from fastapi import FastAPI, Query, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from livemig.faults.api import mount_faults
+from livemig.faults.registry import REGISTRY
 from livemig.storage.blockd import Blockd
 from livemig.storage.fencing import Attachment
 from livemig.storage.metrics import BlockdCollector
@@ -31,11 +33,20 @@ from livemig.wire.blockd import (
 from livemig.wire.server import install_error_handlers
 
 
+async def _point(name: str, attachment: Attachment | None = None, vm: str = "", host: str = "") -> None:
+    """``blockd.attach|fence|detach`` (before acting) and their ``.after`` (acted, not yet answered)."""
+    if REGISTRY.armed:
+        if attachment is not None:
+            vm, host = attachment.vm, attachment.host
+        await REGISTRY.fire(name, vm=vm or None, host=host or None)
+
+
 def create_app(blockd: Blockd) -> FastAPI:
     """The admin API. Every route is ``async``: blockd's state lives in the event loop that also
     runs the NBD server, and FastAPI would run plain ``def`` routes in worker threads."""
     app = FastAPI(title="livemig blockd")
     install_error_handlers(app)
+    mount_faults(app)
     registry = CollectorRegistry()
     registry.register(BlockdCollector(blockd))
     started = time.time()
@@ -104,7 +115,9 @@ def create_app(blockd: Blockd) -> FastAPI:
 
     @app.post("/volumes/{name}/attachments", status_code=201)
     async def attach(name: str, body: AttachRequest) -> AttachReply:
+        await _point("blockd.attach", vm=body.vm, host=body.host)
         result = blockd.attach(name, body.vm, body.host)
+        await _point("blockd.attach.after", result.attachment)
         return AttachReply(
             **attachment_view(result.attachment),
             export_name=result.export_name,
@@ -124,11 +137,16 @@ def create_app(blockd: Blockd) -> FastAPI:
 
     @app.delete("/attachments/{attachment_id}", status_code=204)
     async def detach(attachment_id: str) -> Response:
-        await blockd.detach(attachment_id)
+        await _point("blockd.detach", blockd.fences.get(attachment_id))
+        attachment = await blockd.detach(attachment_id)
+        await _point("blockd.detach.after", attachment)
         return Response(status_code=204)
 
     @app.post("/attachments/{attachment_id}/fence")
     async def fence(attachment_id: str) -> AttachmentView:
-        return AttachmentView(**attachment_view(await blockd.fence(attachment_id)))
+        await _point("blockd.fence", blockd.fences.get(attachment_id))
+        attachment = await blockd.fence(attachment_id)
+        await _point("blockd.fence.after", attachment)
+        return AttachmentView(**attachment_view(attachment))
 
     return app

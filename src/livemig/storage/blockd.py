@@ -78,6 +78,10 @@ class _Session:
     def label(self) -> str:
         return self._label
 
+    @property
+    def fault_scope(self) -> tuple[str | None, str | None]:
+        return self.attachment.vm, self.attachment.host
+
     def try_begin_write(self) -> bool | None:
         return self._fences.try_begin_write(self.attachment)
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from livemig import errors
+from livemig.faults.registry import CURRENT, FIRED_HEADER, MIGRATION_HEADER, REGISTRY
 
 T = TypeVar("T")
 
@@ -122,9 +123,13 @@ def call(method: str, path: str, reply: Any = None, **kwargs: Any) -> Call[Any]:
 
 
 class _Service:
+    #: the kind of service this client talks to, as fault points name it (``lmo.call.hostd:...``)
+    kind: ClassVar[str] = "service"
+
     def __init__(self, who: str, base_url: str) -> None:
         self.who = who
         self.base_url = base_url.rstrip("/")
+        self.fault_host: str | None = None  # the host a call is for, in fault scopes (a hostd's name)
 
     def _unreachable(self, request: Call[Any], exc: httpx.HTTPError) -> errors.HostUnreachable:
         return errors.HostUnreachable(f"{self.who} at {self.base_url} did not answer {request.name}: {exc!r}")
@@ -146,10 +151,26 @@ class AsyncService(_Service):
         self.http = http
 
     async def run(self, request: Call[T]) -> T:
+        """Make the call. Fault points ``<service>.call.<kind>:<call>`` (before it is sent) and
+        ``<service>.reply.<kind>:<call>`` (its answer arrived, not yet read): this is the one place
+        every call between services passes. The migration a task works for travels in a header."""
+        faults = REGISTRY
+        if faults.armed:
+            await faults.fire(f"{faults.service}.call.{self.kind}:{request.name}", host=self.fault_host)
+        kwargs = request.request_kwargs()
+        scope = CURRENT.get()
+        if scope is not None and scope.migration:
+            named = f"{scope.migration};vm={scope.vm}" if scope.vm else scope.migration
+            kwargs["headers"] = {**kwargs.get("headers", {}), MIGRATION_HEADER: named}
         try:
-            reply = await self.http.request(request.method, self.base_url + request.path, **request.request_kwargs())
+            reply = await self.http.request(request.method, self.base_url + request.path, **kwargs)
         except httpx.HTTPError as exc:
             raise self._unreachable(request, exc) from exc
+        fired = reply.headers.get(FIRED_HEADER)
+        if fired is not None:
+            faults.remote_seen[self.base_url] = int(fired) if fired.isdigit() else 0
+        if faults.armed:
+            await faults.fire(f"{faults.service}.reply.{self.kind}:{request.name}", host=self.fault_host)
         return self._read(request, reply)
 
 

@@ -148,6 +148,8 @@ def fence(attachment_id: str) -> Call[AttachmentView]:
 class BlockdClient(AsyncService):
     """The LMO's client for blockd."""
 
+    kind = "blockd"
+
     def __init__(self, url: str, http: httpx.AsyncClient) -> None:
         super().__init__("blockd", url, http)
 

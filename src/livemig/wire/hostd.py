@@ -198,9 +198,12 @@ def _text(reply: httpx.Response) -> str:
 class HostdClient(AsyncService):
     """The LMO's client for one host's hostd; errors name the host."""
 
+    kind = "hostd"
+
     def __init__(self, host: HostRegistration, http: httpx.AsyncClient) -> None:
         super().__init__(f"host {host.name}", host.api_url, http)
         self.host = host
+        self.fault_host = host.name
 
     async def observe(self, name: str) -> VmStatus | None:
         """The VM's observed status, or None if this host does not have it."""

@@ -348,5 +348,7 @@ class LmoClient(SyncService):
 class AsyncLmoClient(AsyncService):
     """The LMO from an event loop (hostd registering itself)."""
 
+    kind = "lmo"
+
     def __init__(self, url: str, http: httpx.AsyncClient) -> None:
         super().__init__("LMO", url, http)

@@ -271,5 +271,7 @@ class VswitchClient(SyncService):
 class AsyncVswitchClient(AsyncService):
     """A vswitch from an event loop (the LMO's mapping service, hostd's ports and hand-off)."""
 
+    kind = "vswitch"
+
     def __init__(self, url: str, http: httpx.AsyncClient, who: str | None = None) -> None:
         super().__init__(who or f"vswitch {url}", url, http)

@@ -40,6 +40,10 @@ class FileSession:
     def label(self) -> str:
         return "file"
 
+    @property
+    def fault_scope(self) -> tuple[str | None, str | None]:
+        return None, None
+
     def try_begin_write(self) -> bool | None:
         return not self.provider.read_only
 

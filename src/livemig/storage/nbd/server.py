@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Protocol, cast
 
 from livemig.errors import LivemigError
+from livemig.faults.registry import REGISTRY, Outcome
 from livemig.storage.nbd import protocol as p
 from livemig.storage.nbd.fileio import nbd_errno, pwrite_all, trim_sync, write_sync, zero_sync
 
@@ -89,6 +90,11 @@ class ExportSession(Protocol):
 
     @property
     def label(self) -> str: ...
+
+    @property
+    def fault_scope(self) -> tuple[str | None, str | None]:
+        """(VM, host) this export is attached for: what the ``blockd.nbd.*`` fault points scope by."""
+        ...
 
     def try_begin_write(self) -> bool | None:
         """Decide without waiting; None means "cannot decide now, use :meth:`begin_write`"."""
@@ -493,6 +499,8 @@ class _Connection(asyncio.Protocol):
         self._pos = pos + need
         session = self.session
         assert session is not None
+        if _FAULTS.armed and rejection is None and self._faulted(session, request, start):
+            return True
         if rejection is not None:
             self._rejected += 1
             if self._rejected <= REJECT_LOG_LIMIT:
@@ -518,6 +526,33 @@ class _Connection(asyncio.Protocol):
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
         return True
+
+    def _faulted(self, session: ExportSession, request: p.Request, start: int) -> bool:
+        """If a ``blockd.nbd.<command>`` point is armed for this export, run the request in a task
+        behind it (a held write waits there, then meets the fencing gate as it stands then)."""
+        point = _NBD_POINTS.get(request.command)
+        vm, host = session.fault_scope
+        if point is None or not _FAULTS.matches(point, _FAULTS.scope(vm, host)):
+            return False
+        payload = b""
+        if request.command == _WRITE:
+            with memoryview(self._buf) as view:
+                payload = bytes(view[start : start + request.length])
+        task = asyncio.create_task(self._execute_faulted(session, request, payload, point))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return True
+
+    async def _execute_faulted(self, session: ExportSession, request: p.Request, payload: bytes, point: str) -> None:
+        vm, host = session.fault_scope
+        try:
+            outcome = await _FAULTS.fire(point, vm=vm, host=host, data=True)
+        except LivemigError as exc:
+            self._send_error(request, p.Errno.EIO, exc.message)
+            return
+        if outcome is Outcome.PROCEED:
+            await self._execute(session, request, payload)
+        # DROP: never answered, never applied (a request lost on the way)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -641,6 +676,9 @@ class _Connection(asyncio.Protocol):
 
 
 _READ, _WRITE, _DISC = int(p.Command.READ), int(p.Command.WRITE), int(p.Command.DISC)
+_FAULTS = REGISTRY
+_NBD_POINTS = {int(c): f"blockd.nbd.{c.name.lower()}" for c in
+               (p.Command.READ, p.Command.WRITE, p.Command.FLUSH, p.Command.TRIM, p.Command.WRITE_ZEROES)}  # fmt: skip
 _FUA = int(p.CommandFlag.FUA)
 
 
