@@ -131,6 +131,9 @@ def vswitch_command(
     name: Annotated[str, typer.Option(help="this host's name in the mapping")],
     listen: Annotated[str, typer.Option(help="API address host:port")] = "127.0.0.1:7480",
     overlay: Annotated[str, typer.Option(help="VXLAN endpoint ip:port (port 0: any free port)")] = "127.0.0.1:4789",
+    state_dir: Annotated[
+        Path | None, typer.Option(help="keep mapping, security lists and VNIC ports here across restarts")
+    ] = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run a host's vswitch: the VCN dataplane (VXLAN overlay, security lists, flow state)."""
@@ -139,7 +142,7 @@ def vswitch_command(
 
     _configure_logging(log_level)
     configure_service("vswitch", host=name)
-    run_vswitch(name, listen, overlay, log_level=log_level)
+    run_vswitch(name, listen, overlay, log_level=log_level, state_dir=state_dir)
 
 
 @app.command("blockd")
@@ -173,13 +176,17 @@ def up(
         bool, typer.Option(help="root: each host in its own network namespace, tc on its migration interface")
     ] = False,
     migration_bandwidth: Annotated[int, typer.Option(help="each host's migration budget, MiB/s each way")] = 1024,
+    blockd_disk_mib: Annotated[
+        int | None, typer.Option(help="root: blockd's data on a tmpfs of this size (a disk that can fill)")
+    ] = None,
 ) -> None:
     """Start a local region: the LMO and one hostd per host (loopback, or namespace hosts)."""
-    if migration_bandwidth <= 0:
-        fail("--migration-bandwidth must be positive")
+    if migration_bandwidth <= 0 or (blockd_disk_mib is not None and blockd_disk_mib <= 0):
+        fail("--migration-bandwidth and --blockd-disk-mib must be positive")
     region = Region(state_dir)
     config = region.up(tuple(h.strip() for h in hosts.split(",") if h.strip()), accel=accel, db_url=db,
-                       netns=netns, migration_bandwidth_mib_s=migration_bandwidth)  # fmt: skip
+                       netns=netns, migration_bandwidth_mib_s=migration_bandwidth,
+                       blockd_disk_mib=blockd_disk_mib)  # fmt: skip
     out.print(f"region up in {region.state_dir}: LMO {config.lmo_url}")
     for host in config.hosts:
         where = f", netns {host.netns}" if host.netns else ""
@@ -323,13 +330,14 @@ app.add_typer(volume_app, name="volume")
 def volume_create(
     name: str,
     size_mib: Annotated[int, typer.Option("--size-mib", help="size in MiB")] = 64,
+    preallocate: Annotated[bool, typer.Option(help="reserve every block now: writes never meet a full disk")] = False,
     url: Url = None,
     state_dir: StateDir = None,
 ) -> None:
-    """Create a sparse volume."""
+    """Create a volume (sparse, or preallocated)."""
     with lmo(url, state_dir) as client:
-        client.create_volume(name, size_mib)
-        out.print(f"volume {name}: {size_mib} MiB")
+        client.create_volume(name, size_mib, preallocate)
+        out.print(f"volume {name}: {size_mib} MiB{' (preallocated)' if preallocate else ''}")
 
 
 @volume_app.command("list")

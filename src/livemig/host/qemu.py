@@ -20,6 +20,8 @@ from livemig.errors import BootstrapError, InvalidRequest
 from livemig.model.vm import RESERVED_PCI_SLOT, NbdExport, NicDevice, RngDevice, VmSpec, VolumeDevice
 
 QEMU_BINARY = "qemu-system-x86_64"
+#: how long QEMU's NBD client holds a volume's requests while it reconnects to blockd (seconds)
+NBD_RECONNECT_DELAY_S = 60
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,12 @@ class VmPaths:
     @property
     def qmp(self) -> Path:
         return self.root / "qmp.sock"
+
+    @property
+    def qmp_observe(self) -> Path:
+        """A second QMP monitor for observers (a chaos run's invariant checker asks QEMU its
+        runstate here): hostd holds the first, and a QMP socket serves one client at a time."""
+        return self.root / "qmp-observe.sock"
 
     @property
     def console(self) -> Path:
@@ -158,6 +166,7 @@ def command_line(
         f"socket,id=serial0,path={paths.console},server=on,wait=off,logfile={paths.console_log},logappend=on",
         "-serial", "chardev:serial0",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        "-qmp", f"unix:{paths.qmp_observe},server=on,wait=off",
         # livemig's command channel into the guest, at a slot reserved for it (RESERVED_PCI_SLOT)
         "-device", f"virtio-serial-pci,id=lmser,bus={'pcie.0' if 'q35' in spec.machine else 'pci.0'},"
                    f"addr={RESERVED_PCI_SLOT:#x}",
@@ -191,8 +200,11 @@ def command_line(
             export = exports.get(device.id)
             if export is None:
                 raise InvalidRequest(f"VM {spec.name}: no NBD export given for volume device {device.id}")
+            # reconnect-delay: a blockd that restarts (or drops the connection) costs the guest a
+            # stall of its I/O, not an I/O error: QEMU reconnects and reruns what was in flight
             blockdev = {"driver": "nbd", "node-name": f"vol_{device.id}", "export": export.export,
-                        "server": {"type": "inet", "host": export.host, "port": str(export.port)}}  # fmt: skip
+                        "server": {"type": "inet", "host": export.host, "port": str(export.port)},
+                        "reconnect-delay": NBD_RECONNECT_DELAY_S}  # fmt: skip
             argv += [
                 "-blockdev", json.dumps(blockdev, separators=(",", ":")),
                 "-device", f"virtio-blk-pci,id={device.id},drive=vol_{device.id},bus={bus},addr={device.pci_addr}",

@@ -27,9 +27,11 @@ Routes (all JSON unless said otherwise; errors are livemig's ``{"error", "messag
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
@@ -42,6 +44,7 @@ from livemig.faults.api import mount_faults
 from livemig.faults.registry import REGISTRY
 from livemig.network.envelope import FLOW_VERSION_HEADER, MEDIA_TYPE
 from livemig.network.model import Mapping, SecurityList
+from livemig.network.persist import SwitchStateFile
 from livemig.network.vswitch import Vswitch
 from livemig.wire.server import install_error_handlers
 from livemig.wire.vswitch import (
@@ -92,10 +95,19 @@ async def _point(name: str, vswitch: Vswitch) -> None:
         await REGISTRY.fire(name, host=vswitch.name)
 
 
-def create_app(vswitch: Vswitch) -> FastAPI:
+def create_app(vswitch: Vswitch, state_path: Path | None = None) -> FastAPI:
+    """The vswitch's API; with ``state_path`` its control-plane state survives a restart (``persist.py``)."""
+    state = SwitchStateFile(state_path) if state_path is not None else None
+
+    def changed() -> None:
+        if state is not None:
+            state.save(vswitch)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await vswitch.start()
+        if state is not None:
+            state.restore(vswitch)
         yield
         await vswitch.stop()
 
@@ -121,6 +133,7 @@ def create_app(vswitch: Vswitch) -> FastAPI:
     async def put_mapping(mapping: Mapping) -> dict[str, int]:
         await _point("vswitch.mapping", vswitch)
         vswitch.set_mapping(mapping)
+        changed()
         return {"generation": mapping.generation}
 
     @app.get("/mapping")
@@ -132,6 +145,7 @@ def create_app(vswitch: Vswitch) -> FastAPI:
         if body.id != list_id:
             raise InvalidRequest(f"path names security list {list_id!r} but the body names {body.id!r}")
         vswitch.set_security_list(body)
+        changed()
         return body
 
     @app.get("/security-lists")
@@ -141,12 +155,15 @@ def create_app(vswitch: Vswitch) -> FastAPI:
     @app.delete("/security-lists/{list_id}", status_code=204)
     async def delete_security_list(list_id: str) -> Response:
         vswitch.delete_security_list(list_id)
+        changed()
         return Response(status_code=204)
 
     @app.post("/vnics", status_code=201)
     async def attach(body: AttachRequest) -> Attachment:
         await _point("vswitch.attach", vswitch)
-        return await vswitch.attach(body)
+        attachment = await vswitch.attach(body)
+        changed()
+        return attachment
 
     @app.get("/vnics")
     async def list_vnics() -> list[Attachment]:
@@ -159,7 +176,8 @@ def create_app(vswitch: Vswitch) -> FastAPI:
     @app.delete("/vnics/{vnic_id}", status_code=204)
     async def detach(vnic_id: str) -> Response:
         await _point("vswitch.detach", vswitch)
-        vswitch.detach(vnic_id)
+        if vswitch.detach(vnic_id):
+            changed()
         return Response(status_code=204)
 
     @app.get("/vnics/{vnic_id}/flows")
@@ -176,20 +194,32 @@ def create_app(vswitch: Vswitch) -> FastAPI:
     @app.post("/vnics/{vnic_id}/pause-marker")
     async def pause_marker(vnic_id: str, flows_since: int | None = None) -> PauseMarker:
         await _point("vswitch.pause_marker", vswitch)
-        return vswitch.pause_marker(vnic_id, flows_since)
+        marker = vswitch.pause_marker(vnic_id, flows_since)
+        _after_pause(changed)
+        return marker
 
     @app.post("/vnics/{vnic_id}/handoff")
     async def hand_over(vnic_id: str, body: HandoffRequest) -> HandoffReport:
         await _point("vswitch.handoff", vswitch)
-        return vswitch.hand_over(vnic_id, body)
+        report = vswitch.hand_over(vnic_id, body)
+        _after_pause(changed)
+        return report
 
     @app.post("/vnics/{vnic_id}/resume")
     async def resume(vnic_id: str, body: ResumeRequest | None = None) -> ResumeReport:
         request = body or ResumeRequest()
         await _point("vswitch.resume", vswitch)
-        return vswitch.resume(vnic_id, request.marker, request.replay_recent)
+        report = vswitch.resume(vnic_id, request.marker, request.replay_recent)
+        _after_pause(changed)
+        return report
 
     return app
+
+
+def _after_pause(save: Callable[[], None]) -> None:
+    """Save a VNIC's holding state once the answer is out: these calls run inside a guest's pause,
+    where an fsync does not belong."""
+    asyncio.get_running_loop().call_later(0.2, save)
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -200,9 +230,12 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def run_vswitch(host_name: str, api_listen: str, overlay_listen: str, log_level: str = "info") -> None:
-    """Run one host's vswitch (REST API + dataplane) until SIGINT/SIGTERM."""
+def run_vswitch(host_name: str, api_listen: str, overlay_listen: str, log_level: str = "info",
+                state_dir: Path | None = None) -> None:  # fmt: skip
+    """Run one host's vswitch (REST API + dataplane) until SIGINT/SIGTERM; with ``state_dir``, its
+    mapping, security lists and VNIC ports are restored when it restarts."""
     host, port = split_listen(api_listen)
     split_listen(overlay_listen)
     vswitch = Vswitch(host_name, overlay_listen)
-    uvicorn.run(create_app(vswitch), host=host, port=port, log_level=log_level, access_log=False)
+    state = state_dir / "vswitch.json" if state_dir is not None else None
+    uvicorn.run(create_app(vswitch, state), host=host, port=port, log_level=log_level, access_log=False)

@@ -134,6 +134,11 @@ class UdpPort(_BurstReader):
         self.sendto(frame, self.qemu_addr)
 
 
+def reopen_udp_port(vnic_id: str, on_frame: FrameSink, switch_port: int, qemu_port: int) -> UdpPort:
+    """Bind a VNIC's *known* switch port again (a restarted vswitch: QEMU's socket is connected to it)."""
+    return UdpPort(_bound_udp(LOOPBACK, switch_port), vnic_id, on_frame, qemu_port)
+
+
 async def open_udp_port(vnic_id: str, on_frame: FrameSink, qemu_port: int | None = None) -> UdpPort:
     """Bind the vswitch's side of a VNIC on loopback; QEMU binds ``qemu_port`` (chosen if None)."""
     return UdpPort(_bound_udp(LOOPBACK, 0), vnic_id, on_frame, qemu_port or free_udp_port())

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from livemig.errors import BootstrapError, LivemigError
-from livemig.region import hostns
+from livemig.region import disk, hostns
 from livemig.region.freeport import free_port, free_ports
 from livemig.region.hostns import NamespaceLayout
 from livemig.region.proc import pid_alive, wait_gone
@@ -78,6 +78,7 @@ class RegionConfig:
     blockd_pid: int | None = None
     replica_pids: list[int] = field(default_factory=list)
     netns_region: int | None = None  # hostns.NamespaceLayout number when the hosts are namespace hosts
+    blockd_disk_mib: int | None = None  # blockd's data on a tmpfs of this size (root): a disk that can fill
 
     @property
     def lmo_url(self) -> str:
@@ -112,11 +113,20 @@ class Region:
         return config
 
     # ------------------------------------------------------------------ processes
-    def _spawn(self, name: str, args: list[str], faults: str | None = None) -> int:
+    @property
+    def blockd_dir(self) -> Path:
+        return self.state_dir / "blockd"
+
+    def fault_log(self, name: str) -> Path:
+        """Where service ``name`` (``lmo``, ``hostd-A``, ...) records its fault firings across restarts."""
+        return self.state_dir / "faults" / f"{name}.jsonl"
+
+    def _spawn(self, name: str, args: list[str], faults: str | None = None, env: dict[str, str] | None = None) -> int:
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-        env = {k: v for k, v in os.environ.items() if k != "LIVEMIG_FAULTS"}
+        env = {**{k: v for k, v in os.environ.items() if k != "LIVEMIG_FAULTS"}, **(env or {}),
+               "LIVEMIG_FAULT_LOG": str(self.fault_log(name))}  # fmt: skip
         if faults:
             env["LIVEMIG_FAULTS"] = faults
         proc = subprocess.Popen(
@@ -134,19 +144,22 @@ class Region:
         db = config.db_url or f"sqlite:///{self.state_dir / 'lmo.db'}"
         return ["lmo", "--listen", f"127.0.0.1:{port}", "--db", db, "--blockd", config.blockd_url]
 
-    def start_blockd(self, config: RegionConfig) -> None:
+    def start_blockd(self, config: RegionConfig, env: dict[str, str] | None = None) -> None:
         # namespace hosts' QEMUs reach NBD through the service bridge, not the root's loopback
         layout = None if config.netns_region is None else NamespaceLayout(config.netns_region)
         nbd_address = layout.service_gateway if layout else "127.0.0.1"
+        if config.blockd_disk_mib:
+            disk.mount_tmpfs(self.blockd_dir, config.blockd_disk_mib)
         config.blockd_pid = self._spawn("blockd", [
-            "blockd", "--data-dir", str(self.state_dir / "blockd"), "--listen", f"127.0.0.1:{config.blockd_port}",
+            "blockd", "--data-dir", str(self.blockd_dir), "--listen", f"127.0.0.1:{config.blockd_port}",
             "--nbd-listen", f"{nbd_address}:{config.nbd_port}",
-        ])  # fmt: skip
+        ], env=env)  # fmt: skip
         self._save(config)
 
     def start_vswitch(self, config: RegionConfig, host: HostConfig) -> None:
         host.vswitch_pid = self._spawn(f"vswitch-{host.name}", [
             "vswitch", "--name", host.name, "--listen", f"127.0.0.1:{host.vswitch_port}", "--overlay", host.overlay,
+            "--state-dir", str(self.state_dir / "vswitches" / host.name),
         ])  # fmt: skip
         self._save(config)
 
@@ -157,10 +170,40 @@ class Region:
                 os.kill(config.blockd_pid, sig)
             wait_gone(config.blockd_pid, 5.0)
 
-    def restart_blockd(self, timeout: float = 30.0) -> None:
+    def restart_blockd(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
+        """Start blockd again on the same data and ports (``env``: e.g. a test-only switch)."""
         config = self._require()
-        self.start_blockd(config)
+        if config.blockd_pid is not None and pid_alive(config.blockd_pid):
+            self.kill_blockd()
+        self.start_blockd(config, env)
         self.wait_ready(config, timeout)
+
+    def kill_vswitch(self, name: str, sig: int = signal.SIGKILL) -> None:
+        host = self._host(name)
+        if host.vswitch_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(host.vswitch_pid, sig)
+            wait_gone(host.vswitch_pid, 5.0)
+
+    def restart_vswitch(self, name: str, timeout: float = 30.0) -> None:
+        config = self._require()
+        host = next(h for h in config.hosts if h.name == name)
+        if host.vswitch_pid is not None and pid_alive(host.vswitch_pid):
+            self.kill_vswitch(name)
+        self.start_vswitch(config, host)
+        self.wait_ready(config, timeout)
+
+    def service_pids(self) -> dict[str, int | None]:
+        """Every service's pid by name: ``lmo``, ``blockd``, ``hostd-<host>``, ``vswitch-<host>``."""
+        config = self._require()
+        pids: dict[str, int | None] = {"lmo": config.lmo_pid, "blockd": config.blockd_pid}
+        for host in config.hosts:
+            pids[f"hostd-{host.name}"] = host.pid
+            pids[f"vswitch-{host.name}"] = host.vswitch_pid
+        return pids
+
+    def _host(self, name: str) -> HostConfig:
+        return next(h for h in self._require().hosts if h.name == name)
 
     def add_lmo_replica(self, faults: str | None = None, timeout: float = 30.0) -> str:
         """Start one more LMO on the same store (PostgreSQL for HA); returns its URL."""
@@ -193,11 +236,13 @@ class Region:
     def up(
         self, hosts: tuple[str, ...] = DEFAULT_HOSTS, accel: str = "auto", timeout: float = 30.0,
         db_url: str | None = None, netns: bool = False, migration_bandwidth_mib_s: int = 1024,
+        blockd_disk_mib: int | None = None,
     ) -> RegionConfig:  # fmt: skip
         """Start the LMO and one hostd per name; reuse the region if it already runs.
 
         ``netns``: namespace hosts (root; ``hostns.py``), whose migration traffic crosses a real
-        interface that tc holds to each migration's reserved share."""
+        interface that tc holds to each migration's reserved share. ``blockd_disk_mib``: blockd's
+        data on a tmpfs of that size (root), a disk that can be filled."""
         existing = self.running()
         if existing is not None:
             return existing
@@ -222,6 +267,7 @@ class Region:
             blockd_port=next(ports),
             nbd_port=next(ports),
             netns_region=layout.region if layout else None,
+            blockd_disk_mib=blockd_disk_mib,
         )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if layout is not None:
@@ -272,6 +318,8 @@ class Region:
                     _terminate(int(pidfile.read_text().strip()))
             if config.netns_region is not None:  # the VMs are gone, so their namespaces can go
                 hostns.unplumb(NamespaceLayout(config.netns_region), len(config.hosts))
+        if config.blockd_disk_mib:
+            disk.unmount(self.blockd_dir)
         self.config_path.unlink(missing_ok=True)
 
     def kill_host(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -321,6 +369,7 @@ class Region:
 def _terminate(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGCONT)  # a stopped process (a chaos run's SIGSTOP) must see it too
     if not wait_gone(pid, 5.0):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -94,7 +94,7 @@ def create_app(blockd: Blockd) -> FastAPI:
 
     @app.post("/volumes", status_code=201)
     async def create_volume(body: VolumeCreate) -> VolumeView:
-        return volume_view(blockd.create_volume(body.name, body.size_bytes))
+        return volume_view(blockd.create_volume(body.name, body.size_bytes, body.preallocate))
 
     @app.get("/volumes")
     async def list_volumes() -> list[VolumeView]:

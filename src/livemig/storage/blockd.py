@@ -163,8 +163,8 @@ class Blockd:
 
     # --- volumes ---------------------------------------------------------------------------------
 
-    def create_volume(self, name: str, size_bytes: int) -> Volume:
-        return self.volumes.create(name, size_bytes)
+    def create_volume(self, name: str, size_bytes: int, preallocate: bool = False) -> Volume:
+        return self.volumes.create(name, size_bytes, preallocate)
 
     def resize_volume(self, name: str, size_bytes: int) -> Volume:
         """Grow a volume. Connected clients keep the size they negotiated until they reconnect."""

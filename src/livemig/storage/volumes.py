@@ -100,7 +100,9 @@ class VolumeStore:
 
     # --- changes ---------------------------------------------------------------------------------
 
-    def create(self, name: str, size_bytes: int) -> Volume:
+    def create(self, name: str, size_bytes: int, preallocate: bool = False) -> Volume:
+        """A new volume: a sparse file, or with ``preallocate`` one whose blocks are all reserved
+        now (so a guest's write can never meet ENOSPC, which QEMU answers by pausing the VM)."""
         validate_name(name)
         validate_size(size_bytes)
         if name in self._volumes:
@@ -110,6 +112,8 @@ class VolumeStore:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size_bytes)
+            if preallocate:
+                os.posix_fallocate(fd, 0, size_bytes)
             os.fsync(fd)
         except OSError as exc:
             os.close(fd)

@@ -28,6 +28,8 @@ class VolumeCreate(BaseModel):
 
     name: str = Field(min_length=1, max_length=255)
     size_bytes: int = Field(gt=0)
+    preallocate: bool = Field(default=False, description="reserve every block now (thick): a guest's writes "
+                              "can then never meet a full disk")  # fmt: skip
 
 
 class VolumeResize(BaseModel):
@@ -101,8 +103,9 @@ def health() -> Call[Health]:
     return call("GET", "/healthz", Health)
 
 
-def create_volume(name: str, size_bytes: int) -> Call[VolumeView]:
-    return call("POST", "/volumes", VolumeView, json=VolumeCreate(name=name, size_bytes=size_bytes))
+def create_volume(name: str, size_bytes: int, preallocate: bool = False) -> Call[VolumeView]:
+    body = VolumeCreate(name=name, size_bytes=size_bytes, preallocate=preallocate)
+    return call("POST", "/volumes", VolumeView, json=body)
 
 
 def volumes() -> Call[list[VolumeView]]:

@@ -197,8 +197,9 @@ def delete_network_object(kind: NetKind, object_id: str) -> Call[None]:
     return call("DELETE", f"/network/{kind.value}/{object_id}")
 
 
-def create_volume(name: str, size_bytes: int) -> Call[VolumeView]:
-    return call("POST", "/volumes", VolumeView, json=VolumeCreate(name=name, size_bytes=size_bytes))
+def create_volume(name: str, size_bytes: int, preallocate: bool = False) -> Call[VolumeView]:
+    body = VolumeCreate(name=name, size_bytes=size_bytes, preallocate=preallocate)
+    return call("POST", "/volumes", VolumeView, json=body)
 
 
 def volumes() -> Call[list[VolumeView]]:
@@ -283,8 +284,8 @@ class LmoClient(SyncService):
     def guest_check(self, name: str) -> GuestCheckReply:
         return self.run(guest_check(name))
 
-    def create_volume(self, name: str, size_mib: int) -> VolumeView:
-        return self.run(create_volume(name, size_mib * 1024 * 1024))
+    def create_volume(self, name: str, size_mib: int, preallocate: bool = False) -> VolumeView:
+        return self.run(create_volume(name, size_mib * 1024 * 1024, preallocate))
 
     def volume(self, name: str) -> VolumeDetail:
         return self.run(volume(name))

@@ -14,7 +14,7 @@ router = APIRouter()
 
 @router.post("/volumes", status_code=201)
 async def create_volume(body: VolumeCreate, services: ServicesDep) -> VolumeView:
-    return await services.block.run(blockd.create_volume(body.name, body.size_bytes))
+    return await services.block.run(blockd.create_volume(body.name, body.size_bytes, body.preallocate))
 
 
 @router.get("/volumes")
