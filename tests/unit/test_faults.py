@@ -293,3 +293,83 @@ def test_a_hang_blocks_only_its_caller(clean_registry: FaultRegistry) -> None:
     started = time.monotonic()
     threading.Thread(target=lambda: (REGISTRY.fire_sync("lmo.store.add_vm"), done.set())).start()
     assert done.wait(2) and time.monotonic() - started >= 0.2
+
+
+# ------------------------------------------------------------------ what the chaos matrix found
+
+
+def test_a_lost_answer_to_migrate_continue_does_not_roll_back_a_completed_migration(
+    api: TestClient, fleet: FakeFleet
+) -> None:
+    """QEMU continued and completed, hostd never heard it: the job ends in QEMU's word, the
+    migration goes forward, and the stale source is never resumed."""
+    REGISTRY.arm(ArmRequest(point="hostd.src.qmp.migrate-continue.reply", action=Action.ERROR))
+    m = wait(api, api.post("/migrations", json={"vm": "vm1", "destination": "B"}).json()["id"])
+    assert m.phase is Phase.SUCCEEDED, m.reason
+    assert "vm1" not in fleet.hosts["A"].vms and fleet.hosts["B"].vms["vm1"].state == "running"
+
+
+def test_a_lost_answer_to_migrate_cancels_qemus_migration(api: TestClient, fleet: FakeFleet) -> None:
+    """QEMU accepted ``migrate`` but hostd lost the answer: it cancels QEMU's migration before it
+    reports the failure (nobody would answer its pause), and the source runs on."""
+    REGISTRY.arm(ArmRequest(point="hostd.src.qmp.migrate.reply", action=Action.ERROR))
+    m = wait(api, api.post("/migrations", json={"vm": "vm1", "destination": "B"}).json()["id"])
+    assert m.phase is Phase.FAILED and "injected fault at hostd.src.qmp.migrate.reply" in m.reason
+    source = fleet.hosts["A"].vms["vm1"]
+    assert source.state == "running" and source.qemu is not None and source.qemu.migration["status"] == "cancelled"
+    assert "vm1" not in fleet.hosts["B"].vms
+
+
+def test_a_destination_that_cannot_be_observed_after_completion_is_observed_again(api: TestClient) -> None:
+    REGISTRY.arm(ArmRequest(point="hostd.dst.qmp.query-status.reply", action=Action.ERROR, count=3,
+                            scope=Scope(host="B")))  # fmt: skip
+    m = wait(api, api.post("/migrations", json={"vm": "vm1", "destination": "B"}).json()["id"])
+    assert m.phase is Phase.SUCCEEDED, m.reason
+    assert Phase.ROLLING_BACK not in [e.phase for e in m.timeline]
+
+
+def test_a_destination_that_dies_after_it_ran_loses_the_vm_and_the_source_stays_stopped(
+    api: TestClient, fleet: FakeFleet
+) -> None:
+    hang = REGISTRY.arm(ArmRequest(point="controller.before.CuttingOver", action=Action.HANG))
+    migration_id = api.post("/migrations", json={"vm": "vm1", "destination": "B"}).json()["id"]
+    deadline = time.monotonic() + 10
+    while not REGISTRY.view().armed or not REGISTRY.view().armed[0].waiting:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    destination = fleet.hosts["B"].agent.vms["vm1"]
+    assert fleet.hosts["B"].vms["vm1"].state == "running"
+    fleet.hosts["B"].runtime.kill(destination.pid)
+    REGISTRY.release(hang.id)
+    m = wait(api, migration_id)
+    assert m.phase is Phase.FAILED, m.reason
+    assert m.reason.startswith("the VM is lost: the destination received the guest and is gone"), m.reason
+    assert "vm1" not in fleet.hosts["A"].vms, "the stale source must never run again"
+    assert "vm1" not in fleet.hosts["B"].vms
+
+
+def test_a_source_qemu_that_dies_in_precopy_ends_the_migration(api: TestClient, fleet: FakeFleet) -> None:
+    fleet.hosts["A"].behaviour.hold_precopy = True  # pre-copy goes on until the kill
+    migration_id = api.post("/migrations", json={"vm": "vm1", "destination": "B"}).json()["id"]
+    wait(api, migration_id, until=Phase.PRECOPY)
+    time.sleep(0.2)
+    fleet.hosts["A"].runtime.kill(fleet.hosts["A"].agent.vms["vm1"].pid)
+    m = wait(api, migration_id)
+    assert m.phase is Phase.FAILED and m.reason.startswith("the VM is lost: its source QEMU is gone"), m.reason
+    assert "vm1" not in fleet.hosts["B"].vms
+
+
+def test_a_destination_half_prepared_by_a_dead_hostd_is_finished(fleet: FakeFleet) -> None:
+    """hostd died between starting the incoming QEMU and telling it to listen: asked again, it
+    finishes the preparation instead of refusing the VM it already has."""
+    agent = fleet.hosts["B"].agent
+    spec = fleet.hosts["B"].agent.resolve_spec(VmSpec(name="half", memory_mib=256))
+
+    async def scenario() -> None:
+        await agent.create(spec, incoming=True)
+        assert agent.vms["half"].incoming_uri is None
+        uri = await agent.prepare_incoming(spec)
+        assert uri.startswith("tcp:") and agent.vms["half"].incoming_uri == uri
+        assert await agent.prepare_incoming(spec) == uri
+
+    asyncio.run(scenario())

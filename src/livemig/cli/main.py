@@ -610,6 +610,36 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command("chaos")
+def chaos_command(
+    state_dir: StateDir = None,
+    list_only: Annotated[bool, typer.Option("--list", help="print the scenarios, one a line, and stop")] = False,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="run the scenarios matching this pattern (repeatable)")
+    ] = None,
+    ci: Annotated[bool, typer.Option("--ci", help="only the representative subset CI runs")] = False,
+    own_region: Annotated[
+        bool, typer.Option("--own-region", help="start a region for the run (namespace hosts and a disk as root)")
+    ] = False,
+    db: Annotated[
+        str | None, typer.Option(help="with --own-region: the LMO's store (PostgreSQL, for its scenario)")
+    ] = None,
+    as_json: AsJson = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress lines on stderr")] = False,
+) -> None:
+    """Break the region's services at every stage of real migrations and check the invariants."""
+    from livemig.cli import chaos
+
+    if list_only:
+        names = chaos.list_scenarios(only, ci)
+        if as_json:
+            _print_json({"scenarios": names})
+        else:
+            sys.stdout.write("".join(f"{name}\n" for name in names))
+        return
+    raise typer.Exit(chaos.chaos(state_dir, only, ci, own_region, db, as_json, quiet))
+
+
 def main() -> None:
     """Entry point: any LivemigError becomes one red line and exit status 1, never a traceback."""
     try:

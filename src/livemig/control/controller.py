@@ -28,7 +28,7 @@ from livemig.faults.registry import CURRENT
 from livemig.model.migration import ConditionType, Migration, Phase, utcnow
 from livemig.model.vm import RunState, VmSpec, VolumeDevice
 from livemig.wire import hostd
-from livemig.wire.hostd import HostdClient, JobState, SourceMigrationStatus, VnicHandoff
+from livemig.wire.hostd import HostdClient, JobState, SourceMigrationStatus, VmStatus, VnicHandoff
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +306,8 @@ class Controller:
         if owner == m.destination:  # already cut over before a restart
             m.transition(Phase.CLEANUP, "ownership already moved")
             return
+        if observed is not None and observed.state is RunState.UNREACHABLE:
+            return  # its QEMU runs but does not answer now: observe again, never guess
         if observed is None or observed.state not in (RunState.RUNNING, RunState.INMIGRATE):
             self._fail(m, Phase.ABORTING, f"destination VM is {observed.state.value if observed else 'absent'} "
                                           "after QEMU reported completion")  # fmt: skip
@@ -325,6 +327,8 @@ class Controller:
 
     async def _cleanup(self, m: Migration) -> None:
         spec, _ = self.store.vm(m.vm)
+        if vm_vnics(spec):  # again: a push that failed in CuttingOver is not retried there
+            await self.network.push(self._in_flight(m))
         await self.volumes.detach(m.vm, m.source)
         # any guest, with or without livemig's workload: QEMU's own word that it reset or panicked
         observed = await self.host(m.destination).observe(m.vm)
@@ -378,16 +382,45 @@ class Controller:
         if job is not None and job.state is JobState.RUNNING:
             await source.run(hostd.cancel_migration(m.vm))
             return  # observe the cancellation land next pass
-        observed = await source.observe(m.vm)
-        if observed is not None and observed.state is not RunState.RUNNING:
+        src, dst = await source.observe(m.vm), await destination.observe(m.vm)
+        src_state = src.state if src is not None else RunState.ABSENT
+        dst_state = dst.state if dst is not None else RunState.ABSENT
+        if RunState.UNREACHABLE in (src_state, dst_state):
+            raise LivemigError(f"VM {m.vm}: a QEMU does not answer (source {src_state}, destination {dst_state})")
+        if dst_state is RunState.RUNNING and src_state is not RunState.RUNNING:
+            # QEMU completed the migration after all: the destination *is* the VM now, and the source
+            # holds a stale copy that must never run again. The only way is forward.
+            m.reason, m.rollback_to = "", None
+            m.transition(Phase.CUTTING_OVER, "the destination already runs the guest (QEMU completed the "
+                                             "migration): going forward, not back")  # fmt: skip
+            return
+        lost = self._why_lost(src_state, dst)
+        if lost is None and src_state is not RunState.RUNNING:
             await source.run(hostd.resume(m.vm))
         await destination.run(hostd.destroy_vm(m.vm))
         await self.volumes.detach(m.vm, m.destination)
-        target = m.rollback_to or Phase.FAILED
-        m.transition(target, m.reason or "rolled back")
+        if lost is not None:
+            await source.run(hostd.destroy_vm(m.vm))  # a stale copy, or nothing: it must never run
+            m.reason = f"the VM is lost: {lost} ({m.reason or 'rolling back'})"
+            m.transition(Phase.FAILED, m.reason)
+        else:
+            m.transition(m.rollback_to or Phase.FAILED, m.reason or "rolled back")
         spec, _ = self.store.vm(m.vm)
         if vm_vnics(spec):
             await self.network.push(self._in_flight(m))  # dual ingress off: only the source again
+
+    @staticmethod
+    def _why_lost(src_state: RunState, dst: VmStatus | None) -> str | None:
+        """Why the source cannot run the guest again (None: it can). A source whose QEMU completed
+        the migration (postmigrate) may resume only if the destination provably never ran: resuming
+        it after the destination ran (and perhaps wrote the volume, answered connections) would fork
+        the guest's history."""
+        if src_state is RunState.ABSENT:
+            return "its source QEMU is gone"
+        if src_state is not RunState.POSTMIGRATE:
+            return None
+        never_ran = dst is not None and dst.resumed_at is None and dst.state in (RunState.INMIGRATE, RunState.PRELAUNCH)
+        return None if never_ran else "the destination received the guest and is gone; the source's copy is stale"
 
 
 def _runs_disk_workload(spec: VmSpec) -> bool:

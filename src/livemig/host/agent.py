@@ -242,9 +242,12 @@ class HostAgent:
         """Start a suspended destination listening on this host's migration address; idempotent."""
         existing = self.vms.get(spec.name)
         if existing is not None:
-            if (existing.role is VmRole.INCOMING and existing.incoming_uri and existing.spec == spec
-                    and existing.exports == (exports or {})):  # fmt: skip
+            same = existing.role is VmRole.INCOMING and existing.spec == spec and existing.exports == (exports or {})
+            if same and existing.incoming_uri:
                 return existing.incoming_uri
+            if same and self.runtime.owns(existing.pid, existing.paths):
+                # started by a hostd that died before it finished preparing: finish it now
+                return await self._listen(existing)
             raise Conflict(f"VM {spec.name!r} already exists on host {self.name} ({existing.role})")
         if spec.boot.kernel is None or spec.boot.initrd is None:
             raise InvalidRequest("an incoming VM needs the source's resolved spec (boot files pinned)")
@@ -253,17 +256,23 @@ class HostAgent:
                 raise InvalidRequest(f"boot file {path} does not exist on host {self.name}")
         vm = await self.create(spec, incoming=True, exports=exports)
         await asyncio.sleep(0)  # the watcher's listener is registered before the migration can start
+        return await self._listen(vm)
+
+    async def _listen(self, vm: ManagedVm) -> str:
+        """Make a suspended destination listen for the migration (if it does not yet) and record where."""
         try:
-            await vm.qmp.execute("migrate-set-capabilities",
-                                 {"capabilities": [{"capability": "events", "state": True}]})  # fmt: skip
-            await vm.qmp.execute("migrate-incoming", {"uri": f"tcp:{self.migration_address}:0"})
             reply = await vm.qmp.execute("query-migrate")
+            if not reply.get("socket-address"):
+                await vm.qmp.execute("migrate-set-capabilities",
+                                     {"capabilities": [{"capability": "events", "state": True}]})  # fmt: skip
+                await vm.qmp.execute("migrate-incoming", {"uri": f"tcp:{self.migration_address}:0"})
+                reply = await vm.qmp.execute("query-migrate")
             sockets = reply.get("socket-address") or []
             if not sockets:
-                raise QemuError(f"incoming VM {spec.name}: QEMU did not report its listening port")
+                raise QemuError(f"incoming VM {vm.spec.name}: QEMU did not report its listening port")
             vm.incoming_uri = f"tcp:{self.migration_address}:{sockets[0]['port']}"
         except QemuError:
-            await self.destroy(spec.name)
+            await self.destroy(vm.spec.name)
             raise
         vm.save()
         return vm.incoming_uri
@@ -366,10 +375,19 @@ class HostAgent:
         vm = self.get(name)
         if vm.migration is None:
             raise NotFound(f"VM {name!r} has no migration on host {self.name}")
+        self._end_job_if_qemu_died(vm)
         return vm.migration.status(since)
+
+    def _end_job_if_qemu_died(self, vm: ManagedVm) -> None:
+        """A source QEMU that died takes its migration with it: the job ends (it would otherwise wait
+        forever for events from a process that is gone)."""
+        job = vm.migration
+        if job is not None and job.state is JobState.RUNNING and not self.runtime.owns(vm.pid, vm.paths):
+            job.abandon(f"the source QEMU (pid {vm.pid}) exited during the migration")
 
     async def cancel_migration(self, name: str) -> None:
         vm = self.get(name)
+        self._end_job_if_qemu_died(vm)
         if vm.migration is not None:
             await vm.migration.cancel()
         vm.role = VmRole.RUNNING

@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL_S = 0.1
 FINAL_STATUSES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+#: QEMU's migration statuses before the source was told to continue: a failed job cancels these
+BEFORE_CONTINUE = frozenset({"setup", "active", "pre-switchover", "wait-unplug"})
+#: how long a failed job waits for QEMU to reach a final status (after its cancel, or after it was
+#: already told to continue)
+SETTLE_S = 30.0
 SwitchoverHook = Callable[[], Awaitable[None]]
 
 
@@ -157,11 +162,13 @@ class SourceMigration:
             if self.state is not JobState.COMPLETED and self.hooks_ran and self.after_failed_switchover is not None:
                 await self.after_failed_switchover()  # the source runs on: undo what the hooks handed off
         except LivemigError as exc:
-            self.state, self.error = JobState.FAILED, exc.message
-            log.warning("migration of %s failed: %s", self.vm, exc.message)
+            self.error = exc.message
+            log.warning("migration of %s failed in hostd: %s", self.vm, exc.message)
+            self.state = await self._settle()
         except Exception as exc:  # a bug must still end the job, never leave it "running"
-            self.state, self.error = JobState.FAILED, f"internal error: {exc!r}"
+            self.error = f"internal error: {exc!r}"
             log.exception("migration of %s crashed", self.vm)
+            self.state = await self._settle()
         finally:
             if sampler is not None:
                 sampler.cancel()
@@ -176,6 +183,32 @@ class SourceMigration:
         if name == "MIGRATION":
             name = f"MIGRATION.{event.get('data', {}).get('status')}"
         await REGISTRY.fire(f"hostd.src.event.{name}", vm=self.vm, host=self.host)
+
+    async def _settle(self) -> JobState:
+        """The job failed in hostd (a QMP answer lost, an event not handled): QEMU's migration may
+        still run, and nobody would answer its pause. Cancel it if the source was not yet told to
+        continue; otherwise let it finish. The job ends in what QEMU says, never in hostd's guess:
+        a migration QEMU completed is ``completed`` even if hostd lost the answer to its continue."""
+        try:
+            status = str((await self.qmp.execute("query-migrate")).get("status", "none"))
+            if status in BEFORE_CONTINUE:
+                log.warning("migration of %s: cancelling QEMU's migration (%s)", self.vm, status)
+                await self.qmp.execute("migrate_cancel")
+            deadline = asyncio.get_running_loop().time() + SETTLE_S
+            while status not in {s.value for s in FINAL_STATUSES} and status != "none":
+                if asyncio.get_running_loop().time() > deadline:
+                    return JobState.FAILED
+                await asyncio.sleep(0.05)
+                status = str((await self.qmp.execute("query-migrate")).get("status", "none"))
+        except (LivemigError, OSError) as exc:
+            log.warning("migration of %s: QEMU's status unknown after the failure: %s", self.vm, exc)
+            return JobState.FAILED
+        if status == JobState.COMPLETED and self.events:  # this job's migration (not an earlier one's)
+            log.warning("migration of %s: QEMU completed it despite hostd's failure", self.vm)
+            reply = await self._final_reply()
+            self.stats = stats_from(reply, self.hook_ms, self.stopped_at)
+            return JobState.COMPLETED
+        return JobState.FAILED
 
     async def _final_reply(self) -> dict[str, Any]:
         """``query-migrate`` once QEMU has filled in its final numbers.
@@ -224,6 +257,13 @@ class SourceMigration:
     async def cancel(self) -> None:
         if self.state is JobState.RUNNING:
             await self.qmp.execute("migrate_cancel")
+
+    def abandon(self, reason: str) -> None:
+        """End the job without QEMU (it is gone): failed, with ``reason``."""
+        self.state, self.error = JobState.FAILED, reason
+        if self.task is not None:
+            self.task.cancel()
+        log.warning("migration of %s abandoned: %s", self.vm, reason)
 
     def status(self, since_samples: int = 0) -> SourceMigrationStatus:
         samples = list(self.samples)
