@@ -83,8 +83,27 @@ def as_json(results: list[Result]) -> str:
     return json.dumps({"scenarios": rows}, indent=2)
 
 
+def markdown(results: list[Result], command: str, minutes: float) -> str:
+    """The table as Markdown, with the command that produced it and when (for docs/)."""
+    ran = [r for r in results if not r.actual.startswith("not run")]
+    lines = [
+        "# The chaos matrix",
+        "",
+        f"Produced by `{command}` on {time.strftime('%Y-%m-%d')} ({len(results)} scenarios, "
+        f"{sum(r.passed for r in ran)} of {len(ran)} run passed, {minutes:.0f} min).",
+        "",
+        "| scenario | expected | actual | invariants held | seconds | detail |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        detail = "; ".join([r.detail, *r.violations]).replace("|", "/").replace("\n", " ")
+        held = "yes" if r.invariants_held else "**no**"
+        lines.append(f"| `{r.scenario}` | {r.expected} | {r.actual} | {held} | {r.seconds:.0f} | {detail} |")
+    return "\n".join(lines) + "\n"
+
+
 def chaos(state_dir: Path | None, only: list[str] | None, ci_only: bool, own: bool, db_url: str | None,
-          print_json: bool, quiet: bool) -> int:  # fmt: skip
+          print_json: bool, quiet: bool, markdown_path: Path | None = None) -> int:  # fmt: skip
     """Run the matrix; the exit status is 0 only if every scenario that ran passed."""
     scenarios = select(matrix(), only, ci_only)
     if not scenarios:
@@ -114,6 +133,9 @@ def chaos(state_dir: Path | None, only: list[str] | None, ci_only: bool, own: bo
         Console().print(table(results))
     ran = [r for r in results if not r.actual.startswith("not run")]
     passed = sum(r.passed for r in ran)
-    say(f"{passed} of {len(ran)} scenarios passed ({len(results) - len(ran)} not run) in "
-        f"{(time.monotonic() - started) / 60:.1f} min")  # fmt: skip
+    minutes = (time.monotonic() - started) / 60
+    say(f"{passed} of {len(ran)} scenarios passed ({len(results) - len(ran)} not run) in {minutes:.1f} min")
+    if markdown_path is not None:
+        command = " ".join(["livemig", *sys.argv[1:]]) if sys.argv[0].endswith("livemig") else "livemig chaos"
+        markdown_path.write_text(markdown(results, command, minutes))
     return 0 if passed == len(ran) else 1

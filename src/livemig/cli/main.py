@@ -626,6 +626,9 @@ def chaos_command(
     ] = None,
     as_json: AsJson = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress lines on stderr")] = False,
+    markdown: Annotated[
+        Path | None, typer.Option("--markdown", help="also write the table as Markdown here (with command and date)")
+    ] = None,
 ) -> None:
     """Break the region's services at every stage of real migrations and check the invariants."""
     from livemig.cli import chaos
@@ -637,7 +640,7 @@ def chaos_command(
         else:
             sys.stdout.write("".join(f"{name}\n" for name in names))
         return
-    raise typer.Exit(chaos.chaos(state_dir, only, ci, own_region, db, as_json, quiet))
+    raise typer.Exit(chaos.chaos(state_dir, only, ci, own_region, db, as_json, quiet, markdown))
 
 
 def main() -> None:
