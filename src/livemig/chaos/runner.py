@@ -169,8 +169,9 @@ class ChaosRunner:
         while time.monotonic() < deadline:
             if self._fired(armed):
                 return True
-            if run.migration is not None and self.env.lmo.migration(run.migration.id).terminal:
-                return False
+            with contextlib.suppress(LivemigError):  # the LMO may be the one that is down
+                if run.migration is not None and self.env.lmo.migration(run.migration.id).terminal:
+                    return self._fired(armed)
             time.sleep(0.05)
         return False
 
@@ -352,10 +353,11 @@ class ChaosRunner:
             env.vm_ok = False
         if any(isinstance(i, StaleWrite) for i in scenario.inject):
             violations += invariants.check_stale_write(run.stale_rejected, run.stale_landed)
-        fired = [f for f in self._firings_since(seqs) if f.migration == m.id or (f.migration is None and f.vm == VM)]
+        every = self._firings_since(seqs)
+        fired = [f for f in every if f.migration == m.id or (f.migration is None and f.vm == VM)]
         ended = _ended(m)
         violations += invariants.check_firings(m, [f for f in fired if f.at <= ended])
-        unfired = [a.spec.point for a in run.armed if not any(f.arm == a.id for f in fired)]
+        unfired = [a.spec.point for a in run.armed if not any(f.arm == a.id for f in every)]
         if unfired:
             violations.append(f"the scenario's fault never fired: {', '.join(unfired)}")
         detail = "; ".join([f"{m.phase.value}: {m.reason}" if m.reason else m.phase.value, *run.notes,

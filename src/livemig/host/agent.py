@@ -335,7 +335,7 @@ class HostAgent:
         markers: dict[str, dict[str, int]] = {}
 
         async def hand_off_network() -> None:
-            markers.update(await self.ports.hand_off(job.handoffs, stopped_at=job.stopped_at))
+            await self.ports.hand_off(job.handoffs, stopped_at=job.stopped_at, markers=markers)
 
         async def take_network_back() -> None:
             await self.ports.release_here(markers)

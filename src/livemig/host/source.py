@@ -132,6 +132,7 @@ class SourceMigration:
 
     async def _run(self) -> None:
         sampler: asyncio.Task[None] | None = None
+        state = JobState.FAILED
         try:
             with self.qmp.listener("MIGRATION", "STOP") as listener:
                 await self.qmp.execute("migrate", {"uri": self.uri})
@@ -157,18 +158,16 @@ class SourceMigration:
                 self.stats.shaped_bytes = await asyncio.to_thread(self.shaped.bytes_sent)
             self.samples.append(sample_from(reply))
             final = str(reply.get("status", "failed"))
-            self.state = JobState(final) if final in FINAL_STATUSES else JobState.FAILED
+            state = JobState(final) if final in FINAL_STATUSES else JobState.FAILED
             self.error = reply.get("error-desc")
-            if self.state is not JobState.COMPLETED and self.hooks_ran and self.after_failed_switchover is not None:
-                await self.after_failed_switchover()  # the source runs on: undo what the hooks handed off
         except LivemigError as exc:
             self.error = exc.message
             log.warning("migration of %s failed in hostd: %s", self.vm, exc.message)
-            self.state = await self._settle()
+            state = await self._settle()
         except Exception as exc:  # a bug must still end the job, never leave it "running"
             self.error = f"internal error: {exc!r}"
             log.exception("migration of %s crashed", self.vm)
-            self.state = await self._settle()
+            state = await self._settle()
         finally:
             if sampler is not None:
                 sampler.cancel()
@@ -176,6 +175,13 @@ class SourceMigration:
                     await sampler
             if self.shaped is not None:
                 await asyncio.to_thread(self.shaped.release)
+        if state is not JobState.COMPLETED and self.hooks_ran and self.after_failed_switchover is not None:
+            # the source runs on: undo what the hooks handed off (also when the job failed in hostd)
+            try:
+                await self.after_failed_switchover()
+            except LivemigError as exc:
+                log.warning("migration of %s: taking the network back failed: %s", self.vm, exc.message)
+        self.state = state
 
     async def _event_point(self, event: dict[str, Any]) -> None:
         """``hostd.src.event.STOP`` / ``hostd.src.event.MIGRATION.<status>``: before hostd handles it."""

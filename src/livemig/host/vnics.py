@@ -156,13 +156,16 @@ class VswitchPorts:
             with contextlib.suppress(LivemigError):
                 await self.switch().run(vswitch.detach(str(nic.vnic)))
 
-    async def hand_off(self, handoffs: list[VnicHandoff], stopped_at: float | None = None) -> dict[str, dict[str, int]]:
+    async def hand_off(self, handoffs: list[VnicHandoff], stopped_at: float | None = None,
+                       markers: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:  # fmt: skip
         """Inside the pause: marker, final flows, release on the destination. Returns the markers.
 
         ``stopped_at``: wall-clock time of QEMU's STOP event, to tell which frames came too late.
+        ``markers`` is filled as each VNIC's marker is taken, so a hand-off that fails part-way
+        (the destination's vswitch did not answer) can still be undone for what it did.
         """
         assert self.url is not None
-        markers: dict[str, dict[str, int]] = {}
+        markers = {} if markers is None else markers
         for h in handoffs:
             # two calls per VNIC inside the pause: the source's marker with the final flow delta,
             # then the destination's import-and-release ("hold" at hostd.flow_sync: the test switch
