@@ -227,11 +227,14 @@ class ChaosRunner:
             elif isinstance(fault, PartitionFault):
                 env.partition = external.Partition(env.migration_ends(run.source, run.destination))
                 env.partition.cut()
+                run.notes.append("migration link partitioned" + (f" for {fault.heal_after:g} s" if fault.heal_after
+                                                                  else " until the migration ended"))  # fmt: skip
                 if fault.heal_after is not None:
                     undo.append((fault.heal_after, env.partition.heal))
             elif isinstance(fault, PgOutage):
                 assert env.postgres is not None
                 env.postgres.stop()
+                run.notes.append(f"PostgreSQL stopped for {fault.down_s:g} s")
                 undo.append((fault.down_s, env.postgres.start))
             elif isinstance(fault, DiskFull):
                 taken = env.filler.fill()
@@ -331,7 +334,8 @@ class ChaosRunner:
         violations += invariants.check_terminal(m, TERMINAL_BOUND_S)
         if m is None:
             return Result(scenario.name, scenario.expected.value, "no migration", False, 0.0, scenario.why, violations)
-        m = self._settled(m)
+        every = self._firings_since(seqs)
+        m = self._settled(m, [f for f in every if f.migration == m.id or (f.migration is None and f.vm == VM)])
         sample = invariants.RunstateSampler(VM).sample()
         try:
             view = env.lmo.vm(VM)
@@ -353,7 +357,6 @@ class ChaosRunner:
             env.vm_ok = False
         if any(isinstance(i, StaleWrite) for i in scenario.inject):
             violations += invariants.check_stale_write(run.stale_rejected, run.stale_landed)
-        every = self._firings_since(seqs)
         fired = [f for f in every if f.migration == m.id or (f.migration is None and f.vm == VM)]
         ended = _ended(m)
         violations += invariants.check_firings(m, [f for f in fired if f.at <= ended])
@@ -367,12 +370,17 @@ class ChaosRunner:
             detail += f"; no QEMU ran the guest for {sampled.longest_without_running_s:.1f} s"
         return Result(scenario.name, scenario.expected.value, actual, not violations, 0.0, detail, violations)
 
-    def _settled(self, m: Migration) -> Migration:
-        """The migration once the LMO's last word on it is in (its final firing sweep)."""
-        time.sleep(0.5)
-        with contextlib.suppress(LivemigError):
-            return self.env.lmo.migration(m.id)
-        return m
+    def _settled(self, m: Migration, fired: list[Firing], timeout: float = 30.0) -> Migration:
+        """The migration once the LMO's last word on it is in: its firings, some of which it may
+        collect only after the service that fired them came back (``control/firings.py``)."""
+        deadline = time.monotonic() + timeout
+        ended = _ended(m)
+        while True:
+            time.sleep(0.5)
+            with contextlib.suppress(LivemigError):
+                m = self.env.lmo.migration(m.id)
+            if not invariants.check_firings(m, [f for f in fired if f.at <= ended]) or time.monotonic() > deadline:
+                return m
 
     @staticmethod
     def _actual(m: Migration, owner: str, state: str | None, lost: bool) -> str:

@@ -94,6 +94,7 @@ class Controller:
         for m in self.store.migrations(active_only=True):
             if self.store.acquire(m.id, self.replica, self.lease_s):
                 await self.step(self.store.migration(m.id))
+        await self.firings.sweep_late()
 
     async def step(self, m: Migration) -> None:
         """One observe-then-act step for one migration, saved to the store afterwards.
@@ -401,13 +402,16 @@ class Controller:
         await self.volumes.detach(m.vm, m.destination)
         if lost is not None:
             await source.run(hostd.destroy_vm(m.vm))  # a stale copy, or nothing: it must never run
+        spec, _ = self.store.vm(m.vm)
+        if vm_vnics(spec):
+            # dual ingress off: only the source again (before the end: a push that fails is retried
+            # with the step, never reopens an ended migration)
+            await self.network.push(self._in_flight(m))  # m is RollingBack: no dual ingress for it
+        if lost is not None:
             m.reason = f"the VM is lost: {lost} ({m.reason or 'rolling back'})"
             m.transition(Phase.FAILED, m.reason)
         else:
             m.transition(m.rollback_to or Phase.FAILED, m.reason or "rolled back")
-        spec, _ = self.store.vm(m.vm)
-        if vm_vnics(spec):
-            await self.network.push(self._in_flight(m))  # dual ingress off: only the source again
 
     @staticmethod
     def _why_lost(src_state: RunState, dst: VmStatus | None) -> str | None:

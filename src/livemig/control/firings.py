@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import deque
 
 from livemig.control.network import vm_vnics
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 KEEP = 2000
 #: a service asked for its firings gets this long to answer (it may be the one that is stopped)
 FETCH_TIMEOUT_S = 2.0
+#: how long the LMO keeps asking a service it could not reach when a migration ended (a crashed
+#: service comes back within seconds; its firings, logged before it died, then reach the timeline)
+LATE_SWEEP_S = 120.0
 
 
 def belongs(firing: Firing, m: Migration) -> bool:
@@ -46,6 +50,8 @@ class FiringCollector:
         self.registry = registry
         self._fetched: dict[str, int] = {}  # service URL -> the last firing number read from it
         self._cache: dict[str, deque[Firing]] = {}
+        # service URL -> (its client, until when to keep trying, ended migrations it owes firings to)
+        self._late: dict[str, tuple[AsyncService, float, set[str]]] = {}
 
     @property
     def chaos_seen(self) -> bool:
@@ -62,22 +68,47 @@ class FiringCollector:
             fetched = self._fetched.get(url, 0)
             if seen is not None and seen < fetched:
                 fetched = 0  # the service restarted without its log: its numbers began again
-            if (seen is not None and seen > fetched) or final:
-                await self._fetch(url, client, fetched)
+            if (
+                ((seen is not None and seen > fetched) or final)
+                and not await self._fetch(url, client, fetched)
+                and final
+            ):
+                _client, _until, owed = self._late.setdefault(url, (client, time.monotonic() + LATE_SWEEP_S, set()))
+                owed.add(m.id)
             added += sum(m.record_firing(f, self.replica) for f in self._cache.get(url, ()) if belongs(f, m))
         return added
 
-    async def _fetch(self, url: str, client: AsyncService, since: int) -> None:
+    async def sweep_late(self) -> int:
+        """Ask again the services a migration could not reach when it ended, and put what they
+        fired into those (ended) migrations' timelines; returns how many firings were added."""
+        added = 0
+        for url, (client, until, owed) in list(self._late.items()):
+            if not await self._fetch(url, client, self._fetched.get(url, 0)):
+                if time.monotonic() > until:
+                    log.warning("firings of %s never read for migrations %s", url, sorted(owed))
+                    del self._late[url]
+                continue
+            del self._late[url]
+            for migration_id in owed:
+                m = self.services.store.migration(migration_id)
+                new = sum(m.record_firing(f, self.replica) for f in self._cache.get(url, ()) if belongs(f, m))
+                if new:
+                    self.services.store.save_migration(m)
+                    added += new
+        return added
+
+    async def _fetch(self, url: str, client: AsyncService, since: int) -> bool:
         call = dataclasses.replace(wire_faults.firings(since), timeout=FETCH_TIMEOUT_S)
         try:
             new = await client.run(call)
         except LivemigError as exc:
             log.info("firings of %s not read now: %s", url, exc.message)
-            return
+            return False
         cache = self._cache.setdefault(url, deque(maxlen=KEEP))
         known = {f.id for f in cache}
         cache.extend(f for f in new if f.id not in known)
         self._fetched[url] = max([since, *(f.seq for f in new)])
+        return True
 
     def _involved(self, m: Migration) -> dict[str, AsyncService]:
         """The services ``m`` touches: both hosts, blockd (volumes), both vswitches (VNICs)."""
