@@ -373,3 +373,54 @@ def test_a_destination_half_prepared_by_a_dead_hostd_is_finished(fleet: FakeFlee
         assert await agent.prepare_incoming(spec) == uri
 
     asyncio.run(scenario())
+
+
+def test_firings_of_a_service_that_was_down_when_the_migration_ended_reach_its_timeline(tmp_path: Path) -> None:
+    """The final sweep cannot reach a crashed service; the LMO asks it again each pass until it
+    answers, and adds its firings to the ended migration."""
+    from livemig.control.firings import FiringCollector
+    from livemig.errors import HostUnreachable
+    from livemig.faults.model import Firing
+
+    store = Store(f"sqlite:///{tmp_path / 'lmo.db'}")
+    m = Migration(id="m-9", vm="vm1", source="A", destination="B")
+    m.transition(Phase.PENDING)
+    store.add_migration(m)
+    firing = Firing(id="vswitch:B:7:1", seq=1, at=m.created_at, service="vswitch", point="vswitch.handoff",
+                    action="crash", migration="m-9", vm="vm1", host="B")  # fmt: skip
+
+    class Vswitch:
+        base_url = "http://vswitch-b"
+        up = False
+
+        async def run(self, _call: object) -> list[Firing]:
+            if not self.up:
+                raise HostUnreachable("vswitch of B did not answer")
+            return [firing]
+
+    switch = Vswitch()
+
+    class Services:
+        def __init__(self) -> None:
+            self.store = store
+
+    registry = FaultRegistry("lmo")
+    registry.remote_seen[switch.base_url] = 1
+    collector = FiringCollector(Services(), "replica-1", registry)  # type: ignore[arg-type]
+    collector._involved = lambda _m: {switch.base_url: switch}  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        ended = store.migration("m-9")
+        ended.transition(Phase.FAILED, "the hand-off failed")
+        assert await collector.collect(ended, final=True) == 0, "the vswitch is still down"
+        store.save_migration(ended)
+        assert await collector.sweep_late() == 0
+        switch.up = True
+        assert await collector.sweep_late() == 1
+        assert await collector.sweep_late() == 0, "asked once more, then no more"
+
+    asyncio.run(scenario())
+    saved = store.migration("m-9")
+    assert [(e.fault.point, e.phase, e.by) for e in saved.timeline if e.fault] == [
+        ("vswitch.handoff", Phase.PENDING, "replica-1")
+    ]

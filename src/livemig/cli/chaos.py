@@ -136,6 +136,6 @@ def chaos(state_dir: Path | None, only: list[str] | None, ci_only: bool, own: bo
     minutes = (time.monotonic() - started) / 60
     say(f"{passed} of {len(ran)} scenarios passed ({len(results) - len(ran)} not run) in {minutes:.1f} min")
     if markdown_path is not None:
-        command = " ".join(["livemig", *sys.argv[1:]]) if sys.argv[0].endswith("livemig") else "livemig chaos"
+        command = os.environ.get("LIVEMIG_CHAOS_COMMAND") or " ".join(["livemig", *sys.argv[1:]])
         markdown_path.write_text(markdown(results, command, minutes))
     return 0 if passed == len(ran) else 1

@@ -207,7 +207,8 @@ class Migration(BaseModel):
         index = len(self.timeline)
         while index > 0 and self.timeline[index - 1].at > firing.at:
             index -= 1
-        phase = next((e.phase for e in reversed(self.timeline[:index]) if e.fault is None), self.phase)
+        before = [e.phase for e in self.timeline[:index] if e.fault is None]
+        phase = before[-1] if before else next((e.phase for e in self.timeline if e.fault is None), self.phase)
         message = f"fault {firing.point}={firing.action} fired in {where}"
         self.timeline.insert(index, TimelineEntry(at=firing.at, phase=phase, fault=firing, by=by, message=message))
         return True
