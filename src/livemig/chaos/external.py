@@ -84,7 +84,7 @@ class Partition:
                      str(PARTITION_PRIO), "u32", "match", "ip", "dst", f"{other}/32", "flowid",
                      f"1:{PARTITION_MINOR:x}")  # fmt: skip
         self.active = True
-        log.warning("migration link partitioned: %s", self.ends)
+        log.info("migration link partitioned: %s", self.ends)
 
     def dropped(self) -> int:
         """Packets the partition dropped so far (both sides)."""
@@ -103,7 +103,7 @@ class Partition:
             self._tc(netns, "class", "del", "dev", MIGRATION_DEVICE, "classid", f"1:{PARTITION_MINOR:x}",
                      check=False)  # fmt: skip
         if self.active:
-            log.warning("migration link healed: %s", self.ends)
+            log.info("migration link healed: %s", self.ends)
         self.active = False
 
 
@@ -116,6 +116,7 @@ class PostgresCluster:
     def __init__(self, version: str, name: str) -> None:
         self.version = version
         self.name = name
+        self.stopped = False  # by us
 
     @classmethod
     def for_url(cls, db_url: str | None) -> PostgresCluster | None:
@@ -139,11 +140,18 @@ class PostgresCluster:
 
     def stop(self) -> None:
         self._ctl("stop")
-        log.warning("PostgreSQL %s/%s stopped", self.version, self.name)
+        self.stopped = True
+        log.info("PostgreSQL %s/%s stopped", self.version, self.name)
 
     def start(self) -> None:
         self._ctl("start")
-        log.warning("PostgreSQL %s/%s started", self.version, self.name)
+        self.stopped = False
+        log.info("PostgreSQL %s/%s started", self.version, self.name)
+
+    def restore(self) -> None:
+        """Start it again if we stopped it (the undo of a scenario)."""
+        if self.stopped:
+            self.start()
 
 
 # ---------------------------------------------------------------------- blockd's disk
@@ -178,7 +186,7 @@ class DiskFill:
         finally:
             os.close(fd)
         left = disk.free_bytes(self.data_dir)
-        log.warning("blockd's disk filled: %d bytes taken, %d left", free - left, left)
+        log.info("blockd's disk filled: %d bytes taken, %d left", free - left, left)
         return free - left
 
     def free(self) -> None:
