@@ -280,7 +280,7 @@ class ChaosEnv:
         problems = external.undo_all(
             *([self.partition.heal] if self.partition else []),
             self.filler.free,
-            *([self.postgres.start] if self.postgres else []),
+            *([self.postgres.restore] if self.postgres else []),
         )
         for pid in [*(p for p in self.region.service_pids().values() if p), *(q.pid for q in qemus.qemu_daemons(VM))]:
             external.cont(pid)
