@@ -2,9 +2,9 @@
 
 1. At every moment the VM runs on at most one host: a sampler asks every QEMU daemon of the VM its
    runstate over QMP, several times a second, for the whole scenario (not only at the end). A
-   paused source and a running destination is fine; two ``running`` is a violation. A QEMU that
-   does not answer (SIGSTOPped, busy) counts as what it last said: frozen in ``running`` it would
-   run again the moment it is continued.
+   paused source and a running destination is fine; two ``running`` is a violation. A SIGSTOPped
+   QEMU counts as what it last said: frozen in ``running`` it would run again the moment it is
+   continued. One that is not stopped but does not answer (busy, or quitting) is not counted.
 2. A failed, cancelled or aborted migration leaves the VM running on the source; a succeeded one
    on the destination, with the source's QEMU gone.
 3. No write acknowledged to the guest is lost (the guest's disk log check), no fenced write is
@@ -79,14 +79,14 @@ class RunstateSampler:
         return Sample(time.time(), states)
 
     def _state_of(self, process: QemuProcess) -> str:
-        answered = None
-        if not process.stopped and process.observe is not None:
-            answered = runstate(process.observe, timeout=min(1.0, 4 * self.interval_s))
-        if answered is not None:
-            self._last[process.pid] = answered
-            return answered
-        # frozen or busy: it is still in the runstate it last had (and would run on in it)
-        return self._last.get(process.pid, "unknown")
+        if process.stopped:
+            # SIGSTOPped: frozen in the runstate it last had, and it would run on in it when continued
+            return self._last.get(process.pid, "unknown")
+        answered = runstate(process.observe, timeout=min(1.0, 4 * self.interval_s)) if process.observe else None
+        if answered is None:
+            return "unresponsive"  # busy, or on its way out (a QEMU told to quit stops answering first)
+        self._last[process.pid] = answered
+        return answered
 
     def _run(self) -> None:
         while not self._stop.is_set():

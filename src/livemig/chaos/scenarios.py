@@ -674,8 +674,8 @@ def _vswitch() -> list[Scenario]:
             "vswitch-dst",
             "crash",
             OK,
-            Arm("vswitch-dst", "vswitch.mapping", "crash"),
-            why="the mapping is pushed again once the vswitch is back",
+            Arm("vswitch-dst", "vswitch.mapping", "crash", after=1),  # after SyncingFlows' push
+            why="the push that moves ingress to the destination is made again once the vswitch is back",
             needs=nic,
             gateway="src",
         ),
@@ -684,8 +684,8 @@ def _vswitch() -> list[Scenario]:
             "vswitch-dst",
             "error",
             OK,
-            Arm("vswitch-dst", "vswitch.mapping", "error"),
-            why="the mapping is pushed again",
+            Arm("vswitch-dst", "vswitch.mapping", "error", after=1),  # after SyncingFlows' push
+            why="the push that moves ingress to the destination fails after ownership moved: Cleanup pushes again",
             needs=nic,
         ),
         _s(
