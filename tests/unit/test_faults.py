@@ -424,3 +424,24 @@ def test_firings_of_a_service_that_was_down_when_the_migration_ended_reach_its_t
     assert [(e.fault.point, e.phase, e.by) for e in saved.timeline if e.fault] == [
         ("vswitch.handoff", Phase.PENDING, "replica-1")
     ]
+
+
+def test_a_destination_paused_by_its_storage_is_the_vm_and_is_continued(api: TestClient, fleet: FakeFleet) -> None:
+    """QEMU pauses a guest whose write met a full disk (io-error). After the migration completed
+    that guest is the VM: it is neither rolled back nor given up, it is continued when it can be."""
+    from livemig.model.vm import RunState
+
+    hang = REGISTRY.arm(ArmRequest(point="controller.before.CuttingOver", action=Action.HANG))
+    migration_id = api.post("/migrations", json={"vm": "vm1", "destination": "B"}).json()["id"]
+    deadline = time.monotonic() + 10
+    while not REGISTRY.view().armed or not REGISTRY.view().armed[0].waiting:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    qemu = fleet.hosts["B"].vms["vm1"].qemu
+    assert qemu is not None
+    qemu.runstate = RunState.IO_ERROR
+    REGISTRY.release(hang.id)
+    m = wait(api, migration_id)
+    assert m.phase is Phase.SUCCEEDED, m.reason
+    assert Phase.ROLLING_BACK not in [e.phase for e in m.timeline]
+    assert "vm1" not in fleet.hosts["A"].vms and fleet.hosts["B"].vms["vm1"].state == "running"

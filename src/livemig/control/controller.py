@@ -43,6 +43,8 @@ QUEUE_TIMEOUT_S = 3600.0
 LEASE_S = 5.0
 # how often pre-copy brings the destination's flow state up to date (so the pause's delta stays small)
 FLOW_DELTA_INTERVAL_S = 1.0
+# how often a destination paused by its storage (io-error) is asked to continue
+RESUME_RETRY_S = 2.0
 
 
 class Controller:
@@ -58,6 +60,7 @@ class Controller:
         self._unreachable_since: dict[str, float] = {}
         self._flows_synced_at: dict[str, float] = {}  # migration id -> monotonic time of its last delta
         self.firings = FiringCollector(services, self.replica)
+        self._resumed: dict[str, float] = {}  # migration id -> when a paused destination was last continued
         self._handlers: dict[Phase, Callable[[Migration], Awaitable[None]]] = {
             Phase.PENDING: self._pending,
             Phase.VALIDATING: self._validating,
@@ -307,14 +310,12 @@ class Controller:
         if owner == m.destination:  # already cut over before a restart
             m.transition(Phase.CLEANUP, "ownership already moved")
             return
-        if observed is not None and observed.state is RunState.UNREACHABLE:
-            return  # its QEMU runs but does not answer now: observe again, never guess
-        if observed is None or observed.state not in (RunState.RUNNING, RunState.INMIGRATE):
+        if observed is not None and observed.state in (RunState.UNREACHABLE, RunState.INMIGRATE):
+            return  # does not answer now, or still loading the last state: observe again, never guess
+        if observed is None or not _has_guest(observed):
             self._fail(m, Phase.ABORTING, f"destination VM is {observed.state.value if observed else 'absent'} "
                                           "after QEMU reported completion")  # fmt: skip
             return
-        if observed.state is not RunState.RUNNING:
-            return  # still loading the last state; observe again next pass
         if m.stats.stopped_at is not None and observed.resumed_at is not None:
             m.stats.guest_pause_ms = round((observed.resumed_at - m.stats.stopped_at) * 1000, 1)
         await self.volumes.fence(m.vm, m.source)  # a late write from the source can never land now
@@ -322,9 +323,22 @@ class Controller:
         self.store.set_vm(m.vm, host=m.destination)
         spec, _ = self.store.vm(m.vm)
         self.network.place(vm_vnics(spec), m.destination)
-        m.transition(Phase.CLEANUP, f"destination running; source QEMU stopped; owner is {m.destination}")
+        assert observed is not None
+        m.transition(
+            Phase.CLEANUP, f"destination {observed.state.value}; source QEMU stopped; owner is {m.destination}"
+        )
         if vm_vnics(spec):
             await self.network.push(self._in_flight(m))  # ingress only to the destination from now on
+
+    async def _resume_paused(self, m: Migration, state: RunState) -> None:
+        """A destination that has the guest but is paused (QEMU pauses a guest whose write met a
+        full disk): try to continue it every few seconds; never give it up, it *is* the VM."""
+        now = time.monotonic()
+        if now - self._resumed.get(m.id, 0.0) < RESUME_RETRY_S:
+            return
+        self._resumed[m.id] = now
+        log.warning("migration %s: the guest is %s on %s; continuing it", m.id, state.value, m.destination)
+        await self.host(m.destination).run(hostd.resume(m.vm))
 
     async def _cleanup(self, m: Migration) -> None:
         spec, _ = self.store.vm(m.vm)
@@ -333,6 +347,13 @@ class Controller:
         await self.volumes.detach(m.vm, m.source)
         # any guest, with or without livemig's workload: QEMU's own word that it reset or panicked
         observed = await self.host(m.destination).observe(m.vm)
+        if observed is None or observed.state is RunState.ABSENT:
+            m.reason = f"the VM is lost: its QEMU on {m.destination} is gone after the guest moved there"
+            m.transition(Phase.FAILED, m.reason)
+            return
+        if observed.state in (RunState.IO_ERROR, RunState.PAUSED):
+            await self._resume_paused(m, observed.state)
+            return  # paused by its storage (a full disk): it runs on once the storage takes writes again
         if observed is not None and observed.guest_resets:
             detail = "; ".join(observed.guest_resets)
             if spec.workload is not None and m.verify_guest:
@@ -388,7 +409,7 @@ class Controller:
         dst_state = dst.state if dst is not None else RunState.ABSENT
         if RunState.UNREACHABLE in (src_state, dst_state):
             raise LivemigError(f"VM {m.vm}: a QEMU does not answer (source {src_state}, destination {dst_state})")
-        if dst_state is RunState.RUNNING and src_state is not RunState.RUNNING:
+        if _has_guest(dst) and src_state is not RunState.RUNNING:
             # QEMU completed the migration after all: the destination *is* the VM now, and the source
             # holds a stale copy that must never run again. The only way is forward.
             m.reason, m.rollback_to = "", None
@@ -425,6 +446,15 @@ class Controller:
             return None
         never_ran = dst is not None and dst.resumed_at is None and dst.state in (RunState.INMIGRATE, RunState.PRELAUNCH)
         return None if never_ran else "the destination received the guest and is gone; the source's copy is stale"
+
+
+def _has_guest(observed: VmStatus | None) -> bool:
+    """Does this destination QEMU hold the guest (it ran there, even if it is paused now)? A
+    guest paused on an I/O error ran: that is how it met the error."""
+    if observed is None or observed.state is RunState.ABSENT:
+        return False
+    return (observed.state in (RunState.RUNNING, RunState.IO_ERROR)
+            or (observed.resumed_at is not None and observed.state is not RunState.INMIGRATE))  # fmt: skip
 
 
 def _runs_disk_workload(spec: VmSpec) -> bool:

@@ -64,7 +64,8 @@ class RunState(StrEnum):
 
 
 #: runstates in which ``cont`` makes a stopped source guest run again
-RESUMABLE = frozenset({RunState.PAUSED, RunState.POSTMIGRATE, RunState.PRELAUNCH, RunState.FINISH_MIGRATE})
+RESUMABLE = frozenset({RunState.PAUSED, RunState.POSTMIGRATE, RunState.PRELAUNCH, RunState.FINISH_MIGRATE,
+                       RunState.IO_ERROR})  # fmt: skip
 
 
 class VmRole(StrEnum):
