@@ -241,7 +241,13 @@ class ChaosRunner:
                 run.notes.append(f"blockd's disk filled ({taken >> 20} MiB)")
                 if fault.free_after is not None:
                     undo.append((fault.free_after, env.filler.free))
-        if pinned is not None and not any(isinstance(f, Signal) and f.sig == "stop" for f in scenario.inject):
+        # the pin lets go now (the stage was reached, the fault is in), unless its own process is the
+        # one stopped: then it can only be released once that process runs again
+        pin_frozen = pinned is not None and any(
+            isinstance(f, Signal) and f.sig == "stop" and self._role(f.target, run) == pinned.role
+            for f in scenario.inject
+        )
+        if pinned is not None and not pin_frozen:
             self._release(pinned)
         elapsed = 0.0
         for delay, action in sorted(undo, key=lambda u: u[0]):

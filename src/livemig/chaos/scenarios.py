@@ -211,6 +211,7 @@ def _lmo() -> list[Scenario]:
             Arm("hostd-src", "hostd.switchover", "hang", release_after=3),
             Arm("lmo", "controller.before.Switchover", "error"),
             why="an error while the source is still paused at pre-switchover: cancel, the source resumes",
+            ci=True,
         ),
         _s(
             "switchover",
@@ -659,6 +660,7 @@ def _vswitch() -> list[Scenario]:
             Arm("vswitch-dst", "vswitch.handoff", "error"),
             why=cancel,
             needs=nic,
+            ci=True,
         ),
         _s(
             "switchover",
@@ -723,6 +725,7 @@ def _qemu() -> list[Scenario]:
             BACK,
             Arm("hostd-src", "hostd.src.qmp.migrate.reply", "error"),
             why="QEMU's answer to migrate is lost: hostd must cancel QEMU's migration before it gives up",
+            ci=True,
         ),
         _s(
             "precopy",
@@ -749,6 +752,7 @@ def _qemu() -> list[Scenario]:
             OK,
             Arm("hostd-src", "hostd.src.qmp.migrate-continue.reply", "error"),
             why="QEMU did continue and completed: the migration must go forward, never resume the source",
+            ci=True,
         ),
         _s(
             "switchover",
@@ -897,6 +901,7 @@ def _specials() -> list[Scenario]:
             DiskFull(free_after=FREEZE_S),
             why="the fence cannot be recorded: retried until there is room; the source stays paused",
             needs=("disk", "volume"),
+            ci=True,
         ),
     ]
 
