@@ -159,7 +159,8 @@ class Controller:
     async def _preparing_target(self, m: Migration) -> None:
         spec, _ = self.store.vm(m.vm)
         exports = await self.volumes.ensure_attached(spec, m.destination)
-        uri = (await self.host(m.destination).run(hostd.prepare_incoming(spec, exports))).uri
+        policies = m.params.resolved_policies()
+        uri = (await self.host(m.destination).run(hostd.prepare_incoming(spec, exports, policies))).uri
         m.incoming_uri = uri
         m.set_condition(ConditionType.TARGET_PREPARED, True, uri)
         m.transition(Phase.SYNCING_FLOWS, f"destination listening on {uri}")
@@ -199,19 +200,24 @@ class Controller:
             spec, _ = self.store.vm(m.vm)
             job = await source.run(hostd.migrate(m.vm, m.incoming_uri, m.params, self._handoffs(m, spec)))
             held_by = job.enforced_by or "QEMU max-bandwidth (no tc on loopback hosts)"
-            m.set_condition(ConditionType.MIGRATION_STARTED, True, m.incoming_uri)
+            m.set_condition(ConditionType.MIGRATION_STARTED, True,
+                            f"{m.incoming_uri}; {m.params.resolved_policies().describe()}")  # fmt: skip
             m.set_condition(
                 ConditionType.BANDWIDTH_ENFORCED, True, f"{m.params.max_bandwidth_mib_s} MiB/s held by {held_by}"
             )
         self._absorb(m, job)
         if m.phase is Phase.PRECOPY and job.state is JobState.RUNNING:
             spec, _ = self.store.vm(m.vm)
-            started = m.timeline[-1].at
-            verdict = judge(job.samples, m.params.policy, m.params.max_bandwidth_mib_s, spec.memory_mib, started)
+            started = m.phase_started(Phase.PRECOPY) or m.timeline[-1].at
+            policies = m.params.resolved_policies()
+            verdict = judge(job.samples, m.params.policy, m.params.max_bandwidth_mib_s, spec.memory_mib, started,
+                            policies)  # fmt: skip
             if verdict.abort:
                 await source.run(hostd.cancel_migration(m.vm))
                 self._fail(m, Phase.ABORTING, verdict.reason, end=Phase.ABORTED)
                 return
+            if policies.auto_converge.enabled:
+                self._note_throttle(m, job, verdict.throttled)
             await self._sync_flow_deltas(m, spec)
         if m.phase is Phase.PRECOPY:
             pause = next((e for e in job.events if e.status in ("pre-switchover", "device")), None)
@@ -225,6 +231,21 @@ class Controller:
             m.transition(Phase.CUTTING_OVER, "QEMU reports the migration completed", **stats)
         elif job.state in (JobState.FAILED, JobState.CANCELLED):
             self._fail(m, Phase.ABORTING, f"QEMU reports migration {job.state.value}: {job.error or 'no detail'}")
+
+    @staticmethod
+    def _note_throttle(m: Migration, job: SourceMigrationStatus, why: str) -> None:
+        """Per pre-copy round, the throttle auto-converge holds the vCPUs at, once QEMU throttles
+        or the judgement would otherwise abort: the timeline shows how the guest was slowed."""
+        if not job.samples:
+            return
+        last = job.samples[-1]
+        noted = [e.data for e in m.timeline if e.phase is Phase.PRECOPY and "throttle_pct" in e.data]
+        if (last.cpu_throttle_pct == 0 and not why) or (noted and noted[-1]["round"] >= last.dirty_sync_count):
+            return
+        message = f"round {last.dirty_sync_count}: vCPUs throttled {last.cpu_throttle_pct}%"
+        m.note(f"{message}; {why}" if why else message, round=last.dirty_sync_count,
+               throttle_pct=last.cpu_throttle_pct, dirty_mib_s=round(last.dirty_rate_mib_s, 1),
+               remaining_mib=round(last.remaining_bytes / (1024 * 1024), 1))  # fmt: skip
 
     async def _sync_flow_deltas(self, m: Migration, spec: VmSpec) -> None:
         """About once a second of pre-copy, copy the flows changed since the destination's version

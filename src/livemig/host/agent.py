@@ -25,10 +25,10 @@ from livemig.host.qemu import TCG_RAM_TRIM_KIB, VmPaths, command_line, needs_tcg
 from livemig.host.qmp import event_time
 from livemig.host.runtime import LocalQemu, QemuRuntime, Qmp
 from livemig.host.shaping import MigrationShaper
-from livemig.host.source import SourceMigration
+from livemig.host.source import SourceMigration, policy_capabilities, policy_parameters
 from livemig.host.vnics import VswitchPorts
 from livemig.model.host import HostInfo
-from livemig.model.migration import MigrationParams
+from livemig.model.migration import MigrationParams, MigrationPolicies
 from livemig.model.vm import RESUMABLE, NbdExport, RunState, VmRole, VmSpec, VolumeDevice
 from livemig.region.hostns import MIGRATION_DEVICE
 from livemig.statefile import StateFile
@@ -57,6 +57,7 @@ class VmRecord(BaseModel):
     resumed_at: float | None = None
     guest_resets: list[str] = Field(default_factory=list)
     exports: dict[str, NbdExport] = Field(default_factory=dict)
+    policies: MigrationPolicies | None = None  # an incoming VM's: what its QEMU was told to expect
 
 
 class ManagedVm(VmRecord):
@@ -231,12 +232,19 @@ class HostAgent:
             log.info("started VM %s (pid %d, %s)", spec.name, pid, vm.role)
             return vm
 
-    async def prepare_incoming(self, spec: VmSpec, exports: dict[str, NbdExport] | None = None) -> str:
-        """Start a suspended destination listening on this host's migration address; idempotent."""
+    async def prepare_incoming(
+        self, spec: VmSpec, exports: dict[str, NbdExport] | None = None, policies: MigrationPolicies | None = None
+    ) -> str:
+        """Start a suspended destination listening on this host's migration address; idempotent.
+
+        The migration's multifd settings are set before QEMU listens: its channels and compression
+        must match the source's, or the stream cannot be read."""
+        policies = policies or MigrationPolicies()
         existing = self.vms.get(spec.name)
         if existing is not None:
             if (existing.role is VmRole.INCOMING and existing.incoming_uri and existing.spec == spec
-                    and existing.exports == (exports or {})):  # fmt: skip
+                    and existing.exports == (exports or {})
+                    and (existing.policies or MigrationPolicies()) == policies):  # fmt: skip
                 return existing.incoming_uri
             raise Conflict(f"VM {spec.name!r} already exists on host {self.name} ({existing.role})")
         if spec.boot.kernel is None or spec.boot.initrd is None:
@@ -247,8 +255,10 @@ class HostAgent:
         vm = await self.create(spec, incoming=True, exports=exports)
         await asyncio.sleep(0)  # the watcher's listener is registered before the migration can start
         try:
-            await vm.qmp.execute("migrate-set-capabilities",
-                                 {"capabilities": [{"capability": "events", "state": True}]})  # fmt: skip
+            await vm.qmp.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "events", "state": True}, *policy_capabilities(policies, source=False)]})  # fmt: skip
+            await vm.qmp.execute("migrate-set-parameters", policy_parameters(policies))
+            vm.policies = policies
             await vm.qmp.execute("migrate-incoming", {"uri": f"tcp:{self.migration_address}:0"})
             reply = await vm.qmp.execute("query-migrate")
             sockets = reply.get("socket-address") or []

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +21,18 @@ from livemig.errors import BootstrapError, InvalidRequest
 from livemig.model.vm import RESERVED_PCI_SLOT, NbdExport, NicDevice, RngDevice, VmSpec, VolumeDevice
 
 QEMU_BINARY = "qemu-system-x86_64"
+
+#: Where QEMU writes its migration trace (``LIVEMIG_QEMU_TRACE_DIR``), one file per QEMU started.
+TRACE_DIR_ENV = "LIVEMIG_QEMU_TRACE_DIR"
+#: The trace points that split a migration's pause into its parts: the final dirty-bitmap sync,
+#: the device state saved and loaded, the destination's last section and its start. Per-page
+#: points are left out (they would cost more than they measure).
+TRACE_EVENTS = (
+    "migration_bitmap_sync_start", "migration_bitmap_sync_end", "migration_completion_vm_stop",
+    "savevm_state_complete_precopy", "vmstate_save", "migrate_set_state",
+    "qemu_loadvm_state_section_startfull", "vmstate_load", "qemu_loadvm_state_post_main",
+    "loadvm_state_cleanup", "vm_state_notify",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -197,6 +210,25 @@ def command_line(
                 "-blockdev", json.dumps(blockdev, separators=(",", ":")),
                 "-device", f"virtio-blk-pci,id={device.id},drive=vol_{device.id},bus={bus},addr={device.pci_addr}",
             ]  # fmt: skip
+    argv += trace_arguments(spec, incoming)
     if incoming:
         argv += ["-incoming", "defer"]
+    return argv
+
+
+def trace_arguments(spec: VmSpec, incoming: bool, environ: dict[str, str] | None = None) -> list[str]:
+    """QEMU's own trace of a migration's pause, when ``$LIVEMIG_QEMU_TRACE_DIR`` names a directory.
+
+    Why an environment switch and not a spec field: tracing is a measurement (bench/pause.py reads
+    the files), not part of a VM; a migration's two QEMUs must keep the same device layout, and
+    trace options are no part of it. Timestamps (``-msg timestamp=on``) are wall clock, so both
+    sides' lines and QMP events share one time line.
+    """
+    directory = (os.environ if environ is None else environ).get(TRACE_DIR_ENV)
+    if not directory:
+        return []
+    log = Path(directory) / f"{spec.name}-{'in' if incoming else 'out'}-{time.time_ns()}.log"
+    argv = ["-msg", "timestamp=on", "-D", str(log)]
+    for event in TRACE_EVENTS:
+        argv += ["-trace", f"enable={event}"]
     return argv

@@ -22,7 +22,7 @@ from livemig.faults.points import fault_point
 from livemig.host.qmp import event_time
 from livemig.host.runtime import Qmp
 from livemig.host.shaping import ShapedMigration
-from livemig.model.migration import MigrationParams, MigrationSample, MigrationStats
+from livemig.model.migration import Compression, MigrationParams, MigrationPolicies, MigrationSample, MigrationStats
 from livemig.wire.hostd import JobState, MigrationEvent, SourceMigrationStatus, VnicHandoff
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,39 @@ def sample_from(reply: dict[str, Any]) -> MigrationSample:
         mbps=float(ram.get("mbps", 0.0)),
         dirty_sync_count=ram.get("dirty-sync-count", 0),
         expected_downtime_ms=reply.get("expected-downtime"),
+        pages_sent=ram.get("normal", 0) + reply.get("xbzrle-cache", {}).get("pages", 0),
+        cpu_throttle_pct=reply.get("cpu-throttle-percentage", 0),
     )
+
+
+def policy_capabilities(policies: MigrationPolicies, *, source: bool) -> list[dict[str, Any]]:
+    """QEMU's capabilities for the policies. Every one is set, on or off, so a QEMU that migrated
+    before with other policies forgets them. The destination needs multifd only (auto-converge and
+    XBZRLE act on the sending side; XBZRLE pages decode anywhere)."""
+    capabilities = [{"capability": "multifd", "state": policies.multifd}]
+    if source:
+        capabilities += [
+            {"capability": "auto-converge", "state": policies.auto_converge.enabled},
+            {"capability": "xbzrle", "state": policies.compression is Compression.XBZRLE},
+        ]
+    return capabilities
+
+
+def policy_parameters(policies: MigrationPolicies) -> dict[str, Any]:
+    """QEMU's migration parameters for the policies (both ends: multifd's must match)."""
+    ac = policies.auto_converge
+    parameters: dict[str, Any] = {
+        "cpu-throttle-initial": ac.initial_pct,
+        "cpu-throttle-increment": ac.increment_pct,
+        "max-cpu-throttle": ac.max_pct,
+        "multifd-compression": "zstd" if policies.compression is Compression.ZSTD else "none",
+        "multifd-zstd-level": policies.zstd_level,
+    }
+    if policies.multifd:
+        parameters["multifd-channels"] = policies.multifd_channels
+    if policies.compression is Compression.XBZRLE:  # QEMU refuses a cache larger than the guest's RAM
+        parameters["xbzrle-cache-size"] = policies.xbzrle_cache_mib * 1024 * 1024
+    return parameters
 
 
 def stats_from(reply: dict[str, Any], hook_ms: float | None, stopped_at: float | None = None) -> MigrationStats:
@@ -60,9 +92,10 @@ def stats_from(reply: dict[str, Any], hook_ms: float | None, stopped_at: float |
         rounds=ram.get("dirty-sync-count", 0),
         mbps=float(ram.get("mbps", 0.0)),
         duplicate_pages=ram.get("duplicate", 0),
-        normal_pages=ram.get("normal", 0),
+        pages_sent=ram.get("normal", 0) + reply.get("xbzrle-cache", {}).get("pages", 0),
         switchover_hook_ms=hook_ms,
         stopped_at=stopped_at,
+        xbzrle_pages=reply["xbzrle-cache"].get("pages") if "xbzrle-cache" in reply else None,
         error=reply.get("error-desc"),
     )
 
@@ -104,13 +137,14 @@ class SourceMigration:
 
     async def configure(self) -> None:
         """Set capabilities and parameters; separate so errors reach the API caller directly."""
+        policies = self.params.resolved_policies()
         await self.qmp.execute(
             "migrate-set-capabilities",
             {
                 "capabilities": [
                     {"capability": "events", "state": True},
                     {"capability": "pause-before-switchover", "state": self.params.pause_before_switchover},
-                    {"capability": "auto-converge", "state": self.params.policy.auto_converge},
+                    *policy_capabilities(policies, source=True),
                 ]
             },
         )
@@ -119,6 +153,7 @@ class SourceMigration:
             {
                 "downtime-limit": self.params.downtime_limit_ms,
                 "max-bandwidth": self.params.max_bandwidth_mib_s * 1024 * 1024,
+                **policy_parameters(policies),
             },
         )
 
@@ -142,6 +177,10 @@ class SourceMigration:
                         break
             reply = await self._final_reply()
             self.stats = stats_from(reply, self.hook_ms, self.stopped_at)
+            done = next((e for e in self.events if e.status == JobState.COMPLETED.value), None)
+            throttle = max((s.cpu_throttle_pct for s in self.samples), default=0)
+            self.stats.cpu_throttle_pct = throttle if self.params.resolved_policies().auto_converge.enabled else None
+            self.stats.completed_at = done.at.timestamp() if done is not None else None
             if self.shaped is not None:
                 self.stats.bandwidth_enforced_by = self.shaped.describe()
                 self.stats.shaped_bytes = await asyncio.to_thread(self.shaped.bytes_sent)

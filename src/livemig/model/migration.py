@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,83 @@ class ConvergencePolicy(BaseModel):
                                description="abort when dirty rate >= margin x bandwidth")  # fmt: skip
     completion_timeout_s_per_gib: float = Field(default=120.0, gt=0)
     no_progress_timeout_s: float = Field(default=30.0, gt=0)
-    auto_converge: bool = Field(default=False, description="let QEMU throttle the guest's vCPUs")
+
+
+class AutoConverge(BaseModel):
+    """QEMU's auto-converge: throttle the guest's vCPUs while pre-copy cannot keep up.
+
+    QEMU starts throttling once the guest dirtied more than half of what a round sent, two
+    rounds running, at ``initial_pct`` of the vCPUs' time, and adds ``increment_pct`` each later
+    round up to ``max_pct``. The guest runs slower until the switchover, instead of the migration
+    being aborted (see ``livemig.control.policy.judge``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    initial_pct: int = Field(default=20, ge=1, le=99, description="QEMU cpu-throttle-initial")
+    increment_pct: int = Field(default=10, ge=1, le=99, description="QEMU cpu-throttle-increment")
+    max_pct: int = Field(default=99, ge=1, le=99, description="QEMU max-cpu-throttle")
+
+    @model_validator(mode="after")
+    def _initial_within_max(self) -> AutoConverge:
+        if self.initial_pct > self.max_pct:
+            raise ValueError(f"auto-converge: initial throttle {self.initial_pct}% exceeds its maximum "
+                             f"{self.max_pct}%")  # fmt: skip
+        return self
+
+
+class Compression(StrEnum):
+    """How pages are compressed on the wire: XBZRLE (deltas against a cache of pages sent before,
+    on the one stream) or zstd (each multifd channel compresses its packets)."""
+
+    NONE = "none"
+    XBZRLE = "xbzrle"
+    ZSTD = "zstd"
+
+
+class MigrationPolicies(BaseModel):
+    """What peers (Nova, KubeVirt) let users choose for a guest that pre-copy struggles with.
+
+    Set per VM (``VmSpec.migration``) or per migration (``MigrationParams.policies``, which wins);
+    the LMO resolves them when a migration is created, so its record says what QEMU was told.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    auto_converge: AutoConverge = Field(default_factory=AutoConverge)
+    multifd_channels: int = Field(default=0, ge=0, le=64,
+                                  description="parallel streams (QEMU multifd); 0: QEMU's one stream")  # fmt: skip
+    compression: Compression = Compression.NONE
+    xbzrle_cache_mib: int = Field(default=64, ge=1, le=65536, description="XBZRLE's cache of sent pages")
+    zstd_level: int = Field(default=1, ge=0, le=20, description="multifd-zstd-level")
+
+    @model_validator(mode="after")
+    def _compression_fits_the_streams(self) -> MigrationPolicies:
+        if self.compression is Compression.ZSTD and self.multifd_channels == 0:
+            raise ValueError("zstd compression runs on multifd channels: set multifd_channels >= 1")
+        if self.compression is Compression.XBZRLE and self.multifd_channels > 0:
+            raise ValueError("XBZRLE works on QEMU's single stream only: use zstd with multifd, "
+                             "or multifd_channels 0")  # fmt: skip
+        return self
+
+    @property
+    def multifd(self) -> bool:
+        return self.multifd_channels > 0
+
+    def describe(self) -> str:
+        """One line for the timeline and the pre-flight report."""
+        ac = self.auto_converge
+        parts = [f"auto-converge {ac.initial_pct}%+{ac.increment_pct}% up to {ac.max_pct}%" if ac.enabled
+                 else "no auto-converge",
+                 f"multifd {self.multifd_channels} channels" if self.multifd else "one stream"]  # fmt: skip
+        if self.compression is Compression.XBZRLE:
+            parts.append(f"XBZRLE cache {self.xbzrle_cache_mib} MiB")
+        elif self.compression is Compression.ZSTD:
+            parts.append(f"zstd level {self.zstd_level}")
+        else:
+            parts.append("no compression")
+        return ", ".join(parts)
 
 
 class ConcurrencyLimits(BaseModel):
@@ -83,6 +159,13 @@ class MigrationParams(BaseModel):
     min_bandwidth_mib_s: int = Field(default=32, ge=1, le=1_000_000,
                                      description="admission: start only when this much is free both ways")  # fmt: skip
     limits: ConcurrencyLimits = Field(default_factory=ConcurrencyLimits)
+    policies: MigrationPolicies | None = Field(
+        default=None, description="auto-converge, multifd, compression; None: the VM's own (VmSpec.migration)"
+    )
+
+    def resolved_policies(self) -> MigrationPolicies:
+        """The policies QEMU is told (the LMO resolves None from the VM spec when it creates one)."""
+        return self.policies or MigrationPolicies()
 
 
 class MigrationSample(BaseModel):
@@ -98,6 +181,12 @@ class MigrationSample(BaseModel):
     mbps: float = 0.0
     dirty_sync_count: int = 0
     expected_downtime_ms: int | None = None
+    pages_sent: int = Field(
+        default=0,
+        description="RAM pages sent so far, whole or as XBZRLE deltas "
+        "(with compression, more than the bytes on the wire say)",
+    )
+    cpu_throttle_pct: int = Field(default=0, description="auto-converge's current throttle of the vCPUs")
 
     @property
     def dirty_rate_mib_s(self) -> float:
@@ -120,6 +209,9 @@ class MigrationStats(BaseModel):
         default=None, description="time between pre-switchover event and migrate-continue"
     )
     stopped_at: float | None = Field(default=None, description="Unix time QEMU stopped the source guest")
+    completed_at: float | None = Field(
+        default=None, description="Unix time the source QEMU said completed (it had sent everything)"
+    )
     guest_pause_ms: float | None = Field(
         default=None,
         description="source STOP to destination RESUME: the pause the guest saw (QEMU's downtime ends "
@@ -129,6 +221,8 @@ class MigrationStats(BaseModel):
         default=None, description="the tc class that held the stream to its share (namespace hosts)"
     )
     shaped_bytes: int | None = Field(default=None, description="bytes that tc class passed")
+    cpu_throttle_pct: int | None = Field(default=None, description="the most auto-converge throttled the vCPUs")
+    xbzrle_pages: int | None = Field(default=None, description="pages XBZRLE sent as deltas")
     error: str | None = None
 
 
@@ -194,6 +288,15 @@ class Migration(BaseModel):
         self.phase = phase
         self.timeline.append(TimelineEntry(at=at or utcnow(), phase=phase, message=message, data=data))
         log.info("migration %s (%s): %s %s", self.id, self.vm, phase.value, message)
+
+    def note(self, message: str, **data: Any) -> None:
+        """Say something in the timeline without a phase change (e.g. a pre-copy round's throttle)."""
+        self.timeline.append(TimelineEntry(at=utcnow(), phase=self.phase, message=message, data=data))
+        log.info("migration %s (%s): %s %s", self.id, self.vm, self.phase.value, message)
+
+    def phase_started(self, phase: Phase) -> datetime | None:
+        """When the migration first entered ``phase`` (notes within a phase do not move it)."""
+        return next((e.at for e in self.timeline if e.phase is phase), None)
 
     def condition(self, type_: ConditionType) -> Condition | None:
         return next((c for c in self.conditions if c.type is type_), None)

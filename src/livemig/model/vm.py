@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from livemig.model.migration import MigrationPolicies
+
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 # livemig's own virtio-serial command channel sits here in every VM (host/qemu.py)
@@ -167,6 +169,10 @@ class VmSpec(_Strict):
                               description="KiB left off the guest's RAM; hostd pins 8 under TCG, where a "
                               "RAM size that is a multiple of 256 KiB loses guest writes during pre-copy "
                               "(host/qemu.py: TCG_RAM_TRIM_KIB)")  # fmt: skip
+    migration: MigrationPolicies | None = Field(
+        default=None,
+        description="how this VM migrates (auto-converge, multifd, compression) unless a migration says otherwise",
+    )
 
     @field_validator("devices")
     @classmethod
