@@ -89,13 +89,14 @@ def main() -> int:
     parser.add_argument("--memory", type=int, default=512, help="guest memory, MiB")
     parser.add_argument("--wss", type=int, default=128, help="guest working set, MiB")
     parser.add_argument("--no-trace", action="store_true", help="no QEMU trace (QMP event times only)")
+    parser.add_argument("--keep-trace", type=Path, help="write QEMU's trace files here and keep them")
     args = parser.parse_args()
 
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in SETTINGS}
     with tempfile.TemporaryDirectory(prefix="livemig-bench-") as tmp:
-        trace_dir = None if args.no_trace else Path(tmp) / "trace"
+        trace_dir = None if args.no_trace else args.keep_trace or Path(tmp) / "trace"
         if trace_dir is not None:
-            trace_dir.mkdir()
+            trace_dir.mkdir(parents=True, exist_ok=True)
             os.environ[TRACE_DIR_ENV] = str(trace_dir)  # hostd passes it on to every QEMU it starts
         region = Region(Path(tmp) / "region")
         config = region.up()

@@ -10,12 +10,20 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.table import Table
 
 from livemig.errors import LivemigError
-from livemig.model.migration import ConcurrencyLimits, MigrationParams, Phase
+from livemig.model.migration import (
+    AutoConverge,
+    Compression,
+    ConcurrencyLimits,
+    MigrationParams,
+    MigrationPolicies,
+    Phase,
+)
 from livemig.model.vm import VmSpec, WorkloadSpec
 from livemig.region.local import Region, default_state_dir
 from livemig.wire import lmo as wire_lmo
@@ -38,6 +46,16 @@ Url = Annotated[str | None, typer.Option("--url", help="LMO URL (default: $LIVEM
 def fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
+
+
+def _first_error(exc: ValueError) -> str:
+    """pydantic's first complaint in one line (its full text spans many)."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        message = str(first["msg"]).removeprefix("Value error, ")
+        return f"{where}: {message}" if where else message
+    return str(exc)
 
 
 def lmo(url: str | None, state_dir: Path | None = None) -> LmoClient:
@@ -418,10 +436,23 @@ def migrate(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="return once accepted")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="only run the pre-flight checks")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the final record as JSON")] = False,
+    auto_converge: Annotated[
+        bool | None, typer.Option("--auto-converge/--no-auto-converge", help="throttle the vCPUs rather than abort")
+    ] = None,
+    throttle_initial: Annotated[int, typer.Option(help="auto-converge: first throttle, %")] = 20,
+    throttle_increment: Annotated[int, typer.Option(help="auto-converge: added per round, %")] = 10,
+    max_throttle: Annotated[int, typer.Option(help="auto-converge: the most, %")] = 99,
+    multifd: Annotated[int | None, typer.Option(help="parallel migration streams (0: one)")] = None,
+    compression: Annotated[str | None, typer.Option(help="none, xbzrle or zstd (zstd needs --multifd)")] = None,
+    xbzrle_cache_mib: Annotated[int, typer.Option(help="XBZRLE's cache, MiB")] = 64,
+    zstd_level: Annotated[int, typer.Option(help="zstd's level")] = 1,
     url: Url = None,
     state_dir: StateDir = None,
 ) -> None:
-    """Live-migrate VM to another host, with a live progress bar."""
+    """Live-migrate VM to another host, with a live progress bar.
+
+    Without any policy option the VM's own policies (its spec's ``migration``) apply; with one,
+    this migration's policies are exactly what the options say."""
     from livemig.cli.progress import follow, stats_line, timeline_table
 
     params = MigrationParams()
@@ -429,6 +460,16 @@ def migrate(
         params.downtime_limit_ms = downtime_ms
     if bandwidth is not None:
         params.max_bandwidth_mib_s = bandwidth
+    if auto_converge is not None or multifd is not None or compression is not None:
+        try:
+            params.policies = MigrationPolicies(
+                auto_converge=AutoConverge(enabled=bool(auto_converge), initial_pct=throttle_initial,
+                                           increment_pct=throttle_increment, max_pct=max_throttle),
+                multifd_channels=multifd or 0, compression=Compression(compression or "none"),
+                xbzrle_cache_mib=xbzrle_cache_mib, zstd_level=zstd_level,
+            )  # fmt: skip
+        except ValueError as exc:  # pydantic's ValidationError is one
+            fail(f"migration policies: {_first_error(exc)}")
     with lmo(url, state_dir) as client:
         if dry_run:
             report = client.preflight(vm, to, params)
@@ -439,6 +480,8 @@ def migrate(
                 for check in report.checks:
                     table.add_row(check.name, "[green]ok[/]" if check.ok else "[red]FAIL[/]", check.detail)
                 out.print(table)
+                if report.policies is not None:
+                    out.print(f"policies: {report.policies.describe()}")
             raise typer.Exit(0 if report.ok else 1)
         migration = client.migrate(vm, to, params)
         if no_wait:
