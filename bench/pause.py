@@ -78,7 +78,7 @@ def pause_steps(m: Migration, trace_dir: Path | None) -> dict[str, float | None]
     resumed = stats.stopped_at + stats.guest_pause_ms / 1000 if stats.guest_pause_ms is not None else None
     switchover = next((e.at.timestamp() for e in m.timeline if e.phase is Phase.SWITCHOVER), None)
     return split_pause(trace_dir, stats.stopped_at, resumed,
-                       pre_switchover_at=switchover if m.params.pause_before_switchover else None,
+                       pre_switchover_at=switchover if stats.switchover_hook_ms is not None else None,
                        completed_at=stats.completed_at)  # fmt: skip
 
 

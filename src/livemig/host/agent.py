@@ -24,6 +24,9 @@ from livemig.host.accel import AccelChoice
 from livemig.host.qemu import TCG_RAM_TRIM_KIB, VmPaths, command_line, needs_tcg_ram_trim, resolve_machine
 from livemig.host.qmp import event_time
 from livemig.host.runtime import LocalQemu, QemuRuntime, Qmp
+from livemig.host.segment import close_all as close_segment_sockets
+from livemig.host.segment import netdev as segment_netdev
+from livemig.host.segment import open_segment_sockets
 from livemig.host.shaping import MigrationShaper
 from livemig.host.source import SourceMigration, policy_capabilities, policy_parameters
 from livemig.host.vnics import VswitchPorts
@@ -207,16 +210,21 @@ class HostAgent:
                 shutil.rmtree(paths.root)
             paths.root.mkdir(parents=True)
             netdevs = await self.ports.attach(spec, hold=incoming)
+            segments = open_segment_sockets(spec)
+            netdevs.update({nic_id: segment_netdev(nic_id, sock) for nic_id, sock in segments.items()})
             argv = command_line(spec, paths, self.accel.name, incoming=incoming, binary=self.runtime.binary(),
                                 exports=exports, netdevs=netdevs)  # fmt: skip
             if self.netns:  # the NIC socket is a passed fd, so it stays in hostd's namespace
                 argv = ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
             try:
-                pid = await self.runtime.launch(argv, self.ports.pass_fds(spec), paths)
+                fds = [*self.ports.pass_fds(spec), *(sock.fileno() for sock in segments.values())]
+                pid = await self.runtime.launch(argv, fds, paths)
             except QemuError as exc:
                 shutil.rmtree(paths.root, ignore_errors=True)
                 await self.ports.detach(spec)
                 raise QemuError(f"QEMU refused to start VM {spec.name}: {exc.message}", vm=spec.name) from None
+            finally:
+                close_segment_sockets(segments)  # QEMU holds its own copies
             vm = ManagedVm(spec=spec, paths=paths, pid=pid, role=VmRole.INCOMING if incoming else VmRole.RUNNING,
                            qmp=self.runtime.qmp(f"{self.name}/{spec.name}"), argv=argv,
                            exports=dict(exports or {}))  # fmt: skip

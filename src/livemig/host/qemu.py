@@ -182,9 +182,9 @@ def command_line(
     for device in spec.devices:
         bus = "pcie.0" if "q35" in spec.machine else "pci.0"
         if isinstance(device, NicDevice):
-            if device.backend == "vswitch":
+            if device.backend in ("vswitch", "segment"):
                 if device.id not in netdevs:
-                    raise InvalidRequest(f"VM {spec.name}: NIC {device.id} has no vswitch port")
+                    raise InvalidRequest(f"VM {spec.name}: NIC {device.id} has no {device.backend} port")
                 argv += ["-netdev", netdevs[device.id]]
             elif device.backend == "user":
                 argv += ["-netdev", f"user,id=net_{device.id},restrict=on"]

@@ -153,7 +153,10 @@ class MigrationParams(BaseModel):
 
     downtime_limit_ms: int = Field(default=20, ge=1, le=60_000)
     max_bandwidth_mib_s: int = Field(default=2048, ge=1, le=1_000_000)
-    pause_before_switchover: bool = True
+    pause_before_switchover: bool = Field(
+        default=True,
+        description="stop at QEMU's pre-switchover for hostd's hooks (only taken when a VNIC is handed over there)",
+    )
     timeout_s: float = Field(default=300.0, gt=0, le=86_400)
     policy: ConvergencePolicy = Field(default_factory=ConvergencePolicy)
     min_bandwidth_mib_s: int = Field(default=32, ge=1, le=1_000_000,

@@ -83,19 +83,25 @@ class _Strict(BaseModel):
 
 class NicDevice(_Strict):
     """A virtio NIC. ``backend`` says where its frames go: ``vswitch`` (the VCN dataplane, as VNIC
-    ``vnic``), ``user`` (QEMU's restricted slirp) or ``none``."""
+    ``vnic``), ``segment`` (a plain shared L2 segment on this machine: every port hears every
+    frame, so a migration needs no hand-off; the reference of bench/blackout.py), ``user``
+    (QEMU's restricted slirp) or ``none``."""
 
     kind: Literal["nic"] = "nic"
     id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,30}$")
     pci_addr: str
     mac: str
-    backend: Literal["vswitch", "user", "none"] = "user"
+    backend: Literal["vswitch", "segment", "user", "none"] = "user"
     vnic: str | None = Field(default=None, description="the VNIC this NIC is (backend vswitch)")
+    segment: str | None = Field(default=None, pattern=r"^127\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d{1,5}$",
+                                description="the segment's hub, a loopback host:port (backend segment)")  # fmt: skip
 
     @model_validator(mode="after")
     def _vnic_iff_vswitch(self) -> NicDevice:
         if (self.backend == "vswitch") != (self.vnic is not None):
             raise ValueError(f"NIC {self.id}: a vnic is named exactly when the backend is vswitch")
+        if (self.backend == "segment") != (self.segment is not None):
+            raise ValueError(f"NIC {self.id}: a segment is named exactly when the backend is segment")
         return self
 
     @field_validator("mac")
