@@ -205,6 +205,7 @@ class Controller:
             m.set_condition(
                 ConditionType.BANDWIDTH_ENFORCED, True, f"{m.params.max_bandwidth_mib_s} MiB/s held by {held_by}"
             )
+            m.note(f"the source QEMU reports {_settings_line(job.qemu_settings)}", qemu=job.qemu_settings)
         self._absorb(m, job)
         if m.phase is Phase.PRECOPY and job.state is JobState.RUNNING:
             spec, _ = self.store.vm(m.vm)
@@ -381,6 +382,13 @@ class Controller:
         spec, _ = self.store.vm(m.vm)
         if vm_vnics(spec):
             await self.network.push(self._in_flight(m))  # dual ingress off: only the source again
+
+
+def _settings_line(settings: dict[str, object]) -> str:
+    """QEMU's read-back settings in one line: the capabilities on, then the parameters."""
+    on = [k for k, v in settings.items() if v is True]
+    values = [f"{k}={v}" for k, v in settings.items() if not isinstance(v, bool)]
+    return f"capabilities on: {', '.join(on) or 'none'}; {', '.join(values)}"
 
 
 def _runs_disk_workload(spec: VmSpec) -> bool:

@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 SAMPLE_INTERVAL_S = 0.1
 FINAL_STATUSES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 SwitchoverHook = Callable[[], Awaitable[None]]
+#: the capabilities and parameters a migration's record shows as QEMU reports them
+REPORTED_CAPABILITIES = ("pause-before-switchover", "auto-converge", "multifd", "xbzrle")
+REPORTED_PARAMETERS = ("downtime-limit", "max-bandwidth", "cpu-throttle-initial", "cpu-throttle-increment",
+                       "max-cpu-throttle", "multifd-channels", "multifd-compression", "multifd-zstd-level",
+                       "xbzrle-cache-size")  # fmt: skip
 
 
 def sample_from(reply: dict[str, Any]) -> MigrationSample:
@@ -131,6 +136,7 @@ class SourceMigration:
         self.task: asyncio.Task[None] | None = None
         self.shaped = shaped  # the tc class holding this stream to its share (namespace hosts)
         self.handoffs = list(handoffs or [])  # VNICs handed over inside the pause (agent.py)
+        self.qemu_settings: dict[str, Any] = {}
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"migrate-{self.vm}")
@@ -168,6 +174,17 @@ class SourceMigration:
                 **policy_parameters(policies),
             },
         )
+        self.qemu_settings = await self._read_back()
+
+    async def _read_back(self) -> dict[str, Any]:
+        """The migration settings as the source QEMU reports them, for the record: the timeline
+        then shows QEMU's word for each policy, not only what was asked."""
+        capabilities = await self.qmp.execute("query-migrate-capabilities")
+        parameters: dict[str, Any] = await self.qmp.execute("query-migrate-parameters")
+        caps = {
+            str(c["capability"]): bool(c["state"]) for c in capabilities if c["capability"] in REPORTED_CAPABILITIES
+        }
+        return {**caps, **{k: v for k, v in parameters.items() if k in REPORTED_PARAMETERS}}
 
     async def _run(self) -> None:
         sampler: asyncio.Task[None] | None = None
@@ -281,4 +298,5 @@ class SourceMigration:
             stats=self.stats,
             error=self.error,
             enforced_by=self.shaped.describe() if self.shaped is not None else None,
+            qemu_settings=dict(self.qemu_settings),
         )

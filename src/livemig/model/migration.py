@@ -235,6 +235,7 @@ class TimelineEntry(BaseModel):
     message: str = ""
     by: str = Field(default="", description="the LMO replica that took this step")
     data: dict[str, Any] = Field(default_factory=dict)
+    note: bool = Field(default=False, description="said within a phase (a round's throttle), not a transition")
 
 
 class ConditionType(StrEnum):
@@ -294,7 +295,7 @@ class Migration(BaseModel):
 
     def note(self, message: str, **data: Any) -> None:
         """Say something in the timeline without a phase change (e.g. a pre-copy round's throttle)."""
-        self.timeline.append(TimelineEntry(at=utcnow(), phase=self.phase, message=message, data=data))
+        self.timeline.append(TimelineEntry(at=utcnow(), phase=self.phase, message=message, data=data, note=True))
         log.info("migration %s (%s): %s %s", self.id, self.vm, self.phase.value, message)
 
     def phase_started(self, phase: Phase) -> datetime | None:

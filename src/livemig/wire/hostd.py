@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -123,6 +124,11 @@ class SourceMigrationStatus(BaseModel):
     stats: MigrationStats | None = None
     error: str | None = None
     enforced_by: str | None = Field(default=None, description="the tc class holding the stream to its share")
+    qemu_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what the source QEMU reports it was set to (query-migrate-capabilities "
+        "and -parameters, read back before migrate): the policies as QEMU has them",
+    )
 
 
 # ---------------------------------------------------------------------- routes
