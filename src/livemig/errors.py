@@ -12,7 +12,10 @@ CLI prints a one-line message for any ``LivemigError`` instead of a stack trace:
     ├── QemuError           500     QEMU refused to start or a QMP command failed
     ├── MigrationError      500     a migration step failed (carries the phase)
     ├── GuestError          500     the guest workload did not answer or reported a failure
-    └── BootstrapError      -       a prerequisite (package, image) is missing on this machine
+    ├── BootstrapError      -       a prerequisite (package, image) is missing on this machine
+    ├── CredentialError     500     a certificate or key is missing, malformed or not of this region
+    ├── Unauthenticated     401     the caller proved no identity
+    └── Forbidden           403     the caller's identity (role) may not do this
 """
 
 from __future__ import annotations
@@ -77,3 +80,19 @@ class GuestError(LivemigError):
 
 class BootstrapError(LivemigError):
     """The machine lacks a prerequisite (a Debian package, the guest image)."""
+
+
+class CredentialError(LivemigError):
+    """A certificate or key is missing, malformed, expired, or not issued by this region's CA."""
+
+
+class Unauthenticated(LivemigError):
+    """The caller proved no identity (no credential, or one that is not valid)."""
+
+    http_status = 401
+
+
+class Forbidden(LivemigError):
+    """The caller is known, but its role may not do this (a valid certificate of the wrong role)."""
+
+    http_status = 403
