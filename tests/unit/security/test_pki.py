@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from livemig.errors import Conflict, CredentialError, InvalidRequest, NotFound
@@ -152,7 +153,7 @@ def test_bad_input_is_refused_and_writes_nothing(
 def test_identity_needs_exactly_one_livemig_uri(region: Path) -> None:
     leaf = pki.issue(region, "x", Role.VSWITCH, ["x"])
     cert = pki.load_cert(leaf.cert)
-    assert pki.identity_of_der(cert.public_bytes(pki.serialization.Encoding.DER)).role is Role.VSWITCH
+    assert pki.identity_of_der(cert.public_bytes(serialization.Encoding.DER)).role is Role.VSWITCH
     ca = pki.load_cert(region / "ca-cert.pem")
     with pytest.raises(CredentialError, match="no subject alternative names"):
         pki.identity_of(ca)
