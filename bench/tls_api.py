@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from livemig.freeport import free_ports
+from livemig.region.freeport import free_ports
 from livemig.security import pki
 from livemig.security.pki import Identity, Role
 from livemig.security.tls import INSECURE_STATE, ReloadingServerContext, client_context, require_role, uvicorn_tls

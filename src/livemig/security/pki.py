@@ -309,6 +309,14 @@ def leaf_files(directory: Path, name: str, role: Role | str) -> LeafFiles:
     return LeafFiles(identity_of(cert), where / LEAF_CERT, where / LEAF_KEY, directory / CA_CERT)
 
 
+def leaf_from_paths(cert: Path, key: Path, ca: Path) -> LeafFiles:
+    """A leaf given by its three files (how a service on another machine is configured)."""
+    for path in (key, ca):
+        if not path.is_file():
+            raise NotFound(f"no such file: {path}")
+    return LeafFiles(identity_of(load_cert(cert)), cert, key, ca)
+
+
 def issue(
     directory: Path,
     name: str,

@@ -235,3 +235,20 @@ def require_role(*roles: Role) -> Callable[[Request], Identity | None]:
         return identity
 
     return dependency
+
+
+def roles_allowed(*roles: Role) -> Callable[[bytes], str | None]:
+    """A peer check for non-HTTP servers (blockd's NBD): None admits a certificate of ``roles``, else why not."""
+    allowed = frozenset(roles)
+    wanted = ", ".join(sorted(r.value for r in allowed))
+
+    def check(der: bytes) -> str | None:
+        try:
+            identity = identity_of_der(der)
+        except CredentialError as exc:
+            return exc.message
+        if identity.role not in allowed:
+            return f"certificate of {identity.uri} may not use this service (role {wanted} required)"
+        return None
+
+    return check

@@ -13,7 +13,7 @@ from typing import Any
 
 import uvicorn
 
-from livemig.freeport import free_port
+from livemig.region.freeport import free_port
 
 
 class ThreadedUvicorn:

@@ -27,7 +27,7 @@ from livemig.security import pki
 from livemig.security.pki import Identity, LeafFiles, Role
 from livemig.security.tls import INSECURE_STATE, ReloadingServerContext, client_context, require_role, uvicorn_tls
 from livemig.testing.tlsserver import ThreadedUvicorn
-from livemig.webutil import install_error_handlers
+from livemig.wire.server import install_error_handlers
 
 pytestmark = pytest.mark.skipif(
     shutil.which("curl") is None or shutil.which("openssl") is None,
