@@ -16,8 +16,8 @@ How a verifier reads the role: every leaf carries exactly one URI SAN
 OU or an extension of our own, because a SAN is covered by every TLS library's chain validation,
 is printed by ``openssl x509 -text`` for a human, and cannot be confused with a host name (a
 ``livemig:`` URI never matches a DNS or IP check). The subject repeats it for tools that only
-know distinguished names - QEMU's ``tls-authz`` compares the peer's DN - as
-``O=<region>, OU=<role>, CN=<name>``.
+know distinguished names - QEMU's ``tls-authz`` compares the peer's DN, as
+``O=<region>,OU=<role>,CN=<name>`` (``qemu_tls.authz_identity``).
 
 Each leaf names its host and every address it is reached on (API, migration and storage
 networks) in DNS and IP SANs: TLS clients check the address they dialled against those, and a
@@ -93,7 +93,8 @@ class Identity:
 
     @property
     def distinguished_name(self) -> str:
-        """The subject as RFC 4514 prints it (most specific first): what QEMU's ``tls-authz`` compares."""
+        """The subject as RFC 4514 prints it (most specific first; QEMU's ``tls-authz`` uses another order,
+        see ``qemu_tls.authz_identity``)."""
         return f"CN={self.name},OU={self.role.value},O={self.region}"
 
     def __str__(self) -> str:
