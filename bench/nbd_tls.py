@@ -2,7 +2,7 @@
 """What TLS costs blockd's NBD: the same blockd, plain vs forced TLS, the same client.
 
 Starts two real blockd processes (``python -m livemig.storage``) on fresh data dirs, one plain and
-one with a leaf from a fresh region CA (``--tls-cert``...), and a volume on each, filled once. Then
+one with a leaf from a fresh region CA, and a volume on each, filled once. Then
 ``nbdcopy`` (libnbd over GnuTLS, one connection; ``qemu-img bench`` of QEMU 7.2 cannot create the
 ``tls-creds-x509`` object a TLS connection needs) runs each workload ``--rounds`` times, alternating
 which server goes first:
@@ -31,7 +31,7 @@ from typing import Any
 
 from livemig.security import pki
 from livemig.security.pki import Role
-from livemig.storage.harness import MIB, BlockdProcess
+from livemig.testing.blockd import MIB, BlockdProcess
 
 SEQ = ["--connections=1", "--requests=16", "--request-size=1048576"]
 SMALL = ["--connections=1", "--requests=1", "--request-size=4096"]
@@ -58,10 +58,9 @@ def main() -> int:
         leaf = pki.issue(region, "blockd", Role.BLOCKD, ["127.0.0.1"])
         pki.issue(region, "host", Role.QEMU, ["127.0.0.1"])
         creds = pki.qemu_tls_dir(region, "host", base / "qemu-tls")
-        tls_args = ["--tls-cert", str(leaf.cert), "--tls-key", str(leaf.key), "--tls-ca", str(leaf.ca)]
         servers = {
             "plain": BlockdProcess(base / "plain", base / "plain.log"),
-            "tls": BlockdProcess(base / "tls", base / "tls.log", args=tls_args),
+            "tls": BlockdProcess(base / "tls", base / "tls.log", tls=leaf),
         }
         source = base / "source.raw"
         source.write_bytes(os.urandom(args.size_mib * MIB))

@@ -29,9 +29,9 @@ from typing import Any
 
 import pytest
 
-from livemig.freeport import free_ports
 from livemig.guest.image import GuestImage
 from livemig.host.qmp import QmpSession
+from livemig.region.freeport import free_ports
 from livemig.security import pki, qemu_tls
 from livemig.security.pki import Identity, Role
 
