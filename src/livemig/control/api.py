@@ -26,6 +26,7 @@ from livemig.control.network import KINDS, NetworkService, vm_vnics
 from livemig.control.preflight import PreflightReport, preflight
 from livemig.control.store import Store
 from livemig.control.volumes import VolumeOps
+from livemig.control.web import dashboard_router
 from livemig.errors import CapacityError, Conflict, HostUnreachable, InvalidRequest, LivemigError, NotFound
 from livemig.model.host import HostInfo, HostRegistration
 from livemig.model.migration import Migration, MigrationRequest, Phase
@@ -336,6 +337,8 @@ def create_app(
     async def maintenance(name: str, on: bool) -> HostRegistration:
         store.set_maintenance(name, on)
         return store.host(name)
+
+    app.include_router(dashboard_router(store, host_info=lambda name: host_client(name).info()))
 
     @app.get("/metrics")
     async def metrics() -> Response:
