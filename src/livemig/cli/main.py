@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -15,7 +15,7 @@ from rich.table import Table
 
 from livemig.client import LmoClient
 from livemig.errors import LivemigError
-from livemig.model.migration import MigrationParams
+from livemig.model.migration import Migration, MigrationParams
 from livemig.model.vm import VmSpec, WorkloadSpec
 from livemig.region import Region, default_state_dir
 
@@ -449,6 +449,32 @@ def migrations_show(
             out.print(stats_line(m))
 
 
+@migrations_app.command("plot")
+def migrations_plot(
+    migration_id: str,
+    output: Annotated[Path, typer.Option("-o", "--output", help="the picture: FILE.png or FILE.svg")],
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Draw a migration's phase timeline, pre-copy chart and pause to a PNG or SVG file."""
+    from livemig import plots
+
+    fmt = plots.format_for(output)  # a bad name is refused before anything is asked or drawn
+    with lmo(url, state_dir) as client:
+        m = client.migration(migration_id)
+    plots.write(output, plots.migration_report(m, fmt))
+    out.print(f"migration {m.id} ({m.phase.value}) drawn to {output}")
+
+
+def _plot_evacuation(path: Path, evacuation: dict[str, Any], migrations: list[Migration], console: Console) -> None:
+    from livemig import plots
+
+    title = f"evacuation {evacuation['id']} of {evacuation['host']}"
+    limit = int(evacuation["limits"]["region_total"])
+    plots.write(path, plots.evacuation_chart(migrations, title, plots.format_for(path), limit=limit))
+    console.print(f"evacuation {evacuation['id']} drawn to {path}")
+
+
 @migrations_app.command("cancel")
 def migrations_cancel(migration_id: str, url: Url = None, state_dir: StateDir = None) -> None:
     """Cancel a migration; the VM keeps running on its source."""
@@ -464,6 +490,7 @@ def evacuate(
     per_host_inbound: Annotated[int, typer.Option(help="concurrent migrations into one host")] = 1,
     region_total: Annotated[int, typer.Option(help="concurrent migrations in the region")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="print the final report as JSON")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="draw the migrations to FILE.png or FILE.svg")] = None,
     url: Url = None,
     state_dir: StateDir = None,
 ) -> None:
@@ -473,8 +500,11 @@ def evacuate(
     from rich.live import Live
 
     from livemig.control.evacuation import peak_concurrency
-    from livemig.model.migration import Migration
 
+    if plot is not None:
+        from livemig.plots import format_for
+
+        format_for(plot)  # refused before the host is put in maintenance
     limits = {"per_host_outbound": per_host_outbound, "per_host_inbound": per_host_inbound,
               "region_total": region_total}  # fmt: skip
     with lmo(url, state_dir) as client:
@@ -508,6 +538,8 @@ def evacuate(
         migrations = [Migration.model_validate(m) for m in report["migrations"]]
         peaks = {"outbound": peak_concurrency(migrations, "source"),
                  "inbound": peak_concurrency(migrations, "destination")}  # fmt: skip
+        if plot is not None:
+            _plot_evacuation(plot, evacuation, migrations, err if as_json else out)
         stuck = [i for i in evacuation["items"] if not i["migration"]]
         failed = [m for m in migrations if m.phase.value != "Succeeded"]
         if as_json:
