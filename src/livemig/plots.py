@@ -111,8 +111,9 @@ def throughput_mib_s(sample: MigrationSample) -> float:
 
 
 def precopy_series(m: Migration) -> PrecopySeries:
+    """Readings before QEMU sized the RAM (``setup``: no numbers yet) are left out."""
     starts = {e.phase: e.at for e in m.timeline}
-    samples = list(m.samples) or ([m.last_sample] if m.last_sample else [])
+    samples = [s for s in (m.samples or ([m.last_sample] if m.last_sample else [])) if s.total_bytes > 0]
     origin = starts.get(Phase.PRECOPY) or (samples[0].at if samples else m.created_at)
     if samples and samples[0].at < origin:
         origin = samples[0].at
@@ -248,6 +249,15 @@ def draw_timeline(ax: Axes, m: Migration, now: datetime | None = None) -> None:
     ax.grid(axis="x", color="#eeeeee", zorder=0)
 
 
+def millis(value: float | None) -> str:
+    """Milliseconds as QEMU and the record give them: whole numbers stay whole, others keep two
+    digits (the charts and the dashboard's tables print the same text)."""
+    if value is None:
+        return "—"
+    text = f"{value:,}" if isinstance(value, int) else f"{value:,.2f}".rstrip("0").rstrip(".")
+    return f"{text} ms"
+
+
 def duration(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -316,7 +326,7 @@ def draw_pause(ax: Axes, m: Migration) -> None:
             ax.text(0, row, "  not reported", va="center", fontsize=7.5, color="#777777")
             continue
         ax.barh(row, part.ms, height=0.6, color=colours[part.key], zorder=2, gid=f"pause-{part.key}")
-        ax.text(part.ms + longest * 0.01, row, f"{part.ms:g} ms", va="center", fontsize=8)
+        ax.text(part.ms + longest * 0.01, row, millis(part.ms), va="center", fontsize=8)
     ax.set_yticks(range(len(parts)), [p.label for p in parts])
     ax.invert_yaxis()
     ax.set_xlim(0, max(longest, 0.001) * 1.25)
@@ -382,7 +392,8 @@ def migration_chart(m: Migration, chart: str, fmt: Format = "svg", now: datetime
             fig = _figure(8.6, 3.4)
             draw_precopy(fig.add_subplot(), m)
         else:
-            fig = _figure(8.6, 1.7)
+            paused = any(p.ms is not None for p in pause_parts(m))
+            fig = _figure(8.6, 1.7 if paused else 0.7)
             draw_pause(fig.add_subplot(), m)
         return _render(fig, fmt)
 
@@ -417,7 +428,7 @@ def format_for(path: Path) -> Format:
     """PNG or SVG by the file's suffix; anything else is refused before anything is drawn."""
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise InvalidRequest(f"cannot tell the format of {path}: name it .png or .svg")
+        raise InvalidRequest(f"cannot tell the format of {path.name}: name it .png or .svg")
     return fmt
 
 

@@ -211,7 +211,7 @@ def _environment(prefix: str) -> Environment:
         mib=lambda b: f"{b / plots.MIB:,.1f}",
         num=_num,
         since=_since,
-        millis=_millis,
+        millis=plots.millis,
         duration=plots.duration,
     )
     return env
@@ -223,14 +223,6 @@ def _clock(at: datetime) -> str:
 
 def _num(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
-
-
-def _millis(value: float | None) -> str:
-    """Milliseconds as QEMU and the record give them: whole numbers stay whole, others keep two digits."""
-    if value is None:
-        return "—"
-    text = f"{value:,}" if isinstance(value, int) else f"{value:,.2f}".rstrip("0").rstrip(".")
-    return f"{text} ms"
 
 
 def _since(at: datetime, origin: datetime) -> str:
