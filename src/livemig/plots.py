@@ -146,8 +146,9 @@ class PausePart:
 
 
 def pause_parts(m: Migration) -> list[PausePart]:
-    """The pause broken down, outermost first: what the guest saw, QEMU's downtime inside it, and
-    the switchover hooks inside that."""
+    """The pause three ways: what the guest saw (source STOP to destination RESUME, two hosts'
+    clocks), QEMU's own downtime (the source's view; it can come out a little longer than the
+    guest's), and the switchover hooks, which run inside QEMU's downtime."""
     s = m.stats
     return [
         PausePart("guest_pause_ms", "guest pause (STOP→RESUME)", s.guest_pause_ms,
@@ -310,7 +311,7 @@ def draw_precopy(ax: Axes, m: Migration) -> None:
 
 
 def draw_pause(ax: Axes, m: Migration) -> None:
-    """The pause as nested bars from the moment the source stopped."""
+    """The pause as bars from the moment the source stopped."""
     parts = pause_parts(m)
     ax.set_title("the pause, from the moment the source stopped", loc="left")
     known = [p for p in parts if p.ms is not None]

@@ -162,7 +162,6 @@ def test_region_page_and_a_live_migration_page_match_the_record(lmo: LmoClient, 
         shown = livemig(lmo, "migrations", "show", migration.id, "--json")
         assert shown.returncode == 0, shown.stderr
         record = json.loads(shown.stdout)
-        time.sleep(2.5)  # the final charts are swapped in once loaded
         rows = js(browser, "return [...document.querySelectorAll('#timeline-table tr[data-phase]')]"
                            ".map(r => [r.dataset.phase, r.dataset.at, r.cells[0].textContent.trim()])")  # fmt: skip
         assert [(p, at(a)) for p, a, _ in rows] == [(e["phase"], at(e["at"])) for e in record["timeline"]]
@@ -177,10 +176,19 @@ def test_region_page_and_a_live_migration_page_match_the_record(lmo: LmoClient, 
             assert value is not None, f"QEMU and the hosts reported {key}"
             assert float(pause[key][0]) == value, (key, pause[key], value)
             assert pause[key][1].replace(",", "").startswith(f"{value:.2f}".rstrip("0").rstrip(".")), pause[key]
+        assert browser.find_element("id", "live-status").text == "final"
+        final = httpx.get(f"{lmo.url}/ui/migrations/{migration.id}/live", timeout=30).json()["charts"]
+        deadline = time.monotonic() + 60
+        while js(browser, "return [...document.querySelectorAll('img.chart')].map(i => i.dataset.src)") != [
+            final["chart-timeline"],
+            final["chart-precopy"],
+            final["chart-pause"],
+        ]:
+            assert time.monotonic() < deadline, "the page swaps in the final charts once they have loaded"
+            time.sleep(0.3)
         pause_svg = httpx.get(js(browser, "return document.getElementById('chart-pause').currentSrc"), timeout=30).text
         for key in ("pause_ms", "guest_pause_ms", "switchover_hook_ms"):
             assert f">{pause[key][1]}<" in pause_svg, f"the pause chart prints {key} as the table does"
-        assert browser.find_element("id", "live-status").text == "final"
         drawn = [x for x in record["samples"] if x["total_bytes"] > 0]  # QEMU's setup readings have no numbers
         assert chart_points(browser, "chart-precopy") == len(drawn), "the final chart draws the record's samples"
         screenshot(browser, shots / "migration-done.png")
@@ -222,7 +230,7 @@ def test_an_aborted_migrations_page_shows_the_reason_with_its_numbers(lmo: LmoCl
         reason = browser.find_element("id", "reason").text
         assert reason == f"Aborted: {final.reason}", reason
         assert re.search(r"dirty rate \d+ MiB/s exceeds reserved bandwidth 32 MiB/s after \d rounds", reason)
-        time.sleep(2.5)
+        time.sleep(2.5)  # the final charts load
         screenshot(browser, shots / "migration-aborted.png")
         browser.get(f"{lmo.url}/ui")
         recent = browser.find_element("css selector", f"#recent-table tr[data-migration='{migration.id}']").text
