@@ -173,6 +173,7 @@ def up(
     config = region.up(tuple(h.strip() for h in hosts.split(",") if h.strip()), accel=accel, db_url=db,
                        netns=netns, migration_bandwidth_mib_s=migration_bandwidth)  # fmt: skip
     out.print(f"region up in {region.state_dir}: LMO {config.lmo_url}")
+    out.print(f"  dashboard {config.lmo_url}/ui")
     for host in config.hosts:
         where = f", netns {host.netns}" if host.netns else ""
         out.print(f"  host {host.name}: API {host.url}, migration address {host.migration_address}{where}")
