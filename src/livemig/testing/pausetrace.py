@@ -79,7 +79,7 @@ def split_pause(
                 destination = window
     begin = stopped_at - 0.05  # the trace's vm_stop line precedes QEMU's STOP event by a little
     complete = _first(source, "savevm_state_complete_precopy", begin)
-    sync_start = _first(source, "migration_bitmap_sync_start", complete.at if complete else begin)
+    sync_start = _first(source, "migration_bitmap_sync_start", complete.at if complete else stopped_at)
     sync_end = _first(source, "migration_bitmap_sync_end", sync_start.at if sync_start else begin)
     first_save = _first(source, "vmstate_save", sync_end.at if sync_end else begin)
     source_done = _first(source, "migrate_set_state", begin, "completed")
