@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from livemig.model import BootSpec, Migration, NicDevice, VmSpec, WorkloadSpec
 from livemig.region.local import Region
 from livemig.wire.lmo import LmoClient
 
-REF_TAP = f"lmrf{__import__('os').getpid() % 100000}"
+REF_TAP = f"lmrf{os.getpid() % 100000}"
 REF_GUEST_IP, REF_GATEWAY_IP = "10.0.2.10", "10.0.2.2"
 REF_GUEST_MAC, REF_GATEWAY_MAC = "52:54:00:00:02:10", "52:54:00:00:02:02"
 WORKLOAD = WorkloadSpec(wss_mib=64, rate_mib_s=5, disk_rate=0)
