@@ -89,9 +89,12 @@ def main() -> int:
     parser.add_argument("--memory", type=int, default=512, help="guest memory, MiB")
     parser.add_argument("--wss", type=int, default=128, help="guest working set, MiB")
     parser.add_argument("--no-trace", action="store_true", help="no QEMU trace (QMP event times only)")
+    parser.add_argument("--livemig-downtime-ms", type=int, help="livemig's downtime-limit (default: its own)")
     parser.add_argument("--keep-trace", type=Path, help="write QEMU's trace files here and keep them")
     args = parser.parse_args()
 
+    if args.livemig_downtime_ms is not None:
+        SETTINGS["livemig"] = MigrationParams(downtime_limit_ms=args.livemig_downtime_ms)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in SETTINGS}
     with tempfile.TemporaryDirectory(prefix="livemig-bench-") as tmp:
         trace_dir = None if args.no_trace else args.keep_trace or Path(tmp) / "trace"
