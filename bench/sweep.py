@@ -72,6 +72,10 @@ def row(m: Migration, memory: int, dirty: int, bandwidth: int, setting: str) -> 
         "cpu_throttle_pct": stats.cpu_throttle_pct,
         "throttle_by_round": [(e.data["round"], e.data["throttle_pct"]) for e in m.timeline
                               if "throttle_pct" in e.data],
+        # per throttled round: (round, throttle %, dirty MiB/s, remaining MiB) as the LMO saw them
+        "rounds_seen": [(e.data["round"], e.data["throttle_pct"], e.data.get("dirty_mib_s"),
+                         e.data.get("remaining_mib")) for e in m.timeline if "throttle_pct" in e.data],
+        "last_sample": m.last_sample.model_dump(mode="json") if m.last_sample else None,
     }  # fmt: skip
 
 
@@ -90,7 +94,8 @@ def run_grid(grid: dict[str, list[int]], lmo: LmoClient) -> list[dict[str, Any]]
                     destination = "B" if host == "A" else "A"
                     m = lmo.wait(lmo.migrate(name, destination, params).id, timeout=900)
                     rows.append(row(m, memory, dirty, bandwidth, setting))
-                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "throttle_by_round"}),
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("throttle_by_round",
+                                                                                       "rounds_seen")}),
                           file=sys.stderr)  # fmt: skip
                     if m.phase is Phase.SUCCEEDED:
                         host = destination

@@ -143,6 +143,7 @@ def test_compression_lets_pages_outrun_the_wire(api, fleet):
                           policies={"multifd_channels": 2, "compression": "zstd"}))  # fmt: skip
     assert m.phase is Phase.SUCCEEDED, m.reason
     assert m.stats.transferred_bytes < 256 << 20  # fewer bytes on the wire than the guest's RAM
+    assert m.stats.normal_pages * 4096 >= 256 << 20  # though every page was sent
 
 
 def test_multifd_raises_a_cpu_bound_stream(api, fleet):
@@ -197,3 +198,15 @@ def test_the_cli_refuses_policies_qemu_would_refuse_in_one_line():
     assert result.exit_code == 1
     assert "migration policies: zstd compression runs on multifd channels" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def test_a_setting_qemu_accepts_but_does_not_take_is_named_in_the_timeline(api, fleet):
+    """QEMU 7.2 accepts multifd-zstd-level and keeps 1: the record must not claim level 3."""
+    create_vm(api)
+    fleet.hosts["A"].behaviour.ignored_parameters = ("multifd-zstd-level",)
+    m = wait(api, migrate(api, policies={"multifd_channels": 2, "compression": "zstd", "zstd_level": 3}))
+    assert m.phase is Phase.SUCCEEDED, m.reason
+    note = next(e for e in m.timeline if e.note and "qemu" in e.data)
+    assert note.data["qemu"]["multifd-compression"] == "zstd" and note.data["qemu"]["multifd-zstd-level"] == 1
+    assert note.data["qemu_ignored"] == {"multifd-zstd-level": {"asked": 3, "qemu": 1}}
+    assert note.message.endswith("; QEMU kept multifd-zstd-level=1 (asked 3)")

@@ -205,7 +205,9 @@ class Controller:
             m.set_condition(
                 ConditionType.BANDWIDTH_ENFORCED, True, f"{m.params.max_bandwidth_mib_s} MiB/s held by {held_by}"
             )
-            m.note(f"the source QEMU reports {_settings_line(job.qemu_settings)}", qemu=job.qemu_settings)
+            ignored = "".join(f"; QEMU kept {k}={v['qemu']} (asked {v['asked']})" for k, v in job.qemu_ignored.items())
+            m.note(f"the source QEMU reports {_settings_line(job.qemu_settings)}{ignored}", qemu=job.qemu_settings,
+                   qemu_ignored=job.qemu_ignored)  # fmt: skip
         self._absorb(m, job)
         if m.phase is Phase.PRECOPY and job.state is JobState.RUNNING:
             spec, _ = self.store.vm(m.vm)

@@ -97,7 +97,7 @@ def stats_from(reply: dict[str, Any], hook_ms: float | None, stopped_at: float |
         rounds=ram.get("dirty-sync-count", 0),
         mbps=float(ram.get("mbps", 0.0)),
         duplicate_pages=ram.get("duplicate", 0),
-        pages_sent=ram.get("normal", 0) + reply.get("xbzrle-cache", {}).get("pages", 0),
+        normal_pages=ram.get("normal", 0),
         switchover_hook_ms=hook_ms,
         stopped_at=stopped_at,
         xbzrle_pages=reply["xbzrle-cache"].get("pages") if "xbzrle-cache" in reply else None,
@@ -137,6 +137,7 @@ class SourceMigration:
         self.shaped = shaped  # the tc class holding this stream to its share (namespace hosts)
         self.handoffs = list(handoffs or [])  # VNICs handed over inside the pause (agent.py)
         self.qemu_settings: dict[str, Any] = {}
+        self.qemu_ignored: dict[str, Any] = {}  # what QEMU accepted but did not take (asked vs its answer)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"migrate-{self.vm}")
@@ -156,25 +157,24 @@ class SourceMigration:
     async def configure(self) -> None:
         """Set capabilities and parameters; separate so errors reach the API caller directly."""
         policies = self.params.resolved_policies()
-        await self.qmp.execute(
-            "migrate-set-capabilities",
-            {
-                "capabilities": [
-                    {"capability": "events", "state": True},
-                    {"capability": "pause-before-switchover", "state": self.pauses_before_switchover},
-                    *policy_capabilities(policies, source=True),
-                ]
-            },
-        )
-        await self.qmp.execute(
-            "migrate-set-parameters",
-            {
-                "downtime-limit": self.params.downtime_limit_ms,
-                "max-bandwidth": self.params.max_bandwidth_mib_s * 1024 * 1024,
-                **policy_parameters(policies),
-            },
-        )
+        capabilities = [
+            {"capability": "events", "state": True},
+            {"capability": "pause-before-switchover", "state": self.pauses_before_switchover},
+            *policy_capabilities(policies, source=True),
+        ]
+        parameters = {
+            "downtime-limit": self.params.downtime_limit_ms,
+            "max-bandwidth": self.params.max_bandwidth_mib_s * 1024 * 1024,
+            **policy_parameters(policies),
+        }
+        await self.qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
+        await self.qmp.execute("migrate-set-parameters", parameters)
         self.qemu_settings = await self._read_back()
+        asked = {**{str(c["capability"]): c["state"] for c in capabilities}, **parameters}
+        self.qemu_ignored = {key: {"asked": value, "qemu": self.qemu_settings[key]} for key, value in asked.items()
+                             if key in self.qemu_settings and self.qemu_settings[key] != value}  # fmt: skip
+        if self.qemu_ignored:  # e.g. QEMU 7.2 accepts multifd-zstd-level and keeps 1
+            log.warning("migration of %s: QEMU did not take %s", self.vm, self.qemu_ignored)
 
     async def _read_back(self) -> dict[str, Any]:
         """The migration settings as the source QEMU reports them, for the record: the timeline
@@ -299,4 +299,5 @@ class SourceMigration:
             error=self.error,
             enforced_by=self.shaped.describe() if self.shaped is not None else None,
             qemu_settings=dict(self.qemu_settings),
+            qemu_ignored=dict(self.qemu_ignored),
         )

@@ -259,6 +259,8 @@ def _thin(samples: list[MigrationSample], cap: int) -> list[MigrationSample]:
 class MigrationStats(BaseModel):
     """The final numbers QEMU reported for a completed (or failed) migration."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a bug, not a silent drop
+
     status: str = ""
     pause_ms: int | None = Field(default=None, description="downtime QEMU reported")
     total_ms: int | None = None

@@ -72,6 +72,7 @@ class QemuBehaviour:
     hold_precopy: bool = False  # pre-copy never converges (it stays in rounds until cancelled)
     stream_cap_mib_s: float = 0.0  # what one migration stream can push (CPU-bound; 0: no cap); multifd multiplies
     compression_ratio: float = 2.0  # how much XBZRLE or zstd shrink this guest's pages on the wire
+    ignored_parameters: tuple[str, ...] = ()  # accepted but not taken (QEMU 7.2 keeps multifd-zstd-level 1)
 
 
 @dataclass
@@ -167,7 +168,7 @@ class FakeQemu:
         if args.get("multifd-compression", "none") not in ("none", "zlib", "zstd"):
             raise QemuError(f"{self.name}: QMP migrate-set-parameters failed: Parameter 'multifd-compression' "
                             "does not accept value")  # fmt: skip
-        self.parameters.update(args)
+        self.parameters.update({k: v for k, v in args.items() if k not in self.behaviour.ignored_parameters})
         return {}
 
     async def _qmp_query_migrate_parameters(self, _args: dict[str, Any]) -> dict[str, Any]:

@@ -129,6 +129,9 @@ class SourceMigrationStatus(BaseModel):
         description="what the source QEMU reports it was set to (query-migrate-capabilities "
         "and -parameters, read back before migrate): the policies as QEMU has them",
     )
+    qemu_ignored: dict[str, Any] = Field(
+        default_factory=dict, description="settings QEMU accepted but did not take: {name: {asked, qemu}}"
+    )
 
 
 # ---------------------------------------------------------------------- routes
