@@ -93,3 +93,14 @@ def test_compression_is_judged_by_the_pages_that_leave_not_the_wire():
     assert judge(samples, ConvergencePolicy(), 32, 512, T0).abort
     zstd = MigrationPolicies(multifd_channels=2, compression=Compression.ZSTD)
     assert not judge(samples, ConvergencePolicy(), 32, 512, T0, zstd).abort
+
+
+def test_a_rising_throttle_is_progress_but_a_maximum_one_is_not():
+    policy = ConvergencePolicy(no_progress_timeout_s=5)
+    stuck = [throttled(2, 2, 20, 20).model_copy(update={"remaining_bytes": 100 * MIB}),
+             throttled(9, 4, 20, 40).model_copy(update={"remaining_bytes": 120 * MIB})]  # fmt: skip
+    assert not judge(stuck, policy, 32, 512, T0, AUTO).abort
+    at_max = [*stuck, throttled(12, 6, 20, 90).model_copy(update={"remaining_bytes": 120 * MIB}),
+              throttled(14, 8, 20, 90).model_copy(update={"remaining_bytes": 120 * MIB})]  # fmt: skip
+    verdict = judge(at_max, policy, 32, 512, T0, AUTO)
+    assert verdict.abort and "no progress for 12 s" in verdict.reason

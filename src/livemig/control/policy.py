@@ -12,7 +12,10 @@ The migration's policies change the model. With compression, B is the rate at wh
 (what QEMU counts as pages sent), which exceeds the wire's bandwidth by the compression ratio.
 With auto-converge, D >= B is not the end: QEMU throttles the vCPUs a step per round, which lowers
 D, so the migration continues until the throttle has stood at its maximum for
-``THROTTLE_MAX_ROUNDS`` rounds without the dirty rate falling below B.
+``THROTTLE_MAX_ROUNDS`` rounds without the dirty rate falling below B; while it still rises, a
+remaining that does not shrink is no stall (QEMU raises the throttle every other round, and a guest
+that paces its writes keeps its working set dirty until the throttle bites). The completion
+budget still holds: allow for the ramp when choosing it.
 """
 
 from __future__ import annotations
@@ -93,7 +96,9 @@ def judge(
                                  f"exceeds the {budget:.0f} s budget")  # fmt: skip
     best = min(active, key=lambda s: s.remaining_bytes)
     stalled = (last.at - best.at).total_seconds()
-    if rounds >= policy.min_rounds and stalled > policy.no_progress_timeout_s:
+    # while auto-converge still raises the throttle, a stuck remaining is expected (a paced guest
+    # keeps its working set dirty until the throttle bites): each step is the progress
+    if rounds >= policy.min_rounds and stalled > policy.no_progress_timeout_s and not throttle_rising:
         return Verdict(True, f"no progress for {stalled:.0f} s: remaining stuck at "
                              f"{best.remaining_bytes / MIB:.0f} MiB")  # fmt: skip
     return Verdict(False)
