@@ -38,7 +38,7 @@ def test_each_step_between_stop_and_resume(tmp_path: Path):
     assert steps == pytest.approx({
         "stop_to_pre_switchover": 1.0, "stop_to_complete": 2.8, "hook": 1.8, "bitmap_sync": 2.0,
         "final_ram": 0.9, "device_save": 2.0, "destination_lag": 3.9, "device_load": 5.0,
-        "destination_start": 0.5, "resume_event": 0.1,
+        "destination_start": 0.6,
     }, abs=0.02)  # fmt: skip
     assert len(read_trace(tmp_path / "vm-out-1.log")) == 7  # the warning line is no event
 

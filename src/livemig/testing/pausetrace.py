@@ -63,8 +63,8 @@ def split_pause(
     - ``device_save``: the source writing every device's state;
     - ``destination_lag``: from the source's ``completed`` to the destination's end of the stream;
     - ``device_load``: the destination loading device state (its first full section to the end);
-    - ``destination_start``: end of the stream to the vCPUs running (block activation, the BH);
-    - ``resume_event``: vCPUs running to the ``RESUME`` event.
+    - ``destination_start``: end of the stream to the ``RESUME`` event (block activation, the
+      bottom half that starts the vCPUs).
     Steps whose edges are missing (no trace, no hook) are ``None``.
     """
     source: list[TraceEvent] = []
@@ -86,7 +86,6 @@ def split_pause(
     done_at = completed_at or (source_done.at if source_done else None)
     first_load = _first(destination, "qemu_loadvm_state_section_startfull", begin)
     post_main = _first(destination, "qemu_loadvm_state_post_main", begin)
-    running = _first(destination, "vm_state_notify", post_main.at if post_main else begin, "running 1")
     hook_start = pre_switchover_at if pre_switchover_at is not None else None
     return {
         "stop_to_pre_switchover": _ms(pre_switchover_at, stopped_at),
@@ -97,6 +96,5 @@ def split_pause(
         "device_save": _ms(source_done.at if source_done else None, first_save.at if first_save else None),
         "destination_lag": _ms(post_main.at if post_main else None, done_at),
         "device_load": _ms(post_main.at if post_main else None, first_load.at if first_load else None),
-        "destination_start": _ms(running.at if running else None, post_main.at if post_main else None),
-        "resume_event": _ms(resumed_at, running.at if running else None),
+        "destination_start": _ms(resumed_at, post_main.at if post_main else None),
     }
