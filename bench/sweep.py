@@ -146,7 +146,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         picked = {label: r for label, r in zip(labels, rows, strict=True) if r["setting"] == setting}
         xs = [c + (i - 1) * width for c in range(len(cells))]
         ratio = [picked[c]["total_over_floor"] if c in picked and picked[c]["total_over_floor"] else 0 for c in cells]
-        pause = [picked[c]["pause_ms"] if c in picked and picked[c]["pause_ms"] is not None else 0 for c in cells]
+        pause = [picked[c]["pause_ms"] if c in picked and picked[c]["pause_ms"] else float("nan") for c in cells]
         left.bar(xs, ratio, width, color=colors[setting], label=setting)
         right.bar(xs, pause, width, color=colors[setting], label=setting)
         for x, c in zip(xs, cells, strict=True):
@@ -156,7 +156,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     left.axhline(1.15, color="red", lw=0.8, ls=":")
     left.set_ylabel("total / (RAM / bandwidth)")
     right.set_ylabel("QEMU pause (ms)")
-    right.set_yscale("symlog", linthresh=10)
+    right.set_yscale("log")  # an aborted or missing cell has no bar
     for ax in (left, right):
         ax.set_xticks(range(len(cells)), cells, rotation=60, ha="right", fontsize=7)
         ax.legend(fontsize=7)
