@@ -88,8 +88,10 @@ def measure(lmo: LmoClient, net: Any, vm: str, ip: str, destination: str, arm: s
     # the gap spanning [source STOP, destination RESUME]; shorter than LONG_GAP_MS: none listed
     blackout = max((ms for start, end, ms in spans if stop_at and resume_at and start <= resume_at
                     and end >= stop_at), default=None)  # fmt: skip
+    # the resumed guest's part: from the destination's RESUME to the first echo after it
+    after_resume = round(blackout - m.stats.guest_pause_ms, 1) if blackout and m.stats.guest_pause_ms else None
     return {"arm": arm, "phase": m.phase.value, "pause_ms": m.stats.pause_ms,
-            "guest_pause_ms": m.stats.guest_pause_ms, "blackout_ms": blackout,
+            "guest_pause_ms": m.stats.guest_pause_ms, "blackout_ms": blackout, "after_resume_ms": after_resume,
             "max_gap_ms": probe["max_gap_ms"], "probe_error": probe["error"], "udp_sent": sent,
             "lost": stats.get("lost"), "duplicated": stats.get("duplicated"),
             "peer_retransmits": peer_retransmits, "switchover_hook_ms": m.stats.switchover_hook_ms}  # fmt: skip
