@@ -171,7 +171,9 @@ def test_region_page_and_a_live_migration_page_match_the_record(lmo: LmoClient, 
             "return Object.fromEntries([...document.querySelectorAll('#pause-table tr[data-key]')]"
             ".map(r => [r.dataset.key, [r.dataset.value, r.cells[1].textContent.trim()]]))",
         )
-        for key in ("pause_ms", "guest_pause_ms", "switchover_hook_ms"):
+        # a VM without VNICs has no switchover hook: QEMU does not stop for one (host/source.py)
+        assert record["stats"]["switchover_hook_ms"] is None and pause["switchover_hook_ms"][0] == ""
+        for key in ("pause_ms", "guest_pause_ms"):
             value = record["stats"][key]
             assert value is not None, f"QEMU and the hosts reported {key}"
             assert float(pause[key][0]) == value, (key, pause[key], value)
@@ -187,7 +189,7 @@ def test_region_page_and_a_live_migration_page_match_the_record(lmo: LmoClient, 
             assert time.monotonic() < deadline, "the page swaps in the final charts once they have loaded"
             time.sleep(0.3)
         pause_svg = httpx.get(js(browser, "return document.getElementById('chart-pause').currentSrc"), timeout=30).text
-        for key in ("pause_ms", "guest_pause_ms", "switchover_hook_ms"):
+        for key in ("pause_ms", "guest_pause_ms"):
             assert f">{pause[key][1]}<" in pause_svg, f"the pause chart prints {key} as the table does"
         drawn = [x for x in record["samples"] if x["total_bytes"] > 0]  # QEMU's setup readings have no numbers
         assert chart_points(browser, "chart-precopy") == len(drawn), "the final chart draws the record's samples"
