@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -157,8 +157,11 @@ class DistroGuest:
             self.proc.stdout.close()
 
 
+Boot = Callable[..., DistroGuest]
+
+
 @pytest.fixture
-def boot(tmp_path: Path, disk_image: DiskImage, ssh_key: Path) -> Iterator[object]:
+def boot(tmp_path: Path, disk_image: DiskImage, ssh_key: Path) -> Iterator[Boot]:
     guests: list[DistroGuest] = []
 
     def start(hostname: str, firmware: str, memory: str = MEMORY) -> DistroGuest:
@@ -192,10 +195,10 @@ def assert_configured_by_cloud_init(guest: DistroGuest, hostname: str) -> None:
     assert re.search(r"\ben\w+\s+ether\s+routable\s+configured", networkd), networkd
 
 
-def test_boots_under_ovmf_and_nvram_survives_reboot(boot: object, disk_image: DiskImage) -> None:
+def test_boots_under_ovmf_and_nvram_survives_reboot(boot: Boot, disk_image: DiskImage) -> None:
     """OVMF 4M + its own vars store: SSH in, write an EFI variable and a file, reboot, both remain."""
     hostname = "lm-distro-uefi"
-    guest: DistroGuest = boot(hostname, "uefi")  # type: ignore[operator]
+    guest: DistroGuest = boot(hostname, "uefi")
     seconds = guest.wait_for_ssh()
     print(f"\nOVMF boot to SSH: {seconds:.1f}s")
     assert_configured_by_cloud_init(guest, hostname)
@@ -235,20 +238,20 @@ def test_boots_under_ovmf_and_nvram_survives_reboot(boot: object, disk_image: Di
     assert name.split("-", 1)[0].encode("utf-16-le") in guest.vars.read_bytes()
 
 
-def test_boots_under_seabios(boot: object) -> None:
+def test_boots_under_seabios(boot: Boot) -> None:
     """The same image through SeaBIOS: gptmbr.bin -> syslinux on the legacy-bootable ESP."""
     hostname = "lm-distro-bios"
-    guest: DistroGuest = boot(hostname, "bios")  # type: ignore[operator]
+    guest: DistroGuest = boot(hostname, "bios")
     seconds = guest.wait_for_ssh()
     print(f"\nSeaBIOS boot to SSH: {seconds:.1f}s")
     assert guest.ssh("test -d /sys/firmware/efi", check=False).returncode == 1, "booted through UEFI, not BIOS"
     assert_configured_by_cloud_init(guest, hostname)
 
 
-def test_boots_under_ovmf_with_trimmed_ram(boot: object) -> None:
+def test_boots_under_ovmf_with_trimmed_ram(boot: Boot) -> None:
     """OVMF with RAM off the 256 KiB grid, as hostd gives TCG guests (8 KiB less)."""
     hostname = "lm-distro-trim"
-    guest: DistroGuest = boot(hostname, "uefi", TRIMMED_MEMORY)  # type: ignore[operator]
+    guest: DistroGuest = boot(hostname, "uefi", TRIMMED_MEMORY)
     seconds = guest.wait_for_ssh()
     print(f"\nOVMF (RAM {TRIMMED_MEMORY}) boot to SSH: {seconds:.1f}s")
     assert guest.ssh("test -d /sys/firmware/efi", check=False).returncode == 0

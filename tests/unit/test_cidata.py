@@ -65,7 +65,8 @@ def test_bad_keys_are_refused(tmp_path: Path, key: str) -> None:
 
 
 def test_no_keys_and_a_bare_string_are_refused(tmp_path: Path) -> None:
-    for keys in ([], GOOD_KEY):
+    cases: tuple[list[str], str] = ([], GOOD_KEY)
+    for keys in cases:
         with pytest.raises(InvalidRequest, match="at least one SSH public key"):
             build_cidata(tmp_path / "seed.img", hostname="vm1", ssh_public_keys=keys, instance_id="i-1")
 
