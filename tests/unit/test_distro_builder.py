@@ -154,3 +154,18 @@ def test_white_space_in_the_cache_path_is_refused(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(distro, "find_tools", lambda: _fake_tools(tmp_path))
     with pytest.raises(BootstrapError, match="white space"):
         build_disk_image(tmp_path / "my cache")
+
+
+def test_a_long_step_reports_its_status_lines_and_is_killed_at_its_deadline() -> None:
+    seen: list[str] = []
+    distro._run_streaming(["sh", "-c", "echo 'I: one'; echo noise; echo 'I: two'"], "step", seen.append, timeout=30)
+    assert seen == ["one", "two"]
+    with pytest.raises(BootstrapError, match=r"step failed \(exit status 3\): E: broken"):
+        distro._run_streaming(["sh", "-c", "echo 'E: broken'; exit 3"], "step", seen.append, timeout=30)
+    with pytest.raises(BootstrapError, match="not done within 1s"):  # silent and stuck: killed anyway
+        distro._run_streaming(["sleep", "30"], "step", seen.append, timeout=1)
+
+
+def test_mount_points_below_a_path_are_found() -> None:
+    assert "/proc" in distro._mount_points_below(Path("/"))  # as the chroot check sees a mounted /proc
+    assert distro._mount_points_below(Path("/proc/self/fd")) == []

@@ -31,11 +31,14 @@ import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -165,31 +168,56 @@ def _run(argv: Sequence[str | os.PathLike[str]], what: str, *, timeout: float = 
 
 
 def _run_streaming(argv: Sequence[str], what: str, progress: Progress, *, timeout: float) -> None:
-    """Run a long step, passing its ``I:`` status lines to ``progress`` as they come."""
-    deadline = time.monotonic() + timeout
+    """Run a long step, passing its ``I:`` status lines to ``progress`` as they come.
+
+    A timer kills the step at the deadline, so a stalled mirror cannot hang the caller even when
+    the step stops printing.
+    """
     tail: list[str] = []
     try:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env()
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            start_new_session=True,  # its own process group: apt and dpkg stop with it
         )
     except OSError as exc:
         raise ImageBuildError(f"{what} failed: cannot run {argv[0]}: {exc}") from None
-    assert proc.stdout is not None
+    expired = threading.Event()
+
+    def stop() -> None:
+        # SIGTERM first: mmdebstrap then unmounts what it mounted in the chroot; SIGKILL if it hangs.
+        expired.set()
+        for sig, grace in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 0.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace or None)
+                return
+
+    watchdog = threading.Timer(timeout, stop)
+    watchdog.daemon = True
+    watchdog.start()
     try:
+        assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip()
             tail = [*tail[-19:], line]
             if line.startswith("I: "):
                 progress(line[3:])
-            if time.monotonic() > deadline:
-                raise ImageBuildError(f"{what} failed: not done within {timeout:.0f}s")
-        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        raise ImageBuildError(f"{what} failed: not done within {timeout:.0f}s") from None
+        code = proc.wait()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        watchdog.cancel()
+        if proc.poll() is None:  # interrupted while reading: take the whole group down
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    if expired.is_set():
+        raise ImageBuildError(f"{what} failed: not done within {timeout:.0f}s")
     if code != 0:
         errors = [line for line in tail if line.startswith("E: ")] or tail[-8:]
         raise ImageBuildError(f"{what} failed (exit status {code}): " + "\n".join(errors))
@@ -419,12 +447,31 @@ def _to_qcow2(disk: Path, qcow2: Path) -> None:
     _run(["qemu-img", "check", "-q", "-f", "qcow2", str(qcow2)], "checking the qcow2 (qemu-img check)")
 
 
+def _mount_points_below(path: Path) -> list[str]:
+    """Mount points inside ``path`` (from /proc/self/mountinfo, whose paths escape blanks as octal)."""
+    prefix = str(path.resolve()).rstrip("/") + "/"
+    found = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 4:
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                if point.startswith(prefix):
+                    found.append(point)
+    return found
+
+
 def _remove_tree(path: Path) -> None:
-    """Remove a chroot directory; as non-root its files belong to the namespace's users."""
+    """Remove a chroot directory; as non-root its files belong to the namespace's users.
+
+    A chroot that still has something mounted in it (an mmdebstrap killed in the middle) is left
+    alone: deleting through a bind mount would delete the host's files.
+    """
     if not path.exists():
         return
     if os.geteuid() == 0:
-        shutil.rmtree(path, ignore_errors=True)
+        if not _mount_points_below(path):
+            shutil.rmtree(path, ignore_errors=True)
     else:
         with contextlib.suppress(ImageBuildError):
             _run(["mmdebstrap", "--unshare-helper", "rm", "-rf", str(path)], "removing the build chroot")
@@ -490,7 +537,8 @@ def _build(distro_dir: Path, recipe_id: str, tools: dict[str, Path], progress: P
         return image
     finally:
         _remove_tree(root)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not _mount_points_below(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _prune(distro_dir: Path, keep: str) -> None:
