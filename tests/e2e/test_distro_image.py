@@ -64,7 +64,7 @@ class DistroGuest:
     """One QEMU running the image (overlay), its seed and a forwarded SSH port; serial to a file."""
 
     def __init__(self, workdir: Path, image: DiskImage, key: Path, *, hostname: str, firmware: str,
-                 memory: str = MEMORY) -> None:  # fmt: skip
+                 memory: str = MEMORY, disk_size: int | None = None) -> None:  # fmt: skip
         self.workdir = workdir
         self.key = key
         self.user = image.default_user
@@ -73,7 +73,9 @@ class DistroGuest:
         self.vars = workdir / "OVMF_VARS_4M.fd"
         overlay = workdir / "disk.qcow2"
         subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.path), str(overlay)], check=True
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.path), str(overlay)]
+            + ([str(disk_size)] if disk_size else []),
+            check=True,
         )
         seed = build_cidata(
             workdir / "seed.img",
@@ -164,8 +166,10 @@ Boot = Callable[..., DistroGuest]
 def boot(tmp_path: Path, disk_image: DiskImage, ssh_key: Path) -> Iterator[Boot]:
     guests: list[DistroGuest] = []
 
-    def start(hostname: str, firmware: str, memory: str = MEMORY) -> DistroGuest:
-        guest = DistroGuest(tmp_path, disk_image, ssh_key, hostname=hostname, firmware=firmware, memory=memory)
+    def start(hostname: str, firmware: str, memory: str = MEMORY, disk_size: int | None = None) -> DistroGuest:
+        guest = DistroGuest(
+            tmp_path, disk_image, ssh_key, hostname=hostname, firmware=firmware, memory=memory, disk_size=disk_size
+        )
         guests.append(guest)
         return guest
 
@@ -238,14 +242,18 @@ def test_boots_under_ovmf_and_nvram_survives_reboot(boot: Boot, disk_image: Disk
     assert name.split("-", 1)[0].encode("utf-16-le") in guest.vars.read_bytes()
 
 
-def test_boots_under_seabios(boot: Boot) -> None:
-    """The same image through SeaBIOS: gptmbr.bin -> syslinux on the legacy-bootable ESP."""
+def test_boots_under_seabios_and_grows_into_a_bigger_disk(boot: Boot, disk_image: DiskImage) -> None:
+    """The same image through SeaBIOS (gptmbr.bin -> syslinux on the legacy-bootable ESP), on a
+    disk 1 GiB larger than the image, as a volume bigger than the image will be: cloud-init grows
+    the root partition and file system into it."""
     hostname = "lm-distro-bios"
-    guest: DistroGuest = boot(hostname, "bios")
+    guest: DistroGuest = boot(hostname, "bios", disk_size=disk_image.virtual_size + (1 << 30))
     seconds = guest.wait_for_ssh()
     print(f"\nSeaBIOS boot to SSH: {seconds:.1f}s")
     assert guest.ssh("test -d /sys/firmware/efi", check=False).returncode == 1, "booted through UEFI, not BIOS"
     assert_configured_by_cloud_init(guest, hostname)
+    root_bytes = int(guest.ssh("df -B1 --output=size / | tail -1").stdout)
+    assert root_bytes > disk_image.virtual_size * 0.9, f"root file system not grown: {root_bytes} bytes"
 
 
 def test_boots_under_ovmf_with_trimmed_ram(boot: Boot) -> None:

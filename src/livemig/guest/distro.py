@@ -17,7 +17,7 @@ How, without mounts or loop devices:
    ``syslinux --install`` writes the FAT boot sector and ``ldlinux.sys``.
 4. ``sgdisk`` partitions a sparse raw disk; syslinux's ``gptmbr.bin`` goes into the MBR; the two
    file system images are copied in at their offsets, holes kept.
-5. ``qemu-img convert -c`` makes the compact qcow2, published with a stamp under
+5. ``qemu-img convert -c`` makes the compact qcow2 (zstd-compressed clusters), published with a stamp under
    ``<cache>/distro/<recipe-hash>/`` (build in a temporary directory, ``os.replace`` under a
    lock, stamp last: a crash or a concurrent builder never leaves a half image that looks valid).
 """
@@ -440,7 +440,20 @@ def _assemble_disk(disk: Path, esp: Path, rootfs: Path, tools: dict[str, Path]) 
 
 def _to_qcow2(disk: Path, qcow2: Path) -> None:
     _run(
-        ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-c", str(disk), str(qcow2)],
+        [
+            "qemu-img",
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-c",
+            "-o",
+            recipe.QCOW2_OPTIONS,
+            str(disk),
+            str(qcow2),
+        ],
         "compressing the disk into qcow2 (qemu-img convert)",
         timeout=1800.0,
     )

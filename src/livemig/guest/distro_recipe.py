@@ -46,6 +46,7 @@ __all__ = [
     "KERNEL_COMMAND_LINE",
     "MASK_UNITS",
     "PACKAGES",
+    "QCOW2_OPTIONS",
     "SUITE",
     "VARIANT",
     "ConfigFile",
@@ -116,6 +117,10 @@ class DiskLayout:
 
 
 DISK = DiskLayout()
+
+#: The published qcow2 is compressed with zstd: five times faster to write than zlib here and
+#: no bigger; QEMU reads it since 5.1 (Debian 12 has 7.2), older readers refuse it cleanly.
+QCOW2_OPTIONS = "compression_type=zstd"
 
 #: ``console=ttyS0`` last, so it is ``/dev/console``: boot logs and systemd status reach the
 #: serial port (the only window into a guest without a display).
@@ -211,6 +216,7 @@ def recipe_hash(extra: dict[str, str] | None = None) -> str:
         "dpkg": list(DPKG_OPTIONS),
         "user": DEFAULT_USER,
         "disk": asdict(DISK),
+        "qcow2": QCOW2_OPTIONS,
         "cmdline": KERNEL_COMMAND_LINE,
         "files": [asdict(f) for f in CONFIG_FILES],
         "enable": list(ENABLE_UNITS),
