@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from livemig.freeport import free_port
 from livemig.guest.cidata import build_cidata
 from livemig.guest.distro import DiskImage, build_disk_image
+from livemig.region.freeport import free_port
 
 pytestmark = [
     pytest.mark.e2e,
