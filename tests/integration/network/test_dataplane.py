@@ -1,4 +1,4 @@
-"""Two-and-more vswitch processes on loopback with fake VMs: ARP, policy, overlay, robustness, REST."""
+"""Two-and-more vswitch processes on loopback with fake VMs: ARP, policy, overlay, fast path, robustness, REST."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from livemig.errors import InvalidRequest, NotFound
-from livemig.network.model import derived_gateway_mac
+from livemig.network.model import SecurityList, SecurityRule, derived_gateway_mac
 from livemig.network.packets import (
     ARP_REPLY,
     TCP_ACK,
@@ -136,3 +136,22 @@ def test_rest_surface_errors_metrics(net):
     assert "# TYPE livemig_vswitch_frames_total counter" in metrics
     assert 'livemig_vswitch_vnic_state{host="A",vnic="web",what="flows"} 0.0' in metrics
     assert client.counters().vnics["web"]["flows"] == 0
+
+
+def test_established_flows_take_the_fast_path_and_a_list_change_reaches_them(net):
+    net.push()
+    web, app = net.attach("A", "web"), net.attach("A", "app")
+    client = net.client("A")
+    # stateless both ways: every frame is decided by the rules, none by conntrack
+    client.put_security_list(SecurityList(id="web", rules=[SecurityRule(direction="egress", tracking="stateless")]))
+    client.put_security_list(SecurityList(id="app", rules=[SecurityRule(direction="ingress", tracking="stateless")]))
+    before = net.counters("A")
+    for n in range(20):
+        web.send(udp_frame(mac("web"), GW_A, ip("web"), ip("app"), 5555, 9000, b"%d" % n))
+    assert [udp_payload(f) for f in app.recv_all()] == [b"%d" % n for n in range(20)]
+    after = net.counters("A")
+    assert after["flowcache_vm_hits"] - before["flowcache_vm_hits"] == 19  # all but the first frame
+    client.put_security_list(SecurityList(id="app", rules=[]))
+    web.send(udp_frame(mac("web"), GW_A, ip("web"), ip("app"), 5555, 9000, b"after"))
+    assert app.recv(0.3) is None
+    assert net.counters("A")["denied_ingress"] == after.get("denied_ingress", 0) + 1
