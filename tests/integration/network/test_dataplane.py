@@ -44,6 +44,20 @@ def test_qemu_would_get_a_usable_netdev(net):
     assert net.client("A").attach("web") == attachment  # idempotent
 
 
+def test_only_qemu_can_send_frames_into_a_vnic(net):
+    """A local process that finds a VNIC's switch port cannot inject frames as the VM: the
+    vswitch's socket is connected to QEMU's address, so the kernel drops anyone else's datagrams."""
+    net.push()
+    web = net.attach("A", "web")
+    attachment = net.client("A").attach("web")
+    before = net.counters("A").get("arp_replies", 0)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as intruder:
+        intruder.sendto(arp_request(mac("web"), ip("web"), ip("db")), ("127.0.0.1", attachment.switch_port or 0))
+    assert web.recv(0.3) is None and net.counters("A").get("arp_replies", 0) == before
+    web.send(arp_request(mac("web"), ip("web"), ip("db")))  # the VM itself still gets its answer
+    assert web.recv() is not None and net.counters("A")["arp_replies"] == before + 1
+
+
 def test_arp_is_answered_and_tcp_is_filtered(net):
     net.push()
     web, db = net.attach("A", "web"), net.attach("A", "db")

@@ -36,7 +36,6 @@ def test_qemu_dhcp_through_the_vswitch(net, tmp_path):
                 break
             time.sleep(0.2)
         assert counters.switch.get("dhcp_replies", 0) >= 2, (counters, (tmp_path / "qemu.log").read_text())
-        assert vnic.get("foreign_sender", 0) == 0  # QEMU sends from the port we told it to bind
     finally:
         qemu.kill()
         qemu.wait()
