@@ -1,5 +1,5 @@
 # The two commands of the README. Both bootstrap what is missing first (idempotent).
-.PHONY: demo test test-fast lint bootstrap bench chaos chaos-table clean
+.PHONY: demo test test-fast lint bootstrap bench bench-quick chaos chaos-table clean
 
 bootstrap:
 	./scripts/bootstrap.sh
@@ -27,8 +27,27 @@ lint: bootstrap
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
+# Benchmarks: each prints JSON and runs its baseline alternated in the same run (docs/performance.md).
+# Heavy runs take turns on the machine through one lock; blackout.py needs root (taps in a
+# namespace) and runs bench/vswitch_pps.py itself, so without root vswitch_pps.py runs alone.
+BENCH_LOCK ?= /tmp/livemig-heavy.lock
+BENCH_OUT ?= bench-out
 bench: bootstrap
-	.venv/bin/python bench/pause.py --runs 5
+	mkdir -p $(BENCH_OUT)
+	flock $(BENCH_LOCK) .venv/bin/python bench/pause.py --runs 10 | tee $(BENCH_OUT)/pause.json
+	flock $(BENCH_LOCK) .venv/bin/python bench/sweep.py --out $(BENCH_OUT)/sweep.json --png $(BENCH_OUT)/sweep.png
+	if [ "$$(id -u)" = 0 ]; then \
+		flock $(BENCH_LOCK) .venv/bin/python bench/blackout.py --pairs 4 | tee $(BENCH_OUT)/blackout.json; \
+	else \
+		flock $(BENCH_LOCK) .venv/bin/python bench/vswitch_pps.py | tee $(BENCH_OUT)/vswitch_pps.json; \
+	fi
+
+# A smoke run of the same code paths in a few minutes
+bench-quick: bootstrap
+	mkdir -p $(BENCH_OUT)
+	flock $(BENCH_LOCK) .venv/bin/python bench/pause.py --runs 2
+	flock $(BENCH_LOCK) .venv/bin/python bench/sweep.py --quick --out $(BENCH_OUT)/sweep-quick.json \
+		--png $(BENCH_OUT)/sweep-quick.png
 
 clean:
 	.venv/bin/livemig down --state-dir "$${LIVEMIG_STATE:-$$HOME/.local/state/livemig}/demo" || true

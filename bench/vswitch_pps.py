@@ -1,14 +1,26 @@
 #!/usr/bin/env python3
-"""Forwarding rate of one vswitch (frames/s, 64 B and 1,400 B frames) next to a plain-Python baseline.
+"""Forwarding rate of one vswitch (frames/s, 64 B and 1,400 B frames), full path and cached path,
+next to plain-Python forwarders measured in the same run.
 
-What is measured: a sender process blasts Ethernet frames (TCP, web -> db in one subnet, so every
-frame is parsed, anti-spoof checked, looked up, filtered by security lists with conntrack, and
-re-sent) into a vswitch process; this process counts what comes out on db's port. The baseline is
-the same harness with the vswitch replaced by a plain Python UDP forwarder loop (blocking
-``recv``/``sendto``, no parsing, no policy): the ceiling of any Python forwarder on this machine,
-measured in the same run, interleaved. A bare asyncio ``DatagramProtocol`` forwarder is reported
-too: the cost of the event loop alone. Each forwarder's CPU time per frame is reported next to
-the rates: on a shared 2-core machine the rates move with the neighbours' load, the CPU cost less.
+What is measured: a sender process blasts Ethernet frames of one established TCP flow (web -> db
+in one subnet: anti-spoofing, a lookup, web's egress and db's ingress security lists with
+conntrack) into a vswitch process; this process counts what comes out on db's port. Two vswitch
+processes run side by side, the same code with one difference: ``full`` has its flow cache off
+(``flow_cache_size=0``), so every frame is parsed, looked up and filtered; ``cached`` runs the
+default, so after the flow's first two frames (the first creates the conntrack entries, the second
+is the first *tracked* one, which is cached) every frame takes the fast path (``flowcache.py``).
+The flow cache's hit and miss counters are reported to show which path the frames took.
+
+Baselines, measured in the same run, interleaved: ``blocking``, a plain Python UDP forwarder loop
+(blocking ``recv``/``sendto``, no parsing, no policy): the ceiling of any Python forwarder on this
+machine; ``asyncio``, a bare asyncio ``DatagramProtocol`` forwarder: the cost of the event loop
+alone. Each forwarder's CPU time per frame is reported next to the rates: on a shared 2-core
+machine the rates move with the neighbours' load, the CPU cost less. The goal reported is the
+cached path at half the ``blocking`` baseline or better.
+
+The vswitch processes are this script's own (``--serve-vswitch``): the dataplane of
+``python -m livemig.network`` (the same ``Vswitch`` on the same event loop and sockets) without
+its idle REST API, so the cache size can differ between the two.
 
     .venv/bin/python bench/vswitch_pps.py --seconds 2 --runs 3
 """
@@ -21,19 +33,21 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from livemig.network.flowcache import DEFAULT_SIZE
 from livemig.network.packets import TCP_ACK, TCP_PSH
+from livemig.network.vswitch import Vswitch
 from livemig.region.freeport import free_port, free_ports
 from livemig.testing.fakevm import SAMPLE, sample_mapping, sample_security_lists, tcp_frame
-from livemig.wire.vswitch import VswitchClient
+from livemig.wire.vswitch import AttachRequest
 
 SIZES = (64, 1400)
 _HEADERS = 14 + 20 + 20  # Ethernet + IPv4 + TCP
@@ -129,28 +143,54 @@ def start_forwarder(kind: str, listen: int, to: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, __file__, "--forwarder", kind, "--listen", str(listen), "--to", str(to)])
 
 
-def start_vswitch(directory: Path) -> tuple[subprocess.Popen[bytes], VswitchClient]:
-    api = free_port()
-    log = (directory / "vswitch.log").open("wb")
-    command = [sys.executable, "-m", "livemig.cli.main", "vswitch", "--name", "A", "--listen", f"127.0.0.1:{api}",
-               "--overlay", "127.0.0.1:0", "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=log, stderr=log)
-    client = VswitchClient(f"http://127.0.0.1:{api}")
-    for _ in range(200):
-        try:
-            overlay = client.health().overlay
-            break
-        except Exception:
-            time.sleep(0.1)
-    else:
-        raise SystemExit("vswitch did not start")
-    client.put_mapping(sample_mapping({"A": overlay}))
+async def _serve_vswitch(flow_cache_size: int) -> None:
+    """A vswitch process for the bench: print the VNICs' ports as one JSON line, forward until
+    SIGTERM, then print the counters as one JSON line."""
+    vswitch = Vswitch("A", "127.0.0.1:0", flow_cache_size=flow_cache_size)
+    await vswitch.start()
+    vswitch.set_mapping(sample_mapping({"A": vswitch.overlay_endpoint}))
     for sl in sample_security_lists():
-        client.put_security_list(sl)
-    return proc, client
+        vswitch.set_security_list(sl)
+    ports = {}
+    for vnic in ("web", "db"):
+        attachment = await vswitch.attach(AttachRequest(vnic_id=vnic))
+        ports[vnic] = {"qemu_port": attachment.qemu_port, "switch_port": attachment.switch_port}
+    print(json.dumps(ports), flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    print(json.dumps(vswitch.snapshot_counters().switch), flush=True)
+    await vswitch.stop()
+
+
+def start_vswitch(flow_cache_size: int) -> tuple[subprocess.Popen[str], dict[str, dict[str, int]]]:
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-vswitch", str(flow_cache_size)],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"vswitch (flow cache {flow_cache_size}) did not start")
+    return proc, json.loads(line)
+
+
+def stop_vswitch(proc: subprocess.Popen[str]) -> dict[str, int]:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=10)
+    return json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+
+
+def udp_receiver(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+    sock.bind(("127.0.0.1", port))
+    return sock
 
 
 # ------------------------------------------------------------------ main
+
+VSWITCHES = {"full": 0, "cached": None}  # flow cache size (None: the default)
+KINDS = ("full", "cached", "asyncio", "blocking")
+GOAL = 0.5  # the cached path's rate as a fraction of the blocking baseline
 
 
 def main() -> int:
@@ -158,6 +198,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="blast duration per measurement")
     parser.add_argument("--runs", type=int, default=3, help="measurements per size and forwarder (median kept)")
     parser.add_argument("--forwarder", choices=["asyncio", "blocking"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve-vswitch", type=int, metavar="FLOW_CACHE_SIZE", help=argparse.SUPPRESS)
     parser.add_argument("--listen", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--to", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,69 +208,82 @@ def main() -> int:
     if args.forwarder == "blocking":
         _blocking_forwarder(args.listen, args.to)
         return 0
+    if args.serve_vswitch is not None:
+        asyncio.run(_serve_vswitch(args.serve_vswitch))
+        return 0
 
-    kinds = ("vswitch", "asyncio", "blocking")
-    results: dict[str, dict[str, list[float]]] = {k: {str(s): [] for s in SIZES} for k in kinds}
-    cpu_us: dict[str, dict[str, list[float]]] = {k: {str(s): [] for s in SIZES} for k in kinds}
-    with tempfile.TemporaryDirectory(prefix="livemig-bench-") as tmp:
-        proc, client = start_vswitch(Path(tmp))
-        try:
-            web = client.attach("web")
-            db = client.attach("db")
-            assert web.qemu_port and web.switch_port and db.qemu_port
-            receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
-            receiver.bind(("127.0.0.1", db.qemu_port))
-            base_in, base_out = free_ports(2, kind=socket.SOCK_DGRAM)
-            base_receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            base_receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
-            base_receiver.bind(("127.0.0.1", base_out))
-            for _ in range(args.runs):
-                for size in SIZES:
-                    frame = frame_of_size(size)
-                    rate, cpu = measure(receiver, frame, web.qemu_port, web.switch_port, args.seconds, proc.pid)
-                    results["vswitch"][str(size)].append(rate)
-                    cpu_us["vswitch"][str(size)].append(cpu)
-                    for kind in ("asyncio", "blocking"):
-                        forwarder = start_forwarder(kind, base_in, base_out)
-                        time.sleep(0.5)
-                        try:
-                            rate, cpu = measure(
-                                base_receiver,
-                                frame,
-                                free_port(kind=socket.SOCK_DGRAM),
-                                base_in,
-                                args.seconds,
-                                forwarder.pid,
-                            )
-                            results[kind][str(size)].append(rate)
-                            cpu_us[kind][str(size)].append(cpu)
-                        finally:
-                            forwarder.kill()
-                            forwarder.wait()
-            counters = client.counters()
-        finally:
-            client.close()
-            proc.terminate()
-            proc.wait(timeout=10)
+    results: dict[str, dict[str, list[float]]] = {k: {str(s): [] for s in SIZES} for k in KINDS}
+    cpu_us: dict[str, dict[str, list[float]]] = {k: {str(s): [] for s in SIZES} for k in KINDS}
+    switches: dict[str, tuple[subprocess.Popen[str], dict[str, dict[str, int]]]] = {}
+    counters: dict[str, dict[str, int]] = {}
+    receivers: dict[str, socket.socket] = {}
+    try:
+        for kind, size in VSWITCHES.items():
+            switches[kind] = start_vswitch(DEFAULT_SIZE if size is None else size)
+            receivers[kind] = udp_receiver(switches[kind][1]["db"]["qemu_port"])
+        base_in, base_out = free_ports(2, kind=socket.SOCK_DGRAM)
+        receivers["baseline"] = udp_receiver(base_out)
+        for _ in range(args.runs):
+            for size in SIZES:
+                frame = frame_of_size(size)
+                for kind in VSWITCHES:
+                    proc, ports = switches[kind]
+                    web = ports["web"]
+                    rate, cpu = measure(receivers[kind], frame, web["qemu_port"], web["switch_port"], args.seconds,
+                                        proc.pid)  # fmt: skip
+                    results[kind][str(size)].append(rate)
+                    cpu_us[kind][str(size)].append(cpu)
+                for kind in ("asyncio", "blocking"):
+                    forwarder = start_forwarder(kind, base_in, base_out)
+                    time.sleep(0.5)
+                    try:
+                        rate, cpu = measure(receivers["baseline"], frame, free_port(kind=socket.SOCK_DGRAM), base_in,
+                                            args.seconds, forwarder.pid)  # fmt: skip
+                        results[kind][str(size)].append(rate)
+                        cpu_us[kind][str(size)].append(cpu)
+                    finally:
+                        forwarder.kill()
+                        forwarder.wait()
+    finally:
+        for kind, (proc, _ports) in switches.items():
+            counters[kind] = stop_vswitch(proc)
+        for sock in receivers.values():
+            sock.close()
 
     def median(kind: str, table: dict[str, dict[str, list[float]]] = results, digits: int = 0) -> dict[str, float]:
         return {size: round(statistics.median(values), digits or None) for size, values in table[kind].items()}
 
-    pps, baseline, asyncio_pps = median("vswitch"), median("blocking"), median("asyncio")
+    full, cached, baseline = median("full"), median("cached"), median("blocking")
+
+    def ratio(pps: dict[str, float]) -> dict[str, float | None]:
+        return {s: round(pps[s] / baseline[s], 3) if baseline[s] else None for s in pps}
+
     report = {
-        "pps": pps,
+        "pps": cached,
+        "full_path_pps": full,
+        "cached_path_pps": cached,
         "baseline_pps": baseline,
         "baseline": "plain Python UDP forwarder loop (blocking recv/sendto, no parsing, no policy), same run",
-        "asyncio_forwarder_pps": asyncio_pps,
-        "ratio_vs_baseline": {s: round(pps[s] / baseline[s], 3) if baseline[s] else None for s in pps},
-        "mbit_s": {s: round(pps[s] * int(s) * 8 / 1e6, 1) for s in pps},
-        "cpu_us_per_frame": {k: median(k, cpu_us, 1) for k in kinds},
-        "path": "web -> db, same subnet, stateful ingress rule + conntrack, anti-spoofing, one vswitch process",
+        "asyncio_forwarder_pps": median("asyncio"),
+        "ratio_vs_baseline": {"full": ratio(full), "cached": ratio(cached)},
+        "goal": f"cached path >= {GOAL} x baseline at every size",
+        "goal_met": all(r is not None and r >= GOAL for r in ratio(cached).values()),
+        "mbit_s": {
+            kind: {s: round(pps[s] * int(s) * 8 / 1e6, 1) for s in pps}
+            for kind, pps in (("full", full), ("cached", cached))
+        },
+        "cpu_us_per_frame": {k: median(k, cpu_us, 1) for k in KINDS},
+        "flow_cache": {
+            kind: {k: v for k, v in c.items() if k.startswith("flowcache_vm_")} for kind, c in counters.items()
+        },
+        "path": "web -> db, same subnet, one established TCP flow: anti-spoofing, egress + ingress security lists "
+        "with conntrack, one vswitch process",
         "runs": args.runs,
         "seconds": args.seconds,
         "raw_pps": results,
-        "vswitch_drops": {k: v for k, v in counters["switch"].items() if k.startswith("dropped")},
+        "vswitch_drops": {
+            kind: {k: v for k, v in c.items() if k.startswith("dropped")} for kind, c in counters.items()
+        },
     }
     print(json.dumps(report, indent=2))
     return 0

@@ -56,7 +56,8 @@ def test_migration_walks_every_phase_and_moves_ownership(api, fleet):
     assert reply.status_code == 201, reply.text
     m = wait_terminal(api, reply.json()["id"])
     assert m.phase is Phase.SUCCEEDED, m.reason
-    phases = [e.phase for e in m.timeline]
+    phases = [e.phase for e in m.timeline if not e.note]
+    assert any(e.note and e.data.get("qemu", {}).get("downtime-limit") == 20 for e in m.timeline)
     assert phases == [
         Phase.PENDING,
         Phase.VALIDATING,

@@ -10,16 +10,25 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.table import Table
 
 from livemig.errors import LivemigError
-from livemig.model.migration import ConcurrencyLimits, MigrationParams, Phase
+from livemig.model.migration import (
+    AutoConverge,
+    Compression,
+    ConcurrencyLimits,
+    Migration,
+    MigrationParams,
+    MigrationPolicies,
+    Phase,
+)
 from livemig.model.vm import VmSpec, WorkloadSpec
 from livemig.region.local import Region, default_state_dir
 from livemig.wire import lmo as wire_lmo
-from livemig.wire.lmo import EvacuationReport, LmoClient, NetKind, VmView
+from livemig.wire.lmo import Evacuation, EvacuationReport, LmoClient, NetKind, VmView
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 vm_app = typer.Typer(no_args_is_help=True, help="Create, inspect and delete VMs.")
@@ -38,6 +47,16 @@ Url = Annotated[str | None, typer.Option("--url", help="LMO URL (default: $LIVEM
 def fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
+
+
+def _first_error(exc: ValueError) -> str:
+    """pydantic's first complaint in one line (its full text spans many)."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        message = str(first["msg"]).removeprefix("Value error, ")
+        return f"{where}: {message}" if where else message
+    return str(exc)
 
 
 def lmo(url: str | None, state_dir: Path | None = None) -> LmoClient:
@@ -188,6 +207,7 @@ def up(
                        netns=netns, migration_bandwidth_mib_s=migration_bandwidth,
                        blockd_disk_mib=blockd_disk_mib)  # fmt: skip
     out.print(f"region up in {region.state_dir}: LMO {config.lmo_url}")
+    out.print(f"  dashboard {config.lmo_url}/ui")
     for host in config.hosts:
         where = f", netns {host.netns}" if host.netns else ""
         out.print(f"  host {host.name}: API {host.url}, migration address {host.migration_address}{where}")
@@ -434,10 +454,23 @@ def migrate(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="return once accepted")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="only run the pre-flight checks")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the final record as JSON")] = False,
+    auto_converge: Annotated[
+        bool | None, typer.Option("--auto-converge/--no-auto-converge", help="throttle the vCPUs rather than abort")
+    ] = None,
+    throttle_initial: Annotated[int, typer.Option(help="auto-converge: first throttle, %")] = 20,
+    throttle_increment: Annotated[int, typer.Option(help="auto-converge: added per round, %")] = 10,
+    max_throttle: Annotated[int, typer.Option(help="auto-converge: the most, %")] = 99,
+    multifd: Annotated[int | None, typer.Option(help="parallel migration streams (0: one)")] = None,
+    compression: Annotated[str | None, typer.Option(help="none, xbzrle or zstd (zstd needs --multifd)")] = None,
+    xbzrle_cache_mib: Annotated[int, typer.Option(help="XBZRLE's cache, MiB")] = 64,
+    zstd_level: Annotated[int, typer.Option(help="zstd's level")] = 1,
     url: Url = None,
     state_dir: StateDir = None,
 ) -> None:
-    """Live-migrate VM to another host, with a live progress bar."""
+    """Live-migrate VM to another host, with a live progress bar.
+
+    Without any policy option the VM's own policies (its spec's ``migration``) apply; with one,
+    this migration's policies are exactly what the options say."""
     from livemig.cli.progress import follow, stats_line, timeline_table
 
     params = MigrationParams()
@@ -445,6 +478,16 @@ def migrate(
         params.downtime_limit_ms = downtime_ms
     if bandwidth is not None:
         params.max_bandwidth_mib_s = bandwidth
+    if auto_converge is not None or multifd is not None or compression is not None:
+        try:
+            params.policies = MigrationPolicies(
+                auto_converge=AutoConverge(enabled=bool(auto_converge), initial_pct=throttle_initial,
+                                           increment_pct=throttle_increment, max_pct=max_throttle),
+                multifd_channels=multifd or 0, compression=Compression(compression or "none"),
+                xbzrle_cache_mib=xbzrle_cache_mib, zstd_level=zstd_level,
+            )  # fmt: skip
+        except ValueError as exc:  # pydantic's ValidationError is one
+            fail(f"migration policies: {_first_error(exc)}")
     with lmo(url, state_dir) as client:
         if dry_run:
             report = client.preflight(vm, to, params)
@@ -455,6 +498,8 @@ def migrate(
                 for check in report.checks:
                     table.add_row(check.name, "[green]ok[/]" if check.ok else "[red]FAIL[/]", check.detail)
                 out.print(table)
+                if report.policies is not None:
+                    out.print(f"policies: {report.policies.describe()}")
             raise typer.Exit(0 if report.ok else 1)
         migration = client.migrate(vm, to, params)
         if no_wait:
@@ -509,6 +554,32 @@ def migrations_show(
             out.print(stats_line(m))
 
 
+@migrations_app.command("plot")
+def migrations_plot(
+    migration_id: str,
+    output: Annotated[Path, typer.Option("-o", "--output", help="the picture: FILE.png or FILE.svg")],
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Draw a migration's phase timeline, pre-copy chart and pause to a PNG or SVG file."""
+    from livemig import plots
+
+    fmt = plots.format_for(output)  # a bad name is refused before anything is asked or drawn
+    with lmo(url, state_dir) as client:
+        m = client.migration(migration_id)
+    plots.write(output, plots.migration_report(m, fmt))
+    out.print(f"migration {m.id} ({m.phase.value}) drawn to {output}")
+
+
+def _plot_evacuation(path: Path, evacuation: Evacuation, migrations: list[Migration], console: Console) -> None:
+    from livemig import plots
+
+    title = f"evacuation {evacuation.id} of {evacuation.host}"
+    limit = evacuation.limits.region_total
+    plots.write(path, plots.evacuation_chart(migrations, title, plots.format_for(path), limit=limit))
+    console.print(f"evacuation {evacuation.id} drawn to {path}")
+
+
 @migrations_app.command("cancel")
 def migrations_cancel(migration_id: str, url: Url = None, state_dir: StateDir = None) -> None:
     """Cancel a migration; the VM keeps running on its source."""
@@ -524,6 +595,7 @@ def evacuate(
     per_host_inbound: Annotated[int, typer.Option(help="concurrent migrations into one host")] = 1,
     region_total: Annotated[int, typer.Option(help="concurrent migrations in the region")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="print the final report as JSON")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="draw the migrations to FILE.png or FILE.svg")] = None,
     url: Url = None,
     state_dir: StateDir = None,
 ) -> None:
@@ -534,6 +606,10 @@ def evacuate(
 
     from livemig.control.evacuation import peak_concurrency
 
+    if plot is not None:
+        from livemig.plots import format_for
+
+        format_for(plot)  # refused before the host is put in maintenance
     limits = ConcurrencyLimits(per_host_outbound=per_host_outbound, per_host_inbound=per_host_inbound,
                                region_total=region_total)  # fmt: skip
     with lmo(url, state_dir) as client:
@@ -561,6 +637,8 @@ def evacuate(
                 live.update(render(report))
         peaks = {"outbound": peak_concurrency(report.migrations, "source"),
                  "inbound": peak_concurrency(report.migrations, "destination")}  # fmt: skip
+        if plot is not None:
+            _plot_evacuation(plot, evacuation, report.migrations, err if as_json else out)
         stuck = [i for i in evacuation.items if not i.migration]
         failed = [m for m in report.migrations if m.phase is not Phase.SUCCEEDED]
         if as_json:
@@ -589,6 +667,34 @@ def image_build(
     with err.status("building the guest image") as status:
         image = build_image(cache, force=force, progress=lambda msg: status.update(msg))
     out.print(f"kernel {image.kernel}\ninitrd {image.initrd}")
+
+
+@image_app.command("build-disk")
+def image_build_disk(
+    cache: Annotated[Path | None, typer.Option(help="cache directory (default $LIVEMIG_CACHE)")] = None,
+) -> None:
+    """Build the Debian 12 disk image (UEFI + BIOS, cloud-init) that stands in for a user's VM."""
+    import time
+
+    from livemig.guest.distro import build_disk_image
+
+    cache = cache or Path(os.environ.get("LIVEMIG_CACHE") or Path.home() / ".cache" / "livemig")
+    started = time.monotonic()
+    steps: list[str] = []  # only a build reports steps; a cached image comes back silently
+    with err.status("building the Debian disk image") as status:
+
+        def progress(message: str) -> None:
+            steps.append(message)
+            status.update(message[:100])
+
+        image = build_disk_image(cache, progress=progress)
+    took = time.monotonic() - started
+    cached = not steps
+    out.print(
+        f"image {image.path}\n"
+        f"size {image.file_size} bytes qcow2, {image.virtual_size} bytes raw ({image.allocated} allocated)\n"
+        f"took {took:.1f}s" + (f" (cached; the build took {image.build_seconds:.1f}s)" if cached else "")
+    )
 
 
 @app.command()

@@ -20,7 +20,10 @@ from livemig.control.controller import Controller
 from livemig.control.routes import hosts, migrations, netobjects, vms, volumes
 from livemig.control.services import Services
 from livemig.control.store import Store
+from livemig.control.web import dashboard_router
 from livemig.faults.api import mount_faults
+from livemig.model.host import HostInfo
+from livemig.wire import hostd
 from livemig.wire.base import async_http
 from livemig.wire.server import install_error_handlers
 
@@ -51,6 +54,12 @@ def create_app(
     mount_faults(app)
     for module in (hosts, vms, migrations, netobjects, volumes):
         app.include_router(module.router)
+
+    async def host_info(name: str) -> HostInfo:
+        services: Services = app.state.services
+        return await services.host(name).run(hostd.info())
+
+    app.include_router(dashboard_router(store, host_info=host_info))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

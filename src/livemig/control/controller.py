@@ -191,7 +191,8 @@ class Controller:
     async def _preparing_target(self, m: Migration) -> None:
         spec, _ = self.store.vm(m.vm)
         exports = await self.volumes.ensure_attached(spec, m.destination)
-        uri = (await self.host(m.destination).run(hostd.prepare_incoming(spec, exports))).uri
+        policies = m.params.resolved_policies()
+        uri = (await self.host(m.destination).run(hostd.prepare_incoming(spec, exports, policies))).uri
         m.incoming_uri = uri
         m.set_condition(ConditionType.TARGET_PREPARED, True, uri)
         m.transition(Phase.SYNCING_FLOWS, f"destination listening on {uri}")
@@ -231,19 +232,27 @@ class Controller:
             spec, _ = self.store.vm(m.vm)
             job = await source.run(hostd.migrate(m.vm, m.incoming_uri, m.params, self._handoffs(m, spec)))
             held_by = job.enforced_by or "QEMU max-bandwidth (no tc on loopback hosts)"
-            m.set_condition(ConditionType.MIGRATION_STARTED, True, m.incoming_uri)
+            m.set_condition(ConditionType.MIGRATION_STARTED, True,
+                            f"{m.incoming_uri}; {m.params.resolved_policies().describe()}")  # fmt: skip
             m.set_condition(
                 ConditionType.BANDWIDTH_ENFORCED, True, f"{m.params.max_bandwidth_mib_s} MiB/s held by {held_by}"
             )
+            ignored = "".join(f"; QEMU kept {k}={v['qemu']} (asked {v['asked']})" for k, v in job.qemu_ignored.items())
+            m.note(f"the source QEMU reports {_settings_line(job.qemu_settings)}{ignored}", qemu=job.qemu_settings,
+                   qemu_ignored=job.qemu_ignored)  # fmt: skip
         self._absorb(m, job)
         if m.phase is Phase.PRECOPY and job.state is JobState.RUNNING:
             spec, _ = self.store.vm(m.vm)
-            started = m.entered(Phase.PRECOPY) or m.timeline[-1].at
-            verdict = judge(job.samples, m.params.policy, m.params.max_bandwidth_mib_s, spec.memory_mib, started)
+            started = m.phase_started(Phase.PRECOPY) or m.timeline[-1].at
+            policies = m.params.resolved_policies()
+            verdict = judge(job.samples, m.params.policy, m.params.max_bandwidth_mib_s, spec.memory_mib, started,
+                            policies)  # fmt: skip
             if verdict.abort:
                 await source.run(hostd.cancel_migration(m.vm))
                 self._fail(m, Phase.ABORTING, verdict.reason, end=Phase.ABORTED)
                 return
+            if policies.auto_converge.enabled:
+                self._note_throttle(m, job, verdict.throttled)
             await self._sync_flow_deltas(m, spec)
         if m.phase is Phase.PRECOPY:
             pause = next((e for e in job.events if e.status in ("pre-switchover", "device")), None)
@@ -257,6 +266,21 @@ class Controller:
             m.transition(Phase.CUTTING_OVER, "QEMU reports the migration completed", **stats)
         elif job.state in (JobState.FAILED, JobState.CANCELLED):
             self._fail(m, Phase.ABORTING, f"QEMU reports migration {job.state.value}: {job.error or 'no detail'}")
+
+    @staticmethod
+    def _note_throttle(m: Migration, job: SourceMigrationStatus, why: str) -> None:
+        """Per pre-copy round, the throttle auto-converge holds the vCPUs at, once QEMU throttles
+        or the judgement would otherwise abort: the timeline shows how the guest was slowed."""
+        if not job.samples:
+            return
+        last = job.samples[-1]
+        noted = [e.data for e in m.timeline if e.phase is Phase.PRECOPY and "throttle_pct" in e.data]
+        if (last.cpu_throttle_pct == 0 and not why) or (noted and noted[-1]["round"] >= last.dirty_sync_count):
+            return
+        message = f"round {last.dirty_sync_count}: vCPUs throttled {last.cpu_throttle_pct}%"
+        m.note(f"{message}; {why}" if why else message, round=last.dirty_sync_count,
+               throttle_pct=last.cpu_throttle_pct, dirty_mib_s=round(last.dirty_rate_mib_s, 1),
+               remaining_mib=round(last.remaining_bytes / (1024 * 1024), 1))  # fmt: skip
 
     async def _sync_flow_deltas(self, m: Migration, spec: VmSpec) -> None:
         """About once a second of pre-copy, copy the flows changed since the destination's version
@@ -298,8 +322,7 @@ class Controller:
             self._fail(m, Phase.ABORTING, "source hostd restarted during the migration; QEMU did not complete")
 
     def _absorb(self, m: Migration, job: SourceMigrationStatus) -> None:
-        if job.samples:
-            m.last_sample = job.samples[-1]
+        m.record_samples(job.samples)  # the history the dashboard and `migrations plot` draw
         if job.stats is not None:
             m.stats = job.stats
 
@@ -455,6 +478,13 @@ def _has_guest(observed: VmStatus | None) -> bool:
         return False
     return (observed.state in (RunState.RUNNING, RunState.IO_ERROR)
             or (observed.resumed_at is not None and observed.state is not RunState.INMIGRATE))  # fmt: skip
+
+
+def _settings_line(settings: dict[str, object]) -> str:
+    """QEMU's read-back settings in one line: the capabilities on, then the parameters."""
+    on = [k for k, v in settings.items() if v is True]
+    values = [f"{k}={v}" for k, v in settings.items() if not isinstance(v, bool)]
+    return f"capabilities on: {', '.join(on) or 'none'}; {', '.join(values)}"
 
 
 def _runs_disk_workload(spec: VmSpec) -> bool:

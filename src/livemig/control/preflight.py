@@ -10,7 +10,8 @@ from livemig.control.network import vm_vnics
 from livemig.control.services import Services
 from livemig.errors import LivemigError, NotFound
 from livemig.model.host import HostInfo
-from livemig.model.vm import RunState, VolumeDevice
+from livemig.model.migration import Compression, MigrationPolicies
+from livemig.model.vm import RunState, VmSpec, VolumeDevice
 from livemig.wire import blockd, hostd, vswitch
 from livemig.wire.lmo import Check, MigrationRequest, PreflightReport
 
@@ -106,8 +107,20 @@ async def preflight(services: Services, request: MigrationRequest) -> PreflightR
         except LivemigError as exc:
             add("volumes", False, exc.message, error="HostUnreachable")
     await _check_vnics(services, vm_vnics(spec), destination, add)
+    policies = request.params.policies or spec.migration or MigrationPolicies()
+    _check_policies(policies, "this migration" if request.params.policies else "the VM's spec", spec, add)
     return PreflightReport(vm=vm, source=source, destination=destination, ok=all(c.ok for c in checks),
-                           checks=checks)  # fmt: skip
+                           checks=checks, policies=policies)  # fmt: skip
+
+
+def _check_policies(policies: MigrationPolicies, origin: str, spec: VmSpec, add: Callable[..., None]) -> None:
+    """The policies the migration would run with, and where they come from. QEMU refuses an
+    XBZRLE cache larger than the guest's RAM, so that is refused here, before anything starts."""
+    if policies.compression is Compression.XBZRLE and policies.xbzrle_cache_mib > spec.memory_mib:
+        add("migration policies", False, f"XBZRLE cache {policies.xbzrle_cache_mib} MiB exceeds the guest's "
+            f"{spec.memory_mib} MiB of RAM", error="InvalidRequest")  # fmt: skip
+        return
+    add("migration policies", True, f"{policies.describe()} (from {origin})")
 
 
 async def _check_vnics(services: Services, vnics: list[str], destination: str, add: Callable[..., None]) -> None:

@@ -26,11 +26,14 @@ from livemig.host.qemu import TCG_RAM_TRIM_KIB, VmPaths, command_line, needs_tcg
 from livemig.host.qmp import event_time
 from livemig.host.qmpfaults import FaultedQmp
 from livemig.host.runtime import LocalQemu, QemuRuntime, Qmp
+from livemig.host.segment import close_all as close_segment_sockets
+from livemig.host.segment import netdev as segment_netdev
+from livemig.host.segment import open_segment_sockets
 from livemig.host.shaping import MigrationShaper
-from livemig.host.source import SourceMigration
+from livemig.host.source import SourceMigration, policy_capabilities, policy_parameters
 from livemig.host.vnics import VswitchPorts
 from livemig.model.host import HostInfo
-from livemig.model.migration import MigrationParams
+from livemig.model.migration import MigrationParams, MigrationPolicies
 from livemig.model.vm import RESUMABLE, NbdExport, RunState, VmRole, VmSpec, VolumeDevice
 from livemig.region.hostns import MIGRATION_DEVICE
 from livemig.statefile import StateFile
@@ -59,6 +62,7 @@ class VmRecord(BaseModel):
     resumed_at: float | None = None
     guest_resets: list[str] = Field(default_factory=list)
     exports: dict[str, NbdExport] = Field(default_factory=dict)
+    policies: MigrationPolicies | None = None  # an incoming VM's: what its QEMU was told to expect
     #: the side of a migration this VM last took part in here (fault points are named by it)
     side: Literal["src", "dst"] = "src"
 
@@ -213,16 +217,21 @@ class HostAgent:
             if REGISTRY.armed:
                 await REGISTRY.fire(f"hostd.{side}.launch", vm=spec.name, host=self.name, error=QemuError)
             netdevs = await self.ports.attach(spec, hold=incoming)
+            segments = open_segment_sockets(spec)
+            netdevs.update({nic_id: segment_netdev(nic_id, sock) for nic_id, sock in segments.items()})
             argv = command_line(spec, paths, self.accel.name, incoming=incoming, binary=self.runtime.binary(),
                                 exports=exports, netdevs=netdevs)  # fmt: skip
             if self.netns:  # the NIC socket is a passed fd, so it stays in hostd's namespace
                 argv = ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
             try:
-                pid = await self.runtime.launch(argv, self.ports.pass_fds(spec), paths)
+                fds = [*self.ports.pass_fds(spec), *(sock.fileno() for sock in segments.values())]
+                pid = await self.runtime.launch(argv, fds, paths)
             except QemuError as exc:
                 shutil.rmtree(paths.root, ignore_errors=True)
                 await self.ports.detach(spec)
                 raise QemuError(f"QEMU refused to start VM {spec.name}: {exc.message}", vm=spec.name) from None
+            finally:
+                close_segment_sockets(segments)  # QEMU holds its own copies
             vm = ManagedVm(spec=spec, paths=paths, pid=pid, role=VmRole.INCOMING if incoming else VmRole.RUNNING,
                            qmp=self._qmp(spec.name), argv=argv, exports=dict(exports or {}),
                            side=side)  # fmt: skip
@@ -238,16 +247,22 @@ class HostAgent:
             log.info("started VM %s (pid %d, %s)", spec.name, pid, vm.role)
             return vm
 
-    async def prepare_incoming(self, spec: VmSpec, exports: dict[str, NbdExport] | None = None) -> str:
-        """Start a suspended destination listening on this host's migration address; idempotent."""
+    async def prepare_incoming(
+        self, spec: VmSpec, exports: dict[str, NbdExport] | None = None, policies: MigrationPolicies | None = None
+    ) -> str:
+        """Start a suspended destination listening on this host's migration address; idempotent.
+
+        The migration's multifd settings are set before QEMU listens: its channels and compression
+        must match the source's, or the stream cannot be read."""
+        policies = policies or MigrationPolicies()
         existing = self.vms.get(spec.name)
         if existing is not None:
             same = existing.role is VmRole.INCOMING and existing.spec == spec and existing.exports == (exports or {})
-            if same and existing.incoming_uri:
+            if same and existing.incoming_uri and (existing.policies or MigrationPolicies()) == policies:
                 return existing.incoming_uri
-            if same and self.runtime.owns(existing.pid, existing.paths):
+            if same and not existing.incoming_uri and self.runtime.owns(existing.pid, existing.paths):
                 # started by a hostd that died before it finished preparing: finish it now
-                return await self._listen(existing)
+                return await self._listen(existing, policies)
             raise Conflict(f"VM {spec.name!r} already exists on host {self.name} ({existing.role})")
         if spec.boot.kernel is None or spec.boot.initrd is None:
             raise InvalidRequest("an incoming VM needs the source's resolved spec (boot files pinned)")
@@ -256,15 +271,17 @@ class HostAgent:
                 raise InvalidRequest(f"boot file {path} does not exist on host {self.name}")
         vm = await self.create(spec, incoming=True, exports=exports)
         await asyncio.sleep(0)  # the watcher's listener is registered before the migration can start
-        return await self._listen(vm)
+        return await self._listen(vm, policies)
 
-    async def _listen(self, vm: ManagedVm) -> str:
+    async def _listen(self, vm: ManagedVm, policies: MigrationPolicies) -> str:
         """Make a suspended destination listen for the migration (if it does not yet) and record where."""
         try:
             reply = await vm.qmp.execute("query-migrate")
             if not reply.get("socket-address"):
-                await vm.qmp.execute("migrate-set-capabilities",
-                                     {"capabilities": [{"capability": "events", "state": True}]})  # fmt: skip
+                capabilities = [{"capability": "events", "state": True}, *policy_capabilities(policies, source=False)]
+                await vm.qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
+                await vm.qmp.execute("migrate-set-parameters", policy_parameters(policies))
+                vm.policies = policies
                 await vm.qmp.execute("migrate-incoming", {"uri": f"tcp:{self.migration_address}:0"})
                 reply = await vm.qmp.execute("query-migrate")
             sockets = reply.get("socket-address") or []

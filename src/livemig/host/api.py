@@ -23,6 +23,7 @@ from livemig.wire.base import async_http
 from livemig.wire.hostd import (
     CheckReply,
     ConsoleLine,
+    IncomingLaunch,
     IncomingReply,
     MigrateRequest,
     ResumeReply,
@@ -101,10 +102,10 @@ def create_app(agent: HostAgent, lmo_url: str | None = None, api_url: str | None
         return Response(status_code=204)
 
     @app.post("/vms/{name}/incoming")
-    async def incoming(name: str, launch: VmLaunch) -> IncomingReply:
+    async def incoming(name: str, launch: IncomingLaunch) -> IncomingReply:
         if launch.spec.name != name:
             raise InvalidRequest(f"path names VM {name!r} but the spec names {launch.spec.name!r}")
-        return IncomingReply(uri=await agent.prepare_incoming(launch.spec, launch.exports))
+        return IncomingReply(uri=await agent.prepare_incoming(launch.spec, launch.exports, launch.policies))
 
     @app.post("/vms/{name}/migrate", status_code=202)
     async def migrate(name: str, body: MigrateRequest) -> SourceMigrationStatus:

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +23,18 @@ from livemig.model.vm import RESERVED_PCI_SLOT, NbdExport, NicDevice, RngDevice,
 QEMU_BINARY = "qemu-system-x86_64"
 #: how long QEMU's NBD client holds a volume's requests while it reconnects to blockd (seconds)
 NBD_RECONNECT_DELAY_S = 60
+
+#: Where QEMU writes its migration trace (``LIVEMIG_QEMU_TRACE_DIR``), one file per QEMU started.
+TRACE_DIR_ENV = "LIVEMIG_QEMU_TRACE_DIR"
+#: The trace points that split a migration's pause into its parts: the final dirty-bitmap sync,
+#: the device state saved and loaded, the destination's last section and its start. Per-page
+#: points are left out (they would cost more than they measure).
+TRACE_EVENTS = (
+    "migration_bitmap_sync_start", "migration_bitmap_sync_end", "migration_completion_vm_stop",
+    "savevm_state_complete_precopy", "vmstate_save", "migrate_set_state",
+    "qemu_loadvm_state_section_startfull", "vmstate_load", "qemu_loadvm_state_post_main",
+    "loadvm_state_cleanup", "vm_state_notify",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -178,9 +191,9 @@ def command_line(
     for device in spec.devices:
         bus = "pcie.0" if "q35" in spec.machine else "pci.0"
         if isinstance(device, NicDevice):
-            if device.backend == "vswitch":
+            if device.backend in ("vswitch", "segment"):
                 if device.id not in netdevs:
-                    raise InvalidRequest(f"VM {spec.name}: NIC {device.id} has no vswitch port")
+                    raise InvalidRequest(f"VM {spec.name}: NIC {device.id} has no {device.backend} port")
                 argv += ["-netdev", netdevs[device.id]]
             elif device.backend == "user":
                 argv += ["-netdev", f"user,id=net_{device.id},restrict=on"]
@@ -209,6 +222,25 @@ def command_line(
                 "-blockdev", json.dumps(blockdev, separators=(",", ":")),
                 "-device", f"virtio-blk-pci,id={device.id},drive=vol_{device.id},bus={bus},addr={device.pci_addr}",
             ]  # fmt: skip
+    argv += trace_arguments(spec, incoming)
     if incoming:
         argv += ["-incoming", "defer"]
+    return argv
+
+
+def trace_arguments(spec: VmSpec, incoming: bool, environ: dict[str, str] | None = None) -> list[str]:
+    """QEMU's own trace of a migration's pause, when ``$LIVEMIG_QEMU_TRACE_DIR`` names a directory.
+
+    Why an environment switch and not a spec field: tracing is a measurement (bench/pause.py reads
+    the files), not part of a VM; a migration's two QEMUs must keep the same device layout, and
+    trace options are no part of it. Timestamps (``-msg timestamp=on``) are wall clock, so both
+    sides' lines and QMP events share one time line.
+    """
+    directory = (os.environ if environ is None else environ).get(TRACE_DIR_ENV)
+    if not directory:
+        return []
+    log = Path(directory) / f"{spec.name}-{'in' if incoming else 'out'}-{time.time_ns()}.log"
+    argv = ["-msg", "timestamp=on", "-D", str(log)]
+    for event in TRACE_EVENTS:
+        argv += ["-trace", f"enable={event}"]
     return argv

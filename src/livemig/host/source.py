@@ -23,7 +23,7 @@ from livemig.faults.registry import REGISTRY
 from livemig.host.qmp import event_time
 from livemig.host.runtime import Qmp
 from livemig.host.shaping import ShapedMigration
-from livemig.model.migration import MigrationParams, MigrationSample, MigrationStats
+from livemig.model.migration import Compression, MigrationParams, MigrationPolicies, MigrationSample, MigrationStats
 from livemig.wire.hostd import JobState, MigrationEvent, SourceMigrationStatus, VnicHandoff
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,14 @@ BEFORE_CONTINUE = frozenset({"setup", "active", "pre-switchover", "wait-unplug"}
 #: already told to continue)
 SETTLE_S = 30.0
 SwitchoverHook = Callable[[], Awaitable[None]]
+#: fault points that exist only when QEMU stops at pre-switchover for hostd
+PAUSE_POINTS = ("hostd.switchover", "hostd.src.event.MIGRATION.pre-switchover", "hostd.src.qmp.migrate-continue",
+                "hostd.src.qmp.migrate-continue.reply")  # fmt: skip
+#: the capabilities and parameters a migration's record shows as QEMU reports them
+REPORTED_CAPABILITIES = ("pause-before-switchover", "auto-converge", "multifd", "xbzrle")
+REPORTED_PARAMETERS = ("downtime-limit", "max-bandwidth", "cpu-throttle-initial", "cpu-throttle-increment",
+                       "max-cpu-throttle", "multifd-channels", "multifd-compression", "multifd-zstd-level",
+                       "xbzrle-cache-size")  # fmt: skip
 
 
 def sample_from(reply: dict[str, Any]) -> MigrationSample:
@@ -52,7 +60,39 @@ def sample_from(reply: dict[str, Any]) -> MigrationSample:
         mbps=float(ram.get("mbps", 0.0)),
         dirty_sync_count=ram.get("dirty-sync-count", 0),
         expected_downtime_ms=reply.get("expected-downtime"),
+        pages_sent=ram.get("normal", 0) + reply.get("xbzrle-cache", {}).get("pages", 0),
+        cpu_throttle_pct=reply.get("cpu-throttle-percentage", 0),
     )
+
+
+def policy_capabilities(policies: MigrationPolicies, *, source: bool) -> list[dict[str, Any]]:
+    """QEMU's capabilities for the policies. Every one is set, on or off, so a QEMU that migrated
+    before with other policies forgets them. The destination needs multifd only (auto-converge and
+    XBZRLE act on the sending side; XBZRLE pages decode anywhere)."""
+    capabilities = [{"capability": "multifd", "state": policies.multifd}]
+    if source:
+        capabilities += [
+            {"capability": "auto-converge", "state": policies.auto_converge.enabled},
+            {"capability": "xbzrle", "state": policies.compression is Compression.XBZRLE},
+        ]
+    return capabilities
+
+
+def policy_parameters(policies: MigrationPolicies) -> dict[str, Any]:
+    """QEMU's migration parameters for the policies (both ends: multifd's must match)."""
+    ac = policies.auto_converge
+    parameters: dict[str, Any] = {
+        "cpu-throttle-initial": ac.initial_pct,
+        "cpu-throttle-increment": ac.increment_pct,
+        "max-cpu-throttle": ac.max_pct,
+        "multifd-compression": "zstd" if policies.compression is Compression.ZSTD else "none",
+        "multifd-zstd-level": policies.zstd_level,
+    }
+    if policies.multifd:
+        parameters["multifd-channels"] = policies.multifd_channels
+    if policies.compression is Compression.XBZRLE:  # QEMU refuses a cache larger than the guest's RAM
+        parameters["xbzrle-cache-size"] = policies.xbzrle_cache_mib * 1024 * 1024
+    return parameters
 
 
 def stats_from(reply: dict[str, Any], hook_ms: float | None, stopped_at: float | None = None) -> MigrationStats:
@@ -69,6 +109,7 @@ def stats_from(reply: dict[str, Any], hook_ms: float | None, stopped_at: float |
         normal_pages=ram.get("normal", 0),
         switchover_hook_ms=hook_ms,
         stopped_at=stopped_at,
+        xbzrle_pages=reply["xbzrle-cache"].get("pages") if "xbzrle-cache" in reply else None,
         error=reply.get("error-desc"),
     )
 
@@ -106,29 +147,60 @@ class SourceMigration:
         self.task: asyncio.Task[None] | None = None
         self.shaped = shaped  # the tc class holding this stream to its share (namespace hosts)
         self.handoffs = list(handoffs or [])  # VNICs handed over inside the pause (agent.py)
+        self.qemu_settings: dict[str, Any] = {}
+        self.qemu_ignored: dict[str, Any] = {}  # what QEMU accepted but did not take (asked vs its answer)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"migrate-{self.vm}")
 
+    @property
+    def pauses_before_switchover(self) -> bool:
+        """Whether QEMU stops at ``pre-switchover`` for hostd: only when a hook has work there.
+
+        Why not always: the stop costs an event and a ``migrate-continue`` round trip inside the
+        guest's pause (a few ms here, most of the gap between QEMU's and livemig's pause); a VM
+        with no VNIC to hand over gains nothing from it. A fault armed at a point of the pause
+        (``hostd.switchover``, the ``pre-switchover`` event, ``migrate-continue``) keeps it, so a
+        chaos run can still hold a source there."""
+        return self.params.pause_before_switchover and (bool(self.switchover_hooks) or self._faults_need_pause())
+
+    def _faults_need_pause(self) -> bool:
+        if not REGISTRY.armed:
+            return False
+        scope = REGISTRY.scope(self.vm, self.host)
+        return any(REGISTRY.matches(point, scope) for point in PAUSE_POINTS)
+
     async def configure(self) -> None:
         """Set capabilities and parameters; separate so errors reach the API caller directly."""
-        await self.qmp.execute(
-            "migrate-set-capabilities",
-            {
-                "capabilities": [
-                    {"capability": "events", "state": True},
-                    {"capability": "pause-before-switchover", "state": self.params.pause_before_switchover},
-                    {"capability": "auto-converge", "state": self.params.policy.auto_converge},
-                ]
-            },
-        )
-        await self.qmp.execute(
-            "migrate-set-parameters",
-            {
-                "downtime-limit": self.params.downtime_limit_ms,
-                "max-bandwidth": self.params.max_bandwidth_mib_s * 1024 * 1024,
-            },
-        )
+        policies = self.params.resolved_policies()
+        capabilities = [
+            {"capability": "events", "state": True},
+            {"capability": "pause-before-switchover", "state": self.pauses_before_switchover},
+            *policy_capabilities(policies, source=True),
+        ]
+        parameters = {
+            "downtime-limit": self.params.downtime_limit_ms,
+            "max-bandwidth": self.params.max_bandwidth_mib_s * 1024 * 1024,
+            **policy_parameters(policies),
+        }
+        await self.qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
+        await self.qmp.execute("migrate-set-parameters", parameters)
+        self.qemu_settings = await self._read_back()
+        asked = {**{str(c["capability"]): c["state"] for c in capabilities}, **parameters}
+        self.qemu_ignored = {key: {"asked": value, "qemu": self.qemu_settings[key]} for key, value in asked.items()
+                             if key in self.qemu_settings and self.qemu_settings[key] != value}  # fmt: skip
+        if self.qemu_ignored:  # e.g. QEMU 7.2 accepts multifd-zstd-level and keeps 1
+            log.warning("migration of %s: QEMU did not take %s", self.vm, self.qemu_ignored)
+
+    async def _read_back(self) -> dict[str, Any]:
+        """The migration settings as the source QEMU reports them, for the record: the timeline
+        then shows QEMU's word for each policy, not only what was asked."""
+        capabilities = await self.qmp.execute("query-migrate-capabilities")
+        parameters: dict[str, Any] = await self.qmp.execute("query-migrate-parameters")
+        caps = {
+            str(c["capability"]): bool(c["state"]) for c in capabilities if c["capability"] in REPORTED_CAPABILITIES
+        }
+        return {**caps, **{k: v for k, v in parameters.items() if k in REPORTED_PARAMETERS}}
 
     async def _run(self) -> None:
         sampler: asyncio.Task[None] | None = None
@@ -153,6 +225,10 @@ class SourceMigration:
                         break
             reply = await self._final_reply()
             self.stats = stats_from(reply, self.hook_ms, self.stopped_at)
+            done = next((e for e in self.events if e.status == JobState.COMPLETED.value), None)
+            throttle = max((s.cpu_throttle_pct for s in self.samples), default=0)
+            self.stats.cpu_throttle_pct = throttle if self.params.resolved_policies().auto_converge.enabled else None
+            self.stats.completed_at = done.at.timestamp() if done is not None else None
             if self.shaped is not None:
                 self.stats.bandwidth_enforced_by = self.shaped.describe()
                 self.stats.shaped_bytes = await asyncio.to_thread(self.shaped.bytes_sent)
@@ -288,4 +364,6 @@ class SourceMigration:
             stats=self.stats,
             error=self.error,
             enforced_by=self.shaped.describe() if self.shaped is not None else None,
+            qemu_settings=dict(self.qemu_settings),
+            qemu_ignored=dict(self.qemu_ignored),
         )

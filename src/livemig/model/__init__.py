@@ -3,10 +3,13 @@
 from livemig.model.host import HostInfo, HostRegistration
 from livemig.model.migration import (
     TERMINAL_PHASES,
+    AutoConverge,
+    Compression,
     Condition,
     ConditionType,
     Migration,
     MigrationParams,
+    MigrationPolicies,
     MigrationSample,
     MigrationStats,
     Phase,
@@ -25,7 +28,9 @@ from livemig.model.vm import (
 
 __all__ = [
     "TERMINAL_PHASES",
+    "AutoConverge",
     "BootSpec",
+    "Compression",
     "Condition",
     "ConditionType",
     "Device",
@@ -33,6 +38,7 @@ __all__ = [
     "HostRegistration",
     "Migration",
     "MigrationParams",
+    "MigrationPolicies",
     "MigrationSample",
     "MigrationStats",
     "NbdExport",

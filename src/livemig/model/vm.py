@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from livemig.model.migration import MigrationPolicies
+
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 # livemig's own virtio-serial command channel sits here in every VM (host/qemu.py)
@@ -82,19 +84,25 @@ class _Strict(BaseModel):
 
 class NicDevice(_Strict):
     """A virtio NIC. ``backend`` says where its frames go: ``vswitch`` (the VCN dataplane, as VNIC
-    ``vnic``), ``user`` (QEMU's restricted slirp) or ``none``."""
+    ``vnic``), ``segment`` (a plain shared L2 segment on this machine: every port hears every
+    frame, so a migration needs no hand-off; the reference of bench/blackout.py), ``user``
+    (QEMU's restricted slirp) or ``none``."""
 
     kind: Literal["nic"] = "nic"
     id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,30}$")
     pci_addr: str
     mac: str
-    backend: Literal["vswitch", "user", "none"] = "user"
+    backend: Literal["vswitch", "segment", "user", "none"] = "user"
     vnic: str | None = Field(default=None, description="the VNIC this NIC is (backend vswitch)")
+    segment: str | None = Field(default=None, pattern=r"^127\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d{1,5}$",
+                                description="the segment's hub, a loopback host:port (backend segment)")  # fmt: skip
 
     @model_validator(mode="after")
     def _vnic_iff_vswitch(self) -> NicDevice:
         if (self.backend == "vswitch") != (self.vnic is not None):
             raise ValueError(f"NIC {self.id}: a vnic is named exactly when the backend is vswitch")
+        if (self.backend == "segment") != (self.segment is not None):
+            raise ValueError(f"NIC {self.id}: a segment is named exactly when the backend is segment")
         return self
 
     @field_validator("mac")
@@ -168,6 +176,10 @@ class VmSpec(_Strict):
                               description="KiB left off the guest's RAM; hostd pins 8 under TCG, where a "
                               "RAM size that is a multiple of 256 KiB loses guest writes during pre-copy "
                               "(host/qemu.py: TCG_RAM_TRIM_KIB)")  # fmt: skip
+    migration: MigrationPolicies | None = Field(
+        default=None,
+        description="how this VM migrates (auto-converge, multifd, compression) unless a migration says otherwise",
+    )
 
     @field_validator("devices")
     @classmethod

@@ -19,6 +19,14 @@ A non-SYN segment allowed by a stateful rule starts as ESTABLISHED ("loose picku
 default), so a VM that sends on a connection the table lost recovers it. UDP and ICMP echo are
 UNREPLIED until the first reply, then REPLIED (longer timeout for UDP). ICMP errors are not tracked
 ("related" traffic needs a rule). Time comes from an injected clock so tests can jump it.
+
+The vswitch's flow cache (``flowcache.py``) holds on to :class:`Entry` objects so an established
+flow's packets skip the lookup. Two things here keep that honest: an entry that a lookup may no
+longer find (expired, removed by an import, replaced by an imported copy or by a flow filed under
+its key the other way round, dropped with its VNIC) is marked ``live = False``, and a table
+counts its ``inserts``, so a cached "this flow is not tracked" can
+tell that a flow has since been created. :meth:`ConntrackTable.touch` is the cached path's half
+of :meth:`ConntrackTable.track`: the deadline refresh, for a packet that changes no state.
 """
 
 from __future__ import annotations
@@ -105,6 +113,7 @@ class Entry:
     fin_orig: bool = False
     fin_reply: bool = False
     last_fin_reply: bool = False
+    live: bool = True  # False once a lookup may no longer find it: a cached reference to it is stale
 
     @property
     def reply_key(self) -> Key:
@@ -136,6 +145,7 @@ class ConntrackTable:
         self._entries: dict[Key, Entry] = {}
         self._tombstones: dict[Key, int] = {}
         self.refused = 0  # new flows refused because the table was full
+        self.inserts = 0  # entries ever put in (created or imported): a cached "untracked" checks it
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -162,18 +172,39 @@ class ConntrackTable:
 
     def track(self, info: FlowInfo) -> bool:
         """Advance the flow this packet belongs to; True if it is a valid packet of a tracked flow."""
+        return self.advance(info) is not None
+
+    def advance(self, info: FlowInfo) -> Entry | None:
+        """:meth:`track`, returning the entry the packet advanced (None: not a valid tracked packet)."""
         hit = self.lookup(info)
         if hit is None:
-            return False
+            return None
         entry, is_reply = hit
         state = entry.state
         if info.proto == IPPROTO_TCP:
             if not self._tcp_step(entry, is_reply, info.tcp_flags):
-                return False
+                return None
         elif is_reply and state in _REPLIED:
             entry.state = _REPLIED[state]
         self._refresh(entry, changed=entry.state != state)
-        return True
+        return entry
+
+    def indexes(self, info: FlowInfo) -> bool:
+        """Whether any entry (live or expired) is filed under this packet's 5-tuple, either direction."""
+        return _key(info) in self._index
+
+    def touch(self, entry: Entry, now: float) -> None:
+        """What :meth:`track` does for a packet that changes nothing but the deadline.
+
+        The caller (the flow cache) has checked that ``entry`` is live, unexpired and in the
+        state its packet leaves it in, so the version accounting stays exactly :meth:`track`'s.
+        """
+        timeout = self.timeouts[entry.state]
+        entry.deadline = now + timeout
+        if entry.deadline - entry.exported_deadline > timeout / 4:
+            self.version += 1
+            entry.version = self.version
+            entry.exported_deadline = entry.deadline
 
     def create(self, info: FlowInfo) -> Entry | None:
         """Start tracking the flow this (rule-allowed) packet opens; None if it opens nothing.
@@ -256,6 +287,11 @@ class ConntrackTable:
         old = self._entries.get(entry.key)
         if old is not None:
             self._unindex(old)
+            old.live = False
+        for key in (entry.key, entry.reply_key):  # a flow filed under our key in its other direction
+            if (displaced := self._index.get(key)) is not None:
+                displaced[0].live = False  # is no longer reachable that way
+        self.inserts += 1
         self._entries[entry.key] = entry
         self._index[entry.key] = (entry, False)
         self._index[entry.reply_key] = (entry, True)
@@ -267,6 +303,7 @@ class ConntrackTable:
                 del self._index[key]
 
     def _remove(self, entry: Entry) -> None:
+        entry.live = False
         self._unindex(entry)
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
@@ -407,7 +444,10 @@ class Conntrack:
         return self.import_records(batch.vnic, batch.records, batch.full)
 
     def remove_vnic(self, vnic: str) -> None:
-        self._tables.pop(vnic, None)
+        table = self._tables.pop(vnic, None)
+        if table is not None:
+            for entry in table.entries():
+                entry.live = False
 
     def sweep(self) -> int:
         return sum(t.sweep() for t in self._tables.values())

@@ -7,10 +7,11 @@ overlay) throws at us, parsing either returns a record or raises :class:`Malform
 running. The unit tests fuzz every parser with hypothesis to hold that promise.
 
 IPv4 addresses are plain ``int`` (fast to mask against a CIDR), MACs are 6 ``bytes``. Records are
-mutable slotted dataclasses only because frozen ones cost 5x more to build per packet: treat them
-as values. Parsers keep the payload as a ``bytes`` slice and leave L4 checksums alone (a switch
-forwards, it does not judge payloads); the IPv4 header checksum is verified because we rewrite that
-header when routing.
+mutable slotted dataclasses only because frozen ones cost several times more to build per
+packet: treat them as values. Parsers keep the payload as a ``bytes`` slice and leave L4
+checksums alone (a switch forwards, it does not judge payloads); the IPv4 header checksum is
+verified because we rewrite that header when routing. The vswitch's fast path does not parse at
+all (``flowcache.py``); :func:`routed_frame` and :func:`vxlan_header` are its writers.
 
 VXLAN (RFC 7348) is 8 bytes: flags (``0x08``: VNI valid), 24 reserved bits, the 24-bit VNI, 8
 reserved bits. livemig stores a 32-bit *ingress sequence number* in those 32 reserved bits (high
@@ -279,6 +280,20 @@ def decrement_ttl(packet: bytes) -> bytes | None:
     return bytes(header) + packet[ihl:]
 
 
+def routed_frame(head: bytes, frame: bytes) -> bytes:
+    """``frame``'s IPv4 packet behind the Ethernet header ``head``, TTL one lower: what routing sends.
+
+    For a frame already checked (IHL 5, valid header checksum, TTL above 1), so the checksum is
+    updated incrementally (RFC 1624: the TTL/protocol word drops by 0x0100) instead of recomputed;
+    the bytes equal ``head + decrement_ttl(packet)``. Ethernet padding after the packet is dropped.
+    """
+    total = frame[16] << 8 | frame[17]
+    folded = (~(frame[24] << 8 | frame[25]) & 0xFFFF) + 0xFEFF
+    folded = (folded & 0xFFFF) + (folded >> 16)
+    return b"".join((head, frame[14:22], bytes((frame[22] - 1, frame[23])), (~folded & 0xFFFF).to_bytes(2, "big"),
+                     frame[26 : 14 + total]))  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # L4
 
@@ -425,11 +440,21 @@ class Vxlan:
         return cls(word1 >> 8, bytes(data[8:]), (word0 & 0xFFFFFF) << 8 | (word1 & 0xFF))
 
     def pack(self) -> bytes:
-        if not 0 <= self.vni < 1 << 24:
-            raise MalformedPacket(f"VNI {self.vni} does not fit 24 bits")
-        if not 0 <= self.seq < 1 << 32:
-            raise MalformedPacket(f"sequence {self.seq} does not fit 32 bits")
-        return _VXLAN.pack(VXLAN_FLAG_VNI << 24 | self.seq >> 8, self.vni << 8 | (self.seq & 0xFF)) + self.payload
+        return vxlan_header(self.vni, self.seq) + self.payload
+
+
+def vxlan_header(vni: int, seq: int = 0) -> bytes:
+    """The 8-byte VXLAN header for ``vni`` carrying the ingress sequence ``seq`` (0: none)."""
+    if not 0 <= vni < 1 << 24:
+        raise MalformedPacket(f"VNI {vni} does not fit 24 bits")
+    if not 0 <= seq < 1 << 32:
+        raise MalformedPacket(f"sequence {seq} does not fit 32 bits")
+    return _VXLAN.pack(VXLAN_FLAG_VNI << 24 | seq >> 8, vni << 8 | (seq & 0xFF))
+
+
+def vxlan_seq(datagram: bytes) -> int:
+    """The sequence number in a VXLAN header already known to be 8 bytes long."""
+    return (datagram[1] << 16 | datagram[2] << 8 | datagram[3]) << 8 | datagram[7]
 
 
 # ---------------------------------------------------------------------------------------------

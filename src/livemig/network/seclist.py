@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from livemig.network.conntrack import ConntrackTable, TableFull
+from livemig.network.conntrack import ConntrackTable, Entry, TableFull
 from livemig.network.model import SecurityList, SecurityRule
 from livemig.network.packets import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, FlowInfo
 
@@ -108,15 +108,21 @@ DENY_ALL = RuleSet()
 
 def decide(table: ConntrackTable, rules: RuleSet, info: FlowInfo, egress: bool) -> Decision:
     """Filter one packet leaving (``egress``) or entering a VNIC whose flows live in ``table``."""
-    if table.track(info):
-        return Decision.TRACKED
+    return evaluate(table, rules, info, egress)[0]
+
+
+def evaluate(table: ConntrackTable, rules: RuleSet, info: FlowInfo, egress: bool) -> tuple[Decision, Entry | None]:
+    """:func:`decide`, plus the conntrack entry a ``TRACKED`` packet advanced (what the flow cache keeps)."""
+    entry = table.advance(info)
+    if entry is not None:
+        return Decision.TRACKED, entry
     rule = rules.match(info, egress)
     if rule is None:
-        return Decision.DENY
+        return Decision.DENY, None
     if not rule.stateful:
-        return Decision.STATELESS
+        return Decision.STATELESS, None
     try:
-        table.create(info)
+        created = table.create(info)
     except TableFull:
-        return Decision.DENY
-    return Decision.NEW_STATEFUL
+        return Decision.DENY, None
+    return Decision.NEW_STATEFUL, created

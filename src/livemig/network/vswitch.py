@@ -2,29 +2,44 @@
 
 Attaching a VM
 --------------
-``POST /vnics {"vnic_id": ...}`` binds a UDP socket on 127.0.0.1 for the VNIC and picks the port
-QEMU binds; QEMU plugs in with ``-netdev dgram,id=n0,local.type=inet,local.host=127.0.0.1,
-local.port=<qemu_port>,remote.type=inet,remote.host=127.0.0.1,remote.port=<switch_port>`` and
-``-device virtio-net-pci,netdev=n0,mac=<vnic mac>`` (``Attachment.netdev()`` builds the string).
-One datagram is one Ethernet frame, both ways.
+``POST /vnics {"vnic_id": ...}`` binds the VNIC's *switch port*, a UDP socket on 127.0.0.1, and
+picks the *QEMU port* (``qemu_port`` in the request, or a free one); the reply
+(:class:`~livemig.network.model.Attachment`) names both. The switch port accepts datagrams from
+the QEMU port only (``ports.py``), and sends the VNIC's ingress there. One datagram is one
+Ethernet frame, both ways. hostd (``host/vnics.py``) creates QEMU's side itself: a UDP socket
+bound to the QEMU port and connected to the switch port, which QEMU inherits as ``-netdev
+dgram,id=net_<nic>,local.type=fd,local.str=<fd>`` next to ``-device virtio-net-pci,...,mac=<vnic
+mac>`` (``host/qemu.py``). hostd keeps a duplicate of that socket: at the pause it drains the
+frames the stopped QEMU never read (``handoff.py``). Whatever else binds the QEMU port plugs in
+the same way: the fake VMs of tests and benchmarks (``fakevm.py``), or a QEMU started by hand with
+the ``local.type=inet`` form ``Attachment.netdev()`` spells. As root, ``{"tap": name}`` attaches
+a tap device instead (``gateway.py``).
 
-Pipeline (every frame, in the event loop, no locks)
----------------------------------------------------
-From a VM: parse (malformed → counted, dropped) → anti-spoofing (source MAC and IP must be the
-VNIC's) → ARP requests are *answered* from the mapping (a VNIC of the same subnet, or the subnet's
-gateway; nothing is ever flooded), and so is DHCP (``dhcp.py``: the VNIC's IP, mask, gateway) →
-IPv4 to the gateway MAC is **routed** within the VCN (MACs rewritten to the destination subnet's
-gateway and the destination VNIC, TTL decremented, header checksum redone); IPv4 to a VNIC MAC of
-the same subnet is **switched** → the VNIC's *egress* security lists with its conntrack → delivery
-to every host in the target's ingress set: locally, or as VXLAN (VNI of the VCN) to that host's
-overlay endpoint. VCNs are isolated because every lookup is keyed by the VNI: a MAC, IP or VNI of
-another VCN simply does not resolve. Not carried: IPv6, multicast/broadcast (other than ARP and
-DHCP, answered locally), IPv4 fragments (counted as ``dropped_fragment``), ICMP errors as
-"related" traffic (they need a rule).
+Pipeline (in the event loop, no locks)
+--------------------------------------
+The full path (the first packets of every flow, and every frame the fast path below does not
+take). From a VM: parse (malformed → counted, dropped) → anti-spoofing (source MAC and IP must
+be the VNIC's) → ARP requests are *answered* from the mapping (a VNIC of the same subnet, or the
+subnet's gateway; nothing is ever flooded), and so is DHCP (``dhcp.py``: the VNIC's IP, mask,
+gateway) → IPv4 to the gateway MAC is **routed** within the VCN (MACs rewritten to the
+destination subnet's gateway and the destination VNIC, TTL decremented, header checksum redone);
+IPv4 to a VNIC MAC of the same subnet is **switched** → the VNIC's *egress* security lists with
+its conntrack → delivery to every host in the target's ingress set: locally, or as VXLAN (VNI of
+the VCN) to that host's overlay endpoint. VCNs are isolated because every lookup is keyed by the
+VNI: a MAC, IP or VNI of another VCN simply does not resolve. Not carried: IPv6,
+multicast/broadcast (other than ARP and DHCP, answered locally), IPv4 fragments (counted as
+``dropped_fragment``), ICMP errors as "related" traffic (they need a rule).
 
 From the overlay: the sender must be a host of the mapping (by outer source address); the inner
 frame goes to the local VNIC with that MAC in that VNI, through its *ingress* gate and security
 lists. Frames arriving for a VNIC this host does not serve are dropped and counted.
+
+The fast path (``flowcache.py``): once a flow's decision is known, the rest of its packets are
+looked up by a key read straight from the frame (port, MACs, VNI, addresses, ports...) and skip
+the parsing, the lookups and the security-list evaluation; they still go through the per-packet
+checks the full path would fail them on, the conntrack refresh, the sequence stamp, the ingress
+gate and every counter. Any change of mapping, security lists, attachments, holding, imported
+flows or a flow's own conntrack entry sends the next packet down the full path again.
 
 Dual ingress and the pause marker
 ---------------------------------
@@ -78,6 +93,21 @@ from livemig.errors import Conflict, InvalidRequest, NotFound
 from livemig.network import dhcp
 from livemig.network.conntrack import Conntrack
 from livemig.network.envelope import open_flows, seal_flows
+from livemig.network.flowcache import (
+    DEFAULT_SIZE,
+    TCP_STATE_FLAGS,
+    CachedFlow,
+    EgressFlow,
+    FlowCache,
+    FrameKey,
+    OverlayFlow,
+    OverlayKey,
+    Verdict,
+    cacheable_ipv4,
+    frame_key,
+    intact,
+    overlay_key,
+)
 from livemig.network.gateway import TapPort
 from livemig.network.handoff import PAUSE_PROBE, RECENT_DELIVERIES, Admission, IngressGate, Sequencer
 from livemig.network.model import FlowBatch, Mapping, SecurityList
@@ -86,6 +116,7 @@ from livemig.network.packets import (
     ARP_REQUEST,
     ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
+    IPPROTO_TCP,
     IPPROTO_UDP,
     Arp,
     Ethernet,
@@ -98,9 +129,12 @@ from livemig.network.packets import (
     flow_info,
     ip_to_int,
     mac_to_bytes,
+    routed_frame,
+    vxlan_header,
+    vxlan_seq,
 )
 from livemig.network.ports import OverlaySocket, Port, UdpPort, open_overlay, open_udp_port
-from livemig.network.seclist import DENY_ALL, RuleSet, decide
+from livemig.network.seclist import DENY_ALL, RuleSet, evaluate
 from livemig.wire.vswitch import (
     Attachment,
     AttachRequest,
@@ -209,7 +243,10 @@ class Vswitch:
         overlay_listen: str = "127.0.0.1:4789",
         hold_frames: int = 8192,
         hold_bytes: int = 16 * 1024 * 1024,
+        flow_cache_size: int = DEFAULT_SIZE,
     ) -> None:
+        """``flow_cache_size``: flows each of the two caches (from VMs, from the overlay) holds; 0 turns
+        the fast path off, so every frame takes the full path."""
         self.name = host_name
         self.overlay_listen = overlay_listen
         self.hold_frames = hold_frames
@@ -223,6 +260,8 @@ class Vswitch:
         self.overlay: OverlaySocket | None = None
         self._rules: dict[str, RuleSet] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self.vm_flows: FlowCache[FrameKey, EgressFlow] = FlowCache("vm", flow_cache_size)
+        self.overlay_flows: FlowCache[OverlayKey, OverlayFlow] = FlowCache("overlay", flow_cache_size)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -264,15 +303,24 @@ class Vswitch:
             )
         self.topology = Topology.compile(mapping)
         self._rules.clear()
+        self._flows_changed()
 
     def set_security_list(self, security_list: SecurityList) -> None:
         self.security_lists[security_list.id] = security_list
         self._rules.clear()
+        self._flows_changed()
 
     def delete_security_list(self, list_id: str) -> None:
         if self.security_lists.pop(list_id, None) is None:
             raise NotFound(f"security list {list_id!r} is unknown")
         self._rules.clear()
+        self._flows_changed()
+
+    def _flows_changed(self) -> None:
+        """Forget every cached flow decision: what it was made from (mapping, lists, ports, gates,
+        flow state) has changed. The next packet of each flow takes the full path."""
+        self.vm_flows.clear()
+        self.overlay_flows.clear()
 
     def rules(self, view: VnicView) -> RuleSet:
         rules = self._rules.get(view.id)
@@ -326,6 +374,7 @@ class Vswitch:
         """Connect an opened port for ``attachment.vnic_id`` (the seam tests use with fake ports)."""
         gate = IngressGate(holding=attachment.holding, max_frames=self.hold_frames, max_bytes=self.hold_bytes)
         self.locals[attachment.vnic_id] = LocalVnic(attachment.vnic_id, port, gate, attachment)
+        self._flows_changed()
 
     def attachment(self, vnic_id: str) -> Attachment:
         local = self.local(vnic_id)
@@ -340,6 +389,7 @@ class Vswitch:
         if local is not None:
             local.port.close()
         self.conntrack.remove_vnic(vnic_id)
+        self._flows_changed()
         mapping = self.topology.mapping
         targets = mapping.ingress.get(vnic_id)
         if targets and self.name in targets:
@@ -367,6 +417,7 @@ class Vswitch:
             raise InvalidRequest(f"envelope carries flows of VNIC {batch.vnic!r}, not {vnic_id!r}")
         self.view(vnic_id)
         imported, removed = self.conntrack.import_batch(batch)
+        self._flows_changed()
         return ImportReport(
             vnic_id=vnic_id, imported=imported, removed=removed, version=self.conntrack.table(vnic_id).version
         )
@@ -381,6 +432,7 @@ class Vswitch:
         """
         local = self.local(vnic_id)
         marker = local.gate.hold()
+        self._flows_changed()
         local.port.send(PAUSE_PROBE)  # tells hostd whether the stopped QEMU parked a frame (handoff.py)
         recent = [Delivery(sender=sender, seq=seq, at=at) for sender, seq, at, _ in local.recent]
         if flows_since is None:
@@ -417,6 +469,7 @@ class Vswitch:
                     replayed += 1
             local.counters["replayed"] += replayed
         release = local.gate.resume(marker)
+        self._flows_changed()
         delivered = denied = 0
         for held in release.frames:
             if self._filter_ingress(view, local, held.frame, None, held.sender, held.seq):
@@ -447,7 +500,8 @@ class Vswitch:
         if self.overlay is not None:
             for key, value in self.overlay.counters.items():
                 self.counters[f"overlay_{key}"] = value
-        return CounterSnapshot(host=self.name, switch=dict(self.counters), vnics=vnics)
+        switch = {**self.counters, **self.vm_flows.stats(), **self.overlay_flows.stats()}
+        return CounterSnapshot(host=self.name, switch=switch, vnics=vnics)
 
     # -- data path: from a VM ---------------------------------------------------------------
 
@@ -456,8 +510,46 @@ class Vswitch:
         self.counters[f"dropped_{reason}"] += 1
 
     def vm_frame(self, vnic_id: str, data: bytes) -> None:
-        """A frame a local VM (or tap) sent."""
+        """A frame a local VM (or tap) sent: forwarded by its flow's cached decision, or the full path."""
         self.counters["rx_vm"] += 1
+        key = frame_key(vnic_id, data) if self.vm_flows.max_entries else None
+        if key is not None:
+            flow = self.vm_flows.flows.get(key)
+            if flow is not None and self._egress_cached(flow, data):
+                return
+            self.vm_flows.misses += 1
+        self._vm_frame_full(vnic_id, data, key)
+
+    def _egress_cached(self, flow: EgressFlow, data: bytes) -> bool:
+        """Forward ``data`` by ``flow``; False, having done nothing, when the cached decision may not hold."""
+        proto = flow.proto
+        if not intact(data, 14, proto) or (proto == IPPROTO_TCP and data[47] & TCP_STATE_FLAGS):
+            return False
+        now = self.conntrack.clock()
+        if not flow.egress.renew(now):
+            return False
+        self.vm_flows.hits += 1
+        source = flow.source
+        source.counters["rx"] += 1
+        if flow.head:
+            frame = routed_frame(flow.head, data)
+            self.counters["routed"] += 1
+        else:
+            frame = data
+        source.counters["forwarded"] += 1
+        target = flow.target
+        seq = self.sequencer.next(target.id) if flow.stamp else 0
+        for here, addr in flow.hops:
+            if here:
+                self._ingress_cached(flow, frame, self.name, seq, now)
+            elif addr is None or self.overlay is None:
+                self._drop("no_overlay_route")
+            else:
+                self.overlay.sendto((vxlan_header(target.vni, seq) if seq else flow.vxlan) + frame, addr)
+                self.counters["overlay_tx"] += 1
+        return True
+
+    def _vm_frame_full(self, vnic_id: str, data: bytes, key: FrameKey | None) -> None:
         view = self.topology.vnics.get(vnic_id)
         local = self.locals.get(vnic_id)
         if view is None or local is None:
@@ -469,7 +561,7 @@ class Vswitch:
             if eth.src != view.mac:
                 self._drop("spoofed_mac")
             elif eth.ethertype == ETHERTYPE_IPV4:
-                self._egress_ipv4(view, local, eth, data)
+                self._egress_ipv4(view, local, eth, data, key)
             elif eth.ethertype == ETHERTYPE_ARP:
                 self._answer_arp(view, local, eth)
             else:
@@ -499,7 +591,7 @@ class Vswitch:
         local.send(Ethernet(eth.src, mac, ETHERTYPE_ARP, reply).pack().ljust(_MIN_FRAME, b"\x00"))
         self.counters["arp_replies"] += 1
 
-    def _egress_ipv4(self, view: VnicView, local: LocalVnic, eth: Ethernet, data: bytes) -> None:
+    def _egress_ipv4(self, view: VnicView, local: LocalVnic, eth: Ethernet, data: bytes, key: FrameKey | None) -> None:
         ip = IPv4.parse(eth.payload)
         if ip.proto == IPPROTO_UDP and ip.src in (0, view.ip) and ip.dst in (_BROADCAST_IP, view.subnet.gateway_ip):
             udp = Udp.parse(ip.payload)
@@ -534,13 +626,43 @@ class Vswitch:
                 self._drop("ip_mac_mismatch")
                 return
             frame = data  # switched: the frame goes on untouched
-        if not decide(self.conntrack.table(view.id), self.rules(view), info, egress=True).allowed:
+        table = self.conntrack.table(view.id)
+        decision, entry = evaluate(table, self.rules(view), info, egress=True)
+        if not decision.allowed:
             self.counters["denied_egress"] += 1
             local.counters["denied_egress"] += 1
             self._drop("denied")
+            if key is not None:
+                self.vm_flows.discard(key)
             return
         local.counters["forwarded"] += 1
-        self._deliver(target, frame, info)
+        flow = None
+        if key is not None:
+            verdict = Verdict.of(table, decision, entry, info) if not ip.options and target is not view else None
+            if verdict is None:
+                self.vm_flows.discard(key)  # an entry for this key no longer holds: the next packet decides again
+            else:
+                flow = self._egress_flow(local, target, frame is not data, verdict, ip.proto)
+                self.vm_flows.put(key, flow)
+        self._deliver(target, frame, info, flow)
+
+    def _egress_flow(
+        self, source: LocalVnic, target: VnicView, routed: bool, verdict: Verdict, proto: int
+    ) -> EgressFlow:
+        """What the full path just did with a frame, as the cache keeps it for the flow's next frames."""
+        hosts = target.ingress_hosts
+        return EgressFlow(
+            target=target,
+            local=self.locals.get(target.id),
+            proto=proto,
+            ingress=None,  # filled when a frame of the flow passes the target's gate here
+            source=source,
+            egress=verdict,
+            head=target.mac + target.subnet.gateway_mac + b"\x08\x00" if routed else b"",
+            stamp=len(hosts) > 1,
+            hops=tuple((host == self.name, self.topology.hosts.get(host)) for host in hosts),
+            vxlan=vxlan_header(target.vni),
+        )
 
     def _answer_dhcp(self, view: VnicView, local: LocalVnic, payload: bytes) -> None:
         request = dhcp.parse(payload)
@@ -556,12 +678,12 @@ class Vswitch:
         local.send(Ethernet(view.mac, subnet.gateway_mac, ETHERTYPE_IPV4, packet).pack())
         self.counters["dhcp_replies"] += 1
 
-    def _deliver(self, target: VnicView, frame: bytes, info: FlowInfo | None) -> None:
+    def _deliver(self, target: VnicView, frame: bytes, info: FlowInfo | None, flow: EgressFlow | None) -> None:
         hosts = target.ingress_hosts
         seq = self.sequencer.next(target.id) if len(hosts) > 1 else 0
         for host in hosts:
             if host == self.name:
-                self._ingress(target, frame, self.name, seq, info)
+                self._ingress(target, frame, self.name, seq, info, flow)
                 continue
             addr = self.topology.hosts.get(host)
             if addr is None or self.overlay is None:
@@ -573,8 +695,25 @@ class Vswitch:
     # -- data path: to a VM -----------------------------------------------------------------
 
     def overlay_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
-        """A VXLAN datagram from another host's vswitch."""
+        """A VXLAN datagram from another host's vswitch: by its flow's cached decision, or the full path."""
         self.counters["overlay_rx"] += 1
+        key = overlay_key(addr, data) if self.overlay_flows.max_entries else None
+        if key is not None:
+            flow = self.overlay_flows.flows.get(key)
+            if flow is not None and self._overlay_cached(flow, data):
+                return
+            self.overlay_flows.misses += 1
+        self._overlay_full(data, addr, key)
+
+    def _overlay_cached(self, flow: OverlayFlow, data: bytes) -> bool:
+        proto = flow.proto
+        if not intact(data, 22, proto) or (proto == IPPROTO_TCP and data[55] & TCP_STATE_FLAGS):
+            return False
+        self.overlay_flows.hits += 1
+        self._ingress_cached(flow, data[8:], flow.sender, vxlan_seq(data), self.conntrack.clock())
+        return True
+
+    def _overlay_full(self, data: bytes, addr: tuple[str, int], key: OverlayKey | None) -> None:
         sender = self.topology.host_by_addr.get(addr)
         if sender is None:
             self._drop("overlay_unknown_sender")
@@ -590,16 +729,50 @@ class Vswitch:
         if target is None or self.name not in target.ingress_hosts:
             self._drop("overlay_no_target")
             return
-        self._ingress(target, vx.payload, sender, vx.seq, None)
+        flow = None
+        if (
+            key is not None
+            and eth.ethertype == ETHERTYPE_IPV4
+            and cacheable_ipv4(data, 22)
+            and intact(data, 22, data[31])
+        ):
+            flow = OverlayFlow(
+                target=target, local=self.locals.get(target.id), proto=data[31], ingress=None, sender=sender
+            )
+            self.overlay_flows.put(key, flow)
+        self._ingress(target, vx.payload, sender, vx.seq, None, flow)
 
-    def _ingress(self, target: VnicView, frame: bytes, sender: str, seq: int, info: FlowInfo | None) -> None:
+    def _ingress(
+        self, target: VnicView, frame: bytes, sender: str, seq: int, info: FlowInfo | None, flow: CachedFlow | None
+    ) -> None:
         local = self.locals.get(target.id)
         if local is None:
             self._drop("not_attached")
             return
         admission = local.gate.admit(sender, seq, frame)
         if admission is Admission.DELIVER:
-            self._filter_ingress(target, local, frame, info, sender, seq)
+            self._filter_ingress(target, local, frame, info, sender, seq, flow)
+        elif admission is Admission.HELD:
+            local.counters["held_total"] += 1
+        else:
+            local.counters["duplicates"] += 1
+            self._drop("duplicate")
+
+    def _ingress_cached(self, flow: CachedFlow, frame: bytes, sender: str, seq: int, now: float) -> None:
+        """:meth:`_ingress` for a frame of a cached flow: the gate as ever, then the cached verdict if it holds."""
+        local = flow.local
+        if local is None:
+            self._drop("not_attached")
+            return
+        admission = local.gate.admit(sender, seq, frame)
+        if admission is Admission.DELIVER:
+            verdict = flow.ingress
+            if verdict is not None and verdict.renew(now):
+                local.send(frame, sender, seq)
+                local.counters["tx"] += 1
+                self.counters["tx_vm"] += 1
+            else:
+                self._filter_ingress(flow.target, local, frame, None, sender, seq, flow)
         elif admission is Admission.HELD:
             local.counters["held_total"] += 1
         else:
@@ -607,8 +780,16 @@ class Vswitch:
             self._drop("duplicate")
 
     def _filter_ingress(
-        self, target: VnicView, local: LocalVnic, frame: bytes, info: FlowInfo | None, sender: str = "", seq: int = 0
+        self,
+        target: VnicView,
+        local: LocalVnic,
+        frame: bytes,
+        info: FlowInfo | None,
+        sender: str = "",
+        seq: int = 0,
+        flow: CachedFlow | None = None,
     ) -> bool:
+        """The target's ingress security decision, then delivery; ``flow`` keeps the decision for its next frames."""
         try:
             if info is None:
                 info = flow_info(IPv4.parse(frame[14:]))
@@ -616,7 +797,11 @@ class Vswitch:
             self.counters["malformed"] += 1
             self._drop("malformed")
             return False
-        if not decide(self.conntrack.table(target.id), self.rules(target), info, egress=False).allowed:
+        table = self.conntrack.table(target.id)
+        decision, entry = evaluate(table, self.rules(target), info, egress=False)
+        if flow is not None:
+            flow.ingress = Verdict.of(table, decision, entry, info)
+        if not decision.allowed:
             self.counters["denied_ingress"] += 1
             local.counters["denied_ingress"] += 1
             self._drop("denied")

@@ -37,6 +37,12 @@ PAGE = 4096
 #: QEMU's own defaults, used until migrate-set-parameters says otherwise
 DEFAULT_BANDWIDTH = 128 * MIB
 DEFAULT_DOWNTIME_LIMIT_MS = 300
+DEFAULT_PARAMETERS: dict[str, Any] = {
+    "downtime-limit": DEFAULT_DOWNTIME_LIMIT_MS, "max-bandwidth": DEFAULT_BANDWIDTH,
+    "cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "max-cpu-throttle": 99,
+    "throttle-trigger-threshold": 50, "multifd-channels": 2, "multifd-compression": "none",
+    "multifd-zstd-level": 1, "xbzrle-cache-size": 64 * MIB,
+}  # fmt: skip
 #: Fake pids start far above any real pid_max, so a fake can never be mistaken for a process
 FIRST_PID = 50_000_000
 
@@ -64,6 +70,9 @@ class QemuBehaviour:
     crash_after_resume: bool = False  # as a destination: the guest resets right after it resumes
     dirty_rate_mib_s: float = 0.0  # how fast the guest dirties memory
     hold_precopy: bool = False  # pre-copy never converges (it stays in rounds until cancelled)
+    stream_cap_mib_s: float = 0.0  # what one migration stream can push (CPU-bound; 0: no cap); multifd multiplies
+    compression_ratio: float = 2.0  # how much XBZRLE or zstd shrink this guest's pages on the wire
+    ignored_parameters: tuple[str, ...] = ()  # accepted but not taken (QEMU 7.2 keeps multifd-zstd-level 1)
 
 
 @dataclass
@@ -87,8 +96,7 @@ class FakeQemu:
         self.runstate = RunState.INMIGRATE if incoming else RunState.RUNNING
         self.alive = True
         self.capabilities: dict[str, bool] = {}
-        self.parameters: dict[str, Any] = {"downtime-limit": DEFAULT_DOWNTIME_LIMIT_MS,
-                                           "max-bandwidth": DEFAULT_BANDWIDTH}  # fmt: skip
+        self.parameters: dict[str, Any] = dict(DEFAULT_PARAMETERS)
         self.listening: str | None = None  # an incoming QEMU's URI after migrate-incoming
         self.migration: dict[str, Any] = {}  # what query-migrate answers
         self._task: asyncio.Task[None] | None = None
@@ -154,7 +162,13 @@ class FakeQemu:
         return [{"capability": k, "state": v} for k, v in sorted(self.capabilities.items())]
 
     async def _qmp_migrate_set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
-        self.parameters.update(args)
+        unknown = sorted(set(args) - set(DEFAULT_PARAMETERS))
+        if unknown:
+            raise QemuError(f"{self.name}: QMP migrate-set-parameters failed: Parameter '{unknown[0]}' is unexpected")
+        if args.get("multifd-compression", "none") not in ("none", "zlib", "zstd"):
+            raise QemuError(f"{self.name}: QMP migrate-set-parameters failed: Parameter 'multifd-compression' "
+                            "does not accept value")  # fmt: skip
+        self.parameters.update({k: v for k, v in args.items() if k not in self.behaviour.ignored_parameters})
         return {}
 
     async def _qmp_query_migrate_parameters(self, _args: dict[str, Any]) -> dict[str, Any]:
@@ -218,7 +232,47 @@ class FakeQemu:
         round_bytes, started, duration = ram["_round_bytes"], ram["_round_started"], ram["_round_s"]
         done = 1.0 if duration <= 0 else min(max((self.world.clock.now() - started) / duration, 0.0), 1.0)
         sent = int(round_bytes * done)
-        return {"remaining": round_bytes - sent, "transferred": ram["_sent_before"] + sent}
+        return {"remaining": round_bytes - sent, "transferred": int(ram["_sent_before"] + sent / ram["_ratio"]),
+                "normal": (ram["_pages_before"] + sent) // PAGE}  # fmt: skip
+
+    def _stream_mismatch(self, destination: FakeQemu) -> str | None:
+        """QEMU cannot read a multifd stream the destination was not set up for."""
+        mine, theirs = self.capabilities.get("multifd", False), destination.capabilities.get("multifd", False)
+        if mine != theirs:
+            return f"multifd is {'on' if mine else 'off'} here but {'on' if theirs else 'off'} on the destination"
+        if mine:
+            for key in ("multifd-channels", "multifd-compression"):
+                if self.parameters[key] != destination.parameters[key]:
+                    return f"{key} {self.parameters[key]} here, {destination.parameters[key]} on the destination"
+        return None
+
+    def _rates(self) -> tuple[float, float]:
+        """(bytes/s on the wire, bytes/s of guest pages) under this QEMU's policies."""
+        wire = float(self.parameters.get("max-bandwidth") or DEFAULT_BANDWIDTH)
+        multifd = self.capabilities.get("multifd", False)
+        if self.behaviour.stream_cap_mib_s > 0:
+            streams = int(self.parameters["multifd-channels"]) if multifd else 1
+            wire = min(wire, self.behaviour.stream_cap_mib_s * MIB * streams)
+        compressed = self.capabilities.get("xbzrle", False) or (
+            multifd and self.parameters["multifd-compression"] != "none"
+        )
+        return wire, wire * (self.behaviour.compression_ratio if compressed else 1.0)
+
+    def _throttle(self, pct: int, dirtied: float, sent: float, high_rounds: int) -> tuple[int, int]:
+        """QEMU's auto-converge after a dirty-bitmap sync: a round that dirtied more than the
+        trigger threshold of what it sent counts; from the second such round on, the vCPUs are
+        throttled at the initial percentage, then one increment more per round, up to the maximum.
+        Returns (throttle %, high rounds so far)."""
+        if not self.capabilities.get("auto-converge") or sent <= 0:
+            return pct, high_rounds
+        if dirtied <= sent * int(self.parameters["throttle-trigger-threshold"]) / 100:
+            return pct, high_rounds
+        high_rounds += 1
+        if high_rounds < 2:
+            return pct, high_rounds
+        step = int(self.parameters["cpu-throttle-initial"]) if pct == 0 else pct + int(
+            self.parameters["cpu-throttle-increment"])  # fmt: skip
+        return min(step, int(self.parameters["max-cpu-throttle"])), high_rounds
 
     async def _precopy(self, destination: FakeQemu | None) -> None:
         clock = self.world.clock
@@ -226,32 +280,43 @@ class FakeQemu:
         if destination is None or not destination.alive:
             self._end("failed", "Failed to connect socket: Connection refused")
             return
+        mismatch = self._stream_mismatch(destination)
+        if mismatch is not None:
+            self._end("failed", f"Unable to read the migration stream: {mismatch}")
+            return
         self._status("active")
-        bandwidth = float(self.parameters.get("max-bandwidth") or DEFAULT_BANDWIDTH)
+        wire, page_rate = self._rates()
+        ratio = page_rate / wire
         limit_s = float(self.parameters.get("downtime-limit") or DEFAULT_DOWNTIME_LIMIT_MS) / 1000
+        to_send, sent, rounds, throttle, high_rounds = float(self.memory_bytes), 0.0, 0, 0, 0
         dirty_rate = self.behaviour.dirty_rate_mib_s * MIB
-        to_send, sent, rounds = float(self.memory_bytes), 0.0, 0
-        ram: dict[str, Any] = {"total": self.memory_bytes, "page-size": PAGE, "mbps": bandwidth * 8 / 1e6,
-                               "dirty-pages-rate": int(dirty_rate / PAGE)}  # fmt: skip
+        ram: dict[str, Any] = {"total": self.memory_bytes, "page-size": PAGE, "mbps": wire * 8 / 1e6,
+                               "dirty-pages-rate": int(dirty_rate / PAGE), "_ratio": ratio}  # fmt: skip
         self.migration["ram"] = ram
         while True:
             rounds += 1
-            duration = to_send / bandwidth
+            duration = to_send / page_rate
             ram.update({"dirty-sync-count": rounds, "_round_bytes": int(to_send), "_round_started": clock.now(),
-                        "_round_s": duration, "_sent_before": int(sent),
-                        "remaining": int(to_send), "transferred": int(sent)})  # fmt: skip
-            self.migration["expected-downtime"] = int(to_send / bandwidth * 1000)
+                        "_round_s": duration, "_sent_before": int(sent / ratio), "_pages_before": int(sent),
+                        "remaining": int(to_send), "transferred": int(sent / ratio),
+                        "normal": int(sent) // PAGE})  # fmt: skip
+            if self.capabilities.get("auto-converge"):
+                self.migration["cpu-throttle-percentage"] = throttle
+            self.migration["expected-downtime"] = int(to_send / page_rate * 1000)
             await clock.sleep(duration)
             sent += to_send
             if self.behaviour.fail_migration:
                 self._end("failed", self.behaviour.fail_migration)
                 return
-            to_send = min(dirty_rate * duration, float(self.memory_bytes))
+            dirtied = min(dirty_rate * (1 - throttle / 100) * duration, float(self.memory_bytes))
+            throttle, high_rounds = self._throttle(throttle, dirtied, to_send, high_rounds)
+            ram["dirty-pages-rate"] = int(dirty_rate * (1 - throttle / 100) / PAGE)
+            to_send = dirtied
             if self.behaviour.hold_precopy:
                 to_send = max(to_send, float(self.memory_bytes) / 8)
-            elif to_send / bandwidth <= limit_s:
+            elif to_send / page_rate <= limit_s:
                 break
-        await self._switchover(destination, to_send, bandwidth, sent, rounds, started)
+        await self._switchover(destination, to_send, page_rate, sent, rounds, started)
 
     async def _switchover(self, destination: FakeQemu, left: float, bandwidth: float, sent: float, rounds: int,
                           started: float) -> None:  # fmt: skip
@@ -266,8 +331,8 @@ class FakeQemu:
             self._status("device")
         await clock.sleep(left / bandwidth + 0.001)
         ram = self.migration["ram"]
-        ram.update({"remaining": 0, "transferred": int(sent + left), "dirty-sync-count": rounds + 1,
-                    "_round_bytes": 0, "_round_s": 0.0})  # fmt: skip
+        ram.update({"remaining": 0, "transferred": int((sent + left) / ram["_ratio"]), "dirty-sync-count": rounds + 1,
+                    "normal": int(sent + left) // PAGE, "_round_bytes": 0, "_round_s": 0.0})  # fmt: skip
         downtime_ms = int((clock.now() - stopped) * 1000)
         self.migration.update({"total-time": max(int((clock.now() - started) * 1000), 1), "downtime": downtime_ms,
                                "setup-time": 1})  # fmt: skip

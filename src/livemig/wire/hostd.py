@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from livemig import errors
 from livemig.model.host import HostInfo, HostRegistration
-from livemig.model.migration import MigrationParams, MigrationSample, MigrationStats
+from livemig.model.migration import MigrationParams, MigrationPolicies, MigrationSample, MigrationStats
 from livemig.model.vm import NbdExport, RunState, VmRole, VmSpec
 from livemig.wire.base import AsyncService, Call, call
 
@@ -29,6 +30,13 @@ class VmLaunch(BaseModel):
 
     spec: VmSpec
     exports: dict[str, NbdExport] = Field(default_factory=dict)
+
+
+class IncomingLaunch(VmLaunch):
+    """``POST /vms/{name}/incoming``: a destination, told the migration's policies (multifd's
+    channels and compression must match on both ends before QEMU listens)."""
+
+    policies: MigrationPolicies = Field(default_factory=MigrationPolicies)
 
 
 class VmStatus(BaseModel):
@@ -116,6 +124,14 @@ class SourceMigrationStatus(BaseModel):
     stats: MigrationStats | None = None
     error: str | None = None
     enforced_by: str | None = Field(default=None, description="the tc class holding the stream to its share")
+    qemu_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what the source QEMU reports it was set to (query-migrate-capabilities "
+        "and -parameters, read back before migrate): the policies as QEMU has them",
+    )
+    qemu_ignored: dict[str, Any] = Field(
+        default_factory=dict, description="settings QEMU accepted but did not take: {name: {asked, qemu}}"
+    )
 
 
 # ---------------------------------------------------------------------- routes
@@ -141,8 +157,11 @@ def destroy_vm(name: str) -> Call[None]:
     return call("DELETE", f"/vms/{name}")
 
 
-def prepare_incoming(spec: VmSpec, exports: dict[str, NbdExport] | None = None) -> Call[IncomingReply]:
-    return call("POST", f"/vms/{spec.name}/incoming", IncomingReply, json=VmLaunch(spec=spec, exports=exports or {}))
+def prepare_incoming(
+    spec: VmSpec, exports: dict[str, NbdExport] | None = None, policies: MigrationPolicies | None = None
+) -> Call[IncomingReply]:
+    body = IncomingLaunch(spec=spec, exports=exports or {}, policies=policies or MigrationPolicies())
+    return call("POST", f"/vms/{spec.name}/incoming", IncomingReply, json=body)
 
 
 def migrate(

@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from livemig import errors
 from livemig.model.host import HostInfo, HostRegistration
-from livemig.model.migration import TERMINAL_PHASES, ConcurrencyLimits, Migration, MigrationParams, utcnow
+from livemig.model.migration import (
+    TERMINAL_PHASES,
+    ConcurrencyLimits,
+    Migration,
+    MigrationParams,
+    MigrationPolicies,
+    utcnow,
+)
 from livemig.model.vm import VmSpec
 from livemig.wire.base import AsyncService, Call, SyncService, call
 from livemig.wire.blockd import AttachmentView, VolumeCreate, VolumeView
@@ -95,6 +102,9 @@ class PreflightReport(BaseModel):
     destination: str
     ok: bool
     checks: list[Check]
+    policies: MigrationPolicies | None = Field(
+        default=None, description="the policies the migration would run with (the request's, else the VM's)"
+    )
 
     def raise_first_failure(self) -> None:
         classes: dict[str, type[errors.LivemigError]] = {

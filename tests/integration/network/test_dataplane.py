@@ -1,4 +1,4 @@
-"""Two-and-more vswitch processes on loopback with fake VMs: ARP, policy, overlay, robustness, REST."""
+"""Two-and-more vswitch processes on loopback with fake VMs: ARP, policy, overlay, fast path, robustness, REST."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from livemig.errors import InvalidRequest, NotFound
-from livemig.network.model import derived_gateway_mac
+from livemig.network.model import SecurityList, SecurityRule, derived_gateway_mac
 from livemig.network.packets import (
     ARP_REPLY,
     TCP_ACK,
@@ -42,6 +42,20 @@ def test_qemu_would_get_a_usable_netdev(net):
     assert netdev.startswith("dgram,id=n0,local.type=inet,local.host=127.0.0.1,")
     assert f"local.port={attachment.qemu_port}" in netdev and f"remote.port={attachment.switch_port}" in netdev
     assert net.client("A").attach("web") == attachment  # idempotent
+
+
+def test_only_qemu_can_send_frames_into_a_vnic(net):
+    """A local process that finds a VNIC's switch port cannot inject frames as the VM: the
+    vswitch's socket is connected to QEMU's address, so the kernel drops anyone else's datagrams."""
+    net.push()
+    web = net.attach("A", "web")
+    attachment = net.client("A").attach("web")
+    before = net.counters("A").get("arp_replies", 0)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as intruder:
+        intruder.sendto(arp_request(mac("web"), ip("web"), ip("db")), ("127.0.0.1", attachment.switch_port or 0))
+    assert web.recv(0.3) is None and net.counters("A").get("arp_replies", 0) == before
+    web.send(arp_request(mac("web"), ip("web"), ip("db")))  # the VM itself still gets its answer
+    assert web.recv() is not None and net.counters("A")["arp_replies"] == before + 1
 
 
 def test_arp_is_answered_and_tcp_is_filtered(net):
@@ -136,3 +150,22 @@ def test_rest_surface_errors_metrics(net):
     assert "# TYPE livemig_vswitch_frames_total counter" in metrics
     assert 'livemig_vswitch_vnic_state{host="A",vnic="web",what="flows"} 0.0' in metrics
     assert client.counters().vnics["web"]["flows"] == 0
+
+
+def test_established_flows_take_the_fast_path_and_a_list_change_reaches_them(net):
+    net.push()
+    web, app = net.attach("A", "web"), net.attach("A", "app")
+    client = net.client("A")
+    # stateless both ways: every frame is decided by the rules, none by conntrack
+    client.put_security_list(SecurityList(id="web", rules=[SecurityRule(direction="egress", tracking="stateless")]))
+    client.put_security_list(SecurityList(id="app", rules=[SecurityRule(direction="ingress", tracking="stateless")]))
+    before = net.counters("A")
+    for n in range(20):
+        web.send(udp_frame(mac("web"), GW_A, ip("web"), ip("app"), 5555, 9000, b"%d" % n))
+    assert [udp_payload(f) for f in app.recv_all()] == [b"%d" % n for n in range(20)]
+    after = net.counters("A")
+    assert after["flowcache_vm_hits"] - before["flowcache_vm_hits"] == 19  # all but the first frame
+    client.put_security_list(SecurityList(id="app", rules=[]))
+    web.send(udp_frame(mac("web"), GW_A, ip("web"), ip("app"), 5555, 9000, b"after"))
+    assert app.recv(0.3) is None
+    assert net.counters("A")["denied_ingress"] == after.get("denied_ingress", 0) + 1

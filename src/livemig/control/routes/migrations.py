@@ -27,10 +27,13 @@ async def create_migration(body: MigrationRequest, services: ServicesDep) -> Mig
     report = await preflight(services, body)
     report.raise_first_failure()
     source = report.source
+    params = body.params.model_copy(update={"policies": report.policies})  # what QEMU will be told
     migration = Migration(id=f"m-{uuid.uuid4().hex[:10]}", vm=body.vm, source=source,
-                          destination=body.destination, params=body.params,
+                          destination=body.destination, params=params,
                           verify_guest=body.verify_guest)  # fmt: skip
-    migration.transition(Phase.PENDING, f"requested: {body.vm} {source} -> {body.destination}")
+    migration.transition(Phase.PENDING, f"requested: {body.vm} {source} -> {body.destination}; "
+                                        f"{params.resolved_policies().describe()}",
+                         policies=params.resolved_policies().model_dump(mode="json"))  # fmt: skip
     services.store.add_migration(migration)
     return migration
 
