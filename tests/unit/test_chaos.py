@@ -146,3 +146,22 @@ def test_every_firing_must_be_in_the_timeline() -> None:
 
 def test_no_qemu_daemon_of_a_vm_that_does_not_exist() -> None:
     assert qemu_daemons("no-such-vm-anywhere") == []
+
+
+def test_the_json_rows_and_the_markdown_table() -> None:
+    from livemig.chaos.scenarios import Result
+    from livemig.cli.chaos import as_json, markdown
+
+    results = [
+        Result("precopy/blockd/crash", "Succeeded", "Succeeded", True, 9.24, "Succeeded: migrated; restarted blockd"),
+        Result("cutover/qemu-dst/crash", "Failed: VM lost", "rolled back", False, 21.0, "Failed: ...",
+               ["two QEMUs ran VM chaosvm at 12:00:00.000: A:1, B:2"]),  # fmt: skip
+        Result("precopy/partition/mig-link", "Succeeded", "not run: needs namespace hosts", True, 0.0, "why"),
+    ]
+    rows = json.loads(as_json(results))["scenarios"]
+    assert [sorted(r) for r in rows] == [sorted(["scenario", "expected", "actual", "invariants_held", "seconds",
+                                                 "detail"])] * 3  # fmt: skip
+    assert rows[1]["invariants_held"] is False and "two QEMUs ran" in rows[1]["detail"]
+    table = markdown(results, "livemig chaos --own-region", 1.5)
+    assert "Produced by `livemig chaos --own-region` on " in table and "1 of 2 run passed" in table
+    assert "| `cutover/qemu-dst/crash` | Failed: VM lost | rolled back | **no** | 21 |" in table
