@@ -154,8 +154,15 @@ def test_the_json_rows_and_the_markdown_table() -> None:
 
     results = [
         Result("precopy/blockd/crash", "Succeeded", "Succeeded", True, 9.24, "Succeeded: migrated; restarted blockd"),
-        Result("cutover/qemu-dst/crash", "Failed: VM lost", "rolled back", False, 21.0, "Failed: ...",
-               ["two QEMUs ran VM chaosvm at 12:00:00.000: A:1, B:2"]),  # fmt: skip
+        Result(
+            "cutover/qemu-dst/crash",
+            "Failed: VM lost",
+            "rolled back",
+            False,
+            21.0,
+            "Failed: ...",
+            ["two QEMUs ran VM chaosvm at 12:00:00.000: A:1, B:2"],
+        ),
         Result("precopy/partition/mig-link", "Succeeded", "not run: needs namespace hosts", True, 0.0, "why"),
     ]
     rows = json.loads(as_json(results))["scenarios"]
