@@ -23,6 +23,8 @@ Routes (all JSON unless said otherwise; errors are livemig's ``{"error", "messag
     POST   /vnics/{id}/resume             ResumeRequest -> ResumeReport (held frames above the marker)
     POST   /vnics/{id}/handoff            HandoffRequest -> HandoffReport (import flows, then resume:
                                           the destination's half of the pause in one call)
+
+Who may call each: :data:`POLICY`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -41,6 +43,10 @@ from livemig.errors import InvalidRequest
 from livemig.network.envelope import FLOW_VERSION_HEADER, MEDIA_TYPE
 from livemig.network.model import Mapping, SecurityList
 from livemig.network.vswitch import Vswitch
+from livemig.security.access import ANY_SERVICE, Access, Guard, Policy, services
+from livemig.security.pki import LeafFiles, Role
+from livemig.security.tls import INSECURE_STATE, ReloadingServerContext, uvicorn_tls
+from livemig.wire.base import SERVER_KEEPALIVE_S
 from livemig.wire.server import install_error_handlers
 from livemig.wire.vswitch import (
     Attachment,
@@ -84,14 +90,38 @@ class _VswitchCollector(Collector):
         yield vnic_gauges
 
 
-def create_app(vswitch: Vswitch) -> FastAPI:
+_READ = Access(ANY_SERVICE)
+_LMO = services(Role.LMO)
+#: the LMO, and this host's own hostd (attaching its VMs' NICs, holding and releasing at the pause)
+_OWN_HOSTD = services(Role.LMO, Role.HOSTD, own_host=True)
+#: who may call each route: the LMO programs the mapping and security lists and moves flow state;
+#: hostd plugs its own host's NICs and runs the pause; the hand-off comes from the *source* host's
+#: hostd, so any hostd of the region may hand a VNIC over to this vswitch
+POLICY: Policy = {
+    ("GET", "/healthz"): _READ, ("GET", "/metrics"): _READ, ("GET", "/counters"): _READ,
+    ("GET", "/mapping"): _READ, ("GET", "/security-lists"): _READ, ("GET", "/vnics"): _READ,
+    ("GET", "/vnics/{vnic_id}"): _READ,
+    ("PUT", "/mapping"): _LMO, ("PUT", "/security-lists/{list_id}"): _LMO,
+    ("DELETE", "/security-lists/{list_id}"): _LMO,
+    ("GET", "/vnics/{vnic_id}/flows"): _LMO, ("POST", "/vnics/{vnic_id}/flows"): _LMO,
+    ("POST", "/vnics"): _OWN_HOSTD, ("DELETE", "/vnics/{vnic_id}"): _OWN_HOSTD,
+    ("POST", "/vnics/{vnic_id}/pause-marker"): _OWN_HOSTD, ("POST", "/vnics/{vnic_id}/resume"): _OWN_HOSTD,
+    ("POST", "/vnics/{vnic_id}/handoff"): services(Role.LMO, Role.HOSTD),
+}  # fmt: skip
+
+
+def create_app(vswitch: Vswitch, *, insecure: bool = False) -> FastAPI:
+    """The vswitch's app; ``insecure`` (a lab's ``--insecure``): plain HTTP for anyone."""
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await vswitch.start()
         yield
         await vswitch.stop()
 
-    app = FastAPI(title=f"livemig vswitch {vswitch.name}", lifespan=lifespan)
+    app = FastAPI(title=f"livemig vswitch {vswitch.name}", lifespan=lifespan,
+                  dependencies=[Depends(Guard(POLICY, host=vswitch.name))])  # fmt: skip
+    setattr(app.state, INSECURE_STATE, insecure)
     install_error_handlers(app)
     registry = CollectorRegistry()
     registry.register(_VswitchCollector(vswitch))
@@ -183,9 +213,14 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def run_vswitch(host_name: str, api_listen: str, overlay_listen: str, log_level: str = "info") -> None:
-    """Run one host's vswitch (REST API + dataplane) until SIGINT/SIGTERM."""
+def run_vswitch(
+    host_name: str, api_listen: str, overlay_listen: str, log_level: str = "info", *, tls: LeafFiles | None = None
+) -> None:
+    """Run one host's vswitch (REST API + dataplane) until SIGINT/SIGTERM; ``tls``: its leaf (mutual
+    TLS, roles checked), None: plain HTTP for anyone (``--insecure``)."""
     host, port = split_listen(api_listen)
     split_listen(overlay_listen)
     vswitch = Vswitch(host_name, overlay_listen)
-    uvicorn.run(create_app(vswitch), host=host, port=port, log_level=log_level, access_log=False)
+    extra = uvicorn_tls(ReloadingServerContext(tls)) if tls is not None else {}
+    uvicorn.run(create_app(vswitch, insecure=tls is None), host=host, port=port, log_level=log_level,
+                access_log=False, timeout_keep_alive=SERVER_KEEPALIVE_S, **extra)  # fmt: skip

@@ -135,6 +135,12 @@ def validate_name(value: str, what: str) -> str:
     return value
 
 
+def host_leaf_name(host: str) -> str:
+    """The leaf name of a region host (``A`` -> ``a``): host names are case-insensitive like DNS
+    names, certificate names are lower case so one host never has two identities."""
+    return validate_name(host.lower(), "host name")
+
+
 def parse_role(value: str | Role) -> Role:
     try:
         return Role(value)

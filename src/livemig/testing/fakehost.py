@@ -4,7 +4,8 @@ Each :class:`FakeHost` is ``host.api.create_app`` around a real ``HostAgent`` wh
 replacement is its runtime (``testing.fakeqemu``): routes, validation, errors, the migration driver
 and its switchover hook are hostd's own. :meth:`FakeFleet.transport` routes the LMO's requests to
 each host's app in-process (``httpx.ASGITransport``), by the port in the host's URL, records them,
-and can make a host unreachable.
+and can make a host unreachable. Each request reaches the app as if over TLS from the LMO's
+certificate (``testing.callers.over_tls``), so hostd's access rules run as in production.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from livemig.host.agent import HostAgent, ManagedVm
 from livemig.host.api import create_app
 from livemig.model.host import HostRegistration
 from livemig.model.vm import RunState
+from livemig.testing.callers import LMO, over_tls
 from livemig.testing.fakeqemu import FakeQemu, FakeQemuRuntime, QemuBehaviour, QemuWorld, SimClock
 
 #: unit tests run simulated time this much faster than real time
@@ -105,7 +107,7 @@ class FakeFleet:
 class _FleetTransport(httpx.AsyncBaseTransport):
     def __init__(self, by_port: dict[int, FakeHost]) -> None:
         self._by_port = by_port
-        self._apps = {port: httpx.ASGITransport(app=host.app) for port, host in by_port.items()}
+        self._apps = {port: _transport(host) for port, host in by_port.items()}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         port = request.url.port or 80
@@ -114,5 +116,9 @@ class _FleetTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"no fake host answers at {request.url.host}:{port}", request=request)
         host.calls.append(f"{request.method} {request.url.path}")
         if port not in self._apps:  # a host added after the transport was made
-            self._apps[port] = httpx.ASGITransport(app=host.app)
+            self._apps[port] = _transport(host)
         return await self._apps[port].handle_async_request(request)
+
+
+def _transport(host: FakeHost) -> httpx.ASGITransport:
+    return httpx.ASGITransport(app=over_tls(host.app, LMO))

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from livemig import errors
 from livemig.model.vm import NbdExport
-from livemig.wire.base import AsyncService, Call, SyncService, call
+from livemig.wire.base import AsyncService, Call, Credentials, SyncService, call
 
 #: the NBD port when an attachment's URI names none (the IANA-assigned one)
 NBD_DEFAULT_PORT = 10809
@@ -160,5 +160,5 @@ class BlockdClient(AsyncService):
 class BlockingBlockdClient(SyncService):
     """blockd from plain code (tests, benchmarks)."""
 
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
-        super().__init__("blockd", url, timeout)
+    def __init__(self, url: str, timeout: float = 30.0, credentials: Credentials | None = None) -> None:
+        super().__init__("blockd", url, timeout, credentials)
