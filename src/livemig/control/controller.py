@@ -159,7 +159,8 @@ class Controller:
     async def _preparing_target(self, m: Migration) -> None:
         spec, _ = self.store.vm(m.vm)
         exports = await self.volumes.ensure_attached(spec, m.destination)
-        uri = (await self.host(m.destination).run(hostd.prepare_incoming(spec, exports))).uri
+        tls_source = m.source if self.services.migration_tls else None  # only its QEMU may send (tls-authz)
+        uri = (await self.host(m.destination).run(hostd.prepare_incoming(spec, exports, tls_source))).uri
         m.incoming_uri = uri
         m.set_condition(ConditionType.TARGET_PREPARED, True, uri)
         m.transition(Phase.SYNCING_FLOWS, f"destination listening on {uri}")
@@ -197,7 +198,11 @@ class Controller:
                 return
             assert m.incoming_uri is not None
             spec, _ = self.store.vm(m.vm)
-            job = await source.run(hostd.migrate(m.vm, m.incoming_uri, m.params, self._handoffs(m, spec)))
+            tls_hostname = m.destination if self.services.migration_tls else None
+            job = await source.run(hostd.migrate(m.vm, m.incoming_uri, m.params, self._handoffs(m, spec),
+                                                 tls_hostname))  # fmt: skip
+            plain = "plain TCP: the LMO runs without migration TLS (an --insecure region)"
+            m.set_condition(ConditionType.STREAM_ENCRYPTED, job.encryption is not None, job.encryption or plain)
             held_by = job.enforced_by or "QEMU max-bandwidth (no tc on loopback hosts)"
             m.set_condition(ConditionType.MIGRATION_STARTED, True, m.incoming_uri)
             m.set_condition(
@@ -224,7 +229,18 @@ class Controller:
             stats = job.stats.model_dump() if job.stats else {}
             m.transition(Phase.CUTTING_OVER, "QEMU reports the migration completed", **stats)
         elif job.state in (JobState.FAILED, JobState.CANCELLED):
-            self._fail(m, Phase.ABORTING, f"QEMU reports migration {job.state.value}: {job.error or 'no detail'}")
+            reason = f"QEMU reports migration {job.state.value}: {job.error or 'no detail'}"
+            self._fail(m, Phase.ABORTING, reason + await self._destination_says(m))
+
+    async def _destination_says(self, m: Migration) -> str:
+        """What the destination's QEMU logged about the failed stream (e.g. a TLS refusal), if anything."""
+        try:
+            observed = await self.host(m.destination).observe(m.vm)
+        except LivemigError:
+            return ""
+        if observed is None or not observed.qemu_errors:
+            return ""
+        return f"; destination {m.destination}'s QEMU: {observed.qemu_errors[-1]}"
 
     async def _sync_flow_deltas(self, m: Migration, spec: VmSpec) -> None:
         """About once a second of pre-copy, copy the flows changed since the destination's version

@@ -27,6 +27,7 @@ from livemig.wire.hostd import (
     CheckReply,
     ConsoleLine,
     IncomingReply,
+    IncomingRequest,
     MigrateRequest,
     ResumeReply,
     SourceMigrationStatus,
@@ -127,14 +128,14 @@ def create_app(
         return Response(status_code=204)
 
     @app.post("/vms/{name}/incoming")
-    async def incoming(name: str, launch: VmLaunch) -> IncomingReply:
+    async def incoming(name: str, launch: IncomingRequest) -> IncomingReply:
         if launch.spec.name != name:
             raise InvalidRequest(f"path names VM {name!r} but the spec names {launch.spec.name!r}")
-        return IncomingReply(uri=await agent.prepare_incoming(launch.spec, launch.exports))
+        return IncomingReply(uri=await agent.prepare_incoming(launch.spec, launch.exports, launch.tls_source))
 
     @app.post("/vms/{name}/migrate", status_code=202)
     async def migrate(name: str, body: MigrateRequest) -> SourceMigrationStatus:
-        return await agent.migrate(name, body.uri, body.params, body.handoffs)
+        return await agent.migrate(name, body.uri, body.params, body.handoffs, body.tls_hostname)
 
     @app.get("/vms/{name}/migration")
     async def migration(name: str, since: int = 0) -> SourceMigrationStatus:

@@ -20,9 +20,11 @@ from fastapi import FastAPI
 from livemig.host.accel import AccelChoice
 from livemig.host.agent import HostAgent, ManagedVm
 from livemig.host.api import create_app
+from livemig.host.tls import QemuTls
 from livemig.model.host import HostRegistration
 from livemig.model.vm import RunState
-from livemig.testing.callers import LMO, over_tls
+from livemig.security.pki import Role, host_leaf_name
+from livemig.testing.callers import LMO, TestPki, over_tls
 from livemig.testing.fakeqemu import FakeQemu, FakeQemuRuntime, QemuBehaviour, QemuWorld, SimClock
 
 #: unit tests run simulated time this much faster than real time
@@ -73,6 +75,7 @@ class FakeFleet:
                  state_dir: Path | None = None, migration_bandwidth_mib_s: int = 1024) -> None:  # fmt: skip
         self._tmp = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="livemig-fleet-")
         root = state_dir or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.pki = TestPki(root / "pki")  # each host's QEMU certificate: migrations run over (simulated) TLS
         self.world = QemuWorld(SimClock(speed))
         self.hosts: dict[str, FakeHost] = {}
         self._by_port: dict[int, FakeHost] = {}
@@ -82,8 +85,9 @@ class FakeFleet:
     def add_host(self, name: str, root: Path, index: int, memory_mib: int, migration_bandwidth_mib_s: int) -> FakeHost:
         address = f"127.100.{index // 250}.{index % 250 + 1}"
         runtime = FakeQemuRuntime(self.world, root / "image", address)
+        qemu = QemuTls(self.pki.leaf(Role.QEMU, host_leaf_name(name), (address,)), root / "hosts" / name / "tls")
         agent = HostAgent(name, root / "hosts" / name, address, AccelChoice("tcg", "simulated QEMU"), memory_mib,
-                          migration_bandwidth_mib_s, runtime=runtime)  # fmt: skip
+                          migration_bandwidth_mib_s, runtime=runtime, qemu_tls=qemu)  # fmt: skip
         port = FIRST_PORT + index
         host = FakeHost(name, f"http://fake-{name.lower()}:{port}", agent, create_app(agent), runtime)
         self.hosts[name] = host

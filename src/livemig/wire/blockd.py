@@ -82,8 +82,10 @@ class AttachReply(AttachmentView):
     def export(self) -> NbdExport:
         """Where QEMU's NBD client connects for this attachment."""
         where = urlsplit(self.nbd_uri)
-        return NbdExport(host=where.hostname or "127.0.0.1", port=where.port or NBD_DEFAULT_PORT,
-                         export=self.export_name, attachment=self.id)  # fmt: skip
+        host = where.hostname or "127.0.0.1"
+        # nbds://: forced TLS; QEMU checks blockd's certificate names the address it dials
+        return NbdExport(host=host, port=where.port or NBD_DEFAULT_PORT, export=self.export_name,
+                         attachment=self.id, tls_hostname=host if where.scheme == "nbds" else None)  # fmt: skip
 
 
 class Health(BaseModel):

@@ -47,6 +47,9 @@ class VmStatus(BaseModel):
     guest_resets: list[str] = Field(
         default_factory=list, description="guest-initiated resets, shutdowns or panics QEMU reported on this host"
     )
+    qemu_errors: list[str] = Field(
+        default_factory=list, description="the last lines QEMU logged here (e.g. why it refused a migration stream)"
+    )
 
 
 class VnicHandoff(BaseModel):
@@ -68,6 +71,15 @@ class MigrateRequest(BaseModel):
     uri: str = Field(pattern=r"^tcp:[^:]+:\d+$")
     params: MigrationParams = Field(default_factory=MigrationParams)
     handoffs: list[VnicHandoff] = Field(default_factory=list)
+    tls_hostname: str | None = Field(default=None, description="encrypt the stream (QEMU's TLS); the destination's "
+                                     "QEMU certificate must name this host (None: a plain stream)")  # fmt: skip
+
+
+class IncomingRequest(VmLaunch):
+    """``POST /vms/{name}/incoming``: a suspended destination for the VM."""
+
+    tls_source: str | None = Field(default=None, description="accept the stream only over TLS and only from this "
+                                   "host's QEMU certificate (tls-authz; None: a plain stream)")  # fmt: skip
 
 
 class IncomingReply(BaseModel):
@@ -116,6 +128,7 @@ class SourceMigrationStatus(BaseModel):
     stats: MigrationStats | None = None
     error: str | None = None
     enforced_by: str | None = Field(default=None, description="the tc class holding the stream to its share")
+    encryption: str | None = Field(default=None, description="what protects the stream (None: plain)")
 
 
 # ---------------------------------------------------------------------- routes
@@ -141,14 +154,21 @@ def destroy_vm(name: str) -> Call[None]:
     return call("DELETE", f"/vms/{name}")
 
 
-def prepare_incoming(spec: VmSpec, exports: dict[str, NbdExport] | None = None) -> Call[IncomingReply]:
-    return call("POST", f"/vms/{spec.name}/incoming", IncomingReply, json=VmLaunch(spec=spec, exports=exports or {}))
+def prepare_incoming(
+    spec: VmSpec, exports: dict[str, NbdExport] | None = None, tls_source: str | None = None
+) -> Call[IncomingReply]:
+    body = IncomingRequest(spec=spec, exports=exports or {}, tls_source=tls_source)
+    return call("POST", f"/vms/{spec.name}/incoming", IncomingReply, json=body)
 
 
 def migrate(
-    name: str, uri: str, params: MigrationParams, handoffs: list[VnicHandoff] | None = None
+    name: str,
+    uri: str,
+    params: MigrationParams,
+    handoffs: list[VnicHandoff] | None = None,
+    tls_hostname: str | None = None,
 ) -> Call[SourceMigrationStatus]:
-    body = MigrateRequest(uri=uri, params=params, handoffs=handoffs or [])
+    body = MigrateRequest(uri=uri, params=params, handoffs=handoffs or [], tls_hostname=tls_hostname)
     return call("POST", f"/vms/{name}/migrate", SourceMigrationStatus, json=body)
 
 
