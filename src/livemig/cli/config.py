@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
+import typer
 
 from livemig.errors import InvalidRequest
 from livemig.security.pki import atomic_write  # the same write-fsync-rename as the PKI's files
@@ -60,18 +60,25 @@ def write_toml(path: Path, values: dict[str, object], *, comment: str = "", mode
     return path
 
 
-def load_into_defaults(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+def load_into_defaults(ctx: typer.Context, _param: Any, value: Path | None) -> Path | None:
     """The ``--config`` option's callback: the file's settings become the command's defaults."""
     if value is None:
         return None
     data = read_toml(value)
-    names = {p.name for p in ctx.command.params if p.name}
+    names: dict[str, str] = {}  # a setting's key (the flag's name, or the parameter's) -> the parameter
+    for param in ctx.command.params:
+        if param.name is None or param.name == "config" or param.param_type_name != "option":
+            continue
+        names[param.name] = param.name
+        for opt in param.opts:
+            if opt.startswith("--"):
+                names[opt[2:].replace("-", "_")] = param.name
     settings: dict[str, Any] = {}
     for key, item in data.items():
-        name = key.replace("-", "_")
-        if name not in names or name == "config":
-            known = ", ".join(sorted(n for n in names if n != "config"))
-            raise click.BadParameter(f"{value}: unknown setting {key!r} (known: {known})", ctx=ctx)
+        name = names.get(key.replace("-", "_"))
+        if name is None:
+            known = ", ".join(sorted({k for k, v in names.items() if k == v or k not in names.values()}))
+            raise typer.BadParameter(f"{value}: unknown setting {key!r} (known: {known})", ctx=ctx)
         settings[name] = [str(v) for v in item] if isinstance(item, list) else item
     ctx.default_map = {**(ctx.default_map or {}), **settings}
     return value

@@ -28,7 +28,7 @@ from livemig.control.store import Store
 from livemig.control.web import dashboard_router
 from livemig.control.web.login import COOKIE, login_redirect, login_router
 from livemig.model.host import HostInfo
-from livemig.security.access import Guard, LoginRequired
+from livemig.security.access import NO_DOCS, Guard, LoginRequired
 from livemig.security.tls import INSECURE_STATE
 from livemig.wire import hostd
 from livemig.wire.base import async_http
@@ -64,7 +64,7 @@ def create_app(
 
     check = tokens.checker(store)
     guard = Guard(POLICY, host_param="name", tokens=check, cookie=COOKIE, default=default_rule)
-    app = FastAPI(title="livemig LMO", lifespan=lifespan, dependencies=[Depends(guard)])
+    app = FastAPI(title="livemig LMO", lifespan=lifespan, dependencies=[Depends(guard)], **NO_DOCS)
     app.state.guard = guard
     setattr(app.state, INSECURE_STATE, insecure)
     install_error_handlers(app)

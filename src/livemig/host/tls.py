@@ -68,14 +68,14 @@ class QemuTls:
 
     def _read_consistent(self) -> tuple[bytes, bytes, bytes]:
         """Certificate, key and CA that belong together (a rotation writes the key, then the certificate)."""
-        for _attempt in range(20):
+        for _attempt in range(10):  # a rotation writes two files; a short wait (it blocks the loop)
             try:
                 cert, key, ca = (p.read_bytes() for p in (self.leaf.cert, self.leaf.key, self.leaf.ca))
             except OSError as exc:
                 raise CredentialError(f"QEMU's TLS credentials are unreadable: {exc}") from None
             if _matches(cert, key):
                 return cert, key, ca
-            time.sleep(0.05)
+            time.sleep(0.02)
         raise CredentialError(f"{self.leaf.key} does not belong to {self.leaf.cert}")
 
     def _prune(self, keep: set[Path | None]) -> None:

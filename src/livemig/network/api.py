@@ -43,7 +43,7 @@ from livemig.errors import InvalidRequest
 from livemig.network.envelope import FLOW_VERSION_HEADER, MEDIA_TYPE
 from livemig.network.model import Mapping, SecurityList
 from livemig.network.vswitch import Vswitch
-from livemig.security.access import ANY_SERVICE, Access, Guard, Policy, services
+from livemig.security.access import ANY_SERVICE, NO_DOCS, Access, Guard, Policy, services
 from livemig.security.pki import LeafFiles, Role
 from livemig.security.tls import INSECURE_STATE, ReloadingServerContext, uvicorn_tls
 from livemig.wire.base import SERVER_KEEPALIVE_S
@@ -120,7 +120,7 @@ def create_app(vswitch: Vswitch, *, insecure: bool = False) -> FastAPI:
         await vswitch.stop()
 
     app = FastAPI(title=f"livemig vswitch {vswitch.name}", lifespan=lifespan,
-                  dependencies=[Depends(Guard(POLICY, host=vswitch.name))])  # fmt: skip
+                  dependencies=[Depends(Guard(POLICY, host=vswitch.name))], **NO_DOCS)  # fmt: skip
     setattr(app.state, INSECURE_STATE, insecure)
     install_error_handlers(app)
     registry = CollectorRegistry()

@@ -94,6 +94,8 @@ HOST_ROLES = frozenset({Role.HOSTD, Role.VSWITCH, Role.QEMU})
 #: every certificate of the region: health and metrics of a service
 ANY_SERVICE = frozenset(Role)
 PUBLIC = Access(public=True)
+#: FastAPI's generated schema and docs pages would be routes outside every guard: none are served
+NO_DOCS: dict[str, Any] = {"openapi_url": None, "docs_url": None, "redoc_url": None}
 
 Policy = Mapping[tuple[str, str], Access]
 
@@ -167,12 +169,11 @@ class Guard:
         return identity
 
     def _user(self, request: Request, access: Access) -> User:
+        if self.tokens is None:  # a service without users (its handshake already asks for a certificate)
+            raise Unauthenticated("this API takes a client certificate of the region")
         token = _bearer(request)
         if token is None and access.pages and self.cookie:
             token = request.cookies.get(self.cookie)
-        if self.tokens is None or access.user is None:
-            raise Forbidden(f"{request.method} {request.url.path} takes a client certificate of the region "
-                            f"({access.describe()})")  # fmt: skip
         if token is None:
             if access.pages:
                 raise LoginRequired("log in with a token")
@@ -183,6 +184,9 @@ class Guard:
                 raise LoginRequired("the token is unknown or was revoked")
             raise Unauthenticated("the bearer token is unknown or was revoked",
                                   challenge='Bearer realm="livemig", error="invalid_token"')  # fmt: skip
+        if access.user is None:
+            raise Forbidden(f"{request.method} {request.url.path} takes a client certificate of the region "
+                            f"({access.describe()}), not a user's token", user=user.name)  # fmt: skip
         if user.role.rank < access.user.rank:
             raise Forbidden(f"user {user.name!r} ({user.role.value}) may not {request.method} {request.url.path}: "
                             f"it takes {access.user.value} or above", user=user.name)  # fmt: skip
@@ -200,14 +204,19 @@ def _bearer(request: Request) -> str | None:
     return value.strip()
 
 
+def served_routes(app: Any) -> set[tuple[str, str]]:
+    """Every (method, path) ``app`` serves, routers included (FastAPI >= 0.120 includes them lazily)."""
+    found: set[tuple[str, str]] = set()
+    for route in app.routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        pairs = [(c.path, c.original_route) for c in contexts()] if contexts else [(getattr(route, "path", ""), route)]
+        for path, original in pairs:
+            for method in getattr(original, "methods", None) or ():
+                if method != "HEAD":
+                    found.add((method, path))
+    return found
+
+
 def unruled_routes(app: Any, policy: Policy) -> list[str]:
     """Routes of ``app`` without a rule (for the test that every route has one)."""
-    missing = []
-    for route in app.routes:
-        methods = getattr(route, "methods", None)
-        if not methods or not hasattr(route, "path"):
-            continue
-        for method in sorted(methods - {"HEAD"}):
-            if (method, route.path) not in policy:
-                missing.append(f"{method} {route.path}")
-    return missing
+    return sorted(f"{method} {path}" for method, path in served_routes(app) if (method, path) not in policy)
