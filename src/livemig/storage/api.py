@@ -98,7 +98,8 @@ def create_app(blockd: Blockd, *, insecure: bool = False) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> Health:
         return Health(status="ok", uptime_s=round(time.time() - started, 3), volumes=len(blockd.volumes.list()),
-                      nbd=f"{blockd.nbd_host}:{blockd.nbd_port}", fencing=blockd.fences.enabled)  # fmt: skip
+                      nbd=f"{blockd.nbd_host}:{blockd.nbd_port}", fencing=blockd.fences.enabled,
+                      nbd_tls=blockd.server is not None and blockd.server.tls is not None)  # fmt: skip
 
     @app.get("/metrics")
     async def metrics() -> Response:

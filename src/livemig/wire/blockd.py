@@ -94,6 +94,7 @@ class Health(BaseModel):
     volumes: int
     nbd: str
     fencing: bool
+    nbd_tls: bool = Field(default=False, description="NBD is forced-TLS (clients with a certificate of the region)")
 
 
 # ---------------------------------------------------------------------- routes
