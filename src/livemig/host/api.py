@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from livemig.errors import HostUnreachable, InvalidRequest, LivemigError
 from livemig.host.agent import HostAgent
 from livemig.model.host import HostInfo, HostRegistration
-from livemig.security.access import ANY_SERVICE, NO_DOCS, Access, Guard, Policy, services
+from livemig.security.access import ANY_SERVICE, NO_DOCS, Access, Guard, Policy, lmo_only, services
 from livemig.security.pki import Role
 from livemig.security.tls import INSECURE_STATE
 from livemig.wire import lmo as wire_lmo
@@ -96,7 +96,7 @@ def create_app(
                 await registration
         await agent.close()
 
-    guard = Guard(POLICY, host=agent.name)
+    guard = Guard(POLICY, host=agent.name, default=lmo_only)
     app = FastAPI(title=f"livemig hostd {agent.name}", lifespan=lifespan, dependencies=[Depends(guard)], **NO_DOCS)
     setattr(app.state, INSECURE_STATE, insecure)
     install_error_handlers(app)

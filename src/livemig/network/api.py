@@ -43,7 +43,7 @@ from livemig.errors import InvalidRequest
 from livemig.network.envelope import FLOW_VERSION_HEADER, MEDIA_TYPE
 from livemig.network.model import Mapping, SecurityList
 from livemig.network.vswitch import Vswitch
-from livemig.security.access import ANY_SERVICE, NO_DOCS, Access, Guard, Policy, services
+from livemig.security.access import ANY_SERVICE, NO_DOCS, Access, Guard, Policy, lmo_only, services
 from livemig.security.pki import LeafFiles, Role
 from livemig.security.tls import INSECURE_STATE, ReloadingServerContext, uvicorn_tls
 from livemig.wire.base import SERVER_KEEPALIVE_S
@@ -90,7 +90,8 @@ class _VswitchCollector(Collector):
         yield vnic_gauges
 
 
-_READ = Access(ANY_SERVICE)
+_HEALTH = Access(ANY_SERVICE)
+_READ = services(Role.LMO, Role.HOSTD)  # the topology and counters: the LMO and the hosts, not QEMU
 _LMO = services(Role.LMO)
 #: the LMO, and this host's own hostd (attaching its VMs' NICs, holding and releasing at the pause)
 _OWN_HOSTD = services(Role.LMO, Role.HOSTD, own_host=True)
@@ -98,7 +99,7 @@ _OWN_HOSTD = services(Role.LMO, Role.HOSTD, own_host=True)
 #: hostd plugs its own host's NICs and runs the pause; the hand-off comes from the *source* host's
 #: hostd, so any hostd of the region may hand a VNIC over to this vswitch
 POLICY: Policy = {
-    ("GET", "/healthz"): _READ, ("GET", "/metrics"): _READ, ("GET", "/counters"): _READ,
+    ("GET", "/healthz"): _HEALTH, ("GET", "/metrics"): _HEALTH, ("GET", "/counters"): _READ,
     ("GET", "/mapping"): _READ, ("GET", "/security-lists"): _READ, ("GET", "/vnics"): _READ,
     ("GET", "/vnics/{vnic_id}"): _READ,
     ("PUT", "/mapping"): _LMO, ("PUT", "/security-lists/{list_id}"): _LMO,
@@ -120,7 +121,7 @@ def create_app(vswitch: Vswitch, *, insecure: bool = False) -> FastAPI:
         await vswitch.stop()
 
     app = FastAPI(title=f"livemig vswitch {vswitch.name}", lifespan=lifespan,
-                  dependencies=[Depends(Guard(POLICY, host=vswitch.name))], **NO_DOCS)  # fmt: skip
+                  dependencies=[Depends(Guard(POLICY, host=vswitch.name, default=lmo_only))], **NO_DOCS)  # fmt: skip
     setattr(app.state, INSECURE_STATE, insecure)
     install_error_handlers(app)
     registry = CollectorRegistry()

@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI, Query, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from livemig.security.access import ANY_SERVICE, NO_DOCS, Access, Guard, Policy, services
+from livemig.security.access import ANY_SERVICE, NO_DOCS, Access, Guard, Policy, lmo_only, services
 from livemig.security.pki import Role
 from livemig.security.tls import INSECURE_STATE
 from livemig.storage.blockd import Blockd
@@ -56,7 +56,7 @@ def create_app(blockd: Blockd, *, insecure: bool = False) -> FastAPI:
     """The admin API. Every route is ``async``: blockd's state lives in the event loop that also
     runs the NBD server, and FastAPI would run plain ``def`` routes in worker threads.
     ``insecure`` (a lab's ``--insecure``): plain HTTP for anyone."""
-    app = FastAPI(title="livemig blockd", dependencies=[Depends(Guard(POLICY))], **NO_DOCS)
+    app = FastAPI(title="livemig blockd", dependencies=[Depends(Guard(POLICY, default=lmo_only))], **NO_DOCS)
     setattr(app.state, INSECURE_STATE, insecure)
     install_error_handlers(app)
     registry = CollectorRegistry()
