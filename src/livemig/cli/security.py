@@ -75,9 +75,9 @@ def pki_rotate(
     where = _dir(directory, state_dir)
     leaf = pki.rotate(where, name, role, san or None, days=days)
     cert = pki.load_cert(leaf.cert)
-    out.print(f"{leaf.identity}: rotated, valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; servers serve "
-              "it from their next handshake, clients present it on their next connection, QEMU from its next "
-              "migration")  # fmt: skip
+    out.print(f"{leaf.identity}: rotated, valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; no restart: "
+              "servers serve it from their next handshake, clients present it on their next connection, QEMU "
+              "from its next migration")  # fmt: skip
 
 
 @pki_app.command("list")

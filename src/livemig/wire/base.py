@@ -41,11 +41,16 @@ T = TypeVar("T")
 #: default timeouts: connecting should be quick on a region's network; answers may take a while
 #: (a QEMU start, a guest check)
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=3.0)
-#: how long an idle keep-alive connection is kept: longer than a migration's pre-copy usually runs,
-#: so the hand-off inside the pause reuses the connection opened before it (a TLS handshake costs
-#: milliseconds of the guest's pause); servers keep theirs as long (``SERVER_KEEPALIVE_S``)
-KEEPALIVE_S = 120.0
-SERVER_KEEPALIVE_S = 130
+#: how long an idle keep-alive connection is kept: longer than a migration's pre-copy may run
+#: (``MigrationParams.timeout_s``, 300 s by default), so the hand-off inside the pause reuses the
+#: connection hostd opened when the migration started (a TLS handshake costs milliseconds of the
+#: guest's pause); servers keep theirs a little longer (``SERVER_KEEPALIVE_S``), so the client is
+#: the one that lets a connection go and never sends on one the server is closing
+KEEPALIVE_S = 600.0
+SERVER_KEEPALIVE_S = 610
+#: idle connections a client keeps: the LMO's one pool talks to every host of a region, and a new
+#: TLS connection costs a handshake
+MAX_KEEPALIVE = 100
 
 _default = Credentials()
 _by_origin: dict[str, Credentials] = {}
@@ -230,7 +235,9 @@ def _client_options(creds: Credentials) -> dict[str, Any]:
     """TLS (the region CA, the client's certificate, reloaded when rotated) and the bearer token."""
     options: dict[str, Any] = {
         "headers": creds.headers(),
-        "limits": httpx.Limits(max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_S),
+        "limits": httpx.Limits(
+            max_connections=MAX_KEEPALIVE, max_keepalive_connections=MAX_KEEPALIVE, keepalive_expiry=KEEPALIVE_S
+        ),
     }
     if creds.tls:
         options["verify"] = client_context_for(creds)
