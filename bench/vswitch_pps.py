@@ -132,8 +132,9 @@ def start_forwarder(kind: str, listen: int, to: int) -> subprocess.Popen[bytes]:
 def start_vswitch(directory: Path) -> tuple[subprocess.Popen[bytes], VswitchClient]:
     api = free_port()
     log = (directory / "vswitch.log").open("wb")
+    # --insecure: this measures the dataplane (frames), which the API's TLS does not touch
     command = [sys.executable, "-m", "livemig.cli.main", "vswitch", "--name", "A", "--listen", f"127.0.0.1:{api}",
-               "--overlay", "127.0.0.1:0", "--log-level", "warning"]  # fmt: skip
+               "--overlay", "127.0.0.1:0", "--log-level", "warning", "--insecure"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=log, stderr=log)
     client = VswitchClient(f"http://127.0.0.1:{api}")
     for _ in range(200):
