@@ -157,14 +157,17 @@ class Guard:
         access = self.access(request.method, path)
         if access is None:
             raise Forbidden(f"no access rule for {request.method} {path}: refused")
+        request.state.caller = None
         if access.public or getattr(request.app.state, INSECURE_STATE, False):
             return None
         if TLS_EXTENSION not in request.scope.get("extensions", {}):
             raise Unauthenticated("this API is served over TLS only; plain HTTP is not authenticated")
         identity = caller_identity(request)  # Forbidden for a certificate without a livemig identity
-        if identity is not None:
-            return self._service(request, access, identity)
-        return self._user(request, access)
+        caller: Caller = (
+            self._service(request, access, identity) if identity is not None else self._user(request, access)
+        )
+        request.state.caller = caller  # for a route that records who asked (``caller_of``)
+        return caller
 
     def _service(self, request: Request, access: Access, identity: Identity) -> Identity:
         if identity.role not in access.services:
@@ -201,6 +204,12 @@ class Guard:
             raise Forbidden(f"user {user.name!r} ({user.role.value}) may not {request.method} {request.url.path}: "
                             f"it takes {access.user.value} or above", user=user.name)  # fmt: skip
         return user
+
+
+def caller_of(request: Request) -> Caller:
+    """Who the guard admitted for this request (None: a public route or an insecure service)."""
+    caller: Caller = getattr(request.state, "caller", None)
+    return caller
 
 
 def _bearer(request: Request) -> str | None:

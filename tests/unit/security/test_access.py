@@ -22,6 +22,7 @@ from livemig.host.accel import AccelChoice
 from livemig.host.agent import HostAgent
 from livemig.host.api import POLICY as HOSTD_POLICY
 from livemig.host.api import create_app as hostd_app
+from livemig.model import VmSpec
 from livemig.network.api import POLICY as VSWITCH_POLICY
 from livemig.network.api import create_app as vswitch_app
 from livemig.network.vswitch import Vswitch
@@ -146,6 +147,12 @@ def test_users_need_a_token_of_a_large_enough_role(lmo: tuple[TestClient, Store,
     assert client.get("/vms/vm1/console", headers=viewer).status_code == 403  # the guest's own words
     _oid, operator = bearer(store, UserRole.OPERATOR)
     assert client.post("/migrations", json={"vm": "vm1", "destination": "B"}, headers=operator).status_code == 404
+    client.put("/hosts/A", json=_fleet.hosts["A"].registration().model_dump())
+    client.put("/hosts/B", json=_fleet.hosts["B"].registration().model_dump())
+    assert client.post("/vms", json={"spec": VmSpec(name="vm1", memory_mib=256).model_dump(), "host": "A"},
+                       headers=operator).status_code == 201  # fmt: skip
+    created = client.post("/migrations", json={"vm": "vm1", "destination": "B"}, headers=operator).json()
+    assert created["timeline"][0]["message"] == "requested by operator-user (operator): vm1 A -> B"
     assert client.get("/tokens", headers=operator).status_code == 403  # tokens: admin only
 
 
