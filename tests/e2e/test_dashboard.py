@@ -64,6 +64,13 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
+def until(condition: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def dashboard(browser: Any, region: Region, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The browser, logged in to the LMO's dashboard with a viewer token through the login form."""
@@ -74,10 +81,12 @@ def dashboard(browser: Any, region: Region, tmp_path_factory: pytest.TempPathFac
     assert "/ui/login" in browser.current_url, "without a login, the dashboard sends the browser to the form"
     browser.find_element("id", "token").send_keys("lmt_wrong")
     browser.find_element("id", "login").click()
+    until(lambda: browser.find_elements("id", "login-error"), "the form says the token was refused")
     assert "unknown or was revoked" in browser.find_element("id", "login-error").text
     browser.find_element("id", "token").send_keys(token)
     browser.find_element("id", "login").click()
-    assert browser.current_url.rstrip("/").endswith("/ui"), browser.current_url
+    until(lambda: browser.current_url.rstrip("/").endswith("/ui") and browser.find_elements("id", "hosts"),
+          "the form leads to the region page")  # fmt: skip
     cookie = browser.get_cookie("livemig_token")
     assert cookie is not None and cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
     assert js(browser, "return document.cookie") == "", "the dashboard's scripts cannot read the token"
