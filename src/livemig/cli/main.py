@@ -14,7 +14,8 @@ from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.table import Table
 
-from livemig.cli.config import CLIENT_FILE, load_into_defaults, read_client_config
+from livemig.cli import client
+from livemig.cli.config import load_into_defaults
 from livemig.cli.security import pki_app, token_app
 from livemig.errors import LivemigError
 from livemig.model.migration import ConcurrencyLimits, Migration, MigrationParams, Phase
@@ -23,7 +24,7 @@ from livemig.region.local import Region, default_state_dir
 from livemig.security.pki import LeafFiles, Role
 from livemig.wire import lmo as wire_lmo
 from livemig.wire.base import Credentials, configure
-from livemig.wire.lmo import Evacuation, EvacuationReport, LmoClient, NetKind, VmView
+from livemig.wire.lmo import Evacuation, EvacuationReport, NetKind, VmView
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 vm_app = typer.Typer(no_args_is_help=True, help="Create, inspect and delete VMs.")
@@ -46,11 +47,6 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-#: the CLI user's config file (``livemig --config FILE ...`` or $LIVEMIG_CONFIG); default: the region's
-_client_file: Path | None = None
-_warned_insecure = False
-
-
 @app.callback()
 def _global_options(
     config: Annotated[
@@ -62,35 +58,11 @@ def _global_options(
         ),
     ] = None,
 ) -> None:
-    global _client_file
-    _client_file = config
+    client.use_config_file(config)
 
 
-def warn_insecure(what: str) -> None:
-    """Every command against an --insecure region says so (once)."""
-    global _warned_insecure
-    if not _warned_insecure:
-        err.print(f"[bold yellow]warning:[/] {what}: plain HTTP, no TLS, no authentication (an --insecure region)")
-        _warned_insecure = True
-
-
-def lmo(url: str | None, state_dir: Path | None = None) -> LmoClient:
-    """The LMO client: URL, CA and token from ``--url``, the environment and the user's config file."""
-    config = read_client_config(_client_file or (state_dir or default_state_dir()) / CLIENT_FILE)
-    url = url or config.url
-    if url is None:
-        running = Region(state_dir).running()
-        if running is None:
-            fail("no local region is running: start one with `livemig up` (or pass --url)")
-        url = running.lmo_url
-    if url.startswith("http://"):
-        warn_insecure(f"the LMO at {url}")
-    elif config.token is None:
-        err.print("[yellow]note:[/] no bearer token (set $LIVEMIG_TOKEN or `token` in the config file); "
-                  "the LMO will answer 401")  # fmt: skip
-    creds = Credentials(ca=config.ca, token=config.token)
-    configure(creds)
-    return LmoClient(url, credentials=creds)
+warn_insecure = client.warn_insecure
+lmo = client.lmo
 
 
 # ---------------------------------------------------------------------- services
@@ -196,15 +168,6 @@ def hostd(
     from livemig.host.tls import QemuTls
     from livemig.security import pki
 
-    leaf = _service_tls(Role.HOSTD, name, tls_cert, tls_key, tls_ca, insecure)
-    qemu = None
-    if leaf is not None:
-        if qemu_cert is None or qemu_key is None:
-            fail(f"hostd {name}: QEMU needs its own certificate (role qemu) for migration and NBD TLS: "
-                 "give --qemu-cert and --qemu-key")  # fmt: skip
-        qemu = QemuTls(pki.leaf_from_paths(qemu_cert, qemu_key, leaf.ca), state_dir / "tls" / "qemu")
-        if qemu.identity.name != leaf.identity.name:
-            fail(f"{qemu_cert} is the QEMU certificate of {qemu.identity.name!r}, not of host {name!r}")
     choice = choose_accel(accel)
     if memory_mib is None:
         memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024) - 1024
@@ -215,6 +178,15 @@ def hostd(
 
         if not netns_exists(netns):
             fail(f"network namespace {netns!r} does not exist (`livemig up --netns` creates them)")
+    leaf = _service_tls(Role.HOSTD, name, tls_cert, tls_key, tls_ca, insecure)
+    qemu = None
+    if leaf is not None:
+        if qemu_cert is None or qemu_key is None:
+            fail(f"hostd {name}: QEMU needs its own certificate (role qemu) for migration and NBD TLS: "
+                 "give --qemu-cert and --qemu-key")  # fmt: skip
+        qemu = QemuTls(pki.leaf_from_paths(qemu_cert, qemu_key, leaf.ca), state_dir / "tls" / "qemu")
+        if qemu.identity.name != leaf.identity.name:
+            fail(f"{qemu_cert} is the QEMU certificate of {qemu.identity.name!r}, not of host {name!r}")
     agent = HostAgent(name, state_dir, migration_address, choice, memory_mib, migration_bandwidth,
                       vswitch_url=vswitch, overlay=overlay, netns=netns, qemu_tls=qemu)  # fmt: skip
     logging.getLogger(__name__).info("hostd %s: accelerator %s (%s)", name, choice.name, choice.reason)

@@ -138,7 +138,7 @@ def token_create(
         record, token = tokens.issue(Store(db), name, role)
         token_id, token_role = record.id, record.role
     else:
-        from livemig.cli.main import lmo
+        from livemig.cli.client import lmo
         from livemig.wire import lmo as wire_lmo
 
         with lmo(url, state_dir) as client:
@@ -166,7 +166,7 @@ def token_list(
         rows = [{"id": r.id, "name": r.name, "role": r.role, "created_at": r.created_at, "revoked_at": r.revoked_at}
                 for r in Store(db).tokens()]  # fmt: skip
     else:
-        from livemig.cli.main import lmo
+        from livemig.cli.client import lmo
         from livemig.wire import lmo as wire_lmo
 
         with lmo(url, state_dir) as client:
@@ -192,7 +192,7 @@ def token_revoke(token_id: str, db: Db = None, url: Url = None, state_dir: State
 
         Store(db).revoke_token(token_id)
     else:
-        from livemig.cli.main import lmo
+        from livemig.cli.client import lmo
         from livemig.wire import lmo as wire_lmo
 
         with lmo(url, state_dir) as client:
