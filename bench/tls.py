@@ -209,8 +209,12 @@ def main() -> int:
             "guest": {"memory_mib": args.memory, "dirty_rate_mib_s": args.rate, "volume": True, "nic": True},
             "params": params.model_dump(mode="json", include={"downtime_limit_ms", "max_bandwidth_mib_s"}),
             "migrations": migrations(region, max(3, args.runs), params),
-            "api": api_latency(region, args.api_calls, work),
         }
+        # hostd logs each hand-off; it names any TLS connection it had to open inside the pause
+        hostd_logs = " ".join(p.read_text(errors="replace") for p in (work / "logs").glob("hostd-*.log"))
+        report["hand_offs_logged"] = hostd_logs.count("never reached the paused guest")
+        report["handshakes_inside_pause"] = hostd_logs.count("new TLS connection(s) inside the pause")
+        report["api"] = api_latency(region, args.api_calls, work)
     finally:
         region.down()
     json.dump(report, sys.stdout, indent=2)

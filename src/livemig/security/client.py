@@ -132,12 +132,28 @@ class ReloadingClientContext(ssl.SSLContext):
             log.info("TLS client: reloaded %s (rotation %d)", self.creds.cert or self.creds.ca, self.reloads)
 
     def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        _count_handshake()
         self.refresh()
         return super().wrap_socket(*args, **kwargs)
 
     def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        _count_handshake()
         self.refresh()
         return super().wrap_bio(*args, **kwargs)
+
+
+_handshakes = 0
+
+
+def _count_handshake() -> None:
+    global _handshakes
+    _handshakes += 1
+
+
+def handshakes_started() -> int:
+    """How many TLS client connections this process has begun (a reading before and after a piece of
+    work tells whether it paid for a handshake, e.g. hostd's hand-off inside a migration's pause)."""
+    return _handshakes
 
 
 _contexts: dict[Credentials, ReloadingClientContext] = {}
