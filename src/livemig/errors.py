@@ -92,9 +92,15 @@ class CredentialError(LivemigError):
 
 
 class Unauthenticated(LivemigError):
-    """The caller proved no identity (no credential, or one that is not valid)."""
+    """The caller proved no identity (no credential, or one that is not valid).
+
+    ``challenge`` is the ``WWW-Authenticate`` header the 401 carries (RFC 6750 for bearer tokens)."""
 
     http_status = 401
+
+    def __init__(self, message: str, *, challenge: str = 'Bearer realm="livemig"', **details: Any) -> None:
+        super().__init__(message, **details)
+        self.challenge = challenge
 
 
 class Forbidden(LivemigError):

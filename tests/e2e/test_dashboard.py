@@ -2,6 +2,10 @@
 by Selenium), against a real region and real guests.
 
 Screenshots go to ``$LIVEMIG_ARTIFACTS/dashboard`` (or the test's tmp dir) for a person to look at.
+
+The region is secure as ``livemig up`` makes it: the browser logs in once with a viewer token (the
+form sets an HttpOnly cookie), and accepts the LMO's certificate without the region CA in its store
+(an operator would add the CA; the CA's trust is proven by the TLS tests, not here).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from livemig.errors import LivemigError
 from livemig.guest.workload import workload_vm_spec
 from livemig.model import MigrationParams, Phase
 from livemig.model.migration import FORWARD_PHASES
+from livemig.region.local import Region
 from livemig.wire.lmo import LmoClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -50,12 +55,42 @@ def browser() -> Iterator[Any]:
     options.page_load_strategy = "eager"  # the DOM is enough: charts load as they come, as for a person
     for flag in FLAGS:
         options.add_argument(flag)
+    options.set_capability("acceptInsecureCerts", True)  # the region CA is not in chromium's store
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
     try:
         yield driver
     finally:
         driver.quit()
+
+
+def until(condition: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def dashboard(browser: Any, region: Region, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The browser, logged in to the LMO's dashboard with a viewer token through the login form."""
+    config = region.load()
+    assert config is not None
+    token = json.loads(livemig(region, "token", "create", "browser", "--role", "viewer", "--json").stdout)["token"]
+    browser.get(f"{config.lmo_url}/ui")
+    assert "/ui/login" in browser.current_url, "without a login, the dashboard sends the browser to the form"
+    browser.find_element("id", "token").send_keys("lmt_wrong")
+    browser.find_element("id", "login").click()
+    until(lambda: browser.find_elements("id", "login-error"), "the form says the token was refused")
+    assert "unknown or was revoked" in browser.find_element("id", "login-error").text
+    browser.find_element("id", "token").send_keys(token)
+    browser.find_element("id", "login").click()
+    until(lambda: browser.current_url.rstrip("/").endswith("/ui") and browser.find_elements("id", "hosts"),
+          "the form leads to the region page")  # fmt: skip
+    cookie = browser.get_cookie("livemig_token")
+    assert cookie is not None and cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
+    assert js(browser, "return document.cookie") == "", "the dashboard's scripts cannot read the token"
+    return browser
 
 
 @pytest.fixture
@@ -78,19 +113,21 @@ def js(driver: Any, script: str) -> Any:
     return driver.execute_script(script)
 
 
-def chart_points(driver: Any, img_id: str) -> int | None:
+def chart_points(driver: Any, img_id: str, http: httpx.Client) -> int | None:
     """How many points the pre-copy line has in the picture the page shows now (None: the first
     picture has not loaded yet)."""
     src, loaded = js(driver, f"const i = document.getElementById('{img_id}'); return [i.currentSrc, i.naturalWidth];")
     if not loaded:
         return None
-    svg = httpx.get(src, timeout=30).text
+    svg = http.get(src, timeout=30).text
     path = re.search(r'<g id="remaining">\s*<path d="([^"]+)"', svg)
     return len(re.findall(r"[ML] ", path.group(1))) if path else 0
 
 
-def livemig(lmo: LmoClient, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "livemig.cli.main", *args, "--url", lmo.url],
+def livemig(region: Region, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as the local user runs it (the region's client.toml: URL, CA, admin token)."""
+    env = {**os.environ, "LIVEMIG_CONFIG": str(region.client_file)}
+    return subprocess.run([sys.executable, "-m", "livemig.cli.main", *args], env=env,
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
 
 
@@ -113,7 +150,10 @@ def at(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def test_region_page_and_a_live_migration_page_match_the_record(lmo: LmoClient, browser: Any, shots: Path):
+def test_region_page_and_a_live_migration_page_match_the_record(
+    lmo: LmoClient, region: Region, dashboard: Any, shots: Path
+):
+    browser = dashboard
     boot(lmo, "dash", rate=10, wss=96)
     try:
         browser.get(f"{lmo.url}/ui")
@@ -137,7 +177,7 @@ def test_region_page_and_a_live_migration_page_match_the_record(lmo: LmoClient, 
                 phases.append(phase)
             if phase == Phase.PRECOPY.value:
                 samples = int(browser.find_element("id", "samples").text)
-                points = chart_points(browser, "chart-precopy")
+                points = chart_points(browser, "chart-precopy", lmo.http)
                 if points is not None:
                     growth.append((samples, points))
                 if not shot_taken and samples >= 15 and (points or 0) >= 10:
@@ -159,7 +199,7 @@ def test_region_page_and_a_live_migration_page_match_the_record(lmo: LmoClient, 
         )
 
         # after it: the live-updated page shows the numbers of `livemig migrations show ID --json`
-        shown = livemig(lmo, "migrations", "show", migration.id, "--json")
+        shown = livemig(region, "migrations", "show", migration.id, "--json")
         assert shown.returncode == 0, shown.stderr
         record = json.loads(shown.stdout)
         rows = js(browser, "return [...document.querySelectorAll('#timeline-table tr[data-phase]')]"
@@ -179,7 +219,7 @@ def test_region_page_and_a_live_migration_page_match_the_record(lmo: LmoClient, 
             assert float(pause[key][0]) == value, (key, pause[key], value)
             assert pause[key][1].replace(",", "").startswith(f"{value:.2f}".rstrip("0").rstrip(".")), pause[key]
         assert browser.find_element("id", "live-status").text == "final"
-        final = httpx.get(f"{lmo.url}/ui/migrations/{migration.id}/live", timeout=30).json()["charts"]
+        final = lmo.http.get(f"{lmo.url}/ui/migrations/{migration.id}/live", timeout=30).json()["charts"]
         deadline = time.monotonic() + 60
         while js(browser, "return [...document.querySelectorAll('img.chart')].map(i => i.dataset.src)") != [
             final["chart-timeline"],
@@ -188,16 +228,16 @@ def test_region_page_and_a_live_migration_page_match_the_record(lmo: LmoClient, 
         ]:
             assert time.monotonic() < deadline, "the page swaps in the final charts once they have loaded"
             time.sleep(0.3)
-        pause_svg = httpx.get(js(browser, "return document.getElementById('chart-pause').currentSrc"), timeout=30).text
+        pause_svg = lmo.http.get(js(browser, "return document.getElementById('chart-pause').currentSrc")).text
         for key in ("pause_ms", "guest_pause_ms"):
             assert f">{pause[key][1]}<" in pause_svg, f"the pause chart prints {key} as the table does"
         drawn = [x for x in record["samples"] if x["total_bytes"] > 0]  # QEMU's setup readings have no numbers
-        assert chart_points(browser, "chart-precopy") == len(drawn), "the final chart draws the record's samples"
+        assert chart_points(browser, "chart-precopy", lmo.http) == len(drawn), "the final chart draws the samples"
         screenshot(browser, shots / "migration-done.png")
 
         # the same pictures from the CLI
         png = shots / f"{migration.id}.png"
-        plotted = livemig(lmo, "migrations", "plot", migration.id, "-o", str(png))
+        plotted = livemig(region, "migrations", "plot", migration.id, "-o", str(png))
         assert plotted.returncode == 0, plotted.stderr
         image = Image.open(io.BytesIO(png.read_bytes()))
         assert image.format == "PNG" and image.width >= 800 and image.height >= 800, image.size
@@ -207,7 +247,8 @@ def test_region_page_and_a_live_migration_page_match_the_record(lmo: LmoClient, 
         remove(lmo, "dash")
 
 
-def test_an_aborted_migrations_page_shows_the_reason_with_its_numbers(lmo: LmoClient, browser: Any, shots: Path):
+def test_an_aborted_migrations_page_shows_the_reason_with_its_numbers(lmo: LmoClient, dashboard: Any, shots: Path):
+    browser = dashboard
     boot(lmo, "dirty", rate=200, wss=128)
     try:
         browser.get(f"{lmo.url}/ui")

@@ -17,6 +17,7 @@ def test_demo_reports_two_successful_live_migrations(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["ok"] is True
+    assert report["tls"] == ["migration", "nbd", "api"], "on by default: every stream and API encrypted"
     assert [(m["from"], m["to"]) for m in report["migrations"]] == [("A", "B"), ("B", "A")]
     for m in report["migrations"]:
         assert {"id", "vm", "from", "to", "phase", "pause_ms", "total_ms", "transferred_bytes", "rounds",

@@ -1,9 +1,12 @@
 """``livemig migrations plot`` and ``livemig evacuate --plot``: the real CLI against the real LMO
-app on a loopback port, over fake hosts (the e2e dashboard test plots a real migration too)."""
+app on a loopback port (TLS, a bearer token), over fake hosts (the e2e dashboard test plots a real
+migration too)."""
 
 from __future__ import annotations
 
 import io
+import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -15,12 +18,17 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from livemig.control import tokens
 from livemig.control.api import create_app
 from livemig.control.store import Store
 from livemig.model import VmSpec
 from livemig.region.freeport import free_port
+from livemig.security.access import UserRole
+from livemig.security.pki import Role
+from livemig.security.tls import ReloadingServerContext, uvicorn_tls
+from livemig.testing.callers import TestPki
 from livemig.testing.fakehost import FakeFleet
-from livemig.wire import lmo as wire_lmo
+from livemig.wire.base import Credentials
 from livemig.wire.lmo import LmoClient
 
 pytestmark = pytest.mark.slow  # each CLI run is a fresh Python process
@@ -31,17 +39,21 @@ def lmo(tmp_path: Path) -> Iterator[tuple[LmoClient, Store]]:
     fleet = FakeFleet("A", "B", memory_mib=2048, speed=2)  # slow enough for a few pre-copy samples
     store = Store(f"sqlite:///{tmp_path / 'lmo.db'}")
     port = free_port()
+    leaf = TestPki(tmp_path / "pki").leaf(Role.LMO, "lmo")
+    tls = uvicorn_tls(ReloadingServerContext(leaf, client_certs=ssl.CERT_OPTIONAL))
     server = uvicorn.Server(uvicorn.Config(create_app(store, controller_interval_s=0.01, transport=fleet.transport()),
-                                           host="127.0.0.1", port=port, log_level="warning"))  # fmt: skip
+                                           host="127.0.0.1", port=port, log_level="warning", **tls))  # fmt: skip
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
         assert time.monotonic() < deadline, "the LMO did not start"
         time.sleep(0.02)
-    client = LmoClient(f"http://127.0.0.1:{port}")
+    _record, token = tokens.issue(store, "test", UserRole.OPERATOR)
+    client = LmoClient(f"https://127.0.0.1:{port}", credentials=Credentials(ca=leaf.ca, token=token))
+    client.env = {"LIVEMIG_CA": str(leaf.ca), "LIVEMIG_TOKEN": token}  # type: ignore[attr-defined]
     for host in fleet.hosts.values():
-        client.run(wire_lmo.register_host(host.registration()))
+        store.upsert_host(host.registration())  # as each hostd does with its own certificate
     client.create_vm(VmSpec(name="vm1", memory_mib=512), host="A")
     try:
         yield client, store
@@ -54,7 +66,8 @@ def lmo(tmp_path: Path) -> Iterator[tuple[LmoClient, Store]]:
 def livemig(client: LmoClient, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the CLI; its stderr with rich's line wrapping undone."""
     done = subprocess.run([sys.executable, "-m", "livemig.cli.main", *args, "--url", client.url],
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, **client.env})  # type: ignore[attr-defined]  # fmt: skip
     done.stderr = " ".join(done.stderr.split())
     return done
 

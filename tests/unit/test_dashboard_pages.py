@@ -14,6 +14,8 @@ from livemig.control.api import create_app
 from livemig.control.store import Store
 from livemig.control.web import dashboard_router
 from livemig.model import HostInfo, Migration, VmSpec
+from livemig.security.access import UserRole
+from livemig.testing.callers import bearer, lmo_over_tls
 from livemig.testing.fakehost import FakeFleet
 
 
@@ -29,7 +31,8 @@ def store(tmp_path):
 
 @pytest.fixture
 def api(fleet, store):
-    with TestClient(create_app(store, controller_interval_s=0.01, transport=fleet.transport())) as client:
+    app = create_app(store, controller_interval_s=0.01, transport=fleet.transport())
+    with TestClient(lmo_over_tls(app), headers=bearer(store, UserRole.OPERATOR)) as client:
         for name, host in fleet.hosts.items():
             registration = host.registration().model_copy(update={"migration_bandwidth_mib_s": 512})
             client.put(f"/hosts/{name}", json=registration.model_dump())

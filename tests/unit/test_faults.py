@@ -22,6 +22,7 @@ from livemig.faults.api import mount_faults, parse_migration_header
 from livemig.faults.model import Action, ArmRequest, Scope
 from livemig.faults.registry import CURRENT, REGISTRY, FaultRegistry, Outcome
 from livemig.model import Migration, Phase, VmSpec
+from livemig.testing.callers import bearer, lmo_over_tls
 from livemig.testing.fakehost import FakeFleet
 from livemig.wire.server import install_error_handlers
 
@@ -214,8 +215,9 @@ def fleet() -> FakeFleet:
 
 @pytest.fixture
 def api(fleet: FakeFleet, tmp_path: Path, clean_registry: FaultRegistry) -> Iterator[TestClient]:
-    app = create_app(Store(f"sqlite:///{tmp_path / 'lmo.db'}"), controller_interval_s=0.01, transport=fleet.transport())
-    with TestClient(app) as client:
+    store = Store(f"sqlite:///{tmp_path / 'lmo.db'}")
+    app = create_app(store, controller_interval_s=0.01, transport=fleet.transport())
+    with TestClient(lmo_over_tls(app), headers=bearer(store)) as client:  # an admin; hosts register themselves
         for name, host in fleet.hosts.items():
             assert client.put(f"/hosts/{name}", json=host.registration().model_dump()).status_code == 200
         spec = VmSpec(name="vm1", memory_mib=512)

@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from livemig.control.api import create_app
 from livemig.control.store import Store
 from livemig.model import Migration, Phase, VmSpec
+from livemig.testing.callers import bearer, lmo_over_tls
 from livemig.testing.fakehost import FakeFleet
 
 
@@ -24,7 +25,7 @@ def store(tmp_path):
 @pytest.fixture
 def api(fleet, store):
     app = create_app(store, controller_interval_s=0.01, transport=fleet.transport())
-    with TestClient(app) as client:
+    with TestClient(lmo_over_tls(app), headers=bearer(store)) as client:  # an admin; hosts register themselves
         for name, host in fleet.hosts.items():
             reply = client.put(
                 f"/hosts/{name}",
@@ -228,7 +229,7 @@ def test_dry_run_reports_every_check_and_starts_nothing(api, fleet):
 def api3(store):
     fleet = FakeFleet("A", "B", "C", memory_mib=2048)
     app = create_app(store, controller_interval_s=0.01, transport=fleet.transport())
-    with TestClient(app) as client:
+    with TestClient(lmo_over_tls(app), headers=bearer(store)) as client:  # an admin; hosts register themselves
         for name, host in fleet.hosts.items():
             client.put(
                 f"/hosts/{name}",

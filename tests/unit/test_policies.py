@@ -12,6 +12,7 @@ from livemig.control.api import create_app
 from livemig.control.store import Store
 from livemig.model import Migration, MigrationPolicies, Phase, VmSpec
 from livemig.model.vm import RunState
+from livemig.testing.callers import bearer, lmo_over_tls
 from livemig.testing.fakehost import FakeFleet
 from livemig.testing.fakeqemu import FakeQemu
 
@@ -27,9 +28,9 @@ def fleet():
 
 @pytest.fixture
 def api(fleet, tmp_path):
-    app = create_app(Store(f"sqlite:///{tmp_path / 'lmo.db'}"), controller_interval_s=0.01,
-                     transport=fleet.transport())  # fmt: skip
-    with TestClient(app) as client:
+    store = Store(f"sqlite:///{tmp_path / 'lmo.db'}")
+    app = create_app(store, controller_interval_s=0.01, transport=fleet.transport())
+    with TestClient(lmo_over_tls(app), headers=bearer(store)) as client:  # an admin; hosts register themselves
         for name, host in fleet.hosts.items():
             assert client.put(f"/hosts/{name}", json=host.registration().model_dump()).status_code == 200
         yield client

@@ -44,6 +44,7 @@ EXAMPLES: dict[str, Any] = {
     migration_address="127.0.0.1"), "on": True, "kind": NetKind.VCNS, "body": {"id": "v"}, "object_id": "v",
     "request": MigrationRequest(vm="vm", destination="B"), "migration_id": "m-1", "evacuation_id": "e-1",
     "active": False, "policies": None, "arm_id": "hostd-1-1", "preallocate": False,
+    "role": "viewer", "token_id": "t1", "tls_source": "A", "tls_hostname": "B",
 }  # fmt: skip
 EXAMPLES_BY_ROUTE: dict[str, dict[str, Any]] = {
     "evacuate": {"request": EvacuationRequest()},

@@ -2,7 +2,9 @@
 
 The report proves, per migration: QEMU's numbers (pause, total, bytes, rounds), the guest's own
 memory pattern check on the destination, that the guest's heartbeat continues on the destination,
-and that the source QEMU process has exited (the VM runs on exactly one host).
+and that the source QEMU process has exited (the VM runs on exactly one host). ``tls`` says what was
+encrypted: ``migration`` (every stream ran over QEMU's TLS), ``nbd`` (blockd forced TLS on the
+guest's disk, and the disk check passed through it), ``api`` (the LMO and every service over TLS).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from livemig.cli.progress import follow, stats_line, timeline_table
 from livemig.errors import LivemigError
 from livemig.guest.image import build_image, default_cache_dir
 from livemig.guest.workload import heartbeat_seq, wait_heartbeat_after, workload_vm_spec
-from livemig.model.migration import Migration
-from livemig.region.local import Region
+from livemig.model.migration import ConditionType, Migration
+from livemig.region.local import Region, RegionConfig
 from livemig.region.proc import pid_alive
+from livemig.wire import blockd as wire_blockd
+from livemig.wire.blockd import BlockingBlockdClient
 from livemig.wire.lmo import LmoClient
 
 DEMO_VM = "demo"
@@ -26,7 +30,9 @@ DEMO_VOLUME = "demo-data"
 
 
 def migration_report(m: Migration) -> dict[str, Any]:
+    encrypted = m.condition(ConditionType.STREAM_ENCRYPTED)
     return {
+        "stream_encrypted": encrypted is not None and encrypted.status,
         "id": m.id, "vm": m.vm, "from": m.source, "to": m.destination, "phase": m.phase.value,
         "pause_ms": m.stats.pause_ms, "guest_pause_ms": m.stats.guest_pause_ms, "total_ms": m.stats.total_ms,
         "transferred_bytes": m.stats.transferred_bytes, "rounds": m.stats.rounds,
@@ -73,6 +79,7 @@ def run_demo(state_dir: Path, *, quiet: bool, keep: bool, rate: int, memory_mib:
         + ", ".join(f"{h.name} (migration {h.migration_address})" for h in config.hosts)
     )
     migrations: list[dict[str, Any]] = []
+    nbd_tls = blockd_nbd_tls(config)
     try:
         with LmoClient(config.lmo_url) as client:
             info = client.hosts()[0].info
@@ -94,6 +101,9 @@ def run_demo(state_dir: Path, *, quiet: bool, keep: bool, rate: int, memory_mib:
     finally:
         if not keep:
             region.down()
+    tls = tls_report(config, nbd_tls, migrations) if migrations else []
+    if not quiet:
+        console.print(f"tls: {', '.join(tls) or 'none (an --insecure region)'}")
     ok = len(migrations) == 2 and all(
         m["phase"] == "Succeeded" and m["guest_memory_check"] == "ok" and m["disk_check"] == "ok"
         and m["heartbeat_continues"]
@@ -101,4 +111,24 @@ def run_demo(state_dir: Path, *, quiet: bool, keep: bool, rate: int, memory_mib:
     )  # fmt: skip
     if not quiet:
         console.print("[bold green]demo ok[/]" if ok else "[bold red]demo FAILED[/]")
-    return {"ok": ok, "migrations": migrations}
+    return {"ok": ok, "tls": tls, "migrations": migrations}
+
+
+def tls_report(config: RegionConfig, nbd_tls: bool, migrations: list[dict[str, Any]]) -> list[str]:
+    """What was encrypted, each from what the services say they did (not from how they were started)."""
+    found = []
+    if all(m["stream_encrypted"] for m in migrations):
+        found.append("migration")
+    if nbd_tls and all(m["disk_check"] == "ok" for m in migrations):
+        found.append("nbd")
+    if not config.insecure and config.lmo_url.startswith("https://"):
+        found.append("api")
+    return found
+
+
+def blockd_nbd_tls(config: RegionConfig) -> bool:
+    try:
+        with BlockingBlockdClient(config.blockd_url, timeout=10) as blockd:
+            return blockd.run(wire_blockd.health()).nbd_tls
+    except LivemigError:
+        return False

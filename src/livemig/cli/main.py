@@ -15,6 +15,9 @@ from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.table import Table
 
+from livemig.cli import client
+from livemig.cli.config import load_into_defaults
+from livemig.cli.security import pki_app, token_app
 from livemig.errors import LivemigError
 from livemig.model.migration import (
     AutoConverge,
@@ -27,8 +30,10 @@ from livemig.model.migration import (
 )
 from livemig.model.vm import VmSpec, WorkloadSpec
 from livemig.region.local import Region, default_state_dir
+from livemig.security.pki import LeafFiles, Role
 from livemig.wire import lmo as wire_lmo
-from livemig.wire.lmo import Evacuation, EvacuationReport, LmoClient, NetKind, VmView
+from livemig.wire.base import Credentials, configure
+from livemig.wire.lmo import Evacuation, EvacuationReport, NetKind, VmView
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 vm_app = typer.Typer(no_args_is_help=True, help="Create, inspect and delete VMs.")
@@ -37,6 +42,8 @@ image_app = typer.Typer(no_args_is_help=True, help="The livemig guest image.")
 app.add_typer(vm_app, name="vm")
 app.add_typer(migrations_app, name="migrations")
 app.add_typer(image_app, name="image")
+app.add_typer(pki_app, name="pki")
+app.add_typer(token_app, name="token")
 out = Console()
 err = Console(stderr=True)
 
@@ -59,14 +66,22 @@ def _first_error(exc: ValueError) -> str:
     return str(exc)
 
 
-def lmo(url: str | None, state_dir: Path | None = None) -> LmoClient:
-    url = url or os.environ.get("LIVEMIG_URL")
-    if url is None:
-        config = Region(state_dir).running()
-        if config is None:
-            fail("no local region is running: start one with `livemig up` (or pass --url)")
-        url = config.lmo_url
-    return LmoClient(url)
+@app.callback()
+def _global_options(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="LIVEMIG_CONFIG",
+            help="the CLI's config file (url, ca, token); default: client.toml in the region's state dir",
+        ),
+    ] = None,
+) -> None:
+    client.use_config_file(config)
+
+
+warn_insecure = client.warn_insecure
+lmo = client.lmo
 
 
 # ---------------------------------------------------------------------- services
@@ -81,12 +96,59 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def _serve(app_: object, listen: str, log_level: str = "info") -> None:
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option("--config", help="a TOML file of these settings, named like the flags (a flag given wins)",
+                 is_eager=True, callback=lambda ctx, param, value: load_into_defaults(ctx, param, value)),
+]  # fmt: skip
+TlsCert = Annotated[Path | None, typer.Option("--tls-cert", help="this service's certificate (PEM, region CA)")]
+TlsKey = Annotated[Path | None, typer.Option("--tls-key", help="its key (PEM, keep it 0600)")]
+TlsCa = Annotated[Path | None, typer.Option("--tls-ca", help="the region CA's certificate")]
+Insecure = Annotated[bool, typer.Option("--insecure", help="plain HTTP, no authentication: a lab only")]
+
+
+def _service_tls(role: Role, name: str | None, cert: Path | None, key: Path | None, ca: Path | None,
+                 insecure: bool) -> LeafFiles | None:  # fmt: skip
+    """The service's leaf (its server certificate and, for the clients it makes, its client one).
+
+    On by default: without a certificate a service refuses to start unless told ``--insecure``."""
+    from livemig.security import pki
+
+    what = f"{role.value}{f' {name}' if name else ''}"
+    if insecure:
+        if cert is not None or key is not None:
+            fail(f"{what}: --insecure and --tls-cert/--tls-key contradict each other; choose one")
+        warn_insecure(f"{what} serves")
+        return None
+    if cert is None or key is None or ca is None:
+        fail(f"{what} serves mutual TLS: give --tls-cert, --tls-key and --tls-ca (or a --config naming them; "
+             "`livemig pki issue` makes them), or --insecure for a lab")  # fmt: skip
+    leaf = pki.leaf_from_paths(cert, key, ca)
+    if leaf.identity.role is not role:
+        fail(f"{cert} is a certificate of role {leaf.identity.role.value}; {what} needs role {role.value}")
+    if name is not None and leaf.identity.name != pki.host_leaf_name(name):
+        fail(f"{cert} names {leaf.identity.name!r}, not this {role.value}'s host {name!r}")
+    configure(Credentials(ca=ca, cert=cert, key=key))  # every client this process makes presents it
+    return leaf
+
+
+def _serve(app_: object, listen: str, log_level: str = "info", tls: LeafFiles | None = None,
+           optional_client_certs: bool = False) -> None:  # fmt: skip
+    import ssl
+
     import uvicorn
+
+    from livemig.security.tls import ReloadingServerContext, uvicorn_tls
+    from livemig.wire.base import SERVER_KEEPALIVE_S
 
     host, _, port = listen.rpartition(":")
     _configure_logging(log_level)
-    uvicorn.run(app_, host=host or "127.0.0.1", port=int(port), log_level="warning")  # type: ignore[arg-type]
+    extra = {}
+    if tls is not None:
+        mode = ssl.CERT_OPTIONAL if optional_client_certs else ssl.CERT_REQUIRED
+        extra = uvicorn_tls(ReloadingServerContext(tls, client_certs=mode))
+    uvicorn.run(app_, host=host or "127.0.0.1", port=int(port), log_level="warning",  # type: ignore[arg-type]
+                timeout_keep_alive=SERVER_KEEPALIVE_S, **extra)  # fmt: skip
 
 
 @app.command()
@@ -104,6 +166,18 @@ def hostd(
     vswitch: Annotated[str | None, typer.Option(help="this host's vswitch API URL")] = None,
     overlay: Annotated[str | None, typer.Option(help="this host's vswitch VXLAN endpoint ip:port")] = None,
     netns: Annotated[str | None, typer.Option(help="namespace host: run QEMUs in this netns, tc on its mig0")] = None,
+    url: Annotated[
+        str | None, typer.Option("--url", help="where the LMO reaches this hostd (default: https://LISTEN)")
+    ] = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    qemu_cert: Annotated[
+        Path | None, typer.Option(help="this host's QEMU certificate (role qemu): migration streams and NBD over TLS")
+    ] = None,
+    qemu_key: Annotated[Path | None, typer.Option(help="its key")] = None,
+    insecure: Insecure = False,
+    config: ConfigFile = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run a host agent (QEMU lifecycle, migration source/destination)."""
@@ -111,8 +185,9 @@ def hostd(
     from livemig.host.accel import choose_accel
     from livemig.host.agent import HostAgent
     from livemig.host.api import create_app
+    from livemig.host.tls import QemuTls
+    from livemig.security import pki
 
-    configure_service("hostd", host=name)
     choice = choose_accel(accel)
     if memory_mib is None:
         memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024) - 1024
@@ -123,10 +198,21 @@ def hostd(
 
         if not netns_exists(netns):
             fail(f"network namespace {netns!r} does not exist (`livemig up --netns` creates them)")
+    leaf = _service_tls(Role.HOSTD, name, tls_cert, tls_key, tls_ca, insecure)
+    qemu = None
+    if leaf is not None:
+        if qemu_cert is None or qemu_key is None:
+            fail(f"hostd {name}: QEMU needs its own certificate (role qemu) for migration and NBD TLS: "
+                 "give --qemu-cert and --qemu-key")  # fmt: skip
+        qemu = QemuTls(pki.leaf_from_paths(qemu_cert, qemu_key, leaf.ca), state_dir / "tls" / "qemu")
+        if qemu.identity.name != leaf.identity.name:
+            fail(f"{qemu_cert} is the QEMU certificate of {qemu.identity.name!r}, not of host {name!r}")
+    configure_service("hostd", host=name)  # once it is sure to serve (a refused start leaves the process as it was)
     agent = HostAgent(name, state_dir, migration_address, choice, memory_mib, migration_bandwidth,
-                      vswitch_url=vswitch, overlay=overlay, netns=netns)  # fmt: skip
+                      vswitch_url=vswitch, overlay=overlay, netns=netns, qemu_tls=qemu)  # fmt: skip
     logging.getLogger(__name__).info("hostd %s: accelerator %s (%s)", name, choice.name, choice.reason)
-    _serve(create_app(agent, lmo_url, f"http://{listen}"), listen, log_level)
+    api_url = url or f"{'http' if leaf is None else 'https'}://{listen}"
+    _serve(create_app(agent, lmo_url, api_url, insecure=leaf is None), listen, log_level, leaf)
 
 
 @app.command("lmo")
@@ -134,15 +220,27 @@ def lmo_command(
     listen: Annotated[str, typer.Option(help="API address host:port")] = "127.0.0.1:7700",
     db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] = "sqlite:///livemig.db",
     blockd: Annotated[str | None, typer.Option(help="blockd admin API URL (volumes)")] = None,
+    migration_tls: Annotated[bool, typer.Option(help="ask hosts to encrypt migration streams (QEMU's TLS)")] = True,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    insecure: Insecure = False,
+    config: ConfigFile = None,
     log_level: LogLevel = "info",
 ) -> None:
-    """Run the LMO control plane (API + migration controller)."""
+    """Run the LMO control plane (API + migration controller).
+
+    One TLS listener for users (bearer tokens, no client certificate) and services (their certificates)."""
     from livemig.control.api import create_app
     from livemig.control.store import Store
     from livemig.faults.points import configure_service
 
+    leaf = _service_tls(Role.LMO, None, tls_cert, tls_key, tls_ca, insecure)
     configure_service("lmo")
-    _serve(create_app(Store(db), blockd_url=blockd), listen, log_level)
+    if not migration_tls:
+        logging.getLogger(__name__).warning("LMO: migration streams will be plain TCP (--no-migration-tls)")
+    app_ = create_app(Store(db), blockd_url=blockd, insecure=leaf is None, migration_tls=migration_tls and bool(leaf))
+    _serve(app_, listen, log_level, leaf, optional_client_certs=True)
 
 
 @app.command("vswitch")
@@ -153,15 +251,23 @@ def vswitch_command(
     state_dir: Annotated[
         Path | None, typer.Option(help="keep mapping, security lists and VNIC ports here across restarts")
     ] = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    insecure: Insecure = False,
+    config: ConfigFile = None,
     log_level: LogLevel = "info",
 ) -> None:
-    """Run a host's vswitch: the VCN dataplane (VXLAN overlay, security lists, flow state)."""
+    """Run a host's vswitch: the VCN dataplane (VXLAN overlay, security lists, flow state).
+
+    The overlay itself is not encrypted (like a datacentre underlay; see docs/security.md)."""
     from livemig.faults.points import configure_service
     from livemig.network.api import run_vswitch
 
+    leaf = _service_tls(Role.VSWITCH, name, tls_cert, tls_key, tls_ca, insecure)
     _configure_logging(log_level)
     configure_service("vswitch", host=name)
-    run_vswitch(name, listen, overlay, log_level=log_level, state_dir=state_dir)
+    run_vswitch(name, listen, overlay, log_level=log_level, state_dir=state_dir, tls=leaf)
 
 
 @app.command("blockd")
@@ -171,15 +277,23 @@ def blockd_command(
     ),
     listen: Annotated[str, typer.Option(help="admin API address host:port")] = "127.0.0.1:7410",
     nbd_listen: Annotated[str, typer.Option(help="NBD server address host:port")] = "127.0.0.1:10809",
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    insecure: Insecure = False,
+    config: ConfigFile = None,
     log_level: LogLevel = "info",
 ) -> None:
-    """Run blockd: block volumes over NBD with write fencing."""
+    """Run blockd: block volumes over NBD with write fencing.
+
+    With its certificate, NBD is forced-TLS (clients of role qemu or hostd) and the admin API mutual TLS."""
     from livemig.faults.points import configure_service
     from livemig.storage.service import run_blockd
 
+    leaf = _service_tls(Role.BLOCKD, None, tls_cert, tls_key, tls_ca, insecure)
     _configure_logging(log_level)
     configure_service("blockd")
-    run_blockd(data_dir, listen, nbd_listen)
+    run_blockd(data_dir, listen, nbd_listen, tls=leaf)
 
 
 # ---------------------------------------------------------------------- region
@@ -198,19 +312,32 @@ def up(
     blockd_disk_mib: Annotated[
         int | None, typer.Option(help="root: blockd's data on a tmpfs of this size (a disk that can fill)")
     ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="a lab without TLS or authentication (every command then says so)")
+    ] = False,
 ) -> None:
-    """Start a local region: the LMO and one hostd per host (loopback, or namespace hosts)."""
+    """Start a local region: the LMO, blockd, and per host a hostd and a vswitch (loopback, or namespace hosts).
+
+    Secure by default: a region CA and a certificate per service and host in STATE_DIR/pki, mutual
+    TLS between services, TLS on every migration stream and NBD connection, and an admin token for
+    you in STATE_DIR/client.toml (which every livemig command reads)."""
     if migration_bandwidth <= 0 or (blockd_disk_mib is not None and blockd_disk_mib <= 0):
         fail("--migration-bandwidth and --blockd-disk-mib must be positive")
     region = Region(state_dir)
     config = region.up(tuple(h.strip() for h in hosts.split(",") if h.strip()), accel=accel, db_url=db,
                        netns=netns, migration_bandwidth_mib_s=migration_bandwidth,
-                       blockd_disk_mib=blockd_disk_mib)  # fmt: skip
+                       blockd_disk_mib=blockd_disk_mib, insecure=insecure)  # fmt: skip
     out.print(f"region up in {region.state_dir}: LMO {config.lmo_url}")
     out.print(f"  dashboard {config.lmo_url}/ui")
     for host in config.hosts:
         where = f", netns {host.netns}" if host.netns else ""
         out.print(f"  host {host.name}: API {host.url}, migration address {host.migration_address}{where}")
+    if config.insecure:
+        warn_insecure("the region")
+    else:
+        out.print(f"  tls: migration, nbd, api (region CA {region.pki_dir / 'ca-cert.pem'})")
+        out.print(f"  your admin token and the CA are in {region.client_file} (livemig commands read it; "
+                  "the dashboard asks for the token once)")  # fmt: skip
 
 
 @app.command()

@@ -192,7 +192,9 @@ class Controller:
         spec, _ = self.store.vm(m.vm)
         exports = await self.volumes.ensure_attached(spec, m.destination)
         policies = m.params.resolved_policies()
-        uri = (await self.host(m.destination).run(hostd.prepare_incoming(spec, exports, policies))).uri
+        tls_source = m.source if self.services.migration_tls else None  # only its QEMU may send (tls-authz)
+        call = hostd.prepare_incoming(spec, exports, policies, tls_source)
+        uri = (await self.host(m.destination).run(call)).uri
         m.incoming_uri = uri
         m.set_condition(ConditionType.TARGET_PREPARED, True, uri)
         m.transition(Phase.SYNCING_FLOWS, f"destination listening on {uri}")
@@ -230,7 +232,11 @@ class Controller:
                 return
             assert m.incoming_uri is not None
             spec, _ = self.store.vm(m.vm)
-            job = await source.run(hostd.migrate(m.vm, m.incoming_uri, m.params, self._handoffs(m, spec)))
+            tls_hostname = m.destination if self.services.migration_tls else None
+            job = await source.run(hostd.migrate(m.vm, m.incoming_uri, m.params, self._handoffs(m, spec),
+                                                 tls_hostname))  # fmt: skip
+            plain = "plain TCP: the LMO runs without migration TLS (an --insecure region)"
+            m.set_condition(ConditionType.STREAM_ENCRYPTED, job.encryption is not None, job.encryption or plain)
             held_by = job.enforced_by or "QEMU max-bandwidth (no tc on loopback hosts)"
             m.set_condition(ConditionType.MIGRATION_STARTED, True,
                             f"{m.incoming_uri}; {m.params.resolved_policies().describe()}")  # fmt: skip
@@ -265,7 +271,18 @@ class Controller:
             stats = job.stats.model_dump() if job.stats else {}
             m.transition(Phase.CUTTING_OVER, "QEMU reports the migration completed", **stats)
         elif job.state in (JobState.FAILED, JobState.CANCELLED):
-            self._fail(m, Phase.ABORTING, f"QEMU reports migration {job.state.value}: {job.error or 'no detail'}")
+            reason = f"QEMU reports migration {job.state.value}: {job.error or 'no detail'}"
+            self._fail(m, Phase.ABORTING, reason + await self._destination_says(m))
+
+    async def _destination_says(self, m: Migration) -> str:
+        """What the destination's QEMU logged about the failed stream (e.g. a TLS refusal), if anything."""
+        try:
+            observed = await self.host(m.destination).observe(m.vm)
+        except LivemigError:
+            return ""
+        if observed is None or not observed.qemu_errors:
+            return ""
+        return f"; destination {m.destination}'s QEMU: {observed.qemu_errors[-1]}"
 
     @staticmethod
     def _note_throttle(m: Migration, job: SourceMigrationStatus, why: str) -> None:

@@ -26,6 +26,9 @@ class Services:
     http: httpx.AsyncClient
     volumes: VolumeOps
     network: NetworkService
+    #: ask hosts to encrypt every migration stream (QEMU's TLS with tls-authz); off only in an
+    #: ``--insecure`` region or with ``livemig lmo --no-migration-tls``
+    migration_tls: bool = True
 
     @classmethod
     def build(cls, store: Store, http: httpx.AsyncClient, blockd_url: str | None = None) -> Services:

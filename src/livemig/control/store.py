@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Boolean, DateTime, Float, Index, String, Text, create_engine, event, or_, select, text, update
@@ -93,6 +94,27 @@ class EvacuationRow(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     doc: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TokenRow(Base):
+    """A user's bearer token: only its SHA-256 is kept (the token is shown once, when created)."""
+
+    __tablename__ = "tokens"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    digest: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    id: str
+    name: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None
 
 
 class Store:
@@ -309,6 +331,37 @@ class Store:
             if row is None:
                 raise NotFound(f"unknown evacuation {evacuation_id!r}")
             return row.doc
+
+    # ------------------------------------------------------------------ tokens
+    def add_token(self, token_id: str, name: str, role: str, digest: str) -> TokenRecord:
+        with self.session() as s:
+            row = TokenRow(id=token_id, name=name, role=role, digest=digest, created_at=utcnow())
+            s.add(row)
+            return _token(row)
+
+    def token_by_digest(self, digest: str) -> TokenRecord | None:
+        """The live (not revoked) token with this digest."""
+        with self.session() as s:
+            row = s.scalars(select(TokenRow).where(TokenRow.digest == digest, TokenRow.revoked_at.is_(None))).first()
+            return None if row is None else _token(row)
+
+    def tokens(self) -> list[TokenRecord]:
+        with self.session() as s:
+            return [_token(r) for r in s.scalars(select(TokenRow).order_by(TokenRow.created_at)).all()]
+
+    def revoke_token(self, token_id: str) -> TokenRecord:
+        """Revoke a token (idempotent: revoking it again keeps the first time)."""
+        with self.session() as s:
+            row = s.get(TokenRow, token_id)
+            if row is None:
+                raise NotFound(f"unknown token {token_id!r}", token=token_id)
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+            return _token(row)
+
+
+def _token(row: TokenRow) -> TokenRecord:
+    return TokenRecord(row.id, row.name, row.role, row.created_at, row.revoked_at)
 
 
 def _load(row: MigrationRow) -> Migration:

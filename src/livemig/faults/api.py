@@ -79,6 +79,17 @@ class FaultScopeMiddleware:
             CURRENT.reset(token)
 
 
+#: the fault API's routes, (method, path): each service's access table names them (changing a
+#: service's faults is for its driver or an admin; reading them is the LMO's way to collect firings)
+FAULT_READS = (("GET", "/faults"), ("GET", "/faults/firings"))
+FAULT_CHANGES = (
+    ("POST", "/faults"),
+    ("DELETE", "/faults"),
+    ("DELETE", "/faults/{arm_id}"),
+    ("POST", "/faults/{arm_id}/release"),
+)
+
+
 def fault_router(registry: FaultRegistry = REGISTRY) -> APIRouter:
     router = APIRouter(tags=["faults"])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -31,11 +32,14 @@ from livemig.host.segment import netdev as segment_netdev
 from livemig.host.segment import open_segment_sockets
 from livemig.host.shaping import MigrationShaper
 from livemig.host.source import SourceMigration, policy_capabilities, policy_parameters
+from livemig.host.tls import QemuTls
 from livemig.host.vnics import VswitchPorts
 from livemig.model.host import HostInfo
 from livemig.model.migration import MigrationParams, MigrationPolicies
 from livemig.model.vm import RESUMABLE, NbdExport, RunState, VmRole, VmSpec, VolumeDevice
 from livemig.region.hostns import MIGRATION_DEVICE
+from livemig.security import qemu_tls
+from livemig.security.pki import host_leaf_name
 from livemig.statefile import StateFile
 from livemig.wire.hostd import JobState, SourceMigrationStatus, VmStatus, VnicHandoff
 
@@ -75,10 +79,31 @@ class ManagedVm(VmRecord):
     paths: VmPaths = Field(exclude=True)
     qmp: Qmp = Field(exclude=True)
     migration: SourceMigration | None = Field(default=None, exclude=True)
+    migration_encryption: str | None = Field(default=None, exclude=True)  # what protects its outgoing stream
+    incoming_tls: str | None = Field(default=None, exclude=True)  # the identity tls-authz admits
     guest_watch: asyncio.Task[None] | None = Field(default=None, exclude=True)
 
     def save(self) -> None:
         StateFile(self.paths.record, VM_RECORD_VERSION).save(self.model_dump(mode="json"))
+
+
+def restrict_sockets(paths: VmPaths) -> None:
+    """QMP, console and command sockets: 0600, hostd's user's (QEMU runs as that user and made
+    them under umask 077; this also holds when QEMU's umask was wider)."""
+    for sock in paths.sockets:
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(sock, 0o600)
+
+
+def qemu_errors(paths: VmPaths, lines: int = 5) -> list[str]:
+    """The last lines QEMU wrote to its log (``-D``): why a destination refused a stream, say."""
+    try:
+        with paths.qemu_log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip()][-lines:]
 
 
 def load_record(paths: VmPaths) -> VmRecord:
@@ -109,6 +134,7 @@ class HostAgent:
         overlay: str | None = None,
         netns: str | None = None,
         runtime: QemuRuntime | None = None,
+        qemu_tls: QemuTls | None = None,
     ) -> None:
         self.name = name
         self.runtime: QemuRuntime = runtime or LocalQemu()
@@ -124,9 +150,12 @@ class HostAgent:
         # a namespace host (hostns.py): QEMUs run in its netns, outgoing migrations get a tc class
         self.netns = netns
         self.shaper = MigrationShaper(netns, MIGRATION_DEVICE, migration_bandwidth_mib_s) if netns else None
+        # the host's QEMU certificate: migration streams and NBD over TLS (None: an --insecure host)
+        self.qemu_tls = qemu_tls
         self.vms: dict[str, ManagedVm] = {}
         self.refused_records: dict[str, str] = {}  # VM directory -> why its record was not trusted
         self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- observation
 
@@ -164,7 +193,7 @@ class HostAgent:
             vm.save()
         return VmStatus(name=name, host=self.name, state=state, pid=vm.pid, role=vm.role, spec=vm.spec,
                         console_log=str(vm.paths.console_log), resumed_at=vm.resumed_at,
-                        guest_resets=list(vm.guest_resets))  # fmt: skip
+                        guest_resets=list(vm.guest_resets), qemu_errors=qemu_errors(vm.paths))  # fmt: skip
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -212,7 +241,8 @@ class HostAgent:
             paths = VmPaths(self.vms_dir / spec.name)
             if paths.root.exists():
                 shutil.rmtree(paths.root)
-            paths.root.mkdir(parents=True)
+            paths.root.mkdir(parents=True, mode=0o700)  # its sockets and logs are hostd's user's alone
+            nbd_tls = self._nbd_tls(spec, exports)
             side = "dst" if incoming else "src"
             if REGISTRY.armed:
                 await REGISTRY.fire(f"hostd.{side}.launch", vm=spec.name, host=self.name, error=QemuError)
@@ -220,7 +250,7 @@ class HostAgent:
             segments = open_segment_sockets(spec)
             netdevs.update({nic_id: segment_netdev(nic_id, sock) for nic_id, sock in segments.items()})
             argv = command_line(spec, paths, self.accel.name, incoming=incoming, binary=self.runtime.binary(),
-                                exports=exports, netdevs=netdevs)  # fmt: skip
+                                exports=exports, netdevs=netdevs, nbd_tls=nbd_tls)  # fmt: skip
             if self.netns:  # the NIC socket is a passed fd, so it stays in hostd's namespace
                 argv = ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
             try:
@@ -232,6 +262,7 @@ class HostAgent:
                 raise QemuError(f"QEMU refused to start VM {spec.name}: {exc.message}", vm=spec.name) from None
             finally:
                 close_segment_sockets(segments)  # QEMU holds its own copies
+            restrict_sockets(paths)
             vm = ManagedVm(spec=spec, paths=paths, pid=pid, role=VmRole.INCOMING if incoming else VmRole.RUNNING,
                            qmp=self._qmp(spec.name), argv=argv, exports=dict(exports or {}),
                            side=side)  # fmt: skip
@@ -247,13 +278,34 @@ class HostAgent:
             log.info("started VM %s (pid %d, %s)", spec.name, pid, vm.role)
             return vm
 
+    def _nbd_tls(self, spec: VmSpec, exports: dict[str, NbdExport] | None) -> Path | None:
+        """The QEMU certificate directory, when one of the VM's exports is served over TLS."""
+        if not any(e.tls_hostname for e in (exports or {}).values()):
+            return None
+        if self.qemu_tls is None:
+            raise InvalidRequest(f"VM {spec.name}: blockd requires TLS, but host {self.name} has no QEMU "
+                                 "certificate (hostd --qemu-cert/--qemu-key)")  # fmt: skip
+        return self.qemu_tls.directory()
+
+    def _require_qemu_tls(self, what: str) -> QemuTls:
+        if self.qemu_tls is None:
+            raise InvalidRequest(f"{what} over TLS was asked, but host {self.name} has no QEMU certificate "
+                                 "(start hostd with --qemu-cert/--qemu-key, or run the region --insecure)")  # fmt: skip
+        return self.qemu_tls
+
     async def prepare_incoming(
-        self, spec: VmSpec, exports: dict[str, NbdExport] | None = None, policies: MigrationPolicies | None = None
+        self,
+        spec: VmSpec,
+        exports: dict[str, NbdExport] | None = None,
+        policies: MigrationPolicies | None = None,
+        tls_source: str | None = None,
     ) -> str:
         """Start a suspended destination listening on this host's migration address; idempotent.
 
         The migration's multifd settings are set before QEMU listens: its channels and compression
-        must match the source's, or the stream cannot be read."""
+        must match the source's, or the stream cannot be read. ``tls_source``: accept the stream
+        only over TLS and only from that host's QEMU certificate (``tls-authz``); None: a plain
+        stream (an ``--insecure`` region)."""
         policies = policies or MigrationPolicies()
         existing = self.vms.get(spec.name)
         if existing is not None:
@@ -262,19 +314,22 @@ class HostAgent:
                 return existing.incoming_uri
             if same and not existing.incoming_uri and self.runtime.owns(existing.pid, existing.paths):
                 # started by a hostd that died before it finished preparing: finish it now
-                return await self._listen(existing, policies)
+                return await self._listen(existing, policies, tls_source)
             raise Conflict(f"VM {spec.name!r} already exists on host {self.name} ({existing.role})")
         if spec.boot.kernel is None or spec.boot.initrd is None:
             raise InvalidRequest("an incoming VM needs the source's resolved spec (boot files pinned)")
         for path in (spec.boot.kernel, spec.boot.initrd):
             if not Path(path).is_file():
                 raise InvalidRequest(f"boot file {path} does not exist on host {self.name}")
+        if tls_source is not None:
+            self._require_qemu_tls("an incoming migration")
         vm = await self.create(spec, incoming=True, exports=exports)
         await asyncio.sleep(0)  # the watcher's listener is registered before the migration can start
-        return await self._listen(vm, policies)
+        return await self._listen(vm, policies, tls_source)
 
-    async def _listen(self, vm: ManagedVm, policies: MigrationPolicies) -> str:
+    async def _listen(self, vm: ManagedVm, policies: MigrationPolicies, tls_source: str | None) -> str:
         """Make a suspended destination listen for the migration (if it does not yet) and record where."""
+        creds = self._require_qemu_tls("an incoming migration") if tls_source is not None else None
         try:
             reply = await vm.qmp.execute("query-migrate")
             if not reply.get("socket-address"):
@@ -282,6 +337,10 @@ class HostAgent:
                 await vm.qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
                 await vm.qmp.execute("migrate-set-parameters", policy_parameters(policies))
                 vm.policies = policies
+                if creds is not None and tls_source is not None:
+                    authz = creds.authz(tls_source)
+                    await qemu_tls.prepare_destination(vm.qmp.execute, creds.directory(), source=authz)
+                    vm.incoming_tls = authz
                 await vm.qmp.execute("migrate-incoming", {"uri": f"tcp:{self.migration_address}:0"})
                 reply = await vm.qmp.execute("query-migrate")
             sockets = reply.get("socket-address") or []
@@ -328,6 +387,10 @@ class HostAgent:
                         vm.resumed_at = at
                         with contextlib.suppress(OSError):  # the VM may be on its way out
                             vm.save()
+                        if vm.incoming_tls is not None:  # it arrived: its TLS objects have done their job
+                            vm.incoming_tls = None
+                            with contextlib.suppress(QemuError):
+                                await qemu_tls.clear(vm.qmp.execute)
                     continue
                 reason = str(data.get("reason", data.get("action", "")))
                 if name == "SHUTDOWN" and not reason.startswith("guest"):
@@ -339,8 +402,15 @@ class HostAgent:
                 log.warning("VM %s: guest %s (%s)%s", vm.spec.name, name, reason, after)
 
     async def migrate(
-        self, name: str, uri: str, params: MigrationParams, handoffs: list[VnicHandoff] | None = None
+        self,
+        name: str,
+        uri: str,
+        params: MigrationParams,
+        handoffs: list[VnicHandoff] | None = None,
+        tls_hostname: str | None = None,
     ) -> SourceMigrationStatus:
+        """Send the VM to the destination QEMU at ``uri``; ``tls_hostname``: over TLS, to a destination
+        whose QEMU certificate names that host (None: a plain stream, an ``--insecure`` region)."""
         vm = self.get(name)
         if vm.migration is not None and vm.migration.state is JobState.RUNNING:
             if vm.migration.uri == uri:
@@ -349,6 +419,7 @@ class HostAgent:
         if vm.role is VmRole.INCOMING:
             raise Conflict(f"VM {name!r} on host {self.name} is an incoming VM, not a source")
         vm.side = "src"
+        creds = self._require_qemu_tls("a migration") if tls_hostname is not None else None
         markers: dict[str, dict[str, int]] = {}
 
         async def hand_off_network() -> None:
@@ -366,17 +437,45 @@ class HostAgent:
                               switchover_hooks=[hand_off_network] if handoffs else [],
                               after_failed_switchover=take_network_back, shaped=shaped,
                               handoffs=handoffs, host=self.name)  # fmt: skip
+        encryption = None
         try:
+            if creds is not None and tls_hostname is not None:
+                destination = host_leaf_name(tls_hostname)
+                await qemu_tls.prepare_source(vm.qmp.execute, creds.directory(), destination_hostname=destination)
+                encryption = (f"TLS: source presents {creds.identity}, destination must be {destination} "
+                              f"(its certificate's name) and admit this source (tls-authz)")  # fmt: skip
+            else:
+                await qemu_tls.clear(vm.qmp.execute)  # a plain stream, whatever an earlier one left set
             await job.configure()
         except BaseException:
             if shaped is not None:
                 await asyncio.to_thread(shaped.release)
             raise
         vm.migration = job
+        vm.migration_encryption = encryption
         vm.role = VmRole.OUTGOING
         vm.save()
         job.start()
-        return job.status()
+        if creds is not None:
+            task = asyncio.create_task(self._clear_after(vm, job), name=f"tls-clear-{name}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return self._job_status(vm, job.status())
+
+    @staticmethod
+    def _job_status(vm: ManagedVm, status: SourceMigrationStatus) -> SourceMigrationStatus:
+        status.encryption = vm.migration_encryption
+        return status
+
+    @staticmethod
+    async def _clear_after(vm: ManagedVm, job: SourceMigration) -> None:
+        """The migration ended: the source keeps no TLS objects (a failed one leaves a running VM)."""
+        if job.task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(job.task)
+        if job.state is not JobState.COMPLETED:  # a completed source is about to be stopped
+            with contextlib.suppress(QemuError):
+                await qemu_tls.clear(vm.qmp.execute)
 
     def advance_flow_versions(self, name: str, versions: dict[str, int]) -> None:
         """Raise the flow versions the destination holds (never lower: a late update is harmless,
@@ -393,7 +492,7 @@ class HostAgent:
         if vm.migration is None:
             raise NotFound(f"VM {name!r} has no migration on host {self.name}")
         self._end_job_if_qemu_died(vm)
-        return vm.migration.status(since)
+        return self._job_status(vm, vm.migration.status(since))
 
     def _end_job_if_qemu_died(self, vm: ManagedVm) -> None:
         """A source QEMU that died takes its migration with it: the job ends (it would otherwise wait

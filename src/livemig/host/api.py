@@ -1,6 +1,7 @@
 """hostd's REST API (FastAPI). Observed state out, idempotent actions in.
 
-The routes and their models are the boundary's, in ``livemig.wire.hostd``."""
+The routes and their models are the boundary's, in ``livemig.wire.hostd``. Who may call them:
+:data:`POLICY` (only the LMO drives a hostd; any certificate of the region may ask its health)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from livemig.errors import HostUnreachable, InvalidRequest, LivemigError
-from livemig.faults.api import mount_faults
+from livemig.faults.api import FAULT_CHANGES, FAULT_READS, mount_faults
 from livemig.host.agent import HostAgent
 from livemig.model.host import HostInfo, HostRegistration
+from livemig.security.access import ANY_SERVICE, NO_DOCS, Access, Guard, Policy, lmo_only, services
+from livemig.security.pki import Role
+from livemig.security.tls import INSECURE_STATE
 from livemig.wire import lmo as wire_lmo
 from livemig.wire.base import async_http
 from livemig.wire.hostd import (
@@ -36,6 +40,25 @@ from livemig.wire.server import install_error_handlers
 
 log = logging.getLogger(__name__)
 VMS_GAUGE = Gauge("livemig_host_vms", "VMs managed by this hostd", ["host"])
+
+
+_LMO = services(Role.LMO)
+#: who may call each route: the LMO drives everything; health and metrics for any service of the region
+POLICY: Policy = {
+    ("GET", "/healthz"): Access(ANY_SERVICE),
+    ("GET", "/metrics"): Access(ANY_SERVICE),
+    **{
+        route: _LMO
+        for route in (
+            ("GET", "/host"), ("GET", "/vms"), ("POST", "/vms"), ("GET", "/vms/{name}"), ("DELETE", "/vms/{name}"),
+            ("POST", "/vms/{name}/incoming"), ("POST", "/vms/{name}/migrate"), ("GET", "/vms/{name}/migration"),
+            ("POST", "/vms/{name}/migration/flow-versions"), ("POST", "/vms/{name}/migration/cancel"),
+            ("POST", "/vms/{name}/resume"), ("POST", "/vms/{name}/guest-check"), ("POST", "/vms/{name}/disk-check"),
+            ("POST", "/vms/{name}/console"), ("GET", "/vms/{name}/console"),
+        )
+    },
+    **{route: _LMO for route in (*FAULT_READS, *FAULT_CHANGES)},  # the LMO collects firings; chaos arms faults
+}  # fmt: skip
 
 
 async def register_with_lmo(agent: HostAgent, lmo_url: str, api_url: str) -> None:
@@ -57,7 +80,11 @@ async def register_with_lmo(agent: HostAgent, lmo_url: str, api_url: str) -> Non
             await asyncio.sleep(0.5)
 
 
-def create_app(agent: HostAgent, lmo_url: str | None = None, api_url: str | None = None) -> FastAPI:
+def create_app(
+    agent: HostAgent, lmo_url: str | None = None, api_url: str | None = None, *, insecure: bool = False
+) -> FastAPI:
+    """hostd's app; ``insecure`` (a lab's ``--insecure``) serves plain HTTP to anyone."""
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await agent.adopt()
@@ -71,7 +98,9 @@ def create_app(agent: HostAgent, lmo_url: str | None = None, api_url: str | None
                 await registration
         await agent.close()
 
-    app = FastAPI(title=f"livemig hostd {agent.name}", lifespan=lifespan)
+    guard = Guard(POLICY, host=agent.name, default=lmo_only)
+    app = FastAPI(title=f"livemig hostd {agent.name}", lifespan=lifespan, dependencies=[Depends(guard)], **NO_DOCS)
+    setattr(app.state, INSECURE_STATE, insecure)
     install_error_handlers(app)
     mount_faults(app)
 
@@ -105,11 +134,12 @@ def create_app(agent: HostAgent, lmo_url: str | None = None, api_url: str | None
     async def incoming(name: str, launch: IncomingLaunch) -> IncomingReply:
         if launch.spec.name != name:
             raise InvalidRequest(f"path names VM {name!r} but the spec names {launch.spec.name!r}")
-        return IncomingReply(uri=await agent.prepare_incoming(launch.spec, launch.exports, launch.policies))
+        uri = await agent.prepare_incoming(launch.spec, launch.exports, launch.policies, launch.tls_source)
+        return IncomingReply(uri=uri)
 
     @app.post("/vms/{name}/migrate", status_code=202)
     async def migrate(name: str, body: MigrateRequest) -> SourceMigrationStatus:
-        return await agent.migrate(name, body.uri, body.params, body.handoffs)
+        return await agent.migrate(name, body.uri, body.params, body.handoffs, body.tls_hostname)
 
     @app.get("/vms/{name}/migration")
     async def migration(name: str, since: int = 0) -> SourceMigrationStatus:

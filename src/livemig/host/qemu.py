@@ -36,6 +36,9 @@ TRACE_EVENTS = (
     "loadvm_state_cleanup", "vm_state_notify",
 )  # fmt: skip
 
+#: the id of the NBD client's ``tls-creds-x509`` object (host/tls.py writes its directory)
+NBD_CREDS_ID = "livemig-nbd-tls"
+
 
 @dataclass(frozen=True)
 class VmPaths:
@@ -73,6 +76,16 @@ class VmPaths:
     @property
     def record(self) -> Path:
         return self.root / "vm.json"
+
+    @property
+    def qemu_log(self) -> Path:
+        """QEMU's own error messages (``-D``: a daemonized QEMU keeps stderr there, not /dev/null)."""
+        return self.root / "qemu.log"
+
+    @property
+    def sockets(self) -> tuple[Path, ...]:
+        """The VM's local control sockets: hostd's user alone may connect (0600)."""
+        return (self.qmp, self.console, self.command_port)
 
 
 def qemu_binary() -> str:
@@ -152,11 +165,13 @@ def command_line(
     binary: str = QEMU_BINARY,
     exports: dict[str, NbdExport] | None = None,
     netdevs: dict[str, str] | None = None,
+    nbd_tls: Path | None = None,
 ) -> list[str]:
     """The full argv for ``spec``; ``incoming`` adds ``-incoming defer`` for a migration target.
 
     ``exports`` maps each volume device to this host's NBD export; only that differs between the
-    source's and the destination's command line.
+    source's and the destination's command line. ``nbd_tls``: the host's QEMU certificate
+    directory, for exports blockd serves over TLS (their ``tls_hostname`` is set).
     """
     exports = exports or {}
     netdevs = netdevs or {}
@@ -186,8 +201,13 @@ def command_line(
         "-chardev", f"socket,id=lmcmd,path={paths.command_port},server=on,wait=off",
         "-device", "virtserialport,bus=lmser.0,chardev=lmcmd,name=livemig.cmd",
         "-pidfile", str(paths.pidfile),
+        "-D", str(paths.qemu_log),
         "-daemonize",
     ]  # fmt: skip
+    if any(e.tls_hostname for e in exports.values()):
+        if nbd_tls is None:
+            raise InvalidRequest(f"VM {spec.name}: blockd requires TLS but this host has no QEMU certificate")
+        argv += ["-object", f"tls-creds-x509,id={NBD_CREDS_ID},dir={nbd_tls},endpoint=client,verify-peer=on"]
     for device in spec.devices:
         bus = "pcie.0" if "q35" in spec.machine else "pci.0"
         if isinstance(device, NicDevice):
@@ -215,9 +235,11 @@ def command_line(
                 raise InvalidRequest(f"VM {spec.name}: no NBD export given for volume device {device.id}")
             # reconnect-delay: a blockd that restarts (or drops the connection) costs the guest a
             # stall of its I/O, not an I/O error: QEMU reconnects and reruns what was in flight
-            blockdev = {"driver": "nbd", "node-name": f"vol_{device.id}", "export": export.export,
+            blockdev: dict[str, object] = {"driver": "nbd", "node-name": f"vol_{device.id}", "export": export.export,
                         "server": {"type": "inet", "host": export.host, "port": str(export.port)},
                         "reconnect-delay": NBD_RECONNECT_DELAY_S}  # fmt: skip
+            if export.tls_hostname:
+                blockdev |= {"tls-creds": NBD_CREDS_ID, "tls-hostname": export.tls_hostname}
             argv += [
                 "-blockdev", json.dumps(blockdev, separators=(",", ":")),
                 "-device", f"virtio-blk-pci,id={device.id},drive=vol_{device.id},bus={bus},addr={device.pci_addr}",

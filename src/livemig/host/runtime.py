@@ -105,13 +105,17 @@ class LocalQemu:
         return build_image(default_cache_dir())
 
     async def launch(self, argv: list[str], pass_fds: list[int], paths: VmPaths) -> int:
+        # umask 077: every file and socket QEMU creates is its (hostd's) user's alone
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds,
+            stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds, umask=0o077,
         )  # fmt: skip
         out, err = await proc.communicate()
         if proc.returncode != 0:
-            raise QemuError((err or out).decode(errors="replace").strip() or f"exit status {proc.returncode}")
+            said = (err or out).decode(errors="replace").strip()
+            if not said and paths.qemu_log.exists():  # daemonizing with -D sends its errors there
+                said = paths.qemu_log.read_text(errors="replace").strip()
+            raise QemuError(said or f"exit status {proc.returncode}")
         return int(paths.pidfile.read_text().strip())
 
     def owns(self, pid: int, paths: VmPaths) -> bool:

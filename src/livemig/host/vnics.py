@@ -29,6 +29,7 @@ from livemig.errors import InvalidRequest, LivemigError
 from livemig.faults.points import fault_point
 from livemig.model.vm import NicDevice, VmSpec
 from livemig.network.handoff import PAUSE_PROBE, Drain, Replay, replay_marker
+from livemig.security.client import handshakes_started
 from livemig.wire import vswitch
 from livemig.wire.base import async_http
 from livemig.wire.hostd import VnicHandoff
@@ -166,6 +167,7 @@ class VswitchPorts:
         """
         assert self.url is not None
         markers = {} if markers is None else markers
+        handshakes = handshakes_started()
         for h in handoffs:
             # two calls per VNIC inside the pause: the source's marker with the final flow delta,
             # then the destination's import-and-release ("hold" at hostd.flow_sync: the test switch
@@ -182,6 +184,9 @@ class VswitchPorts:
             done = time.perf_counter()
             timings = (f"marker {1000 * (marked - started):.1f} ms, drain {1000 * (drained - marked):.1f} ms, "
                        f"hand-off {1000 * (done - drained):.1f} ms")  # fmt: skip
+            if (opened := handshakes_started() - handshakes) > 0:
+                # the connections warm_up opened were gone: the guest's pause paid for a handshake
+                timings += f"; {opened} new TLS connection(s) inside the pause"
             # after the pause: reading /proc/net/udp is not the guest's time to spend
             asyncio.get_running_loop().call_later(0.05, self._log_hand_off, h.vnic, replay, timings)
         return markers

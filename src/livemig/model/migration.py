@@ -311,6 +311,7 @@ class ConditionType(StrEnum):
     FLOWS_SYNCED = "FlowsSynced"  # which source flow versions the destination holds
     MIGRATION_STARTED = "MigrationStarted"  # the source QEMU was told to migrate
     BANDWIDTH_ENFORCED = "BandwidthEnforced"  # what holds the stream to its share (QEMU, a tc class)
+    STREAM_ENCRYPTED = "StreamEncrypted"  # QEMU's TLS on the migration stream, who may send it (or plain)
 
 
 class Condition(BaseModel):

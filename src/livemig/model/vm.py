@@ -139,6 +139,9 @@ class NbdExport(_Strict):
     port: int = Field(ge=1, le=65535)
     export: str = Field(min_length=1, max_length=4096)
     attachment: str = ""
+    tls_hostname: str | None = Field(
+        default=None, description="blockd requires TLS (an nbds:// export): the name its certificate must carry"
+    )
 
 
 Device = Annotated[NicDevice | RngDevice | VolumeDevice, Field(discriminator="kind")]

@@ -23,6 +23,8 @@ Routes (all JSON unless said otherwise; errors are livemig's ``{"error", "messag
     POST   /vnics/{id}/resume             ResumeRequest -> ResumeReport (held frames above the marker)
     POST   /vnics/{id}/handoff            HandoffRequest -> HandoffReport (import flows, then resume:
                                           the destination's half of the pause in one call)
+
+Who may call each: :data:`POLICY`.
 """
 
 from __future__ import annotations
@@ -34,18 +36,22 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from livemig.errors import InvalidRequest
-from livemig.faults.api import mount_faults
+from livemig.faults.api import FAULT_CHANGES, FAULT_READS, mount_faults
 from livemig.faults.registry import REGISTRY
 from livemig.network.envelope import FLOW_VERSION_HEADER, MEDIA_TYPE
 from livemig.network.model import Mapping, SecurityList
 from livemig.network.persist import SwitchStateFile
 from livemig.network.vswitch import Vswitch
+from livemig.security.access import ANY_SERVICE, NO_DOCS, Access, Guard, Policy, lmo_only, services
+from livemig.security.pki import LeafFiles, Role
+from livemig.security.tls import INSECURE_STATE, ReloadingServerContext, uvicorn_tls
+from livemig.wire.base import SERVER_KEEPALIVE_S
 from livemig.wire.server import install_error_handlers
 from livemig.wire.vswitch import (
     Attachment,
@@ -95,8 +101,31 @@ async def _point(name: str, vswitch: Vswitch) -> None:
         await REGISTRY.fire(name, host=vswitch.name)
 
 
-def create_app(vswitch: Vswitch, state_path: Path | None = None) -> FastAPI:
-    """The vswitch's API; with ``state_path`` its control-plane state survives a restart (``persist.py``)."""
+_HEALTH = Access(ANY_SERVICE)
+_READ = services(Role.LMO, Role.HOSTD)  # the topology and counters: the LMO and the hosts, not QEMU
+_LMO = services(Role.LMO)
+#: the LMO, and this host's own hostd (attaching its VMs' NICs, holding and releasing at the pause)
+_OWN_HOSTD = services(Role.LMO, Role.HOSTD, own_host=True)
+#: who may call each route: the LMO programs the mapping and security lists and moves flow state;
+#: hostd plugs its own host's NICs and runs the pause; the hand-off comes from the *source* host's
+#: hostd, so any hostd of the region may hand a VNIC over to this vswitch
+POLICY: Policy = {
+    ("GET", "/healthz"): _HEALTH, ("GET", "/metrics"): _HEALTH, ("GET", "/counters"): _READ,
+    ("GET", "/mapping"): _READ, ("GET", "/security-lists"): _READ, ("GET", "/vnics"): _READ,
+    ("GET", "/vnics/{vnic_id}"): _READ,
+    ("PUT", "/mapping"): _LMO, ("PUT", "/security-lists/{list_id}"): _LMO,
+    ("DELETE", "/security-lists/{list_id}"): _LMO,
+    ("GET", "/vnics/{vnic_id}/flows"): _LMO, ("POST", "/vnics/{vnic_id}/flows"): _LMO,
+    ("POST", "/vnics"): _OWN_HOSTD, ("DELETE", "/vnics/{vnic_id}"): _OWN_HOSTD,
+    ("POST", "/vnics/{vnic_id}/pause-marker"): _OWN_HOSTD, ("POST", "/vnics/{vnic_id}/resume"): _OWN_HOSTD,
+    ("POST", "/vnics/{vnic_id}/handoff"): services(Role.LMO, Role.HOSTD),
+    **{route: _LMO for route in (*FAULT_READS, *FAULT_CHANGES)},  # the LMO collects firings; chaos arms faults
+}  # fmt: skip
+
+
+def create_app(vswitch: Vswitch, state_path: Path | None = None, *, insecure: bool = False) -> FastAPI:
+    """The vswitch's app; with ``state_path`` its control-plane state survives a restart
+    (``persist.py``); ``insecure`` (a lab's ``--insecure``): plain HTTP for anyone."""
     state = SwitchStateFile(state_path) if state_path is not None else None
 
     def changed() -> None:
@@ -111,7 +140,9 @@ def create_app(vswitch: Vswitch, state_path: Path | None = None) -> FastAPI:
         yield
         await vswitch.stop()
 
-    app = FastAPI(title=f"livemig vswitch {vswitch.name}", lifespan=lifespan)
+    app = FastAPI(title=f"livemig vswitch {vswitch.name}", lifespan=lifespan,
+                  dependencies=[Depends(Guard(POLICY, host=vswitch.name, default=lmo_only))], **NO_DOCS)  # fmt: skip
+    setattr(app.state, INSECURE_STATE, insecure)
     install_error_handlers(app)
     mount_faults(app)
     registry = CollectorRegistry()
@@ -230,12 +261,22 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def run_vswitch(host_name: str, api_listen: str, overlay_listen: str, log_level: str = "info",
-                state_dir: Path | None = None) -> None:  # fmt: skip
+def run_vswitch(
+    host_name: str,
+    api_listen: str,
+    overlay_listen: str,
+    log_level: str = "info",
+    *,
+    state_dir: Path | None = None,
+    tls: LeafFiles | None = None,
+) -> None:
     """Run one host's vswitch (REST API + dataplane) until SIGINT/SIGTERM; with ``state_dir``, its
-    mapping, security lists and VNIC ports are restored when it restarts."""
+    mapping, security lists and VNIC ports are restored when it restarts; ``tls``: its leaf
+    (mutual TLS, roles checked), None: plain HTTP for anyone (``--insecure``)."""
     host, port = split_listen(api_listen)
     split_listen(overlay_listen)
     vswitch = Vswitch(host_name, overlay_listen)
     state = state_dir / "vswitch.json" if state_dir is not None else None
-    uvicorn.run(create_app(vswitch, state), host=host, port=port, log_level=log_level, access_log=False)
+    extra = uvicorn_tls(ReloadingServerContext(tls)) if tls is not None else {}
+    uvicorn.run(create_app(vswitch, state, insecure=tls is None), host=host, port=port, log_level=log_level,
+                access_log=False, timeout_keep_alive=SERVER_KEEPALIVE_S, **extra)  # fmt: skip

@@ -3,6 +3,19 @@
 Used by ``livemig up``/``down``, the demo, the tests and the benchmarks, so all of them start
 the system the same way a user does. Every host gets its own API port and its own migration
 address (127.0.100.N), so migration traffic never uses an API address even on one machine.
+
+Secure by default, as a region across machines is (``deploy/``): ``up`` makes the region CA and a
+certificate per service and per host in ``STATE_DIR/pki`` (each naming every address it is reached
+on), writes every service a config file (``STATE_DIR/etc/*.toml``) and starts it from that file, and
+leaves the local user an admin token with the CA in ``STATE_DIR/client.toml``. A process that loads
+the region (the CLI, tests, benchmarks) remembers, per service address, which credentials to use
+(``wire.base.remember``): the user's token for the LMO, the LMO's certificate for the others (that
+process is the region's operator, on the machine that holds the CA). ``--insecure`` starts it all
+on plain HTTP without any of this.
+
+With namespace hosts (``--netns``), each host's hostd and vswitch run inside its namespace too and
+reach the LMO, blockd and each other only across the service bridge, each with its own
+certificate: the picture of three machines, in small.
 """
 
 from __future__ import annotations
@@ -23,13 +36,20 @@ from livemig.region import disk, hostns
 from livemig.region.freeport import free_port, free_ports
 from livemig.region.hostns import NamespaceLayout
 from livemig.region.proc import pid_alive, wait_gone
+from livemig.security import pki
+from livemig.security.pki import Role
 from livemig.wire import blockd as wire_blockd
 from livemig.wire import lmo as wire_lmo
+from livemig.wire.base import Credentials, remember
 from livemig.wire.blockd import BlockingBlockdClient
 from livemig.wire.lmo import LmoClient
 from livemig.wire.vswitch import VswitchClient
 
 DEFAULT_HOSTS = ("A", "B")
+REGION_NAME = "local"
+ADMIN_TOKEN_NAME = "local-admin"
+#: a namespace host's vswitch overlay port (each namespace has its own stack: the standard port is free)
+NETNS_OVERLAY_PORT = 4789
 
 
 def default_state_dir() -> Path:
@@ -55,15 +75,17 @@ class HostConfig:
     vswitch_port: int = 0
     overlay: str = ""
     vswitch_pid: int | None = None
-    netns: str | None = None  # a namespace host (hostns.py): its QEMUs and migration address live there
+    netns: str | None = None  # a namespace host (hostns.py): its services, QEMUs and migration address live there
+    address: str = "127.0.0.1"  # where its hostd and vswitch APIs listen (a namespace host: its service address)
+    scheme: str = "https"
 
     @property
     def vswitch_url(self) -> str:
-        return f"http://127.0.0.1:{self.vswitch_port}"
+        return f"{self.scheme}://{self.address}:{self.vswitch_port}"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://{self.address}:{self.port}"
 
 
 @dataclass
@@ -79,20 +101,30 @@ class RegionConfig:
     replica_pids: list[int] = field(default_factory=list)
     netns_region: int | None = None  # hostns.NamespaceLayout number when the hosts are namespace hosts
     blockd_disk_mib: int | None = None  # blockd's data on a tmpfs of this size (root): a disk that can fill
+    insecure: bool = False  # a lab's --insecure: plain HTTP, no TLS anywhere, no authentication
+    migration_tls: bool = True  # the LMO asks for TLS on migration streams (a benchmark turns it off)
+    lmo_address: str = "127.0.0.1"  # namespace hosts reach the LMO on the service bridge
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.insecure else "https"
 
     @property
     def lmo_url(self) -> str:
-        return f"http://127.0.0.1:{self.lmo_port}"
+        return f"{self.scheme}://{self.lmo_address}:{self.lmo_port}"
 
     @property
     def blockd_url(self) -> str:
-        return f"http://127.0.0.1:{self.blockd_port}"
+        return f"{self.scheme}://127.0.0.1:{self.blockd_port}"
 
 
 class Region:
     def __init__(self, state_dir: Path | None = None) -> None:
         self.state_dir = (state_dir or default_state_dir()).resolve()
         self.config_path = self.state_dir / "region.json"
+        self.pki_dir = self.state_dir / "pki"
+        self.etc_dir = self.state_dir / "etc"
+        self.client_file = self.state_dir / "client.toml"
 
     # ------------------------------------------------------------------ config
     def load(self) -> RegionConfig | None:
@@ -100,7 +132,83 @@ class Region:
             return None
         raw = json.loads(self.config_path.read_text())
         raw["hosts"] = [HostConfig(**h) for h in raw["hosts"]]
-        return RegionConfig(**raw)
+        config = RegionConfig(**raw)
+        self._remember(config)
+        return config
+
+    # ------------------------------------------------------------------ credentials
+    def _leaf(self, role: Role, name: str) -> pki.LeafFiles:
+        return pki.leaf_files(self.pki_dir, name, role)
+
+    def service_credentials(self) -> Credentials:
+        """The LMO's certificate: what this process (the region's operator) shows the other services."""
+        leaf = self._leaf(Role.LMO, "lmo")
+        return Credentials(ca=leaf.ca, cert=leaf.cert, key=leaf.key)
+
+    def user_credentials(self) -> Credentials:
+        """The local user's: the admin token and the CA, as in ``client.toml``."""
+        from livemig.cli.config import read_toml
+
+        data = read_toml(self.client_file)
+        ca = data.get("ca")
+        return Credentials(ca=Path(str(ca)) if ca else None, token=data.get("token"))
+
+    def _remember(self, config: RegionConfig) -> None:
+        if config.insecure or not self.client_file.exists():
+            return
+        remember(config.lmo_url, self.user_credentials())
+        services = self.service_credentials()
+        for url in (config.blockd_url, *(h.url for h in config.hosts), *(h.vswitch_url for h in config.hosts)):
+            remember(url, services)
+
+    def client(self, timeout: float = 120.0) -> LmoClient:
+        """The LMO as the local user (admin token) sees it."""
+        config = self._require()
+        return LmoClient(config.lmo_url, timeout)
+
+    def _issue_pki(self, config: RegionConfig, layout: NamespaceLayout | None) -> None:
+        """The region CA (kept across runs) and a fresh certificate per service and host, naming
+        every address each is reached on."""
+        pki.init_ca(self.pki_dir, REGION_NAME, exist_ok=True)
+        gateway = [layout.service_gateway] if layout else []
+        pki.issue(self.pki_dir, "lmo", Role.LMO, ["lmo", "localhost", "127.0.0.1", *gateway])
+        pki.issue(self.pki_dir, "blockd", Role.BLOCKD, ["blockd", "localhost", "127.0.0.1", *gateway])
+        for host in config.hosts:
+            name = pki.host_leaf_name(host.name)
+            api = [name, "localhost", host.address]
+            pki.issue(self.pki_dir, name, Role.HOSTD, api)
+            pki.issue(self.pki_dir, name, Role.VSWITCH, api)
+            # QEMU is reached on the migration address; the source checks the destination's name
+            pki.issue(self.pki_dir, name, Role.QEMU, [name, host.migration_address])
+
+    def _issue_admin_token(self, config: RegionConfig) -> str:
+        from livemig.control import tokens
+        from livemig.control.store import Store
+        from livemig.security.access import UserRole
+
+        store = Store(self._db_url(config))
+        try:
+            for record in store.tokens():  # the previous run's admin token goes: only the new one works
+                if record.name == ADMIN_TOKEN_NAME and record.revoked_at is None:
+                    store.revoke_token(record.id)
+            _record, token = tokens.issue(store, ADMIN_TOKEN_NAME, UserRole.ADMIN)
+        finally:
+            store.engine.dispose()
+        return token
+
+    def _tls_settings(self, role: Role, name: str) -> dict[str, object]:
+        leaf = self._leaf(role, name)
+        return {"tls_cert": str(leaf.cert), "tls_key": str(leaf.key), "tls_ca": str(leaf.ca)}
+
+    def _security(self, config: RegionConfig, role: Role, name: str) -> dict[str, object]:
+        return {"insecure": True} if config.insecure else self._tls_settings(role, name)
+
+    def _config_file(self, name: str, settings: dict[str, object]) -> Path:
+        from livemig.cli.config import write_toml
+
+        self.etc_dir.mkdir(parents=True, exist_ok=True)
+        comment = f"livemig {name}: written by `livemig up` (flags on the command line win)"
+        return write_toml(self.etc_dir / f"{name}.toml", settings, mode=0o600, comment=comment)
 
     def _save(self, config: RegionConfig) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -121,16 +229,25 @@ class Region:
         """Where service ``name`` (``lmo``, ``hostd-A``, ...) records its fault firings across restarts."""
         return self.state_dir / "faults" / f"{name}.jsonl"
 
-    def _spawn(self, name: str, args: list[str], faults: str | None = None, env: dict[str, str] | None = None) -> int:
+    def _spawn(
+        self,
+        name: str,
+        args: list[str],
+        faults: str | None = None,
+        env: dict[str, str] | None = None,
+        netns: str | None = None,
+    ) -> int:
+        """Start ``livemig ARGS`` in the background (inside network namespace ``netns`` if given)."""
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-        env = {**{k: v for k, v in os.environ.items() if k != "LIVEMIG_FAULTS"}, **(env or {}),
-               "LIVEMIG_FAULT_LOG": str(self.fault_log(name))}  # fmt: skip
+        inherited = {k: v for k, v in os.environ.items() if k not in ("LIVEMIG_FAULTS", "LIVEMIG_CONFIG")}
+        env = {**inherited, **(env or {}), "LIVEMIG_FAULT_LOG": str(self.fault_log(name))}
         if faults:
             env["LIVEMIG_FAULTS"] = faults
+        enter = ["nsenter", f"--net=/run/netns/{netns}", "--"] if netns else []
         proc = subprocess.Popen(
-            [sys.executable, "-m", "livemig.cli.main", *args], env=env,
+            [*enter, sys.executable, "-m", "livemig.cli.main", *args], env=env,
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         out.close()
@@ -140,9 +257,22 @@ class Region:
         config.lmo_pid = self._spawn("lmo", self._lmo_args(config, config.lmo_port), faults)
         self._save(config)
 
+    def _db_url(self, config: RegionConfig) -> str:
+        return config.db_url or f"sqlite:///{self.state_dir / 'lmo.db'}"
+
     def _lmo_args(self, config: RegionConfig, port: int) -> list[str]:
-        db = config.db_url or f"sqlite:///{self.state_dir / 'lmo.db'}"
-        return ["lmo", "--listen", f"127.0.0.1:{port}", "--db", db, "--blockd", config.blockd_url]
+        path = self._config_file("lmo", {
+            "listen": f"{config.lmo_address}:{config.lmo_port}", "db": self._db_url(config),
+            "blockd": config.blockd_url, "migration_tls": config.migration_tls,
+            **self._security(config, Role.LMO, "lmo"),
+        })  # fmt: skip
+        return ["lmo", "--config", str(path), "--listen", f"{config.lmo_address}:{port}"]  # a replica's own port
+
+    def set_migration_tls(self, on: bool) -> None:
+        """Whether the LMO asks for TLS on migration streams, from its next (re)start (benchmarks)."""
+        config = self._require()
+        config.migration_tls = on
+        self._save(config)
 
     def start_blockd(self, config: RegionConfig, env: dict[str, str] | None = None) -> None:
         # namespace hosts' QEMUs reach NBD through the service bridge, not the root's loopback
@@ -150,17 +280,20 @@ class Region:
         nbd_address = layout.service_gateway if layout else "127.0.0.1"
         if config.blockd_disk_mib:
             disk.mount_tmpfs(self.blockd_dir, config.blockd_disk_mib)
-        config.blockd_pid = self._spawn("blockd", [
-            "blockd", "--data-dir", str(self.blockd_dir), "--listen", f"127.0.0.1:{config.blockd_port}",
-            "--nbd-listen", f"{nbd_address}:{config.nbd_port}",
-        ], env=env)  # fmt: skip
+        path = self._config_file("blockd", {
+            "data_dir": str(self.blockd_dir), "listen": f"127.0.0.1:{config.blockd_port}",
+            "nbd_listen": f"{nbd_address}:{config.nbd_port}", **self._security(config, Role.BLOCKD, "blockd"),
+        })  # fmt: skip
+        config.blockd_pid = self._spawn("blockd", ["blockd", "--config", str(path)], env=env)
         self._save(config)
 
     def start_vswitch(self, config: RegionConfig, host: HostConfig) -> None:
-        host.vswitch_pid = self._spawn(f"vswitch-{host.name}", [
-            "vswitch", "--name", host.name, "--listen", f"127.0.0.1:{host.vswitch_port}", "--overlay", host.overlay,
-            "--state-dir", str(self.state_dir / "vswitches" / host.name),
-        ])  # fmt: skip
+        name = pki.host_leaf_name(host.name)
+        path = self._config_file(f"vswitch-{host.name}", {
+            "name": host.name, "listen": f"{host.address}:{host.vswitch_port}", "overlay": host.overlay,
+            "state_dir": str(self.state_dir / "vswitches" / host.name), **self._security(config, Role.VSWITCH, name),
+        })  # fmt: skip
+        host.vswitch_pid = self._spawn(f"vswitch-{host.name}", ["vswitch", "--config", str(path)], netns=host.netns)
         self._save(config)
 
     def kill_blockd(self, sig: int = signal.SIGKILL) -> None:
@@ -211,7 +344,9 @@ class Region:
         port = free_port()
         config.replica_pids.append(self._spawn(f"lmo-{port}", self._lmo_args(config, port), faults))
         self._save(config)
-        url = f"http://127.0.0.1:{port}"
+        url = f"{config.scheme}://{config.lmo_address}:{port}"
+        if not config.insecure:
+            remember(url, self.user_credentials())
         deadline = time.monotonic() + timeout
         with LmoClient(url, timeout=2) as lmo:
             while time.monotonic() < deadline:
@@ -222,31 +357,38 @@ class Region:
         raise BootstrapError(f"LMO replica on {url} did not come up; see {self.state_dir / 'logs'}")
 
     def start_host(self, config: RegionConfig, host: HostConfig, faults: str | None = None) -> None:
-        host.pid = self._spawn(f"hostd-{host.name}", [
-            "hostd", "--name", host.name, "--listen", f"127.0.0.1:{host.port}",
-            "--state-dir", str(self.state_dir / "hosts" / host.name),
-            "--migration-address", host.migration_address, "--lmo", config.lmo_url,
-            "--accel", config.accel, "--migration-bandwidth", str(host.migration_bandwidth_mib_s),
-            "--vswitch", host.vswitch_url, "--overlay", host.overlay,
-            *(["--memory-mib", str(host.memory_mib)] if host.memory_mib else []),
-            *(["--netns", host.netns] if host.netns else []),
-        ], faults)  # fmt: skip
+        name = pki.host_leaf_name(host.name)
+        security = self._security(config, Role.HOSTD, name)
+        if not config.insecure:
+            qemu = self._leaf(Role.QEMU, name)
+            security |= {"qemu_cert": str(qemu.cert), "qemu_key": str(qemu.key)}
+        path = self._config_file(f"hostd-{host.name}", {
+            "name": host.name, "listen": f"{host.address}:{host.port}", "url": host.url,
+            "state_dir": str(self.state_dir / "hosts" / host.name), "migration_address": host.migration_address,
+            "lmo": config.lmo_url, "accel": config.accel, "migration_bandwidth": host.migration_bandwidth_mib_s,
+            "vswitch": host.vswitch_url, "overlay": host.overlay, "memory_mib": host.memory_mib, "netns": host.netns,
+            **security,
+        })  # fmt: skip
+        host.pid = self._spawn(f"hostd-{host.name}", ["hostd", "--config", str(path)], faults, netns=host.netns)
         self._save(config)
 
     def up(
         self, hosts: tuple[str, ...] = DEFAULT_HOSTS, accel: str = "auto", timeout: float = 30.0,
         db_url: str | None = None, netns: bool = False, migration_bandwidth_mib_s: int = 1024,
         blockd_disk_mib: int | None = None,
+        insecure: bool = False,
     ) -> RegionConfig:  # fmt: skip
-        """Start the LMO and one hostd per name; reuse the region if it already runs.
+        """Start the LMO, blockd and per host a vswitch and a hostd; reuse the region if it already runs.
 
         ``netns``: namespace hosts (root; ``hostns.py``), whose migration traffic crosses a real
         interface that tc holds to each migration's reserved share. ``blockd_disk_mib``: blockd's
-        data on a tmpfs of that size (root), a disk that can be filled."""
+        data on a tmpfs of that size (root), a disk that can be filled. ``insecure``: no PKI, no
+        tokens, plain HTTP and plain streams (a lab)."""
         existing = self.running()
         if existing is not None:
             return existing
         layout = NamespaceLayout.for_state_dir(self.state_dir) if netns else None
+        scheme = "http" if insecure else "https"
         ports = iter(free_ports(3 + 2 * len(hosts)))  # one batch: every service gets its own port
         config = RegionConfig(
             lmo_port=next(ports),
@@ -257,8 +399,10 @@ class Region:
                     layout.migration_address(i) if layout else f"127.0.100.{i + 1}",
                     migration_bandwidth_mib_s=migration_bandwidth_mib_s,
                     vswitch_port=next(ports),
-                    overlay=overlay_endpoint(i),
+                    overlay=f"{layout.service_address(i)}:{NETNS_OVERLAY_PORT}" if layout else overlay_endpoint(i),
                     netns=layout.netns(i) if layout else None,
+                    address=layout.service_address(i) if layout else "127.0.0.1",
+                    scheme=scheme,
                 )
                 for i, name in enumerate(hosts)
             ],
@@ -268,10 +412,21 @@ class Region:
             nbd_port=next(ports),
             netns_region=layout.region if layout else None,
             blockd_disk_mib=blockd_disk_mib,
+            insecure=insecure,
+            lmo_address=layout.service_gateway if layout else "127.0.0.1",
         )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if layout is not None:
             hostns.plumb(layout, len(config.hosts))
+        if insecure:
+            self.client_file.unlink(missing_ok=True)
+        else:
+            self._issue_pki(config, layout)
+            from livemig.cli.config import write_client_config
+
+            token = self._issue_admin_token(config)
+            write_client_config(self.client_file, config.lmo_url, self.pki_dir / pki.CA_CERT, token)
+        self._remember(config)
         self.start_blockd(config)
         self.start_lmo(config)
         for host in config.hosts:

@@ -135,6 +135,12 @@ def validate_name(value: str, what: str) -> str:
     return value
 
 
+def host_leaf_name(host: str) -> str:
+    """The leaf name of a region host (``A`` -> ``a``): host names are case-insensitive like DNS
+    names, certificate names are lower case so one host never has two identities."""
+    return validate_name(host.lower(), "host name")
+
+
 def parse_role(value: str | Role) -> Role:
     try:
         return Role(value)
@@ -189,6 +195,10 @@ def _atomic_write(path: Path, data: bytes, mode: int) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+#: for other modules that write credentials or configs the same way
+atomic_write = _atomic_write
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -460,7 +470,11 @@ def qemu_tls_dir(directory: Path, name: str, out: Path, *, role: Role | str = Ro
     directory each time a ``tls-creds-x509`` object is created, so the next migration uses the new
     certificate without restarting any VM). Libnbd's ``tls-certificates=DIR`` reads the same layout.
     """
-    leaf = leaf_files(directory, name, role)
+    return qemu_tls_files(leaf_files(directory, name, role), out)
+
+
+def qemu_tls_files(leaf: LeafFiles, out: Path) -> Path:
+    """:func:`qemu_tls_dir` for a leaf given by its files (how hostd is configured)."""
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
     cert = leaf.cert.read_bytes()

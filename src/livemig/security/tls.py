@@ -25,7 +25,6 @@ Three pieces, each a seam the services and the client factory plug into:
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
@@ -35,6 +34,7 @@ from fastapi import Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from livemig.errors import CredentialError, Forbidden, Unauthenticated
+from livemig.security.client import file_signature as _signature
 from livemig.security.pki import Identity, LeafFiles, Role, identity_of_der
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,15 @@ def _base(protocol: int, cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     return context
 
 
-def server_context(leaf: LeafFiles) -> ssl.SSLContext:
-    """A server that trusts only the region CA and requires every client to present a certificate."""
-    return _base(ssl.PROTOCOL_TLS_SERVER, leaf.cert, leaf.key, leaf.ca)
+def server_context(leaf: LeafFiles, *, client_certs: ssl.VerifyMode = ssl.CERT_REQUIRED) -> ssl.SSLContext:
+    """A server that trusts only the region CA and requires every client to present a certificate.
+
+    ``client_certs=CERT_OPTIONAL`` (the LMO, whose listener also serves users with bearer tokens):
+    a client may present none, but one it presents must still chain to the region CA and be valid,
+    or the handshake fails."""
+    context = _base(ssl.PROTOCOL_TLS_SERVER, leaf.cert, leaf.key, leaf.ca)
+    context.verify_mode = client_certs
+    return context
 
 
 def client_context(leaf: LeafFiles, *, check_hostname: bool = True) -> ssl.SSLContext:
@@ -82,19 +88,6 @@ def client_context(leaf: LeafFiles, *, check_hostname: bool = True) -> ssl.SSLCo
     context = _base(ssl.PROTOCOL_TLS_CLIENT, leaf.cert, leaf.key, leaf.ca)
     context.check_hostname = check_hostname
     return context
-
-
-def _signature(paths: tuple[Path, ...]) -> tuple[tuple[int, int, int], ...]:
-    """What changes when a file is replaced (rename gives a new inode) or rewritten."""
-    out = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            out.append((0, 0, 0))
-            continue
-        out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-    return tuple(out)
 
 
 class ReloadingServerContext:
@@ -106,11 +99,12 @@ class ReloadingServerContext:
     is logged and the previous pair stays in service until the files are consistent again.
     """
 
-    def __init__(self, leaf: LeafFiles) -> None:
+    def __init__(self, leaf: LeafFiles, *, client_certs: ssl.VerifyMode = ssl.CERT_REQUIRED) -> None:
         self.leaf = leaf
+        self.client_certs = client_certs
         self._paths = (leaf.cert, leaf.key, leaf.ca)
         self._loaded = _signature(self._paths)
-        self.context = server_context(leaf)
+        self.context = server_context(leaf, client_certs=client_certs)
         self._current = self.context
         self._failed: tuple[tuple[int, int, int], ...] | None = None
         self.reloads = 0
@@ -121,7 +115,7 @@ class ReloadingServerContext:
         if signature == self._loaded or signature == self._failed:
             return self._current
         try:
-            fresh = server_context(self.leaf)
+            fresh = server_context(self.leaf, client_certs=self.client_certs)
         except CredentialError as exc:
             self._failed = signature
             log.warning("TLS: %s changed but does not load, still serving the previous certificate: %s",
@@ -201,12 +195,14 @@ def uvicorn_tls(context: ssl.SSLContext | ReloadingServerContext) -> dict[str, A
 
 
 def caller_identity(request: Request) -> Identity | None:
-    """The identity in the caller's certificate; None on a plain-HTTP connection."""
+    """The identity in the caller's certificate; None on a plain-HTTP connection or without a certificate."""
     extension = request.scope.get("extensions", {}).get(TLS_EXTENSION)
     if extension is None:
         return None
     identity = extension.get(IDENTITY_KEY)
     if identity is None:
+        if not extension.get("client_cert_chain"):
+            return None  # TLS without a client certificate (only the LMO admits that: its users)
         raise Forbidden("the client certificate carries no livemig identity (livemig://<region>/<role>/<name>)")
     assert isinstance(identity, Identity)
     return identity

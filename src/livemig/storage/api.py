@@ -4,6 +4,7 @@ The request and reply models are the boundary's, in ``livemig.wire.blockd``.
 
 Every refusal is a ``LivemigError`` turned into a JSON body with the right status by
 ``install_error_handlers``: bad input 422, unknown name 404, a clash with current state 409.
+Who may call: :data:`POLICY` (only the LMO manages volumes and fences attachments).
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import FastAPI, Query, Response
+from fastapi import Depends, FastAPI, Query, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from livemig.faults.api import mount_faults
+from livemig.faults.api import FAULT_CHANGES, FAULT_READS, mount_faults
 from livemig.faults.registry import REGISTRY
+from livemig.security.access import ANY_SERVICE, NO_DOCS, Access, Guard, Policy, lmo_only, services
+from livemig.security.pki import Role
+from livemig.security.tls import INSECURE_STATE
 from livemig.storage.blockd import Blockd
 from livemig.storage.fencing import Attachment
 from livemig.storage.metrics import BlockdCollector
@@ -32,6 +36,24 @@ from livemig.wire.blockd import (
 )
 from livemig.wire.server import install_error_handlers
 
+_LMO = services(Role.LMO)
+#: who may call each route: the LMO manages volumes and attachments and fences them; any
+#: certificate of the region may ask health and metrics
+POLICY: Policy = {
+    ("GET", "/healthz"): Access(ANY_SERVICE),
+    ("GET", "/metrics"): Access(ANY_SERVICE),
+    **{
+        route: _LMO
+        for route in (
+            ("POST", "/volumes"), ("GET", "/volumes"), ("GET", "/volumes/{name}"), ("POST", "/volumes/{name}/resize"),
+            ("DELETE", "/volumes/{name}"), ("POST", "/volumes/{name}/attachments"),
+            ("GET", "/volumes/{name}/attachments"), ("GET", "/attachments/{attachment_id}"),
+            ("DELETE", "/attachments/{attachment_id}"), ("POST", "/attachments/{attachment_id}/fence"),
+        )
+    },
+    **{route: _LMO for route in (*FAULT_READS, *FAULT_CHANGES)},  # the LMO collects firings; chaos arms faults
+}  # fmt: skip
+
 
 async def _point(name: str, attachment: Attachment | None = None, vm: str = "", host: str = "") -> None:
     """``blockd.attach|fence|detach`` (before acting) and their ``.after`` (acted, not yet answered)."""
@@ -41,10 +63,12 @@ async def _point(name: str, attachment: Attachment | None = None, vm: str = "", 
         await REGISTRY.fire(name, vm=vm or None, host=host or None)
 
 
-def create_app(blockd: Blockd) -> FastAPI:
+def create_app(blockd: Blockd, *, insecure: bool = False) -> FastAPI:
     """The admin API. Every route is ``async``: blockd's state lives in the event loop that also
-    runs the NBD server, and FastAPI would run plain ``def`` routes in worker threads."""
-    app = FastAPI(title="livemig blockd")
+    runs the NBD server, and FastAPI would run plain ``def`` routes in worker threads.
+    ``insecure`` (a lab's ``--insecure``): plain HTTP for anyone."""
+    app = FastAPI(title="livemig blockd", dependencies=[Depends(Guard(POLICY, default=lmo_only))], **NO_DOCS)
+    setattr(app.state, INSECURE_STATE, insecure)
     install_error_handlers(app)
     mount_faults(app)
     registry = CollectorRegistry()
@@ -86,7 +110,8 @@ def create_app(blockd: Blockd) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> Health:
         return Health(status="ok", uptime_s=round(time.time() - started, 3), volumes=len(blockd.volumes.list()),
-                      nbd=f"{blockd.nbd_host}:{blockd.nbd_port}", fencing=blockd.fences.enabled)  # fmt: skip
+                      nbd=f"{blockd.nbd_host}:{blockd.nbd_port}", fencing=blockd.fences.enabled,
+                      nbd_tls=blockd.server is not None and blockd.server.tls is not None)  # fmt: skip
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -19,10 +19,11 @@ import uvicorn
 
 from livemig.errors import InvalidRequest
 from livemig.security.pki import LeafFiles, Role
-from livemig.security.tls import ReloadingServerContext, roles_allowed
+from livemig.security.tls import ReloadingServerContext, roles_allowed, uvicorn_tls
 from livemig.storage.api import create_app
 from livemig.storage.blockd import Blockd
 from livemig.storage.nbd.server import NbdServer, NbdTls
+from livemig.wire.base import SERVER_KEEPALIVE_S
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +74,26 @@ async def serve_blockd(
     fencing: bool | None = None,
     tls: LeafFiles | None = None,
 ) -> None:
-    """Serve until cancelled or until uvicorn receives SIGINT/SIGTERM; ``tls`` makes NBD forced-TLS."""
+    """Serve until cancelled or until uvicorn receives SIGINT/SIGTERM.
+
+    ``tls``: blockd's leaf; NBD is then forced-TLS and the admin API mutual TLS with roles. Without
+    it both are plain and open to anyone who reaches them (a lab's ``--insecure``)."""
     api_host, api_port = parse_listen(api_listen)
     nbd_host, nbd_port = parse_listen(nbd_listen)
     blockd = Blockd(data_dir, fencing=fencing)
     server = NbdServer(blockd, tls=nbd_tls(tls) if tls is not None else None)
     bound_host, bound_port = await server.start(nbd_host, nbd_port)
     blockd.bind_server(server, bound_host, bound_port)
+    api_tls = uvicorn_tls(ReloadingServerContext(tls)) if tls is not None else {}
     config = uvicorn.Config(
-        create_app(blockd), host=api_host, port=api_port, log_level="warning", access_log=False, lifespan="off"
-    )
+        create_app(blockd, insecure=tls is None), host=api_host, port=api_port, log_level="warning",
+        access_log=False, lifespan="off", timeout_keep_alive=SERVER_KEEPALIVE_S, **api_tls,
+    )  # fmt: skip
     api = _ApiServer(config)
     log.info(
-        "blockd: data %s, API http://%s:%d, NBD %s:%d (%s), fencing %s",
-        data_dir, api_host, api_port, bound_host, bound_port, "TLS required" if tls else "plain",
+        "blockd: data %s, API %s://%s:%d, NBD %s:%d (%s), fencing %s",
+        data_dir, "https" if tls else "http", api_host, api_port, bound_host, bound_port,
+        "TLS required" if tls else "plain, INSECURE",
         "on" if blockd.fences.enabled else "OFF",
     )  # fmt: skip
     stop = asyncio.Event()

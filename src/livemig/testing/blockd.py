@@ -2,6 +2,9 @@
 
 Why in the package and not in tests/: the integration tests, the benchmark and other services'
 end-to-end tests all need "a blockd I can kill -9 and restart on the same data"; one harness.
+Given blockd's leaf it runs as a region's does (forced-TLS NBD, mutual TLS on the API, which the
+harness calls with the LMO's certificate from the same CA); without, ``--insecure`` (the NBD
+protocol and fencing tests speak plain NBD).
 """
 
 from __future__ import annotations
@@ -16,24 +19,24 @@ from typing import Any
 
 import httpx
 
+from livemig.errors import NotFound
 from livemig.region.freeport import free_ports
-from livemig.security.pki import LeafFiles
+from livemig.security import pki
+from livemig.security.pki import LeafFiles, Role
 from livemig.storage.nbd.client import NbdClient
-from livemig.wire.base import sync_http
+from livemig.wire.base import Credentials, sync_http
 
 MIB = 1 << 20
 
-#: How a TLS blockd is started until ``livemig blockd`` takes --tls-cert/--tls-key/--tls-ca:
-#: the same ``run_blockd`` the command calls, given blockd's leaf.
-_TLS_BLOCKD = (
-    "import logging, sys\n"
-    "from pathlib import Path\n"
-    "from livemig.security.pki import leaf_from_paths\n"
-    "from livemig.storage.service import run_blockd\n"
-    "logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')\n"
-    "data, api, nbd, cert, key, ca = sys.argv[1:]\n"
-    "run_blockd(Path(data), api, nbd, tls=leaf_from_paths(Path(cert), Path(key), Path(ca)))\n"
-)
+
+def lmo_credentials(leaf: LeafFiles) -> Credentials:
+    """The LMO's certificate from the CA that issued ``leaf`` (issued if the directory has none)."""
+    directory = leaf.ca.parent
+    try:
+        lmo = pki.leaf_files(directory, "lmo", Role.LMO)
+    except NotFound:
+        lmo = pki.issue(directory, "lmo", Role.LMO, ["lmo"])
+    return Credentials(ca=lmo.ca, cert=lmo.cert, key=lmo.key)
 
 
 class BlockdProcess:
@@ -48,18 +51,21 @@ class BlockdProcess:
         self.tls = tls  # blockd's leaf: its NBD server then requires TLS
         self.api_port, self.nbd_port = free_ports(2)
         self.proc: subprocess.Popen[bytes] | None = None
-        self.api = sync_http(30, base_url=f"http://127.0.0.1:{self.api_port}")  # raw: tests send bad requests too
+        scheme = "http" if tls is None else "https"
+        # raw: tests send bad requests too
+        self.api = sync_http(30, base_url=f"{scheme}://127.0.0.1:{self.api_port}",
+                             credentials=None if tls is None else lmo_credentials(tls))  # fmt: skip
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         api, nbd = f"127.0.0.1:{self.api_port}", f"127.0.0.1:{self.nbd_port}"
+        argv = [sys.executable, "-m", "livemig.cli.main", "blockd", "--data-dir", str(self.data_dir),
+                "--listen", api, "--nbd-listen", nbd]  # fmt: skip
         if self.tls is None:
-            argv = [sys.executable, "-m", "livemig.cli.main", "blockd",
-                    "--data-dir", str(self.data_dir), "--listen", api, "--nbd-listen", nbd]  # fmt: skip
+            argv.append("--insecure")
         else:
             leaf = self.tls
-            argv = [sys.executable, "-c", _TLS_BLOCKD, str(self.data_dir), api, nbd,
-                    str(leaf.cert), str(leaf.key), str(leaf.ca)]  # fmt: skip
+            argv += ["--tls-cert", str(leaf.cert), "--tls-key", str(leaf.key), "--tls-ca", str(leaf.ca)]
         self.proc = subprocess.Popen(
             argv,
             stdout=log,

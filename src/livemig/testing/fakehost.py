@@ -4,7 +4,8 @@ Each :class:`FakeHost` is ``host.api.create_app`` around a real ``HostAgent`` wh
 replacement is its runtime (``testing.fakeqemu``): routes, validation, errors, the migration driver
 and its switchover hook are hostd's own. :meth:`FakeFleet.transport` routes the LMO's requests to
 each host's app in-process (``httpx.ASGITransport``), by the port in the host's URL, records them,
-and can make a host unreachable.
+and can make a host unreachable. Each request reaches the app as if over TLS from the LMO's
+certificate (``testing.callers.over_tls``), so hostd's access rules run as in production.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from fastapi import FastAPI
 from livemig.host.accel import AccelChoice
 from livemig.host.agent import HostAgent, ManagedVm
 from livemig.host.api import create_app
+from livemig.host.tls import QemuTls
 from livemig.model.host import HostRegistration
 from livemig.model.vm import RunState
+from livemig.security.pki import Role, host_leaf_name
+from livemig.testing.callers import LMO, TestPki, over_tls
 from livemig.testing.fakeqemu import FakeQemu, FakeQemuRuntime, QemuBehaviour, QemuWorld, SimClock
 
 #: unit tests run simulated time this much faster than real time
@@ -71,6 +75,7 @@ class FakeFleet:
                  state_dir: Path | None = None, migration_bandwidth_mib_s: int = 1024) -> None:  # fmt: skip
         self._tmp = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="livemig-fleet-")
         root = state_dir or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.pki = TestPki(root / "pki")  # each host's QEMU certificate: migrations run over (simulated) TLS
         self.world = QemuWorld(SimClock(speed))
         self.hosts: dict[str, FakeHost] = {}
         self._by_port: dict[int, FakeHost] = {}
@@ -80,8 +85,9 @@ class FakeFleet:
     def add_host(self, name: str, root: Path, index: int, memory_mib: int, migration_bandwidth_mib_s: int) -> FakeHost:
         address = f"127.100.{index // 250}.{index % 250 + 1}"
         runtime = FakeQemuRuntime(self.world, root / "image", address)
+        qemu = QemuTls(self.pki.leaf(Role.QEMU, host_leaf_name(name), (address,)), root / "hosts" / name / "tls")
         agent = HostAgent(name, root / "hosts" / name, address, AccelChoice("tcg", "simulated QEMU"), memory_mib,
-                          migration_bandwidth_mib_s, runtime=runtime)  # fmt: skip
+                          migration_bandwidth_mib_s, runtime=runtime, qemu_tls=qemu)  # fmt: skip
         port = FIRST_PORT + index
         host = FakeHost(name, f"http://fake-{name.lower()}:{port}", agent, create_app(agent), runtime)
         self.hosts[name] = host
@@ -105,7 +111,7 @@ class FakeFleet:
 class _FleetTransport(httpx.AsyncBaseTransport):
     def __init__(self, by_port: dict[int, FakeHost]) -> None:
         self._by_port = by_port
-        self._apps = {port: httpx.ASGITransport(app=host.app) for port, host in by_port.items()}
+        self._apps = {port: _transport(host) for port, host in by_port.items()}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         port = request.url.port or 80
@@ -114,5 +120,9 @@ class _FleetTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(f"no fake host answers at {request.url.host}:{port}", request=request)
         host.calls.append(f"{request.method} {request.url.path}")
         if port not in self._apps:  # a host added after the transport was made
-            self._apps[port] = httpx.ASGITransport(app=host.app)
+            self._apps[port] = _transport(host)
         return await self._apps[port].handle_async_request(request)
+
+
+def _transport(host: FakeHost) -> httpx.ASGITransport:
+    return httpx.ASGITransport(app=over_tls(host.app, LMO))

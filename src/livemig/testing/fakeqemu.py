@@ -12,6 +12,11 @@ waiting for ``migrate-continue``), sends the rest, and the destination resumes. 
 Knobs per host (:class:`QemuBehaviour`) break any step: a destination that will not start, a
 migration that fails, a guest that dirties memory faster than the link, one that crashes after it
 resumes, a pre-copy that never converges.
+
+Migration TLS is simulated from the real certificate files hostd hands QEMU (``object-add
+tls-creds-x509``): a destination refuses a source whose certificate its ``tls-authz`` does not
+name, or a plain stream when it expects TLS, in QEMU's own words (in its ``-D`` log), and the
+source fails as QEMU's does.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from livemig.errors import GuestError, QemuError
+from livemig.errors import GuestError, LivemigError, QemuError
 from livemig.guest.image import GuestImage
 from livemig.host.qemu import VmPaths
 from livemig.model.vm import RESUMABLE, RunState
+from livemig.security import pki
+from livemig.security.qemu_tls import authz_identity
 
 MIB = 1024 * 1024
 PAGE = 4096
@@ -41,7 +48,7 @@ DEFAULT_PARAMETERS: dict[str, Any] = {
     "downtime-limit": DEFAULT_DOWNTIME_LIMIT_MS, "max-bandwidth": DEFAULT_BANDWIDTH,
     "cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "max-cpu-throttle": 99,
     "throttle-trigger-threshold": 50, "multifd-channels": 2, "multifd-compression": "none",
-    "multifd-zstd-level": 1, "xbzrle-cache-size": 64 * MIB,
+    "multifd-zstd-level": 1, "xbzrle-cache-size": 64 * MIB, "tls-creds": "", "tls-hostname": "", "tls-authz": "",
 }  # fmt: skip
 #: Fake pids start far above any real pid_max, so a fake can never be mistaken for a process
 FIRST_PID = 50_000_000
@@ -97,6 +104,7 @@ class FakeQemu:
         self.alive = True
         self.capabilities: dict[str, bool] = {}
         self.parameters: dict[str, Any] = dict(DEFAULT_PARAMETERS)
+        self.objects: dict[str, dict[str, Any]] = {}  # object-add'ed: TLS credentials, authz
         self.listening: str | None = None  # an incoming QEMU's URI after migrate-incoming
         self.migration: dict[str, Any] = {}  # what query-migrate answers
         self._task: asyncio.Task[None] | None = None
@@ -152,6 +160,55 @@ class FakeQemu:
     async def _qmp_human_monitor_command(self, _args: dict[str, Any]) -> str:
         halted = "halted" if self.runstate is not RunState.RUNNING else "running"
         return f"* CPU #0: thread_id={self.pid} ({halted})\r\n"
+
+    async def _qmp_object_add(self, args: dict[str, Any]) -> dict[str, Any]:
+        object_id = str(args["id"])
+        if object_id in self.objects:
+            raise QemuError(f"{self.name}: QMP object-add failed: attempt to add duplicate property "
+                            f"'{object_id}' to object (type 'container')", qemu_error_class="GenericError")  # fmt: skip
+        if args.get("qom-type") == "tls-creds-x509":
+            cert = Path(str(args["dir"])) / f"{args['endpoint']}-cert.pem"
+            if not cert.is_file():
+                raise QemuError(f"{self.name}: QMP object-add failed: Unable to access credentials {cert}",
+                                qemu_error_class="GenericError")  # fmt: skip
+        self.objects[object_id] = dict(args)
+        return {}
+
+    async def _qmp_object_del(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.objects.pop(str(args["id"]), None) is None:
+            raise QemuError(f"{self.name}: QMP object-del failed: object '{args['id']}' not found",
+                            qemu_error_class="GenericError")  # fmt: skip
+        return {}
+
+    def _creds(self) -> dict[str, Any] | None:
+        return self.objects.get(str(self.parameters.get("tls-creds") or ""))
+
+    def log(self, line: str) -> None:
+        """A line in QEMU's ``-D`` log, as the real one writes its errors there."""
+        with contextlib.suppress(OSError), self.paths.qemu_log.open("a") as f:
+            f.write(f"qemu-system-x86_64: {line}\n")
+
+    def _tls_refusal(self, destination: FakeQemu) -> str | None:
+        """Why the destination refuses this source's stream (and what it logs), or None."""
+        mine, theirs = self._creds(), destination._creds()
+        if mine is None and theirs is None:
+            return None
+        if mine is None or theirs is None:
+            destination.log("TLS handshake failed: An unexpected TLS packet was received.")
+            return "Unable to write to socket: Connection reset by peer"
+        try:
+            identity = pki.identity_of(pki.load_cert(Path(mine["dir"]) / "client-cert.pem"))
+            names = pki.sans_of(pki.load_cert(Path(theirs["dir"]) / "server-cert.pem"))
+        except LivemigError as exc:
+            return f"TLS credentials unusable: {exc.message}"
+        wanted = str(self.parameters.get("tls-hostname") or "")
+        if wanted not in names:
+            return f"Certificate does not match the hostname {wanted}"
+        authz = destination.objects.get(str(destination.parameters.get("tls-authz") or ""))
+        if authz is not None and authz.get("identity") != authz_identity(identity):
+            destination.log(f"TLS x509 authz check for {authz_identity(identity)} is denied")
+            return "Cannot write to TLS channel: Input/output error"
+        return None
 
     async def _qmp_migrate_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
         for cap in args.get("capabilities", []):
@@ -279,6 +336,10 @@ class FakeQemu:
         started = clock.now()
         if destination is None or not destination.alive:
             self._end("failed", "Failed to connect socket: Connection refused")
+            return
+        refused = self._tls_refusal(destination)
+        if refused is not None:  # the destination stays inmigrate, listening, as QEMU's does
+            self._end("failed", refused)
             return
         mismatch = self._stream_mismatch(destination)
         if mismatch is not None:

@@ -12,27 +12,78 @@ Why one decoder: a service answers an error with ``LivemigError.to_dict()`` (``w
 mapped by its status.
 
 Why one factory: every ``httpx`` client in livemig is created here (:func:`async_http`,
-:func:`sync_http`), so timeouts, and later TLS and credentials, are set in one place.
+:func:`sync_http`), so timeouts, TLS and credentials are set in one place. A process states once
+who it is (:func:`configure`: a service its certificate and the region CA, the CLI its bearer
+token and the CA, both read from their config files) and every client it makes afterwards carries
+that. A process that talks to several regions (the region harness, tests, benchmarks) names the
+credentials per service address instead (:func:`remember`), the way a browser keeps one cookie
+jar per site: a client for a remembered origin uses those, anything else the process default.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Self, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from livemig import errors
 from livemig.faults.registry import CURRENT, FIRED_HEADER, MIGRATION_HEADER, REGISTRY
+from livemig.security.client import Credentials as Credentials  # re-exported: clients name their credentials here
+from livemig.security.client import client_context_for
 
 T = TypeVar("T")
 
 #: default timeouts: connecting should be quick on a region's network; answers may take a while
 #: (a QEMU start, a guest check)
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=3.0)
+#: how long an idle keep-alive connection is kept: longer than a migration's pre-copy may run
+#: (``MigrationParams.timeout_s``, 300 s by default), so the hand-off inside the pause reuses the
+#: connection hostd opened when the migration started (a TLS handshake costs milliseconds of the
+#: guest's pause); servers keep theirs a little longer (``SERVER_KEEPALIVE_S``), so the client is
+#: the one that lets a connection go and never sends on one the server is closing
+KEEPALIVE_S = 600.0
+SERVER_KEEPALIVE_S = 610
+#: idle connections a client keeps: the LMO's one pool talks to every host of a region, and a new
+#: TLS connection costs a handshake
+MAX_KEEPALIVE = 100
+
+_default = Credentials()
+_by_origin: dict[str, Credentials] = {}
+_lock = threading.Lock()
+
+
+def configure(creds: Credentials) -> None:
+    """Who this process is, for every client it makes from now on (a service at start, the CLI)."""
+    global _default
+    _default = creds
+
+
+def credentials() -> Credentials:
+    return _default
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def remember(url: str, creds: Credentials) -> None:
+    """Use ``creds`` for every client of the service at ``url``'s origin (scheme, host, port)."""
+    with _lock:
+        _by_origin[_origin(url)] = creds
+
+
+def credentials_for(url: str) -> Credentials:
+    """The credentials remembered for ``url``'s origin, else the process default."""
+    with _lock:
+        return _by_origin.get(_origin(url), _default)
+
 
 _BY_STATUS: dict[int, type[errors.LivemigError]] = {
     400: errors.InvalidRequest,
@@ -177,9 +228,12 @@ class AsyncService(_Service):
 class SyncService(_Service):
     """A service reached from plain code (the CLI, tests, benchmarks); owns its connection pool."""
 
-    def __init__(self, who: str, base_url: str, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, who: str, base_url: str, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        credentials: Credentials | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(who, base_url)
-        self.http = sync_http(timeout)
+        self.http = sync_http(timeout, credentials=credentials or credentials_for(base_url))
 
     def run(self, request: Call[T]) -> T:
         try:
@@ -198,13 +252,33 @@ class SyncService(_Service):
         self.close()
 
 
+def _client_options(creds: Credentials) -> dict[str, Any]:
+    """TLS (the region CA, the client's certificate, reloaded when rotated) and the bearer token."""
+    options: dict[str, Any] = {
+        "headers": creds.headers(),
+        "limits": httpx.Limits(
+            max_connections=MAX_KEEPALIVE, max_keepalive_connections=MAX_KEEPALIVE, keepalive_expiry=KEEPALIVE_S
+        ),
+    }
+    if creds.tls:
+        options["verify"] = client_context_for(creds)
+    return options
+
+
 def async_http(
-    timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, transport: httpx.AsyncBaseTransport | None = None
+    timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+    transport: httpx.AsyncBaseTransport | None = None,
+    credentials: Credentials | None = None,
 ) -> httpx.AsyncClient:
-    """The one place an async HTTP client is made (``transport``: the seam fast tests replace)."""
-    return httpx.AsyncClient(timeout=timeout, transport=transport)
+    """The one place an async HTTP client is made (``transport``: the seam fast tests replace);
+    ``credentials`` default to the process's (:func:`configure`)."""
+    return httpx.AsyncClient(timeout=timeout, transport=transport, **_client_options(credentials or _default))
 
 
-def sync_http(timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, base_url: str = "") -> httpx.Client:
-    """The one place a blocking HTTP client is made (``base_url``: for tests that send raw requests)."""
-    return httpx.Client(timeout=timeout, base_url=base_url)
+def sync_http(
+    timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, base_url: str = "", credentials: Credentials | None = None
+) -> httpx.Client:
+    """The one place a blocking HTTP client is made (``base_url``: for tests that send raw requests);
+    ``credentials`` default to those remembered for ``base_url``, else the process's."""
+    creds = credentials or (credentials_for(base_url) if base_url else _default)
+    return httpx.Client(timeout=timeout, base_url=base_url, **_client_options(creds))

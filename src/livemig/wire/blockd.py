@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from livemig import errors
 from livemig.model.vm import NbdExport
-from livemig.wire.base import AsyncService, Call, SyncService, call
+from livemig.wire.base import AsyncService, Call, Credentials, SyncService, call
 
 #: the NBD port when an attachment's URI names none (the IANA-assigned one)
 NBD_DEFAULT_PORT = 10809
@@ -84,8 +84,10 @@ class AttachReply(AttachmentView):
     def export(self) -> NbdExport:
         """Where QEMU's NBD client connects for this attachment."""
         where = urlsplit(self.nbd_uri)
-        return NbdExport(host=where.hostname or "127.0.0.1", port=where.port or NBD_DEFAULT_PORT,
-                         export=self.export_name, attachment=self.id)  # fmt: skip
+        host = where.hostname or "127.0.0.1"
+        # nbds://: forced TLS; QEMU checks blockd's certificate names the address it dials
+        return NbdExport(host=host, port=where.port or NBD_DEFAULT_PORT, export=self.export_name,
+                         attachment=self.id, tls_hostname=host if where.scheme == "nbds" else None)  # fmt: skip
 
 
 class Health(BaseModel):
@@ -94,6 +96,7 @@ class Health(BaseModel):
     volumes: int
     nbd: str
     fencing: bool
+    nbd_tls: bool = Field(default=False, description="NBD is forced-TLS (clients with a certificate of the region)")
 
 
 # ---------------------------------------------------------------------- routes
@@ -165,5 +168,5 @@ class BlockdClient(AsyncService):
 class BlockingBlockdClient(SyncService):
     """blockd from plain code (tests, benchmarks)."""
 
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
-        super().__init__("blockd", url, timeout)
+    def __init__(self, url: str, timeout: float = 30.0, credentials: Credentials | None = None) -> None:
+        super().__init__("blockd", url, timeout, credentials)

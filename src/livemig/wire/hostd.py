@@ -37,6 +37,8 @@ class IncomingLaunch(VmLaunch):
     channels and compression must match on both ends before QEMU listens)."""
 
     policies: MigrationPolicies = Field(default_factory=MigrationPolicies)
+    tls_source: str | None = Field(default=None, description="accept the stream only over TLS and only from this "
+                                   "host's QEMU certificate (tls-authz; None: a plain stream)")  # fmt: skip
 
 
 class VmStatus(BaseModel):
@@ -54,6 +56,9 @@ class VmStatus(BaseModel):
     )
     guest_resets: list[str] = Field(
         default_factory=list, description="guest-initiated resets, shutdowns or panics QEMU reported on this host"
+    )
+    qemu_errors: list[str] = Field(
+        default_factory=list, description="the last lines QEMU logged here (e.g. why it refused a migration stream)"
     )
 
 
@@ -76,6 +81,8 @@ class MigrateRequest(BaseModel):
     uri: str = Field(pattern=r"^tcp:[^:]+:\d+$")
     params: MigrationParams = Field(default_factory=MigrationParams)
     handoffs: list[VnicHandoff] = Field(default_factory=list)
+    tls_hostname: str | None = Field(default=None, description="encrypt the stream (QEMU's TLS); the destination's "
+                                     "QEMU certificate must name this host (None: a plain stream)")  # fmt: skip
 
 
 class IncomingReply(BaseModel):
@@ -132,6 +139,7 @@ class SourceMigrationStatus(BaseModel):
     qemu_ignored: dict[str, Any] = Field(
         default_factory=dict, description="settings QEMU accepted but did not take: {name: {asked, qemu}}"
     )
+    encryption: str | None = Field(default=None, description="what protects the stream (None: plain)")
 
 
 # ---------------------------------------------------------------------- routes
@@ -158,16 +166,24 @@ def destroy_vm(name: str) -> Call[None]:
 
 
 def prepare_incoming(
-    spec: VmSpec, exports: dict[str, NbdExport] | None = None, policies: MigrationPolicies | None = None
+    spec: VmSpec,
+    exports: dict[str, NbdExport] | None = None,
+    policies: MigrationPolicies | None = None,
+    tls_source: str | None = None,
 ) -> Call[IncomingReply]:
-    body = IncomingLaunch(spec=spec, exports=exports or {}, policies=policies or MigrationPolicies())
+    body = IncomingLaunch(spec=spec, exports=exports or {}, policies=policies or MigrationPolicies(),
+                          tls_source=tls_source)  # fmt: skip
     return call("POST", f"/vms/{spec.name}/incoming", IncomingReply, json=body)
 
 
 def migrate(
-    name: str, uri: str, params: MigrationParams, handoffs: list[VnicHandoff] | None = None
+    name: str,
+    uri: str,
+    params: MigrationParams,
+    handoffs: list[VnicHandoff] | None = None,
+    tls_hostname: str | None = None,
 ) -> Call[SourceMigrationStatus]:
-    body = MigrateRequest(uri=uri, params=params, handoffs=handoffs or [])
+    body = MigrateRequest(uri=uri, params=params, handoffs=handoffs or [], tls_hostname=tls_hostname)
     return call("POST", f"/vms/{name}/migrate", SourceMigrationStatus, json=body)
 
 

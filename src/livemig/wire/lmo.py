@@ -28,7 +28,7 @@ from livemig.model.migration import (
     utcnow,
 )
 from livemig.model.vm import VmSpec
-from livemig.wire.base import AsyncService, Call, SyncService, call
+from livemig.wire.base import AsyncService, Call, Credentials, SyncService, call
 from livemig.wire.blockd import AttachmentView, VolumeCreate, VolumeView
 from livemig.wire.hostd import CheckReply, ConsoleLine, VmStatus
 
@@ -148,6 +148,29 @@ class EvacuationReport(BaseModel):
     done: bool
 
 
+class TokenCreate(BaseModel):
+    """``POST /tokens``: a bearer token for a user (``viewer``, ``operator`` or ``admin``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, description="who or what holds it")
+    role: str = Field(description="viewer | operator | admin")
+
+
+class TokenView(BaseModel):
+    id: str
+    name: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class TokenCreated(TokenView):
+    """A new token: the only time the token itself is shown (the LMO keeps its SHA-256)."""
+
+    token: str
+
+
 # ---------------------------------------------------------------------- routes
 
 
@@ -256,6 +279,18 @@ def evacuation(evacuation_id: str) -> Call[EvacuationReport]:
     return call("GET", f"/evacuations/{evacuation_id}", EvacuationReport)
 
 
+def create_token(name: str, role: str) -> Call[TokenCreated]:
+    return call("POST", "/tokens", TokenCreated, json=TokenCreate(name=name, role=role))
+
+
+def tokens() -> Call[list[TokenView]]:
+    return call("GET", "/tokens", list[TokenView])
+
+
+def revoke_token(token_id: str) -> Call[TokenView]:
+    return call("DELETE", f"/tokens/{token_id}", TokenView)
+
+
 def _text(reply: httpx.Response) -> str:
     return reply.text
 
@@ -266,8 +301,8 @@ def _text(reply: httpx.Response) -> str:
 class LmoClient(SyncService):
     """The LMO from plain code: the CLI, the demo, the tests and the benchmarks."""
 
-    def __init__(self, url: str, timeout: float = 120.0) -> None:
-        super().__init__("LMO", url, timeout)
+    def __init__(self, url: str, timeout: float = 120.0, credentials: Credentials | None = None) -> None:
+        super().__init__("LMO", url, timeout, credentials)
         self.url = self.base_url
 
     def hosts(self) -> list[HostView]:

@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from livemig.errors import LivemigError
+from livemig.errors import LivemigError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ def _describe_validation(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LivemigError)
     async def livemig_error(_request: Request, exc: LivemigError) -> JSONResponse:
-        return JSONResponse(status_code=exc.http_status, content=exc.to_dict())
+        headers = {"WWW-Authenticate": exc.challenge} if isinstance(exc, Unauthenticated) else None
+        return JSONResponse(status_code=exc.http_status, content=exc.to_dict(), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from livemig.network.envelope import FLOW_VERSION_HEADER, MEDIA_TYPE
 from livemig.network.model import Mapping, SecurityList
-from livemig.wire.base import AsyncService, Call, SyncService, call
+from livemig.wire.base import AsyncService, Call, Credentials, SyncService, call
 
 
 class _Strict(BaseModel):
@@ -226,8 +226,8 @@ def _text(reply: httpx.Response) -> str:
 class VswitchClient(SyncService):
     """A vswitch from plain code (tests, benchmarks): one method per route above."""
 
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
-        super().__init__(f"vswitch {url}", url, timeout)
+    def __init__(self, url: str, timeout: float = 10.0, credentials: Credentials | None = None) -> None:
+        super().__init__(f"vswitch {url}", url, timeout, credentials)
 
     def health(self) -> Health:
         return self.run(health())

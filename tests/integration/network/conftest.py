@@ -1,4 +1,8 @@
-"""Real vswitch processes (``livemig vswitch``) on loopback, and helpers to drive them."""
+"""Real vswitch processes (``livemig vswitch``) on loopback, and helpers to drive them.
+
+Each serves mutual TLS with its own certificate, as in a region; the tests call them with the
+LMO's (allowed on every route).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,10 @@ from pathlib import Path
 import pytest
 
 from livemig.network.model import Mapping
+from livemig.security.pki import Role
+from livemig.testing.callers import TestPki
 from livemig.testing.fakevm import SAMPLE, FakeVm, sample_mapping, sample_security_lists
+from livemig.wire.base import Credentials
 from livemig.wire.vswitch import VswitchClient
 
 _generation = itertools.count(1)
@@ -37,15 +44,23 @@ def _free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_switch(name: str, directory: Path) -> Switch:
-    port = _free_tcp_port()
+def start_switch(
+    name: str, directory: Path, api_port: int | None = None, overlay: str = "127.0.0.1:0", extra: tuple[str, ...] = ()
+) -> Switch:
+    """``livemig vswitch`` serving mutual TLS with its own certificate; its client presents the LMO's."""
+    port = api_port or _free_tcp_port()
     log = directory / f"vswitch-{name}.log"
+    pki = TestPki(directory / "pki")
+    leaf = pki.leaf(Role.VSWITCH, name.lower())
+    lmo = pki.leaf(Role.LMO, "lmo")
     cmd = [sys.executable, "-m", "livemig.cli.main", "vswitch", "--name", name, "--listen", f"127.0.0.1:{port}",
-           "--overlay", "127.0.0.1:0", "--log-level", "warning"]  # fmt: skip
-    with log.open("wb") as out:
+           "--overlay", overlay, "--log-level", "warning",
+           "--tls-cert", str(leaf.cert), "--tls-key", str(leaf.key), "--tls-ca", str(leaf.ca), *extra]  # fmt: skip
+    with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    api = f"http://127.0.0.1:{port}"
-    return Switch(name, api, proc, log, VswitchClient(api, timeout=5))
+    api = f"https://127.0.0.1:{port}"
+    creds = Credentials(ca=lmo.ca, cert=lmo.cert, key=lmo.key)
+    return Switch(name, api, proc, log, VswitchClient(api, timeout=5, credentials=creds))
 
 
 def wait_ready(switch: Switch, timeout: float = 20.0) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,19 +14,13 @@ from livemig.network.packets import TCP_SYN, Ethernet, IPv4, Tcp
 from livemig.region.freeport import free_port, free_ports
 from livemig.testing.fakevm import SAMPLE, FakeVm, sample_mapping, sample_security_lists, tcp_frame
 from livemig.wire import vswitch as wire_vswitch
-from livemig.wire.vswitch import VswitchClient
 
-from .conftest import Switch, wait_ready
+from .conftest import Switch, start_switch, wait_ready
 
 
 def start(name: str, directory: Path, api_port: int, overlay_port: int, state: bool) -> Switch:
-    log = directory / f"vswitch-{name}.log"
-    cmd = [sys.executable, "-m", "livemig.cli.main", "vswitch", "--name", name, "--listen", f"127.0.0.1:{api_port}",
-           "--overlay", f"127.0.0.1:{overlay_port}", "--log-level", "warning",
-           *(["--state-dir", str(directory / f"state-{name}")] if state else [])]  # fmt: skip
-    with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    switch = Switch(name, f"http://127.0.0.1:{api_port}", proc, log, VswitchClient(f"http://127.0.0.1:{api_port}"))
+    extra = ("--state-dir", str(directory / f"state-{name}")) if state else ()
+    switch = start_switch(name, directory, api_port, f"127.0.0.1:{overlay_port}", extra)
     wait_ready(switch)
     return switch
 

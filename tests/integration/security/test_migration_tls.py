@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from livemig.guest.image import GuestImage
+from livemig.guest.image import GuestImage, kernel_cmdline
 from livemig.host.qmp import QmpSession
 from livemig.region.freeport import free_ports
 from livemig.security import pki, qemu_tls
@@ -57,7 +57,7 @@ class Vm:
         argv = [
             "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-m", MEMORY, "-nodefaults", "-display", "none",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-            "-append", image.kernel_cmdline(wss_mib=32, rate_mib_s=5),
+            "-append", kernel_cmdline(wss_mib=32, rate_mib_s=5),
             "-chardev", f"socket,id=ser0,path={console},server=on,wait=off",
             "-serial", "chardev:ser0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",

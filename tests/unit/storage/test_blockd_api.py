@@ -12,6 +12,7 @@ from livemig.storage.api import create_app
 from livemig.storage.blockd import Blockd, parse_export_name
 from livemig.storage.nbd import protocol as p
 from livemig.storage.nbd.server import ExportRefused
+from livemig.testing.callers import LMO, over_tls
 
 MIB = 1 << 20
 
@@ -23,7 +24,7 @@ def blockd(tmp_path: Path) -> Blockd:
 
 @pytest.fixture
 def api(blockd: Blockd) -> Iterator[TestClient]:
-    with TestClient(create_app(blockd)) as client:
+    with TestClient(over_tls(create_app(blockd), LMO)) as client:  # the LMO's certificate
         yield client
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from livemig.control.controller import CANCELLABLE
 from livemig.control.preflight import preflight
 from livemig.control.services import ServicesDep
 from livemig.errors import Conflict
 from livemig.model.migration import Migration, Phase
+from livemig.security.access import caller_of
 from livemig.wire.lmo import MigrationRequest, PreflightReport
 
 router = APIRouter()
@@ -23,7 +24,7 @@ async def dry_run(body: MigrationRequest, services: ServicesDep) -> PreflightRep
 
 
 @router.post("/migrations", status_code=201)
-async def create_migration(body: MigrationRequest, services: ServicesDep) -> Migration:
+async def create_migration(body: MigrationRequest, services: ServicesDep, request: Request) -> Migration:
     report = await preflight(services, body)
     report.raise_first_failure()
     source = report.source
@@ -31,9 +32,12 @@ async def create_migration(body: MigrationRequest, services: ServicesDep) -> Mig
     migration = Migration(id=f"m-{uuid.uuid4().hex[:10]}", vm=body.vm, source=source,
                           destination=body.destination, params=params,
                           verify_guest=body.verify_guest)  # fmt: skip
-    migration.transition(Phase.PENDING, f"requested: {body.vm} {source} -> {body.destination}; "
-                                        f"{params.resolved_policies().describe()}",
-                         policies=params.resolved_policies().model_dump(mode="json"))  # fmt: skip
+    caller = caller_of(request)
+    by = f" by {caller}" if caller is not None else ""
+    policies = params.resolved_policies()
+    migration.transition(Phase.PENDING, f"requested{by}: {body.vm} {source} -> {body.destination}; "
+                                        f"{policies.describe()}",
+                         policies=policies.model_dump(mode="json"))  # fmt: skip
     services.store.add_migration(migration)
     return migration
 
