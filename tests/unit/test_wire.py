@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.routing import Match, Route
 
 from livemig import errors
@@ -20,6 +21,7 @@ from livemig.control.store import Store
 from livemig.host.accel import AccelChoice
 from livemig.host.agent import HostAgent
 from livemig.host.api import create_app as hostd_app
+from livemig.host.api import router as hostd_router
 from livemig.model import HostRegistration, MigrationParams, VmSpec
 from livemig.network.api import create_app as vswitch_app
 from livemig.network.model import Mapping, SecurityList
@@ -28,8 +30,8 @@ from livemig.storage.api import create_app as blockd_app
 from livemig.storage.blockd import Blockd
 from livemig.testing.fakehost import FakeFleet
 from livemig.wire import blockd, hostd, lmo, vswitch
-from livemig.wire.base import AsyncService, Call, error_from_reply
-from livemig.wire.lmo import EvacuationRequest, MigrationRequest, NetKind
+from livemig.wire.base import AsyncService, Call, async_http, error_from_reply
+from livemig.wire.lmo import EvacuationRequest, MigrationRequest, NetKind, WaveRequest
 from livemig.wire.server import install_error_handlers
 
 SPEC = VmSpec(name="vm", memory_mib=256)
@@ -43,9 +45,13 @@ EXAMPLES: dict[str, Any] = {
     "flows": None, "replay_recent": False, "registration": HostRegistration(name="A", api_url="http://a",
     migration_address="127.0.0.1"), "on": True, "kind": NetKind.VCNS, "body": {"id": "v"}, "object_id": "v",
     "request": MigrationRequest(vm="vm", destination="B"), "migration_id": "m-1", "evacuation_id": "e-1",
-    "active": False,
+    "active": False, "seconds": 1.0, "observe": True, "limit": None,
 }  # fmt: skip
-EXAMPLES_BY_ROUTE: dict[str, dict[str, Any]] = {"evacuate": {"request": EvacuationRequest()}}
+EXAMPLES_BY_ROUTE: dict[str, dict[str, Any]] = {
+    "evacuate": {"request": EvacuationRequest()},
+    "start_wave": {"request": WaveRequest(hosts=["A"])},
+    "plan_wave": {"request": WaveRequest(hosts=["A"])},
+}
 
 
 def calls_of(module: ModuleType) -> dict[str, Call[Any]]:
@@ -97,15 +103,29 @@ def test_every_route_a_client_calls_is_served(tmp_path: Path, module: ModuleType
 
 
 def test_the_fake_hostd_is_the_real_hostd_app(tmp_path: Path) -> None:
-    fleet = FakeFleet("A", state_dir=tmp_path / "fleet")
+    """The fleet serves every simulated host from one app: hostd's own routes under ``/h/{host}``,
+    each request answered by the agent its path names."""
+    fleet = FakeFleet("A", "B", state_dir=tmp_path / "fleet")
     fake = fleet.hosts["A"].app
+    assert fleet.hosts["B"].app is fake
     real = hostd_app(hostd_agent(tmp_path))
-    signature = {(tuple(sorted(r.methods or ())), r.path, r.endpoint.__qualname__) for r in served(real)}
-    assert {(tuple(sorted(r.methods or ())), r.path, r.endpoint.__qualname__) for r in served(fake)} == signature
-    assert fake.title == real.title
+    routes = [r for r in hostd_router.routes if isinstance(r, APIRoute)]
+    assert len(routes) >= 15
     assert {"/vms/{name}/migrate", "/vms/{name}/incoming", "/vms/{name}/migration/flow-versions"} <= {
-        path for _methods, path, _endpoint in signature
+        r.path for r in routes
     }
+    for route in routes:
+        for method in route.methods or ():
+            path = route.path.replace("{name}", "vm")
+            assert matches(real, Call(method, path, str)), (method, path)
+            assert matches(fake, Call(method, "/h/A" + path, str)), (method, path)
+
+    async def ask() -> list[str]:
+        async with async_http(transport=fleet.transport()) as http:
+            return [(await AsyncService(n, fleet.url(n), http).run(hostd.info())).name for n in ("A", "B")]
+
+    assert asyncio.run(ask()) == ["A", "B"]
+    assert fleet.hosts["A"].calls == ["GET /host"]
 
 
 def test_an_error_reply_becomes_the_same_exception_with_its_message() -> None:

@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from livemig.model.migration import MigrationParams
 from livemig.model.vm import RESUMABLE, NbdExport, RunState, VmRole, VmSpec, VolumeDevice
 from livemig.region.hostns import MIGRATION_DEVICE
 from livemig.statefile import StateFile
-from livemig.wire.hostd import JobState, SourceMigrationStatus, VmStatus, VnicHandoff
+from livemig.wire.hostd import DirtyRateReply, JobState, SourceMigrationStatus, VmStatus, VnicHandoff
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ class HostAgent:
         self.vms: dict[str, ManagedVm] = {}
         self.refused_records: dict[str, str] = {}  # VM directory -> why its record was not trusted
         self._lock = asyncio.Lock()
+        # set whenever the VMs this host runs change, so hostd re-reports its capacity to the LMO
+        self.changed = asyncio.Event()
 
     # ---------------------------------------------------------------- observation
 
@@ -228,6 +231,7 @@ class HostAgent:
             self._watch_guest(vm)
             vm.save()
             self.vms[spec.name] = vm
+            self.changed.set()
             log.info("started VM %s (pid %d, %s)", spec.name, pid, vm.role)
             return vm
 
@@ -363,6 +367,7 @@ class HostAgent:
         vm = self.vms.pop(name, None)
         if vm is None:
             return
+        self.changed.set()
         if vm.guest_watch is not None:
             vm.guest_watch.cancel()
         await self._kill(vm)
@@ -396,6 +401,32 @@ class HostAgent:
         vm.role = VmRole.RUNNING
         vm.save()
         return state
+
+    async def dirty_rate(self, name: str, seconds: float = 1.0) -> DirtyRateReply:
+        """The guest's dirty rate now, measured by QEMU itself (``calc-dirty-rate``, page sampling:
+        it hashes a few hundred sampled pages per GiB twice, ``seconds`` apart), so the LMO can
+        predict how long a migration takes before it starts one."""
+        vm = self.get(name)
+        if not 0 < seconds <= 60:
+            raise InvalidRequest(f"a dirty-rate measurement lasts 1 to 60 s, not {seconds}")
+        calc = max(1, round(seconds))
+        await vm.qmp.execute("calc-dirty-rate", {"calc-time": calc})
+        deadline = time.monotonic() + calc * 3 + 10
+        while True:
+            await asyncio.sleep(min(calc, 0.25))
+            reply = await vm.qmp.execute("query-dirty-rate")
+            if reply.get("status") == "measured":
+                break
+            if time.monotonic() > deadline:
+                raise QemuError(f"VM {name}: QEMU did not finish measuring its dirty rate "
+                                f"({reply.get('status')})", vm=name)  # fmt: skip
+        return DirtyRateReply(
+            vm=name,
+            host=self.name,
+            dirty_rate_mib_s=float(reply.get("dirty-rate", 0)),
+            calc_time_s=float(reply.get("calc-time", calc)),
+            measured_at=datetime.now(UTC),
+        )
 
     async def guest_check(self, name: str) -> tuple[bool, str]:
         return await self._run_check(name, self.runtime.memory_check)
@@ -474,6 +505,7 @@ class HostAgent:
                     vm.role = VmRole.RUNNING
                 vm.save()
             self.vms[spec.name] = vm
+            self.changed.set()
             adopted.append(spec.name)
             log.info("re-adopted VM %s (pid %d, %s)", spec.name, record.pid, vm.role)
         return adopted
