@@ -1,0 +1,199 @@
+"""The wave planner: how long an evacuation takes, before anything moves.
+
+Three pieces, each small enough to check by hand:
+
+- **One migration** (:func:`predict`): pre-copy as QEMU runs it. The first round sends the guest's
+  payload (its RAM without zero pages) at the reserved share; each later round sends what the guest
+  dirtied meanwhile, until a round fits in the downtime limit. Whether the convergence policy
+  would give up comes from the same numbers it judges (``control/policy.py``): a guest that dirties
+  memory about as fast as the share (``rate_margin``) never converges and is aborted after
+  ``min_rounds`` rounds, unless auto-converge may throttle it; one that needs many rounds or more
+  than the completion budget is marked as likely to need auto-converge.
+- **Calibration** (:func:`calibrate`): what the model cannot know, learned from recent finished
+  migrations: the time a migration spends outside pre-copy (preparing the target, cut-over, the
+  guest checks, the controller's passes), the bandwidth pre-copy really reaches, and the fraction
+  of RAM that travels. A fresh region uses defaults and says so (``basis`` 0).
+- **The schedule** (:func:`schedule`): the controller's admission replayed in simulated time with
+  the same :class:`~livemig.control.admission.Ledger`: migrations start in the order the evacuation
+  creates them as soon as the limits and bandwidth budgets allow, each with the share it would get.
+
+The wave's predicted time is when its last migration ends.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from livemig.control.admission import Ledger
+from livemig.control.store import Reservation
+from livemig.model.migration import ConcurrencyLimits, Migration, MigrationParams, Phase
+from livemig.wire.lmo import PlanCalibration, PlannedMigration
+
+MIB = 1024 * 1024
+#: a guest dirtying at least this fraction of its share converges too slowly without a throttle
+SLOW_RATIO = 0.5
+#: rounds beyond which pre-copy is considered not to converge (QEMU would go on; the policy not)
+MAX_ROUNDS = 1000
+DEFAULT_OVERHEAD_S = 2.0
+DEFAULT_EFFICIENCY = 1.0
+DEFAULT_PAYLOAD = 1.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    duration_s: float
+    precopy_s: float
+    rounds: int
+    verdict: str
+    reason: str
+
+
+def predict(memory_mib: int, dirty_mib_s: float, share_mib_s: int, params: MigrationParams,
+            calibration: PlanCalibration) -> Prediction:  # fmt: skip
+    """One migration of a guest of ``memory_mib`` dirtying ``dirty_mib_s`` at a ``share_mib_s`` share."""
+    policy = params.policy
+    bandwidth = max(share_mib_s * calibration.efficiency, 1e-6)
+    payload = max(memory_mib * calibration.payload, 1.0)
+    limit_s = params.downtime_limit_ms / 1000
+    budget = policy.completion_timeout_s_per_gib * max(memory_mib / 1024, 0.25)
+    if dirty_mib_s >= share_mib_s * policy.rate_margin:
+        rounds = policy.min_rounds
+        elapsed = payload / bandwidth + (rounds - 1) * min(dirty_mib_s * payload / bandwidth, memory_mib) / bandwidth
+        if policy.auto_converge:
+            # QEMU throttles the vCPUs until the guest dirties less than the link carries; assume it
+            # takes the guest to half the share, then pre-copy converges as for such a guest
+            tail = _precopy(payload, memory_mib, share_mib_s * SLOW_RATIO, bandwidth, limit_s)
+            return Prediction(calibration.overhead_s + elapsed + tail[0], elapsed + tail[0], rounds + tail[1],
+                              "auto-converge", f"dirties {dirty_mib_s:.0f} MiB/s at a {share_mib_s} MiB/s share: "
+                              "converges only with QEMU throttling its vCPUs")  # fmt: skip
+        return Prediction(calibration.overhead_s + elapsed, elapsed, rounds, "abort",
+                          f"dirties {dirty_mib_s:.0f} MiB/s, at least {policy.rate_margin:.0%} of its "
+                          f"{share_mib_s} MiB/s share: the policy aborts it after {rounds} rounds")  # fmt: skip
+    precopy, rounds = _precopy(payload, memory_mib, dirty_mib_s, bandwidth, limit_s)
+    duration = calibration.overhead_s + precopy
+    if rounds >= MAX_ROUNDS or precopy > budget:
+        return Prediction(duration, precopy, rounds, "abort" if not policy.auto_converge else "auto-converge",
+                          f"pre-copy would take {precopy:.0f} s, over the {budget:.0f} s budget")  # fmt: skip
+    if dirty_mib_s >= share_mib_s * SLOW_RATIO or rounds > policy.max_rounds + 2:
+        return Prediction(duration, precopy, rounds, "auto-converge",
+                          f"dirties {dirty_mib_s:.0f} MiB/s at a {share_mib_s} MiB/s share: {rounds} rounds; "
+                          "auto-converge would shorten it")  # fmt: skip
+    return Prediction(duration, precopy, rounds, "ok", f"{rounds} rounds at {share_mib_s} MiB/s")
+
+
+def _precopy(payload_mib: float, memory_mib: float, dirty_mib_s: float, bandwidth: float,
+             limit_s: float) -> tuple[float, int]:  # fmt: skip
+    """Seconds and rounds of pre-copy, the last (paused) round included."""
+    to_send, elapsed, rounds = payload_mib, 0.0, 0
+    while rounds < MAX_ROUNDS:
+        rounds += 1
+        duration = to_send / bandwidth
+        elapsed += duration
+        to_send = min(dirty_mib_s * duration, memory_mib)
+        if to_send / bandwidth <= limit_s:
+            return elapsed + to_send / bandwidth, rounds
+    return elapsed, rounds
+
+
+def _span(m: Migration, start: Phase, end: frozenset[Phase]) -> float | None:
+    first = next((e.at for e in m.timeline if e.phase is start), None)
+    last = next((e.at for e in m.timeline if e.phase in end), None)
+    return None if first is None or last is None else (last - first).total_seconds()
+
+
+def calibrate(recent: Sequence[Migration], default_dirty_rate_mib_s: float) -> PlanCalibration:
+    """Overhead, efficiency and payload from recent successful migrations (medians)."""
+    overheads: list[float] = []
+    efficiencies: list[float] = []
+    payloads: list[float] = []
+    for m in recent:
+        if m.phase is not Phase.SUCCEEDED or not m.stats.total_ms or not m.reserved_mib_s:
+            continue
+        total = _span(m, Phase.VALIDATING, frozenset({Phase.SUCCEEDED}))
+        if total is None:
+            continue
+        qemu_s = m.stats.total_ms / 1000
+        overheads.append(max(total - qemu_s, 0.0))
+        moved_mib = m.stats.transferred_bytes / MIB
+        efficiencies.append(min(max(moved_mib / qemu_s / m.reserved_mib_s, 0.05), 1.0))
+        memory = (m.last_sample.total_bytes / MIB) if m.last_sample and m.last_sample.total_bytes else None
+        dirty = m.last_sample.dirty_rate_mib_s if m.last_sample else 0.0
+        if memory:
+            payloads.append(min(max((moved_mib - dirty * qemu_s) / memory, 0.05), 1.0))
+    return PlanCalibration(
+        overhead_s=round(statistics.median(overheads), 3) if overheads else DEFAULT_OVERHEAD_S,
+        efficiency=round(statistics.median(efficiencies), 3) if efficiencies else DEFAULT_EFFICIENCY,
+        payload=round(statistics.median(payloads), 3) if payloads else DEFAULT_PAYLOAD,
+        default_dirty_rate_mib_s=round(default_dirty_rate_mib_s, 2),
+        basis=len(overheads),
+    )
+
+
+@dataclass
+class _Queued:
+    """What the Ledger needs to decide about a planned migration (a Migration's shape)."""
+
+    id: str
+    source: str
+    destination: str
+    params: MigrationParams
+
+
+def schedule(items: list[PlannedMigration], params: MigrationParams, limits: ConcurrencyLimits,
+             budgets: Mapping[str, int], calibration: PlanCalibration,
+             running: Sequence[Reservation] = ()) -> float:  # fmt: skip
+    """Fill in each movable item's share, start, duration and verdict by replaying admission in
+    simulated time (``running``: shares held by migrations already under way, released as they
+    would end: at once, conservatively not); returns when the last one ends."""
+    ledger = Ledger(running, budgets)
+    params = params.model_copy(update={"limits": limits})
+    queue: list[tuple[int, PlannedMigration, _Queued]] = [
+        (index, item, _Queued(f"plan-{index}", item.source, item.destination or "", params))
+        for index, item in enumerate(items)
+        if item.destination is not None
+    ]
+    ends: list[tuple[float, str]] = []
+    now = 0.0
+    last_end = 0.0
+    while queue:
+        waiting: list[tuple[int, PlannedMigration, _Queued]] = []
+        for position, (index, item, queued) in enumerate(queue):
+            if limits.region_total and len(ledger.held) >= limits.region_total:
+                waiting.extend(queue[position:])  # nothing more fits until one ends
+                break
+            decision = ledger.admit(queued)
+            if decision.reserved_mib_s is None:
+                waiting.append((index, item, queued))
+                continue
+            share = decision.reserved_mib_s
+            p = predict(item.memory_mib, item.dirty_rate_mib_s, share, params, calibration)
+            item.share_mib_s, item.start_s, item.duration_s = share, round(now, 3), round(p.duration_s, 3)
+            item.precopy_s, item.rounds, item.reason = round(p.precopy_s, 3), p.rounds, p.reason
+            item.verdict = p.verdict  # type: ignore[assignment]
+            ledger.add(Reservation(queued.id, queued.source, queued.destination, share))
+            heapq.heappush(ends, (now + p.duration_s, queued.id))
+            last_end = max(last_end, now + p.duration_s)
+        queue = waiting
+        if not queue:
+            break
+        if not ends:
+            for _index, item, _queued in queue:  # nothing running and nothing fits: never admitted
+                item.verdict, item.reason = "cannot-move", "never admitted: no bandwidth share fits its policy"
+            break
+        now, finished = heapq.heappop(ends)
+        ledger.remove(finished)
+        while ends and ends[0][0] <= now:
+            ledger.remove(heapq.heappop(ends)[1])
+    return round(last_end, 3)
+
+
+def median_rate(rates: Sequence[float]) -> float:
+    return statistics.median(rates) if rates else 0.0
+
+
+def relative_error(predicted: float, actual: float) -> float:
+    return math.inf if actual <= 0 else (actual - predicted) / actual
