@@ -217,6 +217,10 @@ class Lmo:
         await self.http.aclose()
 
 
+def migration_request(vm: str, destination: str, args: argparse.Namespace) -> dict[str, Any]:
+    return {"vm": vm, "destination": destination, "params": {"max_bandwidth_mib_s": args.share}}
+
+
 def vm_spec(index: int, rng: random.Random) -> VmSpec:
     memory, wss, rate, _ = rng.choices(MIX, weights=[m[3] for m in MIX])[0]
     return VmSpec(name=f"vm{index:06d}", memory_mib=memory, workload={"wss_mib": wss, "rate_mib_s": rate})
@@ -251,7 +255,7 @@ async def seed(lmo: Lmo, first: int, count: int, rng: random.Random, concurrency
 
 
 async def sample_api(lmo: Lmo, vms: list[str], hosts: list[str], rng: random.Random, n: int, tag: str,
-                     next_vm: list[int]) -> dict[str, Any]:  # fmt: skip
+                     next_vm: list[int], share: int) -> dict[str, Any]:  # fmt: skip
     """``n`` of each call, one at a time (latency, not throughput): create VM, create migration,
     list, show."""
     created: list[str] = []
@@ -262,8 +266,8 @@ async def sample_api(lmo: Lmo, vms: list[str], hosts: list[str], rng: random.Ran
         created.append(spec.name)
     migrations: list[str] = []
     for vm in rng.sample(vms, min(n, len(vms))):
-        reply = await lmo.call("create_migration", "POST", "/migrations", ok=(201, 409),
-                               json={"vm": vm, "destination": rng.choice(hosts)})  # fmt: skip
+        request = {"vm": vm, "destination": rng.choice(hosts), "params": {"max_bandwidth_mib_s": share}}
+        reply = await lmo.call("create_migration", "POST", "/migrations", ok=(201, 409), json=request)
         if reply and "id" in reply:
             migrations.append(reply["id"])
     for _ in range(n):
@@ -308,7 +312,7 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
             vm = idle.pop()
             busy.add(vm)
             jobs.append(lambda vm=vm: lmo.call("create_migration_load", "POST", "/migrations", ok=(201, 409, 502),
-                                               json={"vm": vm, "destination": rng.choice(hosts)}))  # fmt: skip
+                                               json=migration_request(vm, rng.choice(hosts), args)))  # fmt: skip
         await bounded(32, jobs)
         return active
 
@@ -321,7 +325,7 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
         active = await top_up()
         samples.append({"t": round(time.monotonic() - started, 1), "active": active})
         if not api and time.monotonic() - started > args.duration / 3:
-            api = await sample_api(lmo, vms, hosts, rng, args.samples, "concurrent migrations", next_vm)
+            api = await sample_api(lmo, vms, hosts, rng, args.samples, "concurrent migrations", next_vm, args.share)
         await asyncio.sleep(1.0)
     elapsed = time.monotonic() - started
     cpu1, finished1 = harness.cpu(), (await counts(lmo)).get("finished", 0)
@@ -407,7 +411,7 @@ async def wave_phase(lmo: Lmo, harness: Harness, hosts: list[str], args: argpars
     wave_hosts = sorted(rng.sample(hosts, max(1, int(len(hosts) * args.wave))))
     limits = {"per_host_outbound": args.wave_outbound, "per_host_inbound": args.wave_inbound,
               "region_total": args.concurrent}  # fmt: skip
-    request = {"hosts": wave_hosts, "limits": limits, "measure": False}
+    request = {"hosts": wave_hosts, "limits": limits, "measure": False, "params": {"max_bandwidth_mib_s": args.share}}
     started = time.perf_counter()
     plan = await lmo.call("plan", "POST", "/evacuations/plan", json=request)
     plan_s = time.perf_counter() - started
@@ -417,17 +421,15 @@ async def wave_phase(lmo: Lmo, harness: Harness, hosts: list[str], args: argpars
     if not args.run_wave:
         return {"hosts": len(wave_hosts), "vms": plan["vms"], "plan_s": round(plan_s, 2),
                 "plan_measured_s": round(measured_s, 2), "predicted_s": plan["total_s"]}  # fmt: skip
+    before = await counts(lmo)  # earlier phases' migrations: not the wave's
     started = time.monotonic()
     evacuation = await lmo.call("wave", "POST", "/evacuations", json={**request, "measure": False})
     progress: list[dict[str, Any]] = []
     while True:
         c = await counts(lmo)
-        progress.append(
-            {
-                "t": round(time.monotonic() - started, 1),
-                **{k: c.get(k, 0) for k in ("Pending", "active", "Succeeded", "Failed", "Aborted")},
-            }
-        )
+        progress.append({"t": round(time.monotonic() - started, 1),
+                         **{k: c.get(k, 0) - before.get(k, 0) for k in
+                            ("Pending", "active", "Succeeded", "Failed", "Aborted")}})  # fmt: skip
         if not c.get("active", 0):
             break
         await asyncio.sleep(1.0)
@@ -508,7 +510,9 @@ async def run_fleet(args: argparse.Namespace, workdir: Path, hosts: int, vms: in
             result["lmo_rss_mib"] = round(rss_mib(first.pid), 1)
             names = [f"vm{i:06d}" for i in range(vms)]
             next_vm = [vms]
-            result["api_idle"] = await sample_api(lmo, names, host_names, rng, args.samples, "idle", next_vm)
+            result["api_idle"] = await sample_api(
+                lmo, names, host_names, rng, args.samples, "idle", next_vm, args.share
+            )
             await drain(lmo, 600)
             if not full:
                 return result
@@ -541,7 +545,8 @@ def main() -> int:
     parser.add_argument("--step-concurrency", type=int, default=32)
     parser.add_argument("--backlog", type=int, default=3000, help="migrations of the throughput phase")
     parser.add_argument("--window", type=float, default=60.0, help="seconds the throughput is measured over")
-    parser.add_argument("--speed", type=float, default=20.0, help="simulated seconds per real second")
+    parser.add_argument("--speed", type=float, default=1.0, help="simulated seconds per real second")
+    parser.add_argument("--share", type=int, default=128, help="MiB/s each migration may use (max-bandwidth)")
     parser.add_argument("--failure-rate", type=float, default=0.01)
     parser.add_argument("--host-memory", type=int, default=65536, help="MiB each host offers")
     parser.add_argument("--host-bandwidth", type=int, default=1024, help="MiB/s each host reserves for migrations")

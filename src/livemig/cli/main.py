@@ -549,6 +549,7 @@ def evacuate(
         bool, typer.Option("--plan", help="only predict: where each VM goes, when, how long; nothing moves")
     ] = False,
     measure: Annotated[bool, typer.Option(help="ask the hosts for each VM's dirty rate first (about 1 s)")] = False,
+    max_bandwidth: Annotated[int | None, typer.Option(min=1, help="MiB/s one migration may use at most")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the final report as JSON")] = False,
     url: Url = None,
     state_dir: StateDir = None,
@@ -564,7 +565,8 @@ def evacuate(
 
     limits = ConcurrencyLimits(per_host_outbound=per_host_outbound, per_host_inbound=per_host_inbound,
                                region_total=region_total)  # fmt: skip
-    request = WaveRequest(hosts=hosts, limits=limits, measure=measure)
+    params = MigrationParams() if max_bandwidth is None else MigrationParams(max_bandwidth_mib_s=max_bandwidth)
+    request = WaveRequest(hosts=hosts, limits=limits, params=params, measure=measure)
     label = hosts[0] if len(hosts) == 1 else f"{len(hosts)} hosts"
     with lmo(url, state_dir) as client:
         if plan:

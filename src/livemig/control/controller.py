@@ -62,7 +62,7 @@ PASS_HISTORY = 512
 # replica holding N of them observes each at most every N x OBSERVE_COST_S seconds (at most every
 # MAX_OBSERVE_INTERVAL_S), so its passes stay short however many it holds; with a few, every pass
 OBSERVING = frozenset({Phase.PRECOPY, Phase.SWITCHOVER, Phase.CUTTING_OVER})
-OBSERVE_COST_S = 0.002
+OBSERVE_COST_S = 0.005
 MAX_OBSERVE_INTERVAL_S = 2.0
 # an observation that changed only QEMU's latest numbers (the last sample) is saved at most every
 # N x SAVE_COST_S seconds (at most every MAX_SAVE_INTERVAL_S): with a few migrations, every step

@@ -39,7 +39,7 @@ from livemig.wire.lmo import (
 
 #: finished migrations the planner learns overheads and bandwidth from
 CALIBRATION_WINDOW = 200
-#: dirty-rate measurements in flight at once (each waits about a second on its guest)
+#: hosts asked for dirty rates at once (each measures its VMs together, in about a second)
 MEASURE_CONCURRENCY = 256
 
 
@@ -119,22 +119,27 @@ def _assign(store: Store, hosts: list[str], vms: list[VmFacts]) -> list[PlannedM
 
 
 async def _measure(services: Services, request: WaveRequest) -> int:
-    """Ask the hosts for the dirty rate of every VM whose rate is unknown or stale; remember them."""
+    """Ask each host once for the dirty rates of its VMs whose rate is unknown or stale (hostd
+    measures them at the same time); remember them. A host that does not answer leaves its VMs
+    planned with the fleet's median, and the plan says so."""
     cutoff = utcnow() - timedelta(seconds=request.max_rate_age_s)
-    stale = [v for v in services.store.vm_facts(request.hosts)
-             if v.dirty_rate_at is None or _aware(v.dirty_rate_at) < cutoff]  # fmt: skip
+    stale: dict[str, list[str]] = {}
+    for vm in services.store.vm_facts(request.hosts):
+        if vm.dirty_rate_at is None or _aware(vm.dirty_rate_at) < cutoff:
+            stale.setdefault(vm.host, []).append(vm.name)
     gate = asyncio.Semaphore(MEASURE_CONCURRENCY)
 
-    async def one(vm: VmFacts) -> bool:
+    async def one(host: str, names: list[str]) -> int:
         async with gate:
             try:
-                reply = await services.host(vm.host).run(hostd.dirty_rate(vm.name))
+                replies = await services.host(host).run(hostd.dirty_rates(names))
             except LivemigError:
-                return False  # planned with the fleet's median instead, and it says so
-            services.store.record_dirty_rate(vm.name, reply.dirty_rate_mib_s, reply.measured_at, "measured")
-            return True
+                return 0
+            for reply in replies:
+                services.store.record_dirty_rate(reply.vm, reply.dirty_rate_mib_s, reply.measured_at, "measured")
+            return len(replies)
 
-    return sum(await asyncio.gather(*(one(vm) for vm in stale)))
+    return sum(await asyncio.gather(*(one(host, names) for host, names in stale.items())))
 
 
 def _aware(at: datetime) -> datetime:

@@ -68,6 +68,8 @@ from livemig.model.vm import NbdExport, VmSpec
 ADMISSION_LOCK = 0x6C6D6F01
 #: how many ids one ``IN (...)`` list carries
 CHUNK = 500
+#: how many migrations one transaction saves at most
+SAVE_BATCH = 64
 
 
 class Base(DeclarativeBase):
@@ -609,10 +611,14 @@ class Store:
             return _save(c, migration, owner) is not None
 
     def save_migrations(self, migrations: Sequence[Migration], owner: str) -> list[int | None]:
-        """Save many in one transaction (a controller pass's results): each one's new version,
-        or None where ``owner`` no longer holds its lease."""
-        with self.transaction() as c:
-            return [_save(c, m, owner) for m in migrations]
+        """Save many (a controller pass's results), SAVE_BATCH to a transaction: each one's new
+        version, or None where ``owner`` no longer holds its lease. (Batches, so that SQLite's one
+        writer is never held long by the controller while an API request waits.)"""
+        versions: list[int | None] = []
+        for start in range(0, len(migrations), SAVE_BATCH):
+            with self.transaction() as c:
+                versions.extend(_save(c, m, owner) for m in migrations[start : start + SAVE_BATCH])
+        return versions
 
     def save_migration_versioned(self, migration: Migration, owner: str) -> int | None:
         """Save while ``owner`` holds the lease; the new version, or None if the lease was lost."""

@@ -428,6 +428,19 @@ class HostAgent:
             measured_at=datetime.now(UTC),
         )
 
+    async def dirty_rates(self, names: list[str] | None, seconds: float = 1.0) -> list[DirtyRateReply]:
+        """The dirty rates of several VMs (all of them without ``names``), measured at the same
+        time: a wave's planner asks each host once, not each VM. A VM that is gone or whose QEMU
+        cannot measure is left out."""
+        chosen = sorted(self.vms) if names is None else [n for n in names if n in self.vms]
+        replies = await asyncio.gather(*(self.dirty_rate(n, seconds) for n in chosen), return_exceptions=True)
+        for name, reply in zip(chosen, replies, strict=True):
+            if isinstance(reply, BaseException) and not isinstance(reply, LivemigError):
+                raise reply
+            if isinstance(reply, LivemigError):
+                log.warning("VM %s: no dirty rate: %s", name, reply.message)
+        return [r for r in replies if isinstance(r, DirtyRateReply)]
+
     async def guest_check(self, name: str) -> tuple[bool, str]:
         return await self._run_check(name, self.runtime.memory_check)
 

@@ -116,6 +116,12 @@ async def host(agent: AgentDep) -> HostInfo:
     return agent.info()
 
 
+@router.post("/host/dirty-rates")
+async def dirty_rates(agent: AgentDep, names: list[str] | None = None, seconds: float = 1.0) -> list[DirtyRateReply]:
+    """The dirty rates of this host's VMs (``names``: only those), measured at the same time."""
+    return await agent.dirty_rates(names, seconds)
+
+
 @router.get("/vms")
 async def list_vms(agent: AgentDep) -> list[VmStatus]:
     return [await agent.status(name) for name in sorted(agent.vms)]

@@ -187,6 +187,11 @@ def dirty_rate(name: str, seconds: float = 1.0) -> Call[DirtyRateReply]:
                 timeout=seconds + 30.0)  # fmt: skip
 
 
+def dirty_rates(names: list[str] | None = None, seconds: float = 1.0) -> Call[list[DirtyRateReply]]:
+    return call("POST", "/host/dirty-rates", list[DirtyRateReply], params={"seconds": seconds},
+                json=names, timeout=seconds + 60.0)  # fmt: skip
+
+
 #: a guest check may wait for the guest to answer; give it longer than a plain call
 CHECK_TIMEOUT_S = 90.0
 
