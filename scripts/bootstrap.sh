@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio libnbd-bin gcc libc6-dev iproute2)
+PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio libnbd-bin gcc libc6-dev iproute2 openssl curl chromium chromium-driver fonts-dejavu-core mmdebstrap e2fsprogs dosfstools mtools gdisk syslinux syslinux-common systemd-boot-efi ovmf seabios openssh-client)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

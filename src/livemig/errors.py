@@ -13,6 +13,9 @@ CLI prints a one-line message for any ``LivemigError`` instead of a stack trace:
     ├── GuestError          500     the guest workload did not answer or reported a failure
     ├── StateError          500     a persisted record is corrupt, torn, or from a newer livemig
     ├── InjectedFault       500     a fault point armed by a test or a chaos plan fired
+    ├── CredentialError     500     a certificate or key is missing, malformed or not of this region
+    ├── Unauthenticated     401     the caller proved no identity
+    ├── Forbidden           403     the caller's identity (role) may not do this
     └── BootstrapError      -       a prerequisite (package, image) is missing on this machine
 """
 
@@ -82,3 +85,19 @@ class InjectedFault(LivemigError):
 
 class BootstrapError(LivemigError):
     """The machine lacks a prerequisite (a Debian package, the guest image)."""
+
+
+class CredentialError(LivemigError):
+    """A certificate or key is missing, malformed, expired, or not issued by this region's CA."""
+
+
+class Unauthenticated(LivemigError):
+    """The caller proved no identity (no credential, or one that is not valid)."""
+
+    http_status = 401
+
+
+class Forbidden(LivemigError):
+    """The caller is known, but its role may not do this (a valid certificate of the wrong role)."""
+
+    http_status = 403

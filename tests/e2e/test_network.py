@@ -201,47 +201,54 @@ def test_flow_state_moves_with_the_vm(region: Region, net: LmoClient, tmp_path, 
     allow no new connection from that server, so its lines reach the guest only through the
     conntrack entry. The server talks first and the guest only answers: without the entry on the
     new host the server's lines are dropped there (counted as denied ingress) and the connection
-    stalls, until the guest itself sends again (a retransmission is egress, which re-creates the
-    entry, so how long the stall lasts depends on timing; the drops do not)."""
-    here = net.vm("netvm").host
-    there = "B" if here == "A" else "A"
+    stalls, until the guest itself sends again (its own packet is egress, which re-creates the
+    entry)."""
     config = region.load()
     assert config is not None
-    destination_switch = VswitchClient(next(h.vswitch_url for h in config.hosts if h.name == there))
+    switches = {h.name: VswitchClient(h.vswitch_url) for h in config.hosts}
 
-    def denied() -> int:
-        return int(destination_switch.counters().switch.get("denied_ingress", 0))
+    def denied(host: str) -> int:
+        return int(switches[host].counters().switch.get("denied_ingress", 0))
 
     faulty = {"lmo": "lmo.flow_sync=hold", "host": "hostd.flow_sync=hold"} if not flow_sync else {}
     if faulty:
         region.restart_lmo(faults=faulty["lmo"])
-        region.kill_host(here)
-        region.restart_host(here, faults=faulty["host"])
+        for host in switches:
+            region.kill_host(host)
+            region.restart_host(host, faults=faulty["host"])
     try:
         stop = tmp_path / "stop"
         server = in_gateway("tcp-serve", GATEWAY_IP, "8000", "--interval-ms", "10", "--stop-file", str(stop))
         time.sleep(0.5)
         net.console_input("netvm", f"tcpclient {GATEWAY_IP} 8000 0")
         time.sleep(1.5)
-        denied_before = denied()
-        migrate(net, there)
-        time.sleep(3)
+        # Without the flow state, a server line that reaches the new host before the guest's own
+        # next packet (which re-creates the entry) is denied there. Whether one does in a given
+        # migration depends on timing, so the unsynced case may move the VM up to three times;
+        # the synced one moves it three times and must never see a denial.
+        dropped_per_move: list[int] = []
+        for _move in range(3):
+            there = "B" if net.vm("netvm").host == "A" else "A"
+            before = denied(there)
+            migrate(net, there)
+            time.sleep(3)
+            dropped_per_move.append(denied(there) - before)
+            if not flow_sync and dropped_per_move[-1] > 0:
+                break
         result = finish(server, stop)
-        dropped = denied() - denied_before
         stats = guest_stats(net, "tcpstats", "TCPSTATS")
         print(f"flow sync {'on' if flow_sync else 'off'}: server {result}, guest {stats}, "
-              f"denied on {there}: {dropped}")  # fmt: skip
+              f"denied on the new host per move: {dropped_per_move}")  # fmt: skip
         if flow_sync:
             assert result["error"] is None and result["received"] >= result["sent"] - 5 > 100, result
             assert result["max_gap_ms"] < 2000
-            assert dropped == 0, "with the flow state moved, nothing of the connection is denied on the new host"
+            assert dropped_per_move == [0, 0, 0], "with the flow state moved, nothing is denied on a new host"
         else:
-            assert dropped > 0, "without the flow state the server's lines are dropped on the new host"
+            assert max(dropped_per_move) > 0, "without the flow state the server's lines are dropped on the new host"
     finally:
         net.console_input("netvm", "tcpclient stop")
         if faulty:
             region.restart_lmo()
-            here_now = net.vm("netvm").host
-            for host in {here, here_now}:
+            for host in switches:
                 region.kill_host(host)
                 region.restart_host(host)

@@ -15,11 +15,11 @@ from rich.console import Console
 from rich.table import Table
 
 from livemig.errors import LivemigError
-from livemig.model.migration import ConcurrencyLimits, MigrationParams, Phase
+from livemig.model.migration import ConcurrencyLimits, Migration, MigrationParams, Phase
 from livemig.model.vm import VmSpec, WorkloadSpec
 from livemig.region.local import Region, default_state_dir
 from livemig.wire import lmo as wire_lmo
-from livemig.wire.lmo import EvacuationReport, LmoClient, NetKind, VmView
+from livemig.wire.lmo import Evacuation, EvacuationReport, LmoClient, NetKind, VmView
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 vm_app = typer.Typer(no_args_is_help=True, help="Create, inspect and delete VMs.")
@@ -211,6 +211,7 @@ def up(
     config = region.up(tuple(h.strip() for h in hosts.split(",") if h.strip()), accel=accel, db_url=db,
                        netns=netns, migration_bandwidth_mib_s=migration_bandwidth)  # fmt: skip
     out.print(f"region up in {region.state_dir}: LMO {config.lmo_url}")
+    out.print(f"  dashboard {config.lmo_url}/ui")
     for host in config.hosts:
         where = f", netns {host.netns}" if host.netns else ""
         out.print(f"  host {host.name}: API {host.url}, migration address {host.migration_address}{where}")
@@ -531,6 +532,32 @@ def migrations_show(
             out.print(stats_line(m))
 
 
+@migrations_app.command("plot")
+def migrations_plot(
+    migration_id: str,
+    output: Annotated[Path, typer.Option("-o", "--output", help="the picture: FILE.png or FILE.svg")],
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Draw a migration's phase timeline, pre-copy chart and pause to a PNG or SVG file."""
+    from livemig import plots
+
+    fmt = plots.format_for(output)  # a bad name is refused before anything is asked or drawn
+    with lmo(url, state_dir) as client:
+        m = client.migration(migration_id)
+    plots.write(output, plots.migration_report(m, fmt))
+    out.print(f"migration {m.id} ({m.phase.value}) drawn to {output}")
+
+
+def _plot_evacuation(path: Path, evacuation: Evacuation, migrations: list[Migration], console: Console) -> None:
+    from livemig import plots
+
+    title = f"evacuation {evacuation.id} of {evacuation.host}"
+    limit = evacuation.limits.region_total
+    plots.write(path, plots.evacuation_chart(migrations, title, plots.format_for(path), limit=limit))
+    console.print(f"evacuation {evacuation.id} drawn to {path}")
+
+
 @migrations_app.command("cancel")
 def migrations_cancel(migration_id: str, url: Url = None, state_dir: StateDir = None) -> None:
     """Cancel a migration; the VM keeps running on its source."""
@@ -551,6 +578,7 @@ def evacuate(
     measure: Annotated[bool, typer.Option(help="ask the hosts for each VM's dirty rate first (about 1 s)")] = False,
     max_bandwidth: Annotated[int | None, typer.Option(min=1, help="MiB/s one migration may use at most")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the final report as JSON")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="draw the migrations to FILE.png or FILE.svg")] = None,
     url: Url = None,
     state_dir: StateDir = None,
 ) -> None:
@@ -563,6 +591,10 @@ def evacuate(
     from livemig.control.evacuation import peak_concurrency
     from livemig.wire.lmo import WaveRequest
 
+    if plot is not None:
+        from livemig.plots import format_for
+
+        format_for(plot)  # refused before the host is put in maintenance
     limits = ConcurrencyLimits(per_host_outbound=per_host_outbound, per_host_inbound=per_host_inbound,
                                region_total=region_total)  # fmt: skip
     params = MigrationParams() if max_bandwidth is None else MigrationParams(max_bandwidth_mib_s=max_bandwidth)
@@ -600,6 +632,8 @@ def evacuate(
                 live.update(render(report))
         peaks = {"outbound": peak_concurrency(report.migrations, "source"),
                  "inbound": peak_concurrency(report.migrations, "destination")}  # fmt: skip
+        if plot is not None:
+            _plot_evacuation(plot, evacuation, report.migrations, err if as_json else out)
         stuck = [i for i in evacuation.items if not i.migration]
         failed = [m for m in report.migrations if m.phase is not Phase.SUCCEEDED]
         if as_json:
@@ -679,6 +713,34 @@ def image_build(
     with err.status("building the guest image") as status:
         image = build_image(cache, force=force, progress=lambda msg: status.update(msg))
     out.print(f"kernel {image.kernel}\ninitrd {image.initrd}")
+
+
+@image_app.command("build-disk")
+def image_build_disk(
+    cache: Annotated[Path | None, typer.Option(help="cache directory (default $LIVEMIG_CACHE)")] = None,
+) -> None:
+    """Build the Debian 12 disk image (UEFI + BIOS, cloud-init) that stands in for a user's VM."""
+    import time
+
+    from livemig.guest.distro import build_disk_image
+
+    cache = cache or Path(os.environ.get("LIVEMIG_CACHE") or Path.home() / ".cache" / "livemig")
+    started = time.monotonic()
+    steps: list[str] = []  # only a build reports steps; a cached image comes back silently
+    with err.status("building the Debian disk image") as status:
+
+        def progress(message: str) -> None:
+            steps.append(message)
+            status.update(message[:100])
+
+        image = build_disk_image(cache, progress=progress)
+    took = time.monotonic() - started
+    cached = not steps
+    out.print(
+        f"image {image.path}\n"
+        f"size {image.file_size} bytes qcow2, {image.virtual_size} bytes raw ({image.allocated} allocated)\n"
+        f"took {took:.1f}s" + (f" (cached; the build took {image.build_seconds:.1f}s)" if cached else "")
+    )
 
 
 @app.command()

@@ -22,6 +22,9 @@ from livemig.control.routes import hosts, migrations, netobjects, vms, volumes
 from livemig.control.runner import ControllerThread
 from livemig.control.services import Services
 from livemig.control.store import Store
+from livemig.control.web import dashboard_router
+from livemig.model.host import HostInfo
+from livemig.wire import hostd
 from livemig.wire.base import async_http
 from livemig.wire.lmo import ControllerStatus, PassView
 from livemig.wire.server import install_error_handlers
@@ -70,6 +73,12 @@ def create_app(
     install_error_handlers(app)
     for module in (hosts, vms, migrations, netobjects, volumes):
         app.include_router(module.router)
+
+    async def host_info(name: str) -> HostInfo:
+        services: Services = app.state.services
+        return await services.host(name).run(hostd.info())
+
+    app.include_router(dashboard_router(store, host_info=host_info))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

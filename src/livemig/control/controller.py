@@ -487,8 +487,7 @@ class Controller:
             self._fail(m, Phase.ABORTING, "source hostd restarted during the migration; QEMU did not complete")
 
     def _absorb(self, m: Migration, job: SourceMigrationStatus) -> None:
-        if job.samples:
-            m.last_sample = job.samples[-1]
+        m.record_samples(job.samples)  # the history the dashboard and `migrations plot` draw
         if job.stats is not None:
             m.stats = job.stats
 

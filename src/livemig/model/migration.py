@@ -41,6 +41,20 @@ class Phase(StrEnum):
 TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.CANCELLED, Phase.ABORTED, Phase.FAILED})
 
 
+#: The happy path, in order (the dashboard draws it as steps; rollback phases branch off it).
+FORWARD_PHASES: tuple[Phase, ...] = (
+    Phase.PENDING,
+    Phase.VALIDATING,
+    Phase.PREPARING_TARGET,
+    Phase.SYNCING_FLOWS,
+    Phase.PRECOPY,
+    Phase.SWITCHOVER,
+    Phase.CUTTING_OVER,
+    Phase.CLEANUP,
+    Phase.SUCCEEDED,
+)
+
+
 class ConvergencePolicy(BaseModel):
     """When to give up on pre-copy (see ``livemig.control.policy.judge``)."""
 
@@ -102,6 +116,52 @@ class MigrationSample(BaseModel):
     @property
     def dirty_rate_mib_s(self) -> float:
         return self.dirty_pages_rate * self.page_size / (1024 * 1024)
+
+
+# The pre-copy history a Migration keeps: enough points for a chart, small enough that a
+# 10-minute pre-copy (6,000 readings at hostd's 0.1 s) stays a few tens of KiB in the store, which
+# rewrites the record on every controller pass.
+SAMPLE_CAP = 240
+
+
+def merge_samples(
+    held: list[MigrationSample], new: list[MigrationSample], cap: int = SAMPLE_CAP
+) -> list[MigrationSample]:
+    """``held`` plus the readings of ``new`` taken after its last one, at most ``cap`` of them.
+
+    Why not just the latest ``cap``: a chart drawn after the fact needs the whole pre-copy, so
+    the history is thinned instead, evenly over time. A reading closer than the current spacing
+    (the held span over half the cap) to the one before the newest replaces the newest, so the
+    tail is always the latest reading; a reading that starts a new round is never replaced, so the
+    chart keeps its round boundaries; when the cap is reached anyway every other reading goes.
+    """
+    out = list(held)
+    for sample in sorted(new, key=lambda s: s.at):
+        if out and sample.at <= out[-1].at:
+            continue
+        if len(out) >= 2 and not _starts_round(out[-2], out[-1]):
+            spacing = (out[-1].at - out[0].at).total_seconds() / max(1, cap // 2)
+            if (sample.at - out[-2].at).total_seconds() < spacing:
+                out[-1] = sample
+                continue
+        out.append(sample)
+        if len(out) > cap:
+            out = _thin(out, cap)
+    return out
+
+
+def _starts_round(before: MigrationSample, sample: MigrationSample) -> bool:
+    return sample.dirty_sync_count != before.dirty_sync_count or sample.status != before.status
+
+
+def _thin(samples: list[MigrationSample], cap: int) -> list[MigrationSample]:
+    """Every other reading, keeping the first, the last and each round's first; if rounds alone
+    overflow the cap (a long auto-converge), every other reading regardless."""
+    kept = [s for i, s in enumerate(samples)
+            if i % 2 == 0 or i == len(samples) - 1 or _starts_round(samples[i - 1], s)]  # fmt: skip
+    if len(kept) > cap:
+        kept = [*samples[: len(samples) - 1 : 2], samples[-1]]
+    return kept
 
 
 class MigrationStats(BaseModel):
@@ -172,6 +232,11 @@ class Migration(BaseModel):
     conditions: list[Condition] = Field(default_factory=list)
     stats: MigrationStats = Field(default_factory=MigrationStats)
     last_sample: MigrationSample | None = None
+    samples: list[MigrationSample] = Field(
+        default_factory=list,
+        description=f"pre-copy history for charts: at most {SAMPLE_CAP} samples, thinned evenly over time, "
+        "every round's first sample kept while there is room",
+    )
     incoming_uri: str | None = None
     guest_check: str | None = Field(default=None, description="'ok', 'fail: ...' or None if not run")
     disk_check: str | None = Field(default=None, description="'ok', 'fail: ...' or None if not run")
@@ -197,6 +262,13 @@ class Migration(BaseModel):
 
     def condition(self, type_: ConditionType) -> Condition | None:
         return next((c for c in self.conditions if c.type is type_), None)
+
+    def record_samples(self, new: list[MigrationSample]) -> None:
+        """Add the samples newer than the ones held (hostd reports overlapping windows) and keep
+        the history within ``SAMPLE_CAP``; ``last_sample`` stays the newest reading."""
+        self.samples = merge_samples(self.samples, new)
+        if self.samples:
+            self.last_sample = self.samples[-1]
 
     def set_condition(self, type_: ConditionType, status: bool, reason: str = "") -> None:
         for condition in self.conditions:

@@ -122,8 +122,10 @@ class Blockd:
         self.nbd_port = port
 
     def nbd_uri(self, name: str) -> str:
+        """``nbd://`` or, when the server requires TLS, ``nbds://`` (libnbd's and the NBD URI spec's scheme)."""
         host = f"[{self.nbd_host}]" if ":" in self.nbd_host else self.nbd_host
-        return f"nbd://{host}:{self.nbd_port}/{name}"
+        scheme = "nbds" if self.server is not None and self.server.tls is not None else "nbd"
+        return f"{scheme}://{host}:{self.nbd_port}/{name}"
 
     # --- ExportProvider --------------------------------------------------------------------------
 

@@ -18,14 +18,23 @@ from pathlib import Path
 import uvicorn
 
 from livemig.errors import InvalidRequest
+from livemig.security.pki import LeafFiles, Role
+from livemig.security.tls import ReloadingServerContext, roles_allowed
 from livemig.storage.api import create_app
 from livemig.storage.blockd import Blockd
-from livemig.storage.nbd.server import NbdServer
+from livemig.storage.nbd.server import NbdServer, NbdTls
 
 log = logging.getLogger(__name__)
 
 DEFAULT_API_LISTEN = "127.0.0.1:7410"
 DEFAULT_NBD_LISTEN = "127.0.0.1:10809"
+#: Who may open an export over TLS: a host's QEMU (guest disks) and its hostd (tools on the host).
+NBD_CLIENT_ROLES = (Role.QEMU, Role.HOSTD)
+
+
+def nbd_tls(leaf: LeafFiles) -> NbdTls:
+    """Forced TLS for the NBD server with blockd's leaf; reloaded when the leaf is rotated."""
+    return NbdTls(ReloadingServerContext(leaf).context, authorize=roles_allowed(*NBD_CLIENT_ROLES))
 
 
 def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -62,12 +71,13 @@ async def serve_blockd(
     nbd_listen: str = DEFAULT_NBD_LISTEN,
     *,
     fencing: bool | None = None,
+    tls: LeafFiles | None = None,
 ) -> None:
-    """Serve until cancelled or until uvicorn receives SIGINT/SIGTERM."""
+    """Serve until cancelled or until uvicorn receives SIGINT/SIGTERM; ``tls`` makes NBD forced-TLS."""
     api_host, api_port = parse_listen(api_listen)
     nbd_host, nbd_port = parse_listen(nbd_listen)
     blockd = Blockd(data_dir, fencing=fencing)
-    server = NbdServer(blockd)
+    server = NbdServer(blockd, tls=nbd_tls(tls) if tls is not None else None)
     bound_host, bound_port = await server.start(nbd_host, nbd_port)
     blockd.bind_server(server, bound_host, bound_port)
     config = uvicorn.Config(
@@ -75,8 +85,9 @@ async def serve_blockd(
     )
     api = _ApiServer(config)
     log.info(
-        "blockd: data %s, API http://%s:%d, NBD %s:%d, fencing %s",
-        data_dir, api_host, api_port, bound_host, bound_port, "on" if blockd.fences.enabled else "OFF",
+        "blockd: data %s, API http://%s:%d, NBD %s:%d (%s), fencing %s",
+        data_dir, api_host, api_port, bound_host, bound_port, "TLS required" if tls else "plain",
+        "on" if blockd.fences.enabled else "OFF",
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -101,6 +112,12 @@ async def serve_blockd(
         log.info("blockd stopped")
 
 
-def run_blockd(data_dir: Path, api_listen: str = DEFAULT_API_LISTEN, nbd_listen: str = DEFAULT_NBD_LISTEN) -> None:
+def run_blockd(
+    data_dir: Path,
+    api_listen: str = DEFAULT_API_LISTEN,
+    nbd_listen: str = DEFAULT_NBD_LISTEN,
+    *,
+    tls: LeafFiles | None = None,
+) -> None:
     """Blocking entry point for ``livemig blockd``."""
-    asyncio.run(serve_blockd(data_dir, api_listen, nbd_listen))
+    asyncio.run(serve_blockd(data_dir, api_listen, nbd_listen, tls=tls))

@@ -17,38 +17,51 @@ from typing import Any
 import httpx
 
 from livemig.region.freeport import free_ports
+from livemig.security.pki import LeafFiles
 from livemig.storage.nbd.client import NbdClient
 from livemig.wire.base import sync_http
 
 MIB = 1 << 20
 
+#: How a TLS blockd is started until ``livemig blockd`` takes --tls-cert/--tls-key/--tls-ca:
+#: the same ``run_blockd`` the command calls, given blockd's leaf.
+_TLS_BLOCKD = (
+    "import logging, sys\n"
+    "from pathlib import Path\n"
+    "from livemig.security.pki import leaf_from_paths\n"
+    "from livemig.storage.service import run_blockd\n"
+    "logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')\n"
+    "data, api, nbd, cert, key, ca = sys.argv[1:]\n"
+    "run_blockd(Path(data), api, nbd, tls=leaf_from_paths(Path(cert), Path(key), Path(ca)))\n"
+)
+
 
 class BlockdProcess:
     """One blockd subprocess plus an API client; restartable on the same data dir and ports."""
 
-    def __init__(self, data_dir: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, log_path: Path, env: dict[str, str] | None = None, tls: LeafFiles | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
+        self.tls = tls  # blockd's leaf: its NBD server then requires TLS
         self.api_port, self.nbd_port = free_ports(2)
         self.proc: subprocess.Popen[bytes] | None = None
         self.api = sync_http(30, base_url=f"http://127.0.0.1:{self.api_port}")  # raw: tests send bad requests too
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        api, nbd = f"127.0.0.1:{self.api_port}", f"127.0.0.1:{self.nbd_port}"
+        if self.tls is None:
+            argv = [sys.executable, "-m", "livemig.cli.main", "blockd",
+                    "--data-dir", str(self.data_dir), "--listen", api, "--nbd-listen", nbd]  # fmt: skip
+        else:
+            leaf = self.tls
+            argv = [sys.executable, "-c", _TLS_BLOCKD, str(self.data_dir), api, nbd,
+                    str(leaf.cert), str(leaf.key), str(leaf.ca)]  # fmt: skip
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "livemig.cli.main",
-                "blockd",
-                "--data-dir",
-                str(self.data_dir),
-                "--listen",
-                f"127.0.0.1:{self.api_port}",
-                "--nbd-listen",
-                f"127.0.0.1:{self.nbd_port}",
-            ],
+            argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,

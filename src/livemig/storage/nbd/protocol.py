@@ -3,8 +3,8 @@
 Why pure: the server, the test client, the fault-injection proxy and the fuzz tests all speak the
 same bytes, so every magic number and struct layout lives here once and can be tested without a
 socket. Only the subset blockd needs is modelled: fixed newstyle negotiation, ``NBD_OPT_GO`` /
-``NBD_OPT_INFO`` / ``NBD_OPT_EXPORT_NAME``, simple replies and structured replies (compact
-headers; no extended headers, no block status).
+``NBD_OPT_INFO`` / ``NBD_OPT_EXPORT_NAME``, ``NBD_OPT_STARTTLS`` in forced mode (:func:`tls_gate`),
+simple replies and structured replies (compact headers; no extended headers, no block status).
 
 The request decoder (:func:`decode_request`) is the one place a client's bytes are judged. It
 either returns a request plus an optional *rejection* (an NBD errno the server answers with, the
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from enum import IntEnum, IntFlag
+from enum import Enum, IntEnum, IntFlag
 
 from livemig.errors import LivemigError
 
@@ -397,6 +397,41 @@ def decode_info_reply(data: bytes, into: ExportInfo | None) -> ExportInfo | None
 def encode_export_name_reply(size: int, flags: TransmissionFlag, no_zeroes: bool) -> bytes:
     """Reply to ``NBD_OPT_EXPORT_NAME`` (the old way in, with no room for an error)."""
     return _EXPORT_NAME_REPLY.pack(size, int(flags)) + (b"" if no_zeroes else ZEROES_124)
+
+
+class TlsGate(Enum):
+    """What a server in forced-TLS mode does with one option (see :func:`tls_gate`)."""
+
+    PASS = "pass"  # answer the option as usual
+    START = "start"  # acknowledge STARTTLS, then hand the connection to the TLS handshake
+    REQUIRE = "require"  # answer NBD_REP_ERR_TLS_REQD: TLS first
+    ALREADY = "already"  # a second STARTTLS: NBD_REP_ERR_INVALID
+    CLOSE = "close"  # NBD_OPT_EXPORT_NAME before TLS: it cannot carry an error, so drop the connection
+
+
+def tls_gate(option: int, *, tls_active: bool) -> TlsGate:
+    """The forced-TLS rule of the NBD spec ("TLS support", FORCEDTLS), for a server that requires TLS.
+
+    Before TLS, only STARTTLS and ABORT are allowed; every other option (GO and INFO included, and
+    options the server does not know) is answered with ``NBD_REP_ERR_TLS_REQD``, except
+    ``NBD_OPT_EXPORT_NAME``, whose reply has no room for an error: the server closes. After TLS,
+    a repeated STARTTLS is ``NBD_REP_ERR_INVALID``. A server that offers no TLS does not ask.
+    """
+    if option == Option.STARTTLS:
+        return TlsGate.ALREADY if tls_active else TlsGate.START
+    if tls_active or option == Option.ABORT:
+        return TlsGate.PASS
+    if option == Option.EXPORT_NAME:
+        return TlsGate.CLOSE
+    return TlsGate.REQUIRE
+
+
+def option_name(option: int) -> str:
+    """``go`` for 7, as qemu and libnbd print options; the number for unknown ones."""
+    try:
+        return Option(option).name.lower()
+    except ValueError:
+        return str(option)
 
 
 # --- transmission: requests ---------------------------------------------------------------------

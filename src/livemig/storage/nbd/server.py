@@ -10,6 +10,16 @@ framing ends that connection only (one log line, no stack trace); requests that 
 get an NBD error reply and the connection goes on. A client vanishing mid-request is fine: the
 I/O already started finishes, and only then is the connection's file descriptor closed.
 
+TLS (optional, :class:`NbdTls`): with a TLS context the server is in the spec's *forced* TLS mode
+(:func:`protocol.tls_gate`): before ``NBD_OPT_STARTTLS`` every option but STARTTLS and ABORT is
+answered ``NBD_REP_ERR_TLS_REQD``, ``NBD_OPT_EXPORT_NAME`` closes the connection, and after it a
+second STARTTLS is ``NBD_REP_ERR_INVALID``. The context decides who may connect (it requires a
+client certificate of the region CA); a failed handshake closes the connection. ``authorize``
+then looks at the verified peer certificate (blockd: its role) and may refuse the export with
+``NBD_REP_ERR_POLICY``. The handshake runs on asyncio's ``start_tls``, so after it the same
+``_Connection`` parses decrypted bytes exactly as it parses plain ones. Without a context,
+STARTTLS is unsupported (``NBD_REP_ERR_UNSUP``) and everything else is as before.
+
 Performance (measured, see ``bench/blockd.py``): a Protocol rather than streams, because a client
 with many requests in flight delivers several per ``recv``; they are all parsed from one buffer
 and their replies leave in one ``writelines`` (one ``send`` instead of one per reply - the send
@@ -29,7 +39,9 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 from livemig.errors import LivemigError
@@ -107,6 +119,20 @@ class ExportSession(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class NbdTls:
+    """Forced TLS: the server context (client certificates required) and an optional peer check.
+
+    ``authorize`` gets the verified peer certificate (DER) and returns None to admit the client or
+    a message saying why not; the message is sent with ``NBD_REP_ERR_POLICY`` to its export
+    requests (so ``nbdinfo``/qemu print it) and logged.
+    """
+
+    context: ssl.SSLContext
+    authorize: Callable[[bytes], str | None] | None = None
+    handshake_timeout: float = 10.0
+
+
 class ExportProvider(Protocol):
     def open_export(self, name: str) -> ExportSession:
         """Open ``name`` for one connection or raise :class:`ExportRefused`."""
@@ -127,8 +153,10 @@ class NbdServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         inline_read_max: int = INLINE_READ_MAX,
         inline_write_max: int = INLINE_WRITE_MAX,
+        tls: NbdTls | None = None,
     ) -> None:
         self.provider = provider
+        self.tls = tls
         self.max_payload = max_payload
         self.handshake_timeout = handshake_timeout
         self.inline_read_max = inline_read_max
@@ -137,13 +165,14 @@ class NbdServer:
         self._connections: set[_Connection] = set()
         self.protocol_errors = 0
         self.connections_total = 0
+        self.tls_failures = 0
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen; returns the bound address (``port=0`` picks a free port)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
         bound = self._server.sockets[0].getsockname()
-        log.info("NBD server listening on %s:%d", bound[0], bound[1])
+        log.info("NBD server listening on %s:%d%s", bound[0], bound[1], " (TLS required)" if self.tls else "")
         return str(bound[0]), int(bound[1])
 
     async def close(self) -> None:
@@ -176,7 +205,7 @@ class NbdServer:
 
 
 # handshake states
-_FLAGS, _OPTION_HEADER, _OPTION_DATA, _TRANSMISSION = range(4)
+_FLAGS, _OPTION_HEADER, _OPTION_DATA, _TLS_HANDSHAKE, _TRANSMISSION = range(5)
 
 
 class _Connection(asyncio.Protocol):
@@ -206,6 +235,8 @@ class _Connection(asyncio.Protocol):
         self._timeout: asyncio.TimerHandle | None = None
         self._size = 0
         self._flags = p.TransmissionFlag(0)
+        self.tls_active = False
+        self._refusal: str | None = None  # why ``NbdTls.authorize`` turned this peer away
 
     # --- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -235,7 +266,8 @@ class _Connection(asyncio.Protocol):
             if self._state == _TRANSMISSION:
                 log.info("nbd %s: client closed its side; finishing in-flight requests", self.peer)
             self._shutdown()
-        return True  # keep the transport: in-flight replies still go out, then we close
+        # keep the transport: in-flight replies still go out, then we close (TLS cannot half-close)
+        return not self.tls_active
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -355,6 +387,8 @@ class _Connection(asyncio.Protocol):
     # --- handshake ---------------------------------------------------------------------------------
 
     def _step_handshake(self) -> bool:
+        if self._state == _TLS_HANDSHAKE:
+            return False  # decrypted options wait in the buffer until start_tls has returned
         if self._state == _FLAGS:
             raw = self._take(p.CLIENT_FLAGS_SIZE)
             if raw is None:
@@ -385,6 +419,13 @@ class _Connection(asyncio.Protocol):
     def _answer_option(self, option: int, data: bytes) -> ExportSession | None:
         """Answer one option; a session means: enter transmission. Raises _ClientAborted on ABORT."""
         reply = self._queue
+        if self.server.tls is not None and not self._tls_gate(option, data):
+            return None
+        if self._refusal is not None and option in (p.Option.EXPORT_NAME, p.Option.INFO, p.Option.GO):
+            if option == p.Option.EXPORT_NAME:
+                raise p.ProtocolError(f"NBD_OPT_EXPORT_NAME refused: {self._refusal}")
+            reply(p.encode_option_error(option, p.OptionReply.ERR_POLICY, self._refusal))
+            return None
         if option == p.Option.EXPORT_NAME:
             return self._export_name(data)
         if option == p.Option.ABORT:
@@ -414,6 +455,82 @@ class _Connection(asyncio.Protocol):
             name = str(option)
         reply(p.encode_option_error(option, p.OptionReply.ERR_UNSUP, f"option {name} is not supported by blockd"))
         return None
+
+    # --- TLS ---------------------------------------------------------------------------------------
+
+    def _tls_gate(self, option: int, data: bytes) -> bool:
+        """Forced TLS: True lets the option through; False means it was answered (or TLS begins)."""
+        gate = p.tls_gate(option, tls_active=self.tls_active)
+        if gate is p.TlsGate.PASS:
+            return True
+        if gate is p.TlsGate.CLOSE:
+            raise p.ProtocolError("NBD_OPT_EXPORT_NAME before TLS (this server requires STARTTLS first)")
+        if gate is p.TlsGate.REQUIRE:
+            message = f"TLS negotiation required before option {option} ({p.option_name(option)})"
+            self._queue(p.encode_option_error(option, p.OptionReply.ERR_TLS_REQD, message))
+        elif gate is p.TlsGate.ALREADY:
+            self._queue(p.encode_option_error(option, p.OptionReply.ERR_INVALID, "TLS is already negotiated"))
+        elif data:
+            self._queue(p.encode_option_error(option, p.OptionReply.ERR_INVALID, "NBD_OPT_STARTTLS takes no data"))
+        elif len(self._buf) > self._pos:
+            raise p.ProtocolError("client sent data after NBD_OPT_STARTTLS before the server's reply")
+        else:
+            self._queue(p.encode_option_reply(option, p.OptionReply.ACK))
+            self._state = _TLS_HANDSHAKE
+            if self.transport is not None:
+                self.transport.pause_reading()  # the next bytes are the TLS handshake's, not ours
+            task = asyncio.create_task(self._start_tls())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return False
+
+    async def _start_tls(self) -> None:
+        """Run the TLS handshake on this connection; on success, go on parsing options through TLS."""
+        tls = self.server.tls
+        raw = self.transport
+        assert tls is not None and raw is not None
+        loop = asyncio.get_running_loop()
+        try:
+            if self._closing:
+                raise ConnectionResetError("connection closed before the TLS handshake")
+            transport = await loop.start_tls(
+                raw, self, tls.context, server_side=True, ssl_handshake_timeout=tls.handshake_timeout
+            )
+            if transport is None:
+                raise ConnectionResetError("connection closed during the TLS handshake")
+        except OSError as exc:  # ssl.SSLError, a reset, the handshake timeout
+            self._tls_failed(raw, f"TLS handshake failed, closing: {exc or type(exc).__name__}")
+            return
+        except Exception:  # a bug of ours: still only this connection goes
+            log.exception("nbd %s: internal error in the TLS handshake", self.peer)
+            self._tls_failed(raw, "TLS handshake aborted")
+            return
+        self.transport = transport
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.tls_active = True
+        self._tasks.discard(cast("asyncio.Task[None]", asyncio.current_task()))  # so _shutdown may close now
+        if self._closing:  # aborted (detach, server shutdown) while the handshake ran
+            self._shutdown()
+            return
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if tls.authorize is not None:
+            self._refusal = tls.authorize(der) if der else "no client certificate"
+            if self._refusal is not None:
+                log.warning("nbd %s: TLS peer refused: %s", self.peer, self._refusal)
+        log.info("nbd %s: TLS established (%s)", self.peer, ssl_object.version() if ssl_object else "?")
+        self._state = _OPTION_HEADER
+        self._process()  # options that arrived with the end of the handshake
+
+    def _tls_failed(self, raw: asyncio.Transport, message: str) -> None:
+        """asyncio reports no ``connection_lost`` for a connection whose handshake failed: finish here."""
+        self.server.tls_failures += 1
+        log.warning("nbd %s: %s", self.peer, message)
+        self._closing = self._lost = True
+        raw.abort()
+        if self._timeout is not None:
+            self._timeout.cancel()
+        self._finish()
 
     def _export_flags(self) -> p.TransmissionFlag:
         return BASE_FLAGS | p.TransmissionFlag.SEND_DF if self.structured else BASE_FLAGS
