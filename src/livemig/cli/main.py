@@ -552,7 +552,8 @@ def migrations_plot(
 def _plot_evacuation(path: Path, evacuation: Evacuation, migrations: list[Migration], console: Console) -> None:
     from livemig import plots
 
-    title = f"evacuation {evacuation.id} of {evacuation.host}"
+    hosts = evacuation.hosts or [evacuation.host]
+    title = f"evacuation {evacuation.id} of {hosts[0] if len(hosts) == 1 else f'{len(hosts)} hosts'}"
     limit = evacuation.limits.region_total
     plots.write(path, plots.evacuation_chart(migrations, title, plots.format_for(path), limit=limit))
     console.print(f"evacuation {evacuation.id} drawn to {path}")
