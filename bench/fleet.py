@@ -132,7 +132,7 @@ class Harness:
              "--lmo", self.replicas[0].url, "--listen", f"127.0.0.1:{port}", "--speed", str(args.speed),
              "--failure-rate", str(args.failure_rate), "--memory-mib", str(args.host_memory),
              "--migration-bandwidth", str(args.host_bandwidth), "--report-interval", str(args.report_interval),
-             "--seed", str(args.seed)],
+             "--sample-interval", str(args.sample_interval), "--seed", str(args.seed)],
             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.fleet = Proc("fleet", popen, f"http://127.0.0.1:{port}", log)
@@ -550,7 +550,9 @@ def main() -> int:
     parser.add_argument("--failure-rate", type=float, default=0.01)
     parser.add_argument("--host-memory", type=int, default=65536, help="MiB each host offers")
     parser.add_argument("--host-bandwidth", type=int, default=1024, help="MiB/s each host reserves for migrations")
-    parser.add_argument("--report-interval", type=float, default=30.0, help="seconds between a host's reports")
+    parser.add_argument("--report-interval", type=float, default=300.0, help="seconds between a host's reports")
+    parser.add_argument("--sample-interval", type=float, default=1.0,
+                        help="seconds between hostd's samples of a migration (hostd's own: 0.1)")  # fmt: skip
     parser.add_argument("--seed-concurrency", type=int, default=16)
     parser.add_argument("--samples", type=int, default=300, help="calls of each kind per latency sample")
     parser.add_argument("--wave", type=float, default=0.1, help="fraction of the hosts the wave evacuates")

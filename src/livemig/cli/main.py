@@ -141,6 +141,9 @@ def sim_command(
     speed: Annotated[float, typer.Option(help="simulated seconds per real second")] = 10.0,
     failure_rate: Annotated[float, typer.Option(help="fraction of migrations that fail mid-way")] = 0.0,
     report_interval: Annotated[float, typer.Option(help="seconds between a host's capacity reports")] = 1.0,
+    sample_interval: Annotated[
+        float | None, typer.Option(help="seconds between hostd's samples of a migration (default: hostd's own)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed of the failures")] = 0,
     log_level: LogLevel = "warning",
 ) -> None:
@@ -153,10 +156,13 @@ def sim_command(
 
     if hosts < 1 or memory_mib < 1 or migration_bandwidth < 1 or speed <= 0 or not 0 <= failure_rate <= 1:
         fail("--hosts, --memory-mib, --migration-bandwidth and --speed must be positive, --failure-rate in 0..1")
+    if report_interval <= 0 or (sample_interval is not None and sample_interval <= 0):
+        fail("--report-interval and --sample-interval must be positive")
     _configure_logging(log_level)
     config = FleetConfig(hosts=hosts, listen=listen, prefix=prefix, memory_mib=memory_mib,
                          migration_bandwidth_mib_s=migration_bandwidth, speed=speed, failure_rate=failure_rate,
-                         seed=seed, lmo_url=lmo_url, report_interval_s=report_interval)  # fmt: skip
+                         seed=seed, lmo_url=lmo_url, report_interval_s=report_interval,
+                         sample_interval_s=sample_interval)  # fmt: skip
     asyncio.run(serve(config))
 
 

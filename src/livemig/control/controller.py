@@ -194,11 +194,17 @@ class Controller:
 
             async def bounded(m: Migration) -> bool:
                 async with gate:
-                    return await self._step(m)
+                    try:
+                        return await self._step(m)
+                    except Exception:  # a bug in one migration's step must not hold up the others
+                        log.exception("migration %s: step failed; it is stepped again next pass", m.id)
+                        self._held.pop(m.id, None)  # read it again from the store
+                        return False
 
             changed = await asyncio.gather(*(bounded(m) for m in stepping))
-            # one transaction for the pass's results: a step is idempotent and observes before it
-            # acts, so a result saved at the end of the pass is as safe as one saved at once
+            # the pass's results saved together (a few transactions): a step is idempotent and
+            # observes before it acts, so a result saved at the end of the pass is as safe as one
+            # saved at once (a crash in between is the controller.after.<Phase> fault)
             self._save_all([m for m, save in zip(stepping, changed, strict=True) if save])
         seconds = time.perf_counter() - started
         PASS_SECONDS.observe(seconds)

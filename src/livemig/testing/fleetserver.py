@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from livemig.host import source
 from livemig.host.api import register_with_lmo
 from livemig.testing.fakehost import FakeFleet
 from livemig.testing.fakeqemu import QemuBehaviour
@@ -44,6 +45,7 @@ class FleetConfig:
     seed: int = 0
     lmo_url: str | None = None
     report_interval_s: float = 1.0
+    sample_interval_s: float | None = None  # hostd's query-migrate sampling (None: hostd's own)
     state_dir: Path | None = None
 
     def names(self) -> list[str]:
@@ -90,6 +92,10 @@ async def serve(config: FleetConfig) -> None:
         tmp = tempfile.TemporaryDirectory(prefix="livemig-sim-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
         state = Path(tmp.name)
     config = FleetConfig(**{**config.__dict__, "state_dir": state})
+    if config.sample_interval_s is not None:
+        # hostd samples each outgoing migration's query-migrate every 0.1 s: a host runs one or
+        # two, but this process runs a thousand hosts' (10,000 samples a second)
+        source.SAMPLE_INTERVAL_S = config.sample_interval_s
     started = time.perf_counter()
     fleet, built_mib = build(config)
     build_s = time.perf_counter() - started
