@@ -366,34 +366,46 @@ async def drain(lmo: Lmo, timeout: float) -> None:
         await asyncio.sleep(1.0)
 
 
+async def use_replicas(lmo: Lmo, harness: Harness, prefix: str, count: int, capacity: int,
+                       args: argparse.Namespace) -> None:  # fmt: skip
+    """Run exactly ``count`` replicas named ``prefix``-N with ``capacity`` (the others stop: a
+    replica on the store takes its part of the migrations)."""
+    for proc in [p for p in harness.replicas if not p.name.startswith(prefix)]:
+        proc.stop()
+        harness.replicas.remove(proc)
+    while len(harness.replicas) < count:
+        harness.start_lmo(f"{prefix}-{len(harness.replicas) + 1}", capacity, args.step_concurrency)
+    lmo.urls = [p.url for p in harness.replicas]
+    await asyncio.sleep(6)  # a lease's time: every replica seen by the others, a stopped one's leases free
+
+
+async def cancel_active(lmo: Lmo) -> None:
+    active = await lmo.call("active", "GET", "/migrations", params={"active": True})
+    await bounded(32, [lambda m=m: lmo.call("cancel", "POST", f"/migrations/{m['id']}/cancel", ok=(202, 409))
+                       for m in active])  # fmt: skip
+    lmo.take("active")
+    lmo.take("cancel")
+
+
 async def throughput_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: list[str], rng: random.Random,
                            args: argparse.Namespace, replicas: int) -> dict[str, Any]:  # fmt: skip
-    """A backlog of migrations, driven by ``replicas`` replicas: finished per second, each
-    replica's share and CPU."""
-    while len(harness.replicas) < replicas:
-        harness.start_lmo(f"lmo-{len(harness.replicas) + 1}", args.capacity, args.step_concurrency)
-    lmo.urls = [p.url for p in harness.replicas]
-    await asyncio.sleep(6)  # every replica seen by the others (a lease's time)
+    """A backlog of migrations, driven by ``replicas`` replicas of ``--capacity`` each: finished per
+    second over ``--window`` seconds, each replica's share and CPU; then the rest is cancelled."""
+    await use_replicas(lmo, harness, "tp", replicas, args.capacity, args)
     backlog = rng.sample(vms, min(args.backlog, len(vms)))
     before = {s["replica"]: s["finished"] for s in await controller_passes(lmo, harness)}
-    await bounded(
-        32,
-        [
-            lambda vm=vm: lmo.call(
-                "backlog", "POST", "/migrations", ok=(201, 409, 502), json={"vm": vm, "destination": rng.choice(hosts)}
-            )
-            for vm in backlog
-        ],
-    )
+    jobs = [lambda vm=vm: lmo.call("backlog", "POST", "/migrations", ok=(201, 409, 502),
+                                   json=migration_request(vm, rng.choice(hosts), args)) for vm in backlog]  # fmt: skip
+    await bounded(32, jobs)
     lmo.take("backlog")
     cpu0, started = harness.cpu(), time.monotonic()
     finished0 = (await counts(lmo)).get("finished", 0)
-    window = args.window
-    await asyncio.sleep(window)
+    await asyncio.sleep(args.window)
     elapsed = time.monotonic() - started
     cpu1, finished1 = harness.cpu(), (await counts(lmo)).get("finished", 0)
     status = await controller_passes(lmo, harness)
     shares = {s["replica"]: s["finished"] - before.get(s["replica"], 0) for s in status}
+    await cancel_active(lmo)
     await drain(lmo, 600)
     return {
         "replicas": replicas,
@@ -401,6 +413,7 @@ async def throughput_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
         "finished_per_s": round((finished1 - finished0) / elapsed, 2),
         "finished_by_replica": shares,
         "held_by_replica": {s["replica"]: s["held"] for s in status},
+        "pass_p50_s_by_replica": {s["replica"]: percentile([p["seconds"] for p in s["passes"]], 50) for s in status},
         "cpu_s_per_s": {k: round((cpu1[k] - cpu0.get(k, 0)) / elapsed, 3) for k in cpu1},
     }
 
@@ -493,7 +506,7 @@ async def run_fleet(args: argparse.Namespace, workdir: Path, hosts: int, vms: in
         harness = Harness(workdir, db_url)
         lmo = Lmo([])
         try:
-            first = harness.start_lmo("lmo-1", args.capacity, args.step_concurrency)
+            first = harness.start_lmo("lmo-1", max(2000, 2 * args.concurrent), args.step_concurrency)
             lmo.urls = [first.url]
             fleet = harness.start_fleet(args, hosts, "h")
             result["register_s"] = round(await wait_registered(lmo, fleet, hosts), 1)
@@ -525,6 +538,7 @@ async def run_fleet(args: argparse.Namespace, workdir: Path, hosts: int, vms: in
                 )
                 one, many = result["throughput"][0]["finished_per_s"], result["throughput"][1]["finished_per_s"]
                 result["replica_speedup"] = round(many / one, 2) if one else None
+                await use_replicas(lmo, harness, "wave", 1, max(2000, 2 * args.concurrent), args)
             result["wave"] = await wave_phase(lmo, harness, host_names, args)
             result["lmo_rss_mib_end"] = {p.name: round(rss_mib(p.pid), 1) for p in harness.replicas}
         finally:
