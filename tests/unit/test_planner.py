@@ -61,19 +61,30 @@ def test_a_slowly_converging_guest_is_marked_for_auto_converge() -> None:
 def test_calibration_learns_from_successful_migrations_and_defaults_without_them() -> None:
     assert calibrate([], 12.0) == PlanCalibration(overhead_s=2.0, efficiency=1.0, payload=1.0,
                                                   default_dirty_rate_mib_s=12.0, basis=0)  # fmt: skip
-    start = datetime(2025, 1, 1, tzinfo=UTC)
-    learned = []
-    for i in range(3):
-        m = Migration(id=f"m{i}", vm="vm", source="A", destination="B", reserved_mib_s=100)
-        m.transition(Phase.VALIDATING, at=start)
-        m.transition(Phase.SUCCEEDED, at=start + timedelta(seconds=10))
-        # QEMU: 8 s moving 400 MiB (50 MiB/s of a 100 MiB/s share) of a 1024 MiB guest, no dirtying
-        m.stats = MigrationStats(total_ms=8000, transferred_bytes=400 << 20)
-        m.last_sample = MigrationSample(at=start, status="completed", total_bytes=1024 << 20)
-        learned.append(m)
-    c = calibrate(learned, 0.0)
-    assert (c.overhead_s, c.efficiency, c.basis) == (2.0, 0.5, 3)
+    c = calibrate([finished(i, precopy_s=8.0) for i in range(3)], 0.0)
+    # QEMU: 8 s moving 400 MiB (50 MiB/s of a 100 MiB/s share) of a 1024 MiB guest that dirtied nothing
+    assert (c.overhead_s, c.efficiency, c.time_scale, c.basis) == (2.0, 0.5, 1.0, 3)
     assert c.payload == pytest.approx(400 / 1024, abs=0.001)
+
+
+def test_a_simulated_fleets_faster_clock_is_learned_and_predictions_are_in_the_lmos_seconds() -> None:
+    c = calibrate([finished(i, precopy_s=0.4) for i in range(3)], 0.0)  # QEMU's 8 s went by in 0.4 s
+    assert c.time_scale == pytest.approx(20.0) and c.overhead_s == pytest.approx(9.6)
+    p = predict(1024, 0.0, 100, MigrationParams(), c.model_copy(update={"efficiency": 1.0, "payload": 1.0}))
+    assert p.precopy_s == pytest.approx(10.24) and p.duration_s == pytest.approx(9.6 + 10.24 / 20)
+
+
+def finished(i: int, precopy_s: float) -> Migration:
+    """A migration that took 10 s from admission to success, ``precopy_s`` of them in pre-copy."""
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    m = Migration(id=f"m{i}", vm="vm", source="A", destination="B", reserved_mib_s=100)
+    m.transition(Phase.VALIDATING, at=start)
+    m.transition(Phase.PRECOPY, at=start + timedelta(seconds=0.2))
+    m.transition(Phase.CUTTING_OVER, at=start + timedelta(seconds=0.2 + precopy_s))
+    m.transition(Phase.SUCCEEDED, at=start + timedelta(seconds=10))
+    m.stats = MigrationStats(total_ms=8000, transferred_bytes=400 << 20)
+    m.last_sample = MigrationSample(at=start, status="completed", total_bytes=1024 << 20)
+    return m
 
 
 def planned(n: int, source: str = "A", destinations: tuple[str, ...] = ("B",)) -> list[PlannedMigration]:

@@ -54,7 +54,9 @@ class Prediction:
 
 def predict(memory_mib: int, dirty_mib_s: float, share_mib_s: int, params: MigrationParams,
             calibration: PlanCalibration) -> Prediction:  # fmt: skip
-    """One migration of a guest of ``memory_mib`` dirtying ``dirty_mib_s`` at a ``share_mib_s`` share."""
+    """One migration of a guest of ``memory_mib`` dirtying ``dirty_mib_s`` at a ``share_mib_s`` share:
+    pre-copy in QEMU's seconds, its duration in the LMO's."""
+    scale = max(calibration.time_scale, 1e-6)
     policy = params.policy
     bandwidth = max(share_mib_s * calibration.efficiency, 1e-6)
     payload = max(memory_mib * calibration.payload, 1.0)
@@ -67,14 +69,14 @@ def predict(memory_mib: int, dirty_mib_s: float, share_mib_s: int, params: Migra
             # QEMU throttles the vCPUs until the guest dirties less than the link carries; assume it
             # takes the guest to half the share, then pre-copy converges as for such a guest
             tail = _precopy(payload, memory_mib, share_mib_s * SLOW_RATIO, bandwidth, limit_s)
-            return Prediction(calibration.overhead_s + elapsed + tail[0], elapsed + tail[0], rounds + tail[1],
+            return Prediction(calibration.overhead_s + (elapsed + tail[0]) / scale, elapsed + tail[0], rounds + tail[1],
                               "auto-converge", f"dirties {dirty_mib_s:.0f} MiB/s at a {share_mib_s} MiB/s share: "
                               "converges only with QEMU throttling its vCPUs")  # fmt: skip
-        return Prediction(calibration.overhead_s + elapsed, elapsed, rounds, "abort",
+        return Prediction(calibration.overhead_s + elapsed / scale, elapsed, rounds, "abort",
                           f"dirties {dirty_mib_s:.0f} MiB/s, at least {policy.rate_margin:.0%} of its "
                           f"{share_mib_s} MiB/s share: the policy aborts it after {rounds} rounds")  # fmt: skip
     precopy, rounds = _precopy(payload, memory_mib, dirty_mib_s, bandwidth, limit_s)
-    duration = calibration.overhead_s + precopy
+    duration = calibration.overhead_s + precopy / scale
     if rounds >= MAX_ROUNDS or precopy > budget:
         return Prediction(duration, precopy, rounds, "abort" if not policy.auto_converge else "auto-converge",
                           f"pre-copy would take {precopy:.0f} s, over the {budget:.0f} s budget")  # fmt: skip
@@ -106,31 +108,56 @@ def _span(m: Migration, start: Phase, end: frozenset[Phase]) -> float | None:
 
 
 def calibrate(recent: Sequence[Migration], default_dirty_rate_mib_s: float) -> PlanCalibration:
-    """Overhead, efficiency and payload from recent successful migrations (medians)."""
-    overheads: list[float] = []
+    """Overhead, efficiency, payload and time scale from recent successful migrations.
+
+    QEMU's own numbers (its total time, the bytes it moved) give the efficiency and the payload
+    (medians). How QEMU's seconds relate to the LMO's while pre-copy runs comes from the timeline:
+    pre-copy's span on the LMO's clock against QEMU's total time, fitted as a line when the
+    migrations differ enough in length (the controller notices the end a little late, a constant),
+    else their ratio; on real hosts about 1, in a simulated fleet its speed. The overhead is the
+    rest of each migration's span (Validating to Succeeded), the median."""
     efficiencies: list[float] = []
     payloads: list[float] = []
+    timed: list[tuple[float, float, float]] = []  # QEMU's total s, pre-copy's span, Validating..Succeeded
     for m in recent:
         if m.phase is not Phase.SUCCEEDED or not m.stats.total_ms or not m.reserved_mib_s:
             continue
         total = _span(m, Phase.VALIDATING, frozenset({Phase.SUCCEEDED}))
-        if total is None:
+        precopy = _span(m, Phase.PRECOPY, frozenset({Phase.CUTTING_OVER}))
+        if total is None or precopy is None or precopy <= 0:
             continue
         qemu_s = m.stats.total_ms / 1000
-        overheads.append(max(total - qemu_s, 0.0))
+        timed.append((qemu_s, precopy, total))
         moved_mib = m.stats.transferred_bytes / MIB
         efficiencies.append(min(max(moved_mib / qemu_s / m.reserved_mib_s, 0.05), 1.0))
         memory = (m.last_sample.total_bytes / MIB) if m.last_sample and m.last_sample.total_bytes else None
         dirty = m.last_sample.dirty_rate_mib_s if m.last_sample else 0.0
         if memory:
             payloads.append(min(max((moved_mib - dirty * qemu_s) / memory, 0.05), 1.0))
+    slope = _seconds_per_qemu_second(timed)
+    overheads = [max(total - slope * qemu_s, 0.0) for qemu_s, _precopy, total in timed]
     return PlanCalibration(
         overhead_s=round(statistics.median(overheads), 3) if overheads else DEFAULT_OVERHEAD_S,
         efficiency=round(statistics.median(efficiencies), 3) if efficiencies else DEFAULT_EFFICIENCY,
         payload=round(statistics.median(payloads), 3) if payloads else DEFAULT_PAYLOAD,
         default_dirty_rate_mib_s=round(default_dirty_rate_mib_s, 2),
-        basis=len(overheads),
+        time_scale=round(1 / slope, 3),
+        basis=len(timed),
     )
+
+
+def _seconds_per_qemu_second(timed: Sequence[tuple[float, float, float]]) -> float:
+    """The LMO's seconds per QEMU second during pre-copy: a least-squares line through (QEMU's
+    time, pre-copy's span) when QEMU's times spread, else the median ratio; 1 without data."""
+    if not timed:
+        return 1.0
+    qemu = [t[0] for t in timed]
+    span = [t[1] for t in timed]
+    if len(timed) >= 3 and statistics.pstdev(qemu) > 0.1 * statistics.mean(qemu):
+        slope = statistics.covariance(qemu, span) / statistics.variance(qemu)
+        if slope > 0:
+            return slope
+    return statistics.median(s / q for q, s in zip(qemu, span, strict=True))
 
 
 @dataclass

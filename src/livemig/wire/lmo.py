@@ -170,6 +170,8 @@ class PlanCalibration(BaseModel):
     efficiency: float = Field(description="bandwidth pre-copy achieved, as a fraction of the reserved share")
     payload: float = Field(description="fraction of a guest's RAM that travels (zero pages do not)")
     default_dirty_rate_mib_s: float = Field(description="assumed for VMs whose rate is unknown")
+    time_scale: float = Field(default=1.0, description="QEMU's seconds per second of the LMO's clock while "
+                              "pre-copy runs (about 1 on real hosts; a simulated fleet's speed)")  # fmt: skip
     basis: int = Field(description="finished migrations these were learned from")
 
 
