@@ -45,7 +45,7 @@ def test_a_planned_evacuation_of_four_guests_takes_what_the_plan_said(tmp_path: 
     try:
         with LmoClient(config.lmo_url) as lmo:
             for name in [*CALIBRATION, *WAVE]:
-                lmo.create_vm(workload_vm_spec(memory_mib=192, rate=4, wss_mib=128, name=name), host="A")
+                lmo.create_vm(workload_vm_spec(memory_mib=256, rate=4, wss_mib=128, name=name), host="A")
             for name in [*CALIBRATION, *WAVE]:
                 lmo.wait_for_console(name, "LIVEMIG HB", timeout=180)
             calibration = [lmo.migrate(name, "B", MigrationParams(max_bandwidth_mib_s=SHARE_MIB_S))

@@ -112,7 +112,7 @@ def test_placement_takes_the_most_free_host_and_never_overfills_one(store):
 def test_placement_on_a_named_host_checks_it(store):
     store.upsert_host(host("A", 1024))
     store.upsert_host(host("M", None))  # an older hostd: capacity never reported
-    with pytest.raises(CapacityError, match="host A has 1024 MiB free, VM needs 2048 MiB"):
+    with pytest.raises(CapacityError, match="no host can hold 2048 MiB: host A has 1024 MiB free"):
         store.place_vm(VmSpec(name="big", memory_mib=2048), "A")
     assert store.place_vm(VmSpec(name="big", memory_mib=2048), "M") == "M"  # only when named: its hostd checks
     with pytest.raises(CapacityError):

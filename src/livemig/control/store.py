@@ -413,7 +413,7 @@ class Store:
             if row.maintenance:
                 raise Conflict(f"host {wanted} is in maintenance: no new VMs")
             if c.execute(CLAIM_ROOM, {"host": wanted, "delta": memory}).rowcount != 1:
-                raise CapacityError(f"host {wanted} has {row.free_mib} MiB free, VM needs {memory} MiB",
+                raise CapacityError(f"no host can hold {memory} MiB: host {wanted} has {row.free_mib} MiB free",
                                     host=wanted, free_mib=row.free_mib, needed_mib=memory)  # fmt: skip
             return wanted
         while True:
