@@ -7,8 +7,9 @@ Three pieces, each small enough to check by hand:
   dirtied meanwhile, until a round fits in the downtime limit. Whether the convergence policy
   would give up comes from the same numbers it judges (``control/policy.py``): a guest that dirties
   memory about as fast as the share (``rate_margin``) never converges and is aborted after
-  ``min_rounds`` rounds, unless auto-converge may throttle it; one that needs many rounds or more
-  than the completion budget is marked as likely to need auto-converge.
+  ``min_rounds`` rounds, unless auto-converge may throttle it; one dirtying at least half the share
+  (each round then at most halves what is left) or needing more than the completion budget is
+  marked as likely to need auto-converge.
 - **Calibration** (:func:`calibrate`): what the model cannot know, learned from recent finished
   migrations: the time a migration spends outside pre-copy (preparing the target, cut-over, the
   guest checks, the controller's passes), the bandwidth pre-copy really reaches, and the fraction
@@ -80,7 +81,7 @@ def predict(memory_mib: int, dirty_mib_s: float, share_mib_s: int, params: Migra
     if rounds >= MAX_ROUNDS or precopy > budget:
         return Prediction(duration, precopy, rounds, "abort" if not policy.auto_converge else "auto-converge",
                           f"pre-copy would take {precopy:.0f} s, over the {budget:.0f} s budget")  # fmt: skip
-    if dirty_mib_s >= share_mib_s * SLOW_RATIO or rounds > policy.max_rounds + 2:
+    if dirty_mib_s >= share_mib_s * SLOW_RATIO:
         return Prediction(duration, precopy, rounds, "auto-converge",
                           f"dirties {dirty_mib_s:.0f} MiB/s at a {share_mib_s} MiB/s share: {rounds} rounds; "
                           "auto-converge would shorten it")  # fmt: skip
