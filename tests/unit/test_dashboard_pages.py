@@ -63,7 +63,7 @@ def test_region_page_lists_hosts_vms_and_budgets(api):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     html = page.text
     assert 'data-host="A"' in html and 'data-host="B"' in html and 'data-vm="vm1"' in html
-    assert "512 MiB/s each way" in html and "fake" in html  # budget and the accelerator's reason
+    assert "512 MiB/s each way" in html and "simulated QEMU" in html  # budget and the accelerator's reason
     assert 'id="no-active"' in html and 'data-live="/ui/live"' in html
     live = api.get("/ui/live").json()
     assert set(live["html"]) == {"hosts", "active", "vms", "recent"} and live["final"] is False

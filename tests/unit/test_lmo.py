@@ -306,3 +306,78 @@ def test_bandwidth_admission_queues_instead_of_overcommitting(api):
     started_2 = next(e.at for e in m2.timeline if e.phase is Phase.VALIDATING)
     ended_1 = next(e.at for e in m1.timeline if e.phase is Phase.SUCCEEDED)
     assert started_2 >= ended_1, "the second waited for bandwidth instead of sharing an overcommitted link"
+
+
+def test_placement_asks_no_host_but_the_one_it_chose(api3):
+    """The LMO places from its inventory: creating a VM calls only the host that starts it."""
+    api, fleet = api3
+    for host in fleet.hosts.values():
+        host.calls.clear()
+    created = create_vm(api, name="placed", memory=512, host=None)
+    assert [h.name for h in fleet.hosts.values() if h.calls] == [created["host"]]
+    assert fleet.hosts[created["host"]].calls == ["POST /vms"]
+    inventory = {h["registration"]["name"]: h["inventory"] for h in api.get("/hosts", params={"observe": False}).json()}
+    assert inventory[created["host"]]["placed_mib"] == 512 and inventory[created["host"]]["free_mib"] == 2048 - 512
+
+
+def test_a_host_that_does_not_answer_gets_no_vm_and_keeps_its_room(api3):
+    api, fleet = api3
+    create_vm(api, name="a", memory=1024, host="A")
+    create_vm(api, name="b", memory=512, host="B")  # C is the most free now
+    fleet.hosts["C"].down = True
+    created = create_vm(api, name="placed", memory=256, host=None)
+    assert created["host"] == "B"  # C was chosen, did not answer, and B (next most free) took it
+    inventory = {h["registration"]["name"]: h["inventory"] for h in api.get("/hosts", params={"observe": False}).json()}
+    assert inventory["C"]["placed_mib"] == 0
+
+
+def test_a_plan_predicts_each_vm_and_changes_nothing(api3):
+    api, fleet = api3
+    for i in range(3):
+        create_vm(api, name=f"vm{i}", memory=512, host="A")
+    reply = api.post("/evacuations/plan", json={"hosts": ["A"], "measure": True,
+                                                "limits": {"per_host_outbound": 1, "region_total": 1}})  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    plan = reply.json()
+    assert plan["vms"] == 3 and plan["measured"] == 3 and plan["verdicts"] == {"ok": 3}
+    items = plan["items"]
+    assert {i["destination"] for i in items} <= {"B", "C"} and all(i["dirty_rate_source"] == "measured" for i in items)
+    # one at a time: each starts when the one before it ends
+    starts = sorted(i["start_s"] for i in items)
+    assert starts[0] == 0 and plan["total_s"] == pytest.approx(sum(i["duration_s"] for i in items), rel=1e-3)
+    assert api.get("/migrations").json() == []
+    hosts = {h["registration"]["name"]: h["registration"] for h in api.get("/hosts", params={"observe": False}).json()}
+    assert hosts["A"]["maintenance"] is False
+    assert {name for name in fleet.hosts["A"].vms} == {"vm0", "vm1", "vm2"}
+
+
+def test_a_wave_empties_two_hosts_and_reports_the_plan_beside_what_happened(api3):
+    api, fleet = api3
+    create_vm(api, name="a1", memory=256, host="A")
+    create_vm(api, name="a2", memory=256, host="A")
+    create_vm(api, name="b1", memory=256, host="B")
+    reply = api.post("/evacuations", json={"hosts": ["A", "B"], "limits": {"region_total": 2}})
+    assert reply.status_code == 201, reply.text
+    evacuation = reply.json()
+    assert evacuation["hosts"] == ["A", "B"] and evacuation["plan"]["vms"] == 3
+    assert {i["destination"] for i in evacuation["items"]} == {"C"}
+    deadline = time.monotonic() + 20
+    while not (report := api.get(f"/evacuations/{evacuation['id']}").json())["done"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert all(m["phase"] == "Succeeded" for m in report["migrations"])
+    comparison = report["comparison"]
+    assert comparison["actual_s"] > 0 and comparison["error"] is not None
+    assert {row["vm"]: row["outcome"] for row in comparison["items"]} == dict.fromkeys(("a1", "a2", "b1"), "Succeeded")
+    assert set(fleet.hosts["C"].vms) == {"a1", "a2", "b1"}
+
+
+def test_the_controller_reports_its_replica_and_passes(api):
+    create_vm(api)
+    m = wait_terminal(api, api.post("/migrations", json={"vm": "vm1", "destination": "B"}).json()["id"])
+    assert m.phase is Phase.SUCCEEDED
+    status = api.get("/controller").json()
+    assert status["finished"] == 1 and status["replica"] in status["replicas"]
+    assert status["passes"] and all(p["seconds"] >= 0 for p in status["passes"])
+    counts = api.get("/migrations/counts").json()
+    assert counts["Succeeded"] == 1 and counts["finished"] == 1 and counts["active"] == 0

@@ -1,7 +1,7 @@
 import pytest
 
 from livemig.control.store import Store
-from livemig.errors import Conflict, NotFound
+from livemig.errors import CapacityError, Conflict, NotFound
 from livemig.model import HostRegistration, Migration, Phase, VmSpec
 
 
@@ -88,3 +88,120 @@ def test_terminal_migrations_cannot_be_leased(store):
     m.phase = Phase.SUCCEEDED
     store.save_migration(m)
     assert not store.acquire("m1", "lmo-1", ttl_s=30)
+
+
+def host(name: str, memory: int | None = 4096, used: int | None = 0) -> HostRegistration:
+    return HostRegistration(name=name, api_url=f"http://{name.lower()}:1", migration_address="10.0.0.1",
+                            memory_mib=memory, memory_used_mib=used)  # fmt: skip
+
+
+def test_placement_takes_the_most_free_host_and_never_overfills_one(store):
+    store.upsert_host(host("A", 1024))
+    store.upsert_host(host("B", 2048))
+    placed = [store.place_vm(VmSpec(name=f"vm{i}", memory_mib=512)) for i in range(6)]
+    assert placed == ["B", "B", "B", "A", "B", "A"]  # most free each time (a tie: the later name)
+    assert {c.name: (c.placed_mib, c.free_mib) for c in store.capacities()} == {"A": (1024, 0), "B": (2048, 0)}
+    with pytest.raises(CapacityError, match="no host can hold 512 MiB"):
+        store.place_vm(VmSpec(name="full", memory_mib=512))
+    with pytest.raises(NotFound):
+        store.vm("full")  # nothing recorded
+    store.remove_vm("vm0")
+    assert store.capacity("B").free_mib == 512
+
+
+def test_placement_on_a_named_host_checks_it(store):
+    store.upsert_host(host("A", 1024))
+    store.upsert_host(host("M", None))  # an older hostd: capacity never reported
+    with pytest.raises(CapacityError, match="no host can hold 2048 MiB: host A has 1024 MiB free"):
+        store.place_vm(VmSpec(name="big", memory_mib=2048), "A")
+    assert store.place_vm(VmSpec(name="big", memory_mib=2048), "M") == "M"  # only when named: its hostd checks
+    with pytest.raises(CapacityError):
+        store.place_vm(VmSpec(name="other", memory_mib=2048))  # never chosen by itself
+    store.set_maintenance("A", True)
+    with pytest.raises(Conflict, match="maintenance"):
+        store.place_vm(VmSpec(name="vm", memory_mib=256), "A")
+    with pytest.raises(NotFound):
+        store.place_vm(VmSpec(name="vm", memory_mib=256), "Z")
+
+
+def test_what_a_host_reports_counts_when_it_exceeds_what_the_lmo_placed(store):
+    store.upsert_host(host("A", 4096, used=3000))  # VMs the LMO does not know use memory there
+    assert store.capacity("A").free_mib == 1096
+    store.place_vm(VmSpec(name="vm", memory_mib=1024), "A")
+    store.upsert_host(host("A", None, None))  # re-registration without capacity: keeps what is known
+    assert store.capacity("A").memory_mib == 4096 and store.capacity("A").free_mib == 1096
+
+
+def test_a_migration_reserves_the_destination_until_it_ends_or_moves_the_vm(store):
+    store.upsert_host(host("A", 4096))
+    store.upsert_host(host("B", 1024))
+    store.add_vm(VmSpec(name="vm", memory_mib=1024), "A")
+    store.add_vm(VmSpec(name="vm2", memory_mib=1024), "A")
+    failed = Migration(id="m1", vm="vm", source="A", destination="B")
+    store.add_migration(failed)
+    assert store.capacity("B").free_mib == 0
+    with pytest.raises(CapacityError, match="destination B has 0 MiB free"):
+        store.add_migration(Migration(id="m2", vm="vm2", source="A", destination="B"))
+    failed.phase = Phase.FAILED
+    store.save_migration(failed)
+    store.save_migration(failed)  # a second save of an ended migration releases nothing again
+    assert store.capacity("B").free_mib == 1024 and store.capacity("A").placed_mib == 2048
+    moved = Migration(id="m3", vm="vm", source="A", destination="B")
+    store.add_migration(moved)
+    store.move_vm("vm", "B")  # the cut-over
+    moved.phase = Phase.SUCCEEDED
+    store.save_migration(moved)
+    assert store.capacity("B").placed_mib == 1024 and store.capacity("A").placed_mib == 1024
+    assert store.vm("vm")[1] == "B"
+
+
+def test_replicas_share_the_active_migrations_fairly(store):
+    for i in range(9):
+        store.add_migration(Migration(id=f"m{i}", vm=f"vm{i}", source="A", destination="B"))
+    first = store.claim("lmo-1", ttl_s=30, capacity=100)
+    assert len(first) == 9, "alone, a replica takes all"
+    store.claim("lmo-2", ttl_s=30, capacity=100)  # seen: the next passes share
+    store.claim("lmo-3", ttl_s=30, capacity=100)
+    for _ in range(2):
+        held = {r: len(store.claim(r, ttl_s=30, capacity=100)) for r in ("lmo-1", "lmo-2", "lmo-3")}
+    assert held == {"lmo-1": 3, "lmo-2": 3, "lmo-3": 3}
+    owners = {c.id for r in ("lmo-1", "lmo-2", "lmo-3") for c in store.claim(r, ttl_s=30, capacity=100)}
+    assert owners == {f"m{i}" for i in range(9)}, "every migration has exactly one driver"
+
+
+def test_a_replica_takes_no_more_than_its_capacity(store):
+    for i in range(5):
+        store.add_migration(Migration(id=f"m{i}", vm=f"vm{i}", source="A", destination="B"))
+    assert [c.id for c in store.claim("lmo-1", ttl_s=30, capacity=2)] == ["m0", "m1"]  # oldest first
+
+
+def test_saves_bump_the_version_and_a_lost_lease_is_reported(store):
+    store.add_migration(Migration(id="m1", vm="vm", source="A", destination="B"))
+    (claim,) = store.claim("lmo-1", ttl_s=30, capacity=10)
+    m = store.migration("m1")
+    assert store.save_migrations([m], "lmo-1") == [claim.version + 1]
+    assert store.save_migrations([m], "lmo-2") == [None]
+
+
+def test_an_older_store_is_upgraded_with_its_inventory(tmp_path):
+    """A store written before hosts carried inventory: columns added, placed memory counted."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE hosts (name VARCHAR(64) PRIMARY KEY, doc TEXT NOT NULL, maintenance BOOLEAN NOT NULL,
+                                registered_at DATETIME NOT NULL);
+            CREATE TABLE vms (name VARCHAR(64) PRIMARY KEY, host VARCHAR(64) NOT NULL, spec_json TEXT NOT NULL,
+                              created_at DATETIME NOT NULL);
+        """)
+        db.execute("INSERT INTO hosts VALUES ('A', ?, 0, '2025-01-01')",
+                   (host("A", None, None).model_dump_json(exclude={"maintenance"}),))  # fmt: skip
+        db.execute(
+            "INSERT INTO vms VALUES ('vm', 'A', ?, '2025-01-01')",
+            (VmSpec(name="vm", memory_mib=768).model_dump_json(),),
+        )
+    store = Store(f"sqlite:///{path}")
+    assert store.capacity("A").placed_mib == 768
+    store.upsert_host(host("A", 1024))
+    assert store.capacity("A").free_mib == 256

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.routing import Match, Route
 
 from livemig import errors
@@ -20,6 +21,7 @@ from livemig.control.store import Store
 from livemig.host.accel import AccelChoice
 from livemig.host.agent import HostAgent
 from livemig.host.api import create_app as hostd_app
+from livemig.host.api import router as hostd_router
 from livemig.model import HostRegistration, MigrationParams, VmSpec
 from livemig.network.api import create_app as vswitch_app
 from livemig.network.model import Mapping, SecurityList
@@ -28,8 +30,8 @@ from livemig.storage.api import create_app as blockd_app
 from livemig.storage.blockd import Blockd
 from livemig.testing.fakehost import FakeFleet
 from livemig.wire import blockd, faults, hostd, lmo, vswitch
-from livemig.wire.base import AsyncService, Call, error_from_reply
-from livemig.wire.lmo import EvacuationRequest, MigrationRequest, NetKind
+from livemig.wire.base import AsyncService, Call, async_http, error_from_reply
+from livemig.wire.lmo import EvacuationRequest, MigrationRequest, NetKind, WaveRequest
 from livemig.wire.server import install_error_handlers
 
 SPEC = VmSpec(name="vm", memory_mib=256)
@@ -45,10 +47,13 @@ EXAMPLES: dict[str, Any] = {
     "request": MigrationRequest(vm="vm", destination="B"), "migration_id": "m-1", "evacuation_id": "e-1",
     "active": False, "policies": None, "arm_id": "hostd-1-1", "preallocate": False,
     "role": "viewer", "token_id": "t1", "tls_source": "A", "tls_hostname": "B",
+    "seconds": 1.0, "observe": True, "limit": None, "names": None,
 }  # fmt: skip
 EXAMPLES_BY_ROUTE: dict[str, dict[str, Any]] = {
     "evacuate": {"request": EvacuationRequest()},
     "arm": {"request": faults.ArmRequest(point="hostd.switchover", action=faults.Action.HANG)},
+    "start_wave": {"request": WaveRequest(hosts=["A"])},
+    "plan_wave": {"request": WaveRequest(hosts=["A"])},
 }
 
 
@@ -117,15 +122,29 @@ def test_every_service_serves_the_fault_api(tmp_path: Path, service: str) -> Non
 
 
 def test_the_fake_hostd_is_the_real_hostd_app(tmp_path: Path) -> None:
-    fleet = FakeFleet("A", state_dir=tmp_path / "fleet")
+    """The fleet serves every simulated host from one app: hostd's own routes under ``/h/{host}``,
+    each request answered by the agent its path names."""
+    fleet = FakeFleet("A", "B", state_dir=tmp_path / "fleet")
     fake = fleet.hosts["A"].app
+    assert fleet.hosts["B"].app is fake
     real = hostd_app(hostd_agent(tmp_path))
-    signature = {(tuple(sorted(r.methods or ())), r.path, r.endpoint.__qualname__) for r in served(real)}
-    assert {(tuple(sorted(r.methods or ())), r.path, r.endpoint.__qualname__) for r in served(fake)} == signature
-    assert fake.title == real.title
+    routes = [r for r in hostd_router.routes if isinstance(r, APIRoute)]
+    assert len(routes) >= 15
     assert {"/vms/{name}/migrate", "/vms/{name}/incoming", "/vms/{name}/migration/flow-versions"} <= {
-        path for _methods, path, _endpoint in signature
+        r.path for r in routes
     }
+    for route in routes:
+        for method in route.methods or ():
+            path = route.path.replace("{name}", "vm")
+            assert matches(real, Call(method, path, str)), (method, path)
+            assert matches(fake, Call(method, "/h/A" + path, str)), (method, path)
+
+    async def ask() -> list[str]:
+        async with async_http(transport=fleet.transport()) as http:
+            return [(await AsyncService(n, fleet.url(n), http).run(hostd.info())).name for n in ("A", "B")]
+
+    assert asyncio.run(ask()) == ["A", "B"]
+    assert fleet.hosts["A"].calls == ["GET /host"]
 
 
 def test_an_error_reply_becomes_the_same_exception_with_its_message() -> None:

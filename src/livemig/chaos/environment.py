@@ -165,7 +165,8 @@ class ChaosEnv:
         with contextlib.suppress(LivemigError):
             switch.run(wire_vswitch.detach(vnic))
         switch.run(wire_vswitch.attach(vnic, tap=tap))
-        plumb_tap(tap, netns, mac, f"{ip}/24", GATEWAY)
+        where = next((h.netns for h in self.config.hosts if h.name == host), None)
+        plumb_tap(tap, netns, mac, f"{ip}/24", GATEWAY, from_netns=where)
 
     def remove_gateways(self) -> None:
         from livemig.region.netplumb import delete_netns

@@ -273,7 +273,7 @@ def _lmo() -> list[Scenario]:
             "lmo-store",
             "crash",
             OK,
-            Arm("lmo", "lmo.store.set_vm", "crash"),
+            Arm("lmo", "lmo.store.move_vm", "crash"),
             why="the crash falls between fencing the source and moving ownership; the restarted LMO redoes both",
             ci=True,
         ),

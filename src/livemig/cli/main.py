@@ -226,6 +226,11 @@ def lmo_command(
     tls_ca: TlsCa = None,
     insecure: Insecure = False,
     config: ConfigFile = None,
+    replica: Annotated[
+        str | None, typer.Option(help="this replica's name in leases (default: host-pid-random)")
+    ] = None,
+    capacity: Annotated[int, typer.Option(help="most migrations this replica drives at once")] = 2000,
+    concurrency: Annotated[int, typer.Option(help="migrations a controller pass steps at the same time")] = 32,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the LMO control plane (API + migration controller).
@@ -235,12 +240,51 @@ def lmo_command(
     from livemig.control.store import Store
     from livemig.faults.points import configure_service
 
+    if capacity < 1 or concurrency < 1:
+        fail("--capacity and --concurrency must be at least 1")
     leaf = _service_tls(Role.LMO, None, tls_cert, tls_key, tls_ca, insecure)
     configure_service("lmo")
     if not migration_tls:
         logging.getLogger(__name__).warning("LMO: migration streams will be plain TCP (--no-migration-tls)")
-    app_ = create_app(Store(db), blockd_url=blockd, insecure=leaf is None, migration_tls=migration_tls and bool(leaf))
+    app_ = create_app(Store(db), blockd_url=blockd, insecure=leaf is None, migration_tls=migration_tls and bool(leaf),
+                      replica=replica, capacity=capacity, concurrency=concurrency)  # fmt: skip
     _serve(app_, listen, log_level, leaf, optional_client_certs=True)
+
+
+@app.command("sim")
+def sim_command(
+    hosts: Annotated[int, typer.Option(help="simulated hosts")] = 100,
+    lmo_url: Annotated[str | None, typer.Option("--lmo", help="register every host with this LMO")] = None,
+    listen: Annotated[str, typer.Option(help="address host:port every simulated host answers on")] = "127.0.0.1:7900",
+    prefix: Annotated[str, typer.Option(help="host names are PREFIX00000, PREFIX00001, ...")] = "sim",
+    memory_mib: Annotated[int, typer.Option(help="memory each host offers to VMs")] = 65536,
+    migration_bandwidth: Annotated[int, typer.Option(help="MiB/s each host reserves for migrations, each way")] = 1024,
+    speed: Annotated[float, typer.Option(help="simulated seconds per real second")] = 10.0,
+    failure_rate: Annotated[float, typer.Option(help="fraction of migrations that fail mid-way")] = 0.0,
+    report_interval: Annotated[float, typer.Option(help="seconds between a host's capacity reports")] = 1.0,
+    sample_interval: Annotated[
+        float | None, typer.Option(help="seconds between hostd's samples of a migration (default: hostd's own)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the failures")] = 0,
+    log_level: LogLevel = "warning",
+) -> None:
+    """Run a simulated fleet: real hostd agents over simulated QEMU, in one process, registered
+    with an LMO. Point an LMO at a copy of your fleet's shape to try a wave (`livemig evacuate
+    --plan`, then the wave itself) before touching real hosts."""
+    import asyncio
+
+    from livemig.testing.fleetserver import FleetConfig, serve
+
+    if hosts < 1 or memory_mib < 1 or migration_bandwidth < 1 or speed <= 0 or not 0 <= failure_rate <= 1:
+        fail("--hosts, --memory-mib, --migration-bandwidth and --speed must be positive, --failure-rate in 0..1")
+    if report_interval <= 0 or (sample_interval is not None and sample_interval <= 0):
+        fail("--report-interval and --sample-interval must be positive")
+    _configure_logging(log_level)
+    config = FleetConfig(hosts=hosts, listen=listen, prefix=prefix, memory_mib=memory_mib,
+                         migration_bandwidth_mib_s=migration_bandwidth, speed=speed, failure_rate=failure_rate,
+                         seed=seed, lmo_url=lmo_url, report_interval_s=report_interval,
+                         sample_interval_s=sample_interval)  # fmt: skip
+    asyncio.run(serve(config))
 
 
 @app.command("vswitch")
@@ -701,7 +745,8 @@ def migrations_plot(
 def _plot_evacuation(path: Path, evacuation: Evacuation, migrations: list[Migration], console: Console) -> None:
     from livemig import plots
 
-    title = f"evacuation {evacuation.id} of {evacuation.host}"
+    hosts = evacuation.hosts or [evacuation.host]
+    title = f"evacuation {evacuation.id} of {hosts[0] if len(hosts) == 1 else f'{len(hosts)} hosts'}"
     limit = evacuation.limits.region_total
     plots.write(path, plots.evacuation_chart(migrations, title, plots.format_for(path), limit=limit))
     console.print(f"evacuation {evacuation.id} drawn to {path}")
@@ -717,21 +762,28 @@ def migrations_cancel(migration_id: str, url: Url = None, state_dir: StateDir = 
 
 @app.command()
 def evacuate(
-    host: str,
+    hosts: Annotated[list[str], typer.Argument(help="the hosts to empty (a wave: all at once)")],
     per_host_outbound: Annotated[int, typer.Option(help="concurrent migrations out of one host")] = 2,
     per_host_inbound: Annotated[int, typer.Option(help="concurrent migrations into one host")] = 1,
     region_total: Annotated[int, typer.Option(help="concurrent migrations in the region")] = 4,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="only predict: where each VM goes, when, how long; nothing moves")
+    ] = False,
+    measure: Annotated[bool, typer.Option(help="ask the hosts for each VM's dirty rate first (about 1 s)")] = False,
+    max_bandwidth: Annotated[int | None, typer.Option(min=1, help="MiB/s one migration may use at most")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the final report as JSON")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="draw the migrations to FILE.png or FILE.svg")] = None,
     url: Url = None,
     state_dir: StateDir = None,
 ) -> None:
-    """Put HOST in maintenance and live-migrate every VM off it, within limits."""
+    """Put HOSTS in maintenance and live-migrate every VM off them, within limits; with --plan,
+    say how long that would take and what would happen to each VM, before anything moves."""
     import time
 
     from rich.live import Live
 
     from livemig.control.evacuation import peak_concurrency
+    from livemig.wire.lmo import WaveRequest
 
     if plot is not None:
         from livemig.plots import format_for
@@ -739,11 +791,21 @@ def evacuate(
         format_for(plot)  # refused before the host is put in maintenance
     limits = ConcurrencyLimits(per_host_outbound=per_host_outbound, per_host_inbound=per_host_inbound,
                                region_total=region_total)  # fmt: skip
+    params = MigrationParams() if max_bandwidth is None else MigrationParams(max_bandwidth_mib_s=max_bandwidth)
+    request = WaveRequest(hosts=hosts, limits=limits, params=params, measure=measure)
+    label = hosts[0] if len(hosts) == 1 else f"{len(hosts)} hosts"
     with lmo(url, state_dir) as client:
-        evacuation = client.evacuate(host, limits)
+        if plan:
+            wave = client.plan_wave(request)
+            if as_json:
+                _print_json(wave.model_dump(mode="json"))
+            else:
+                _print_plan(wave, label)
+            return
+        evacuation = client.start_wave(request)
 
         def render(report: EvacuationReport) -> Table:
-            table = _table(f"evacuation {evacuation.id} of {host}", "vm", "to", "phase", "pause ms", "reason",
+            table = _table(f"evacuation {evacuation.id} of {label}", "vm", "to", "phase", "pause ms", "reason",
                            keep=("vm", "phase"))  # fmt: skip
             by_id = {m.id: m for m in report.migrations}
             for item in evacuation.items:
@@ -775,8 +837,59 @@ def evacuate(
             out.print(
                 f"{len(report.migrations) - len(failed)} moved, {len(failed)} failed, {len(stuck)} could not move"
             )
+            if report.comparison is not None:
+                _print_comparison(report)
         if stuck or failed:
             raise typer.Exit(1)
+
+
+def _print_plan(wave: wire_lmo.WavePlan, label: str) -> None:
+    shown = wave.items[:PLAN_ROWS]
+    table = _table(f"plan: evacuate {label} ({wave.vms} VMs)", "vm", "from", "to", "MiB", "dirty MiB/s",
+                   "share MiB/s", "start s", "takes s", "verdict", keep=("vm", "verdict"))  # fmt: skip
+    for i in shown:
+        table.add_row(
+            i.vm,
+            i.source,
+            i.destination or "-",
+            str(i.memory_mib),
+            f"{i.dirty_rate_mib_s:.0f} ({i.dirty_rate_source})",
+            str(i.share_mib_s or "-"),
+            _secs(i.start_s),
+            _secs(i.duration_s),
+            i.verdict if i.verdict == "ok" else f"[yellow]{i.verdict}[/]",
+        )
+    out.print(table)
+    if len(wave.items) > len(shown):
+        out.print(f"... and {len(wave.items) - len(shown)} more (--json lists every VM)")
+    c = wave.calibration
+    basis = f"learned from {c.basis} recent migrations" if c.basis else "defaults: no finished migration to learn from"
+    out.print(
+        f"predicted: the wave takes {wave.total_s:.1f} s; "
+        + ", ".join(f"{n} {v}" for v, n in sorted(wave.verdicts.items()))
+    )
+    out.print(f"model: {c.overhead_s:.2f} s per migration outside pre-copy, {c.efficiency:.0%} of the share reached, "
+              f"{c.payload:.0%} of RAM sent, unknown dirty rates taken as {c.default_dirty_rate_mib_s:.0f} MiB/s "
+              f"({basis}); planned in {wave.planning_ms:.0f} ms")  # fmt: skip
+
+
+def _print_comparison(report: EvacuationReport) -> None:
+    c = report.comparison
+    assert c is not None
+    table = _table("plan beside what happened", "vm", "predicted s", "took s", "predicted", "outcome", keep=("vm",))
+    for row in c.items[:PLAN_ROWS]:
+        table.add_row(row.vm, _secs(row.predicted_s), _secs(row.actual_s), row.predicted, row.outcome)
+    out.print(table)
+    error = f" ({c.error:+.0%} off)" if c.error is not None else ""
+    out.print(f"the wave was predicted to take {c.predicted_s:.1f} s and took {_secs(c.actual_s)} s{error}")
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+#: rows of a plan or comparison printed as a table (--json has them all)
+PLAN_ROWS = 40
 
 
 # ---------------------------------------------------------------------- image and demo

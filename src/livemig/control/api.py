@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 import httpx
 from fastapi import Depends, FastAPI, Response
@@ -20,9 +21,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from livemig.control import tokens
 from livemig.control.access import DASHBOARD, POLICY, default_rule
-from livemig.control.controller import Controller
+from livemig.control.controller import REPLICA_CAPACITY, STEP_CONCURRENCY, Controller
 from livemig.control.routes import hosts, migrations, netobjects, vms, volumes
 from livemig.control.routes import tokens as token_routes
+from livemig.control.runner import ControllerThread
 from livemig.control.services import Services
 from livemig.control.store import Store
 from livemig.control.web import dashboard_router
@@ -33,6 +35,7 @@ from livemig.security.access import NO_DOCS, Guard, LoginRequired
 from livemig.security.tls import INSECURE_STATE
 from livemig.wire import hostd
 from livemig.wire.base import async_http
+from livemig.wire.lmo import ControllerStatus, PassView
 from livemig.wire.server import install_error_handlers
 
 
@@ -44,23 +47,42 @@ def create_app(
     blockd_url: str | None = None,
     insecure: bool = False,
     migration_tls: bool | None = None,
+    replica: str | None = None,
+    capacity: int = REPLICA_CAPACITY,
+    concurrency: int = STEP_CONCURRENCY,
 ) -> FastAPI:
     """The LMO app; ``transport`` replaces the network to hosts in fast tests (the fake fleet).
 
     ``insecure`` (a lab's ``--insecure``): plain HTTP, every caller allowed everything.
-    ``migration_tls``: ask hosts to encrypt migration streams (default: unless insecure)."""
+    ``migration_tls``: ask hosts to encrypt migration streams (default: unless insecure).
+    ``capacity`` bounds the migrations this replica drives at once, ``concurrency`` how many a
+    pass steps at the same time."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        http = async_http(transport=transport)
+        http = async_http(transport=transport, pooled=True)  # thousands of host calls a second
         services = Services.build(store, http, blockd_url)
         services.migration_tls = not insecure if migration_tls is None else migration_tls
         app.state.services = services
-        task = asyncio.create_task(Controller(services, controller_interval_s).run_forever(), name="controller")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+
+        def make(client: httpx.AsyncClient) -> Controller:
+            own = Services.build(store, client, blockd_url, services.registrations)
+            own.migration_tls = services.migration_tls
+            return Controller(own, controller_interval_s, replica=replica, capacity=capacity,
+                              concurrency=concurrency)  # fmt: skip
+
+        if transport is None:  # its own thread and loop (runner.py says why)
+            thread = ControllerThread(make)
+            app.state.controller = thread.start()
+            yield
+            thread.stop()
+        else:  # fake hosts in-process live on this loop: the controller must too
+            app.state.controller = controller = make(http)
+            task = asyncio.create_task(controller.run_forever(), name="controller")
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await http.aclose()
 
     check = tokens.checker(store)
@@ -85,6 +107,19 @@ def create_app(
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/controller")
+    async def controller_status() -> ControllerStatus:
+        """This replica's controller: its share of the leases and its recent passes."""
+        controller: Controller = app.state.controller
+        return ControllerStatus(
+            replica=controller.replica, capacity=controller.capacity, concurrency=controller.concurrency,
+            interval_s=controller.interval_s, held=len(controller.held), finished=controller.finished,
+            replicas=store.replicas(controller.lease_s),
+            passes=[PassView(at=datetime.fromtimestamp(p.at, UTC), held=p.held, stepped=p.stepped,
+                             admitted=p.admitted, queued=p.queued, seconds=p.seconds)
+                    for p in controller.recent_passes()],
+        )  # fmt: skip
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -4,6 +4,13 @@ Every pass observes the hosts first (is the source QEMU running? the destination
 the source's migration job say?) and then takes at most one idempotent step, recording each phase
 transition in the migration's timeline. Because nothing is remembered between passes except
 what the store holds, a restarted LMO simply resumes: the next pass observes and continues.
+
+A pass touches only active migrations, and of those only this replica's fair part: replicas on
+one PostgreSQL store share the leases evenly (``Store.claim``), each up to its ``capacity``, so
+three replicas drive three times the migrations of one. Queued migrations are admitted together in
+one admission transaction (``admission.Ledger``); the others are stepped concurrently, at most
+``concurrency`` at once. Documents are re-read only when their version changed, and VM specs once
+per migration, so a pass costs what its steps cost, not what the store holds.
 """
 
 from __future__ import annotations
@@ -14,13 +21,18 @@ import os
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
-from livemig.control.admission import admit
+from prometheus_client import Gauge, Histogram
+
+from livemig.control.admission import Ledger
 from livemig.control.firings import FiringCollector
 from livemig.control.network import vm_vnics
 from livemig.control.policy import judge
 from livemig.control.services import Services
+from livemig.control.store import Reservation
 from livemig.errors import GuestError, HostUnreachable, LivemigError
 from livemig.faults.model import Scope
 from livemig.faults.points import fault_point
@@ -45,11 +57,47 @@ LEASE_S = 5.0
 FLOW_DELTA_INTERVAL_S = 1.0
 # how often a destination paused by its storage (io-error) is asked to continue
 RESUME_RETRY_S = 2.0
+# the most migrations one replica drives at once (queued ones included); more replicas drive more
+REPLICA_CAPACITY = 2000
+# how many migrations a pass steps at the same time (each step mostly waits on its hosts)
+STEP_CONCURRENCY = 32
+# how many recent passes a replica remembers for GET /controller
+PASS_HISTORY = 512
+# phases whose step mostly observes (QEMU's pre-copy, the destination loading the last state): a
+# replica holding N of them observes each at most every N x OBSERVE_COST_S seconds (at most every
+# MAX_OBSERVE_INTERVAL_S), so its passes stay short however many it holds; with a few, every pass
+OBSERVING = frozenset({Phase.PRECOPY, Phase.SWITCHOVER, Phase.CUTTING_OVER})
+OBSERVE_COST_S = 0.005
+MAX_OBSERVE_INTERVAL_S = 2.0
+# an observation that changed only QEMU's latest numbers (the last sample) is saved at most every
+# N x SAVE_COST_S seconds (at most every MAX_SAVE_INTERVAL_S): with a few migrations, every step
+SAVE_COST_S = 0.005
+MAX_SAVE_INTERVAL_S = 5.0
+# queued migrations one pass considers for admission, oldest first (the admission transaction is
+# one lock replicas take in turn: it stays short)
+ADMIT_BATCH = 256
+
+PASS_SECONDS = Histogram("livemig_controller_pass_seconds", "duration of one controller pass",
+                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))  # fmt: skip
+HELD = Gauge("livemig_controller_migrations_held", "active migrations this replica holds the lease on")
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One controller pass: when it started, what it held, stepped and admitted, how long it took."""
+
+    at: float
+    held: int
+    stepped: int
+    admitted: int
+    queued: int
+    seconds: float
 
 
 class Controller:
     def __init__(self, services: Services, interval_s: float = 0.1, replica: str | None = None,
-                 lease_s: float = LEASE_S) -> None:  # fmt: skip
+                 lease_s: float = LEASE_S, capacity: int = REPLICA_CAPACITY,
+                 concurrency: int = STEP_CONCURRENCY) -> None:  # fmt: skip
         self.services = services
         self.store = services.store
         self.volumes = services.volumes
@@ -57,6 +105,16 @@ class Controller:
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.lease_s = lease_s
         self.interval_s = interval_s
+        self.capacity = capacity
+        self.concurrency = concurrency
+        self.passes: deque[PassRecord] = deque(maxlen=PASS_HISTORY)
+        self.finished = 0  # migrations this replica brought to a terminal phase
+        # what this replica holds: each migration's document at the version it last read or wrote,
+        # and its VM's spec and owner (changed only by the holder's own steps)
+        self._held: dict[str, tuple[int, Migration]] = {}
+        self._vms: dict[str, tuple[VmSpec, str]] = {}
+        self._observed_at: dict[str, float] = {}  # migration id -> monotonic time of its last step
+        self._saved_at: dict[str, float] = {}  # migration id -> monotonic time of its last save
         self._unreachable_since: dict[str, float] = {}
         self._flows_synced_at: dict[str, float] = {}  # migration id -> monotonic time of its last delta
         self.firings = FiringCollector(services, self.replica)
@@ -78,6 +136,24 @@ class Controller:
     def host(self, name: str) -> HostdClient:
         return self.services.host(name)
 
+    @property
+    def held(self) -> list[Migration]:
+        """The active migrations this replica holds the lease on, as it last saw them (safe to call
+        from another thread)."""
+        while True:
+            try:
+                return [m for _, m in list(self._held.values())]
+            except RuntimeError:  # changed while copied: copy again
+                continue
+
+    def recent_passes(self) -> list[PassRecord]:
+        """The last passes (safe to call from another thread)."""
+        while True:
+            try:
+                return list(self.passes)
+            except RuntimeError:  # appended to while copied: copy again
+                continue
+
     async def run_forever(self) -> None:
         """Pass after pass, for the life of the LMO. A pass that fails (the store went away, a
         fault was injected into a store write) is logged and the next one observes again: the
@@ -94,25 +170,168 @@ class Controller:
             await asyncio.sleep(self.interval_s)
 
     async def pass_once(self) -> None:
-        for m in self.store.migrations(active_only=True):
-            if self.store.acquire(m.id, self.replica, self.lease_s):
-                await self.step(self.store.migration(m.id))
+        started, at = time.perf_counter(), time.time()
+        claims = self.store.claim(self.replica, self.lease_s, self.capacity)
+        stale = [c.id for c in claims if self._held.get(c.id, (-1, None))[0] != c.version]
+        fresh = self.store.load_migrations(stale) if stale else {}
+        held: dict[str, tuple[int, Migration]] = {}
+        for claim in claims:
+            entry = fresh.get(claim.id) or self._held.get(claim.id)
+            if entry is None:
+                continue
+            entry[1].cancel_requested = entry[1].cancel_requested or claim.cancel_requested
+            held[claim.id] = entry
+        self._held = held
+        migrations = [m for _, m in held.values()]
+        # a VM whose migration was (re)read may have moved under another replica: read it again
+        reread = {fresh[i][1].vm for i in fresh}
+        self._vms = {vm: spec for vm, spec in self._vms.items() if vm not in reread}
+        self._vms = {m.vm: self._vms[m.vm] for m in migrations if m.vm in self._vms}
+        queued = [m for m in migrations if m.phase is Phase.PENDING and not m.cancel_requested
+                  and not self._timed_out(m)]  # fmt: skip
+        queued_ids = {m.id for m in queued}
+        now = time.monotonic()
+        every = min(MAX_OBSERVE_INTERVAL_S, len(held) * OBSERVE_COST_S)
+        stepping = [m for m in migrations if m.id not in queued_ids
+                    and (m.phase not in OBSERVING or m.cancel_requested
+                         or now - self._observed_at.get(m.id, 0.0) >= every)]  # fmt: skip
+        self._observed_at = {i: self._observed_at[i] for i in held if i in self._observed_at}
+        self._saved_at = {i: self._saved_at[i] for i in held if i in self._saved_at}
+        for m in stepping:
+            self._observed_at[m.id] = now
+        missing = {m.vm for m in stepping if m.vm not in self._vms}
+        if missing:
+            self._vms.update(self.store.vms_named(missing))
+        admitted = await self._admit(queued)
+        if stepping:
+            gate = asyncio.Semaphore(self.concurrency)
+
+            async def bounded(m: Migration) -> bool:
+                async with gate:
+                    try:
+                        return await self._step(m)
+                    except Exception:  # a bug in one migration's step must not hold up the others
+                        log.exception("migration %s: step failed; it is stepped again next pass", m.id)
+                        self._held.pop(m.id, None)  # read it again from the store
+                        return False
+
+            changed = await asyncio.gather(*(bounded(m) for m in stepping))
+            # the pass's results saved together (a few transactions): a step is idempotent and
+            # observes before it acts, so a result saved at the end of the pass is as safe as one
+            # saved at once (a crash in between is the controller.after.<Phase> fault)
+            self._save_all([m for m, save in zip(stepping, changed, strict=True) if save])
+        seconds = time.perf_counter() - started
+        PASS_SECONDS.observe(seconds)
+        HELD.set(len(self._held))
+        self.passes.append(PassRecord(at=at, held=len(held), stepped=len(stepping), admitted=admitted,
+                                      queued=len(queued) - admitted, seconds=seconds))  # fmt: skip
         await self.firings.sweep_late()
 
+    async def _admit(self, queued: list[Migration]) -> int:
+        """Admit what fits of this replica's queued migrations, oldest first, in one admission
+        transaction (replicas take turns): each admitted one gets its bandwidth share and moves to
+        Validating; the others say why they wait (saved only when that changes). Returns how many."""
+        if not queued or await fault_point("controller.before.Pending"):
+            return 0
+        admitted = 0
+        waiting: list[Migration] = []
+        queued = sorted(queued, key=lambda q: (q.created_at, q.id))[:ADMIT_BATCH]
+        with self.store.admission() as round_:
+            reservations = round_.reservations()
+            hosts = {m.source for m in queued} | {m.destination for m in queued}
+            hosts |= {r.source for r in reservations} | {r.destination for r in reservations}
+            ledger = Ledger(reservations, round_.budgets(hosts))
+            for m in queued:
+                before = m.condition(ConditionType.BANDWIDTH_RESERVED)
+                reason_before = None if before is None else (before.status, before.reason)
+                if not self._admit_one(m, ledger):
+                    after = m.condition(ConditionType.BANDWIDTH_RESERVED)
+                    if after is None or (after.status, after.reason) != reason_before:
+                        waiting.append(m)
+                    continue
+                version = round_.save(m, self.replica)
+                if version is None:
+                    self._lost(m)
+                    continue
+                self._held[m.id] = (version, m)
+                admitted += 1
+        await fault_point("controller.after.Pending")
+        for m in waiting:
+            self._save(m)
+        return admitted
+
+    def _admit_one(self, m: Migration, ledger: Ledger) -> bool:
+        """Admission of one queued migration against ``ledger`` (recorded there when admitted)."""
+        decision = ledger.admit(m)
+        if decision.reserved_mib_s is None:
+            m.set_condition(ConditionType.BANDWIDTH_RESERVED, False, decision.reason)
+            return False
+        m.reserved_mib_s = decision.reserved_mib_s
+        m.params.max_bandwidth_mib_s = decision.reserved_mib_s  # QEMU's max-bandwidth = the share
+        m.set_condition(ConditionType.BANDWIDTH_RESERVED, True, decision.reason)
+        m.transition(Phase.VALIDATING, decision.reason)
+        ledger.add(Reservation(m.id, m.source, m.destination, decision.reserved_mib_s))
+        return True
+
+    def _save(self, m: Migration) -> bool:
+        """Save a step's result while this replica holds the lease (remembering the new version)."""
+        return self._saved(m, self.store.save_migration_versioned(m, self.replica))
+
+    def _save_all(self, migrations: list[Migration]) -> None:
+        if migrations:
+            for m, version in zip(migrations, self.store.save_migrations(migrations, self.replica), strict=True):
+                self._saved(m, version)
+
+    def _saved(self, m: Migration, version: int | None) -> bool:
+        if version is None:
+            self._lost(m)
+            return False
+        self._saved_at[m.id] = time.monotonic()
+        if m.terminal:
+            self._held.pop(m.id, None)
+            self._vms.pop(m.vm, None)
+            self._flows_synced_at.pop(m.id, None)
+            self.finished += 1
+            if m.last_sample is not None and m.last_sample.dirty_pages_rate:
+                # what the guest did while it moved: the wave planner's estimate for its next move
+                self.store.record_dirty_rate(m.vm, m.last_sample.dirty_rate_mib_s, m.last_sample.at, "migration")
+        else:
+            self._held[m.id] = (version, m)
+        return True
+
+    def _lost(self, m: Migration) -> None:
+        log.warning("migration %s: lease lost to another replica; discarding this step's record", m.id)
+        self._held.pop(m.id, None)
+        self._vms.pop(m.vm, None)
+
+    def _vm(self, name: str) -> tuple[VmSpec, str]:
+        """The VM's spec and owner: from what this replica holds, else from the store."""
+        found = self._vms.get(name)
+        if found is None:
+            found = self._vms[name] = self.store.vm(name)
+        return found
+
     async def step(self, m: Migration) -> None:
-        """One observe-then-act step for one migration, saved to the store afterwards.
+        """One observe-then-act step for one migration, saved to the store afterwards."""
+        if await self._step(m):
+            self._save(m)
+
+    async def _step(self, m: Migration) -> bool:
+        """One step; whether its result should be saved (a step that only brought QEMU's latest
+        numbers is saved less often when the replica holds many).
 
         Every call the step makes names the migration (a header the services' fault points read),
         and the fault firings that belong to it are copied into its timeline before it is saved."""
         token = CURRENT.set(Scope(migration=m.id, vm=m.vm))
         try:
-            await self._step(m)
+            return await self._scoped_step(m)
         finally:
             CURRENT.reset(token)
 
-    async def _step(self, m: Migration) -> None:
+    async def _scoped_step(self, m: Migration) -> bool:
         loop = asyncio.get_running_loop()
         seen = len(m.timeline)
+        before = _fingerprint(m)
         try:
             if m.cancel_requested and m.phase in CANCELLABLE:
                 m.transition(Phase.CANCELLING, "cancel requested")
@@ -125,6 +344,8 @@ class Controller:
                 await fault_point(f"controller.after.{phase.value}")
             self._unreachable_since.pop(m.id, None)
         except HostUnreachable as exc:
+            for name in (m.source, m.destination):  # its address may have changed: read it again
+                self.services.forget(name)
             first = self._unreachable_since.setdefault(m.id, loop.time())
             if loop.time() - first > UNREACHABLE_GRACE_S and m.phase in CANCELLABLE:
                 self._fail(m, Phase.ABORTING, f"{exc.message} for {UNREACHABLE_GRACE_S:.0f} s")
@@ -141,8 +362,8 @@ class Controller:
             await self.firings.collect(m, final=m.terminal)
         except LivemigError as exc:  # never let the record of a fault become one
             log.warning("migration %s: fault firings not collected: %s", m.id, exc.message)
-        if not self.store.save_migration(m, owner=self.replica):
-            log.warning("migration %s: lease lost to another replica; discarding this step's record", m.id)
+        quiet = min(MAX_SAVE_INTERVAL_S, len(self._held) * SAVE_COST_S)
+        return _fingerprint(m) != before or time.monotonic() - self._saved_at.get(m.id, 0.0) >= quiet
 
     def _timed_out(self, m: Migration) -> bool:
         """Queued (Pending) migrations wait up to QUEUE_TIMEOUT_S; admitted ones get timeout_s."""
@@ -160,36 +381,39 @@ class Controller:
     # ------------------------------------------------------------------ forward path
 
     async def _pending(self, m: Migration) -> None:
-        hosts = {h.name: h for h in self.store.hosts()}
-        decision = admit(m, self.store.migrations(active_only=True), hosts)
-        if decision.reserved_mib_s is None:
-            m.set_condition(ConditionType.BANDWIDTH_RESERVED, False, decision.reason)
-            return
-        m.reserved_mib_s = decision.reserved_mib_s
-        m.params.max_bandwidth_mib_s = decision.reserved_mib_s  # QEMU's max-bandwidth = the share
-        m.set_condition(ConditionType.BANDWIDTH_RESERVED, True, decision.reason)
-        m.transition(Phase.VALIDATING, decision.reason)
+        """A queued migration stepped on its own (the pass admits them together in ``_admit``)."""
+        with self.store.admission() as round_:
+            reservations = [r for r in round_.reservations() if r.id != m.id]
+            names = {m.source, m.destination} | {r.source for r in reservations} | {r.destination for r in reservations}
+            self._admit_one(m, Ledger(reservations, round_.budgets(names)))
 
     async def _validating(self, m: Migration) -> None:
-        spec, owner = self.store.vm(m.vm)
+        spec, owner = self._vm(m.vm)
         if owner != m.source:
             raise LivemigError(f"VM {m.vm} is on {owner}, not on the source {m.source}")
-        source, destination = self.host(m.source), self.host(m.destination)
+        source = self.host(m.source)
         observed = await source.observe(m.vm)
         if observed is None or observed.state is not RunState.RUNNING:
             raise LivemigError(f"VM {m.vm} is not running on {m.source} "
                                f"({observed.state.value if observed else 'absent'})")  # fmt: skip
-        src_info, dst_info = await source.run(hostd.info()), await destination.run(hostd.info())
-        already_there = m.vm in dst_info.vms
-        if not already_there and dst_info.memory_free_mib < spec.memory_mib:
-            raise LivemigError(f"destination {m.destination} has {dst_info.memory_free_mib} MiB free, "
-                               f"VM needs {spec.memory_mib} MiB")  # fmt: skip
+        src, dst = self.services.registration(m.source), self.services.registration(m.destination)
+        if src.qemu_version is None or src.accel is None:
+            src_info = await source.run(hostd.info())
+            src = src.model_copy(update={"qemu_version": src_info.qemu_version, "accel": src_info.accel})
+        # the destination's room was reserved in the LMO's inventory when the migration was created;
+        # an older hostd that reports no facts is asked, and its own count decides
+        if dst.qemu_version is None or dst.accel is None or dst.memory_mib is None:
+            dst_info = await self.host(m.destination).run(hostd.info())
+            if m.vm not in dst_info.vms and dst_info.memory_free_mib < spec.memory_mib:
+                raise LivemigError(f"destination {m.destination} has {dst_info.memory_free_mib} MiB free, "
+                                   f"VM needs {spec.memory_mib} MiB")  # fmt: skip
+            dst = dst.model_copy(update={"qemu_version": dst_info.qemu_version, "accel": dst_info.accel})
         m.transition(Phase.PREPARING_TARGET, "source running, destination has room",
-                   source_qemu=src_info.qemu_version, destination_qemu=dst_info.qemu_version,
-                   machine=spec.machine, accel=f"{src_info.accel}->{dst_info.accel}")  # fmt: skip
+                   source_qemu=src.qemu_version, destination_qemu=dst.qemu_version,
+                   machine=spec.machine, accel=f"{src.accel}->{dst.accel}")  # fmt: skip
 
     async def _preparing_target(self, m: Migration) -> None:
-        spec, _ = self.store.vm(m.vm)
+        spec, _ = self._vm(m.vm)
         exports = await self.volumes.ensure_attached(spec, m.destination)
         policies = m.params.resolved_policies()
         tls_source = m.source if self.services.migration_tls else None  # only its QEMU may send (tls-authz)
@@ -200,7 +424,7 @@ class Controller:
         m.transition(Phase.SYNCING_FLOWS, f"destination listening on {uri}")
 
     async def _syncing_flows(self, m: Migration) -> None:
-        spec, _ = self.store.vm(m.vm)
+        spec, _ = self._vm(m.vm)
         vnics = vm_vnics(spec)
         if not vnics:
             m.transition(Phase.PRECOPY, "no VNICs on the livemig dataplane: no flow state to copy")
@@ -219,7 +443,7 @@ class Controller:
     def _handoffs(self, m: Migration, spec: VmSpec) -> list[VnicHandoff]:
         """What the source hostd hands over inside the pause: per VNIC, where it goes and the flow
         version the destination already has (so only later changes travel in the pause)."""
-        url = self.store.host(m.destination).vswitch_url
+        url = self.services.registration(m.destination).vswitch_url
         return [VnicHandoff(vnic=v, destination_vswitch=url, flows_since=m.flow_versions.get(v, 0))
                 for v in vm_vnics(spec) if url]  # fmt: skip
 
@@ -231,7 +455,7 @@ class Controller:
                 await self._job_lost(m, source)
                 return
             assert m.incoming_uri is not None
-            spec, _ = self.store.vm(m.vm)
+            spec, _ = self._vm(m.vm)
             tls_hostname = m.destination if self.services.migration_tls else None
             job = await source.run(hostd.migrate(m.vm, m.incoming_uri, m.params, self._handoffs(m, spec),
                                                  tls_hostname))  # fmt: skip
@@ -248,7 +472,7 @@ class Controller:
                    qemu_ignored=job.qemu_ignored)  # fmt: skip
         self._absorb(m, job)
         if m.phase is Phase.PRECOPY and job.state is JobState.RUNNING:
-            spec, _ = self.store.vm(m.vm)
+            spec, _ = self._vm(m.vm)
             started = m.phase_started(Phase.PRECOPY) or m.timeline[-1].at
             policies = m.params.resolved_policies()
             verdict = judge(job.samples, m.params.policy, m.params.max_bandwidth_mib_s, spec.memory_mib, started,
@@ -322,7 +546,7 @@ class Controller:
     async def _copy_flow_changes(self, m: Migration, vnics: list[str]) -> dict[str, int]:
         """Copy each VNIC's flows changed after the version the destination holds (all, the first
         time) and record the new versions; returns how many flows each import took."""
-        source, destination = self.store.host(m.source), self.store.host(m.destination)
+        source, destination = self.services.registration(m.source), self.services.registration(m.destination)
         copied: dict[str, int] = {}
         for vnic in vnics:
             copied[vnic], m.flow_versions[vnic] = await self.network.copy_flows(
@@ -346,7 +570,7 @@ class Controller:
     async def _cutting_over(self, m: Migration) -> None:
         destination, source = self.host(m.destination), self.host(m.source)
         observed = await destination.observe(m.vm)
-        _, owner = self.store.vm(m.vm)
+        _, owner = self._vm(m.vm)
         if owner == m.destination:  # already cut over before a restart
             m.transition(Phase.CLEANUP, "ownership already moved")
             return
@@ -358,10 +582,12 @@ class Controller:
             return
         if m.stats.stopped_at is not None and observed.resumed_at is not None:
             m.stats.guest_pause_ms = round((observed.resumed_at - m.stats.stopped_at) * 1000, 1)
-        await self.volumes.fence(m.vm, m.source)  # a late write from the source can never land now
+        spec, _ = self._vm(m.vm)
+        if _has_volumes(spec):
+            await self.volumes.fence(m.vm, m.source)  # a late write from the source can never land now
         await source.run(hostd.destroy_vm(m.vm))
-        self.store.set_vm(m.vm, host=m.destination)
-        spec, _ = self.store.vm(m.vm)
+        self.store.move_vm(m.vm, m.destination)  # the reservation there becomes the VM's placement
+        self._vms[m.vm] = (spec, m.destination)
         self.network.place(vm_vnics(spec), m.destination)
         assert observed is not None
         m.transition(
@@ -381,10 +607,11 @@ class Controller:
         await self.host(m.destination).run(hostd.resume(m.vm))
 
     async def _cleanup(self, m: Migration) -> None:
-        spec, _ = self.store.vm(m.vm)
+        spec, _ = self._vm(m.vm)
         if vm_vnics(spec):  # again: a push that failed in CuttingOver is not retried there
             await self.network.push(self._in_flight(m))
-        await self.volumes.detach(m.vm, m.source)
+        if _has_volumes(spec):
+            await self.volumes.detach(m.vm, m.source)
         # any guest, with or without livemig's workload: QEMU's own word that it reset or panicked
         observed = await self.host(m.destination).observe(m.vm)
         if observed is None or observed.state is RunState.ABSENT:
@@ -437,7 +664,7 @@ class Controller:
 
     async def _rolling_back(self, m: Migration) -> None:
         source, destination = self.host(m.source), self.host(m.destination)
-        _, owner = self.store.vm(m.vm)
+        _, owner = self._vm(m.vm)
         if owner != m.source:
             raise LivemigError(f"cannot roll back: VM {m.vm} already belongs to {owner}")
         job = await source.observe_migration(m.vm)
@@ -460,10 +687,11 @@ class Controller:
         if lost is None and src_state is not RunState.RUNNING:
             await source.run(hostd.resume(m.vm))
         await destination.run(hostd.destroy_vm(m.vm))
-        await self.volumes.detach(m.vm, m.destination)
+        spec, _ = self._vm(m.vm)
+        if _has_volumes(spec):
+            await self.volumes.detach(m.vm, m.destination)
         if lost is not None:
             await source.run(hostd.destroy_vm(m.vm))  # a stale copy, or nothing: it must never run
-        spec, _ = self.store.vm(m.vm)
         if vm_vnics(spec):
             # dual ingress off: only the source again (before the end: a push that fails is retried
             # with the step, never reopens an ended migration)
@@ -502,6 +730,18 @@ def _settings_line(settings: dict[str, object]) -> str:
     on = [k for k, v in settings.items() if v is True]
     values = [f"{k}={v}" for k, v in settings.items() if not isinstance(v, bool)]
     return f"capabilities on: {', '.join(on) or 'none'}; {', '.join(values)}"
+
+
+def _fingerprint(m: Migration) -> tuple[object, ...]:
+    """What a step may change besides QEMU's latest numbers (last sample, running stats)."""
+    return (m.phase, len(m.timeline), tuple((c.type, c.status, c.reason) for c in m.conditions), m.reason,
+            m.incoming_uri, m.reserved_mib_s, m.rollback_to, tuple(sorted(m.flow_versions.items())),
+            m.guest_check, m.disk_check, m.params.max_bandwidth_mib_s)  # fmt: skip
+
+
+def _has_volumes(spec: VmSpec) -> bool:
+    """Only a VM with volume devices has attachments to fence or detach (saves a store read)."""
+    return any(isinstance(d, VolumeDevice) for d in spec.devices)
 
 
 def _runs_disk_workload(spec: VmSpec) -> bool:

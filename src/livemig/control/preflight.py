@@ -5,24 +5,30 @@ promises is exactly what a real request enforces."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from livemig.control.network import vm_vnics
 from livemig.control.services import Services
 from livemig.errors import LivemigError, NotFound
-from livemig.model.host import HostInfo
+from livemig.model.host import HostRegistration
 from livemig.model.migration import Compression, MigrationPolicies
 from livemig.model.vm import RunState, VmSpec, VolumeDevice
 from livemig.wire import blockd, hostd, vswitch
+from livemig.wire.hostd import HostdClient
 from livemig.wire.lmo import Check, MigrationRequest, PreflightReport
 
 
 async def preflight(services: Services, request: MigrationRequest) -> PreflightReport:
-    """Run every check; unknown VM or host raise NotFound (there is nothing to check then)."""
+    """Run every check; unknown VM or host raise NotFound (there is nothing to check then).
+
+    Hosts' facts (QEMU version, accelerator, machine types, free memory) come from the LMO's
+    inventory, as hostd reported them; the hosts are asked only whether the VM runs and whether
+    the destination answers. A host that reported no facts (an older hostd) is asked for them."""
     store, vm, destination = services.store, request.vm, request.destination
-    hosts = services.hosts()
     spec, source = store.vm(vm)
-    if destination not in hosts:
-        raise NotFound(f"unknown host {destination!r}", host=destination)
+    registration = store.host(destination)  # NotFound for an unknown host
+    source_registration = store.host(source)
+    capacity = store.capacity(destination)
     checks: list[Check] = []
 
     def add(name: str, ok: bool, detail: str, error: str = "Conflict") -> None:
@@ -33,7 +39,6 @@ async def preflight(services: Services, request: MigrationRequest) -> PreflightR
         destination != source,
         f"VM {vm!r} is on {source}" if destination != source else f"VM {vm!r} is already on host {source}",
     )
-    registration = store.host(destination)
     add(
         "destination in service",
         not registration.maintenance,
@@ -45,51 +50,52 @@ async def preflight(services: Services, request: MigrationRequest) -> PreflightR
         not active,
         "none" if not active else f"VM {vm!r} is already migrating ({active[0].id}, {active[0].phase.value})",
     )
-    src_info: HostInfo | None = None
-    dst_info: HostInfo | None = None
+    src_facts: HostFacts | None = None
+    dst_facts: HostFacts | None = None
+    source_host, destination_host = services.host(source), services.host(destination)
     try:
-        src_info = await hosts[source].run(hostd.info())
-        observed = await hosts[source].observe(vm)
+        src_facts = await _facts(source_host, source_registration)
+        observed = await source_host.observe(vm)
         state = observed.state if observed else RunState.ABSENT
         add("source VM running", state is RunState.RUNNING, f"QEMU runstate on {source}: {state.value}")
     except LivemigError as exc:
         add("source reachable", False, exc.message, error="HostUnreachable")
     try:
-        dst_info = await hosts[destination].run(hostd.info())
-        add("destination reachable", True, f"{destination} answers (accelerator {dst_info.accel})")
+        dst_facts = await _facts(destination_host, registration, answer=True)
+        add("destination reachable", True, f"{destination} answers (accelerator {dst_facts.accel})")
     except LivemigError as exc:
         add("destination reachable", False, exc.message, error="HostUnreachable")
-    if dst_info is not None:
-        free = dst_info.memory_free_mib
-        fits = vm in dst_info.vms or free >= spec.memory_mib
+    if dst_facts is not None:
+        free = dst_facts.free_mib if dst_facts.free_mib is not None else capacity.free_mib
+        fits = vm in dst_facts.vms or (free is None or free >= spec.memory_mib)
         add(
             "destination capacity",
             fits,
             f"{destination} has {free} MiB free, VM needs {spec.memory_mib} MiB",
             error="CapacityError",
         )
-        machine_ok = not dst_info.machines or spec.machine in dst_info.machines
+        machine_ok = not dst_facts.machines or spec.machine in dst_facts.machines
         add(
             "machine type",
             machine_ok,
-            f"{spec.machine} {'is' if machine_ok else 'is not'} supported by QEMU {dst_info.qemu_version} on "
+            f"{spec.machine} {'is' if machine_ok else 'is not'} supported by QEMU {dst_facts.qemu_version} on "
             f"{destination}",
             error="InvalidRequest",
         )
-        if src_info is not None:
-            newer_or_same = _version(dst_info.qemu_version) >= _version(src_info.qemu_version)
+        if src_facts is not None:
+            newer_or_same = _version(dst_facts.qemu_version) >= _version(src_facts.qemu_version)
             add(
                 "QEMU version",
                 newer_or_same,
-                f"source {src_info.qemu_version}, destination {dst_info.qemu_version}"
+                f"source {src_facts.qemu_version}, destination {dst_facts.qemu_version}"
                 + ("" if newer_or_same else ": QEMU cannot migrate to an older version"),
                 error="InvalidRequest",
             )
-            same_accel = src_info.accel == dst_info.accel or spec.cpu_model != "host"
+            same_accel = src_facts.accel == dst_facts.accel or spec.cpu_model != "host"
             add(
                 "CPU model",
                 same_accel,
-                f"{spec.cpu_model} on {src_info.accel} -> {dst_info.accel}"
+                f"{spec.cpu_model} on {src_facts.accel} -> {dst_facts.accel}"
                 + ("" if same_accel else ": cpu 'host' needs the same accelerator"),
                 error="InvalidRequest",
             )
@@ -129,7 +135,7 @@ async def _check_vnics(services: Services, vnics: list[str], destination: str, a
     if not vnics:
         add("VNICs", True, "no VNICs on the livemig dataplane")
         return
-    registration = services.store.host(destination)
+    registration = services.registration(destination)
     if not registration.vswitch_url:
         add("VNICs", False, f"VM has VNICs {', '.join(vnics)} but {destination} runs no vswitch",
             error="InvalidRequest")  # fmt: skip
@@ -143,6 +149,28 @@ async def _check_vnics(services: Services, vnics: list[str], destination: str, a
         add("VNICs", False, exc.message, error="InvalidRequest")
     except LivemigError as exc:
         add("VNICs", False, exc.message, error="HostUnreachable")
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the checks need to know of a host."""
+
+    qemu_version: str
+    accel: str
+    machines: list[str]
+    vms: list[str]
+    free_mib: int | None  # None: the inventory's number applies
+
+
+async def _facts(host: HostdClient, registration: HostRegistration, answer: bool = False) -> HostFacts:
+    """A host's facts from its registration; asked of the host when it reported none. With
+    ``answer``, the host must answer either way (a cheap health call)."""
+    if registration.qemu_version is None or registration.accel is None or registration.memory_mib is None:
+        info = await host.run(hostd.info())
+        return HostFacts(info.qemu_version, info.accel, info.machines, info.vms, info.memory_free_mib)
+    if answer:
+        await host.run(hostd.health())
+    return HostFacts(registration.qemu_version, registration.accel, registration.machines, [], None)
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -1,30 +1,77 @@
-"""The LMO's durable store (SQLAlchemy; SQLite by default).
+"""The LMO's durable store (SQLAlchemy; SQLite by default, PostgreSQL for HA replicas).
 
-Records are stored as their pydantic JSON next to the few columns queries need (phase, vm), so the
-typed model stays the single definition and the schema stays small. The store is the only writer
-of desired state; everything it says about hosts is re-observed before the controller acts.
+Records are stored as their pydantic JSON next to the columns that queries and accounting need,
+so the typed model stays the single definition and no request scans a whole table:
+
+- hosts carry their **inventory**: the memory they offer (reported by hostd when it registers and
+  whenever it changes), what their VMs use as hostd last saw it, and what the LMO itself placed
+  there (VMs, plus memory reserved by migrations on their way in). ``free_mib`` is kept up to date
+  with every change and indexed, so placement is one indexed query and one conditional update, safe
+  across replicas: two replicas can never both fill the last room on a host.
+- VMs carry their host (indexed), size and last known dirty rate (for the wave planner).
+- migrations carry source, destination, the bandwidth share admission reserved, the memory they
+  reserve on the destination, their evacuation, and a version that every save increments, so a
+  controller re-reads only the documents that changed.
+
+The store is the only writer of desired state; everything it says about hosts is re-observed
+before the controller acts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import Boolean, DateTime, Float, Index, String, Text, create_engine, event, or_, select, text, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    Row,
+    String,
+    Table,
+    Text,
+    bindparam,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 
-from livemig.errors import Conflict, NotFound
+from livemig.errors import CapacityError, Conflict, NotFound
 from livemig.faults.points import sync_point
+from livemig.faults.registry import REGISTRY
 from livemig.model.host import HostRegistration
-from livemig.model.migration import TERMINAL_PHASES, Migration, utcnow
+from livemig.model.migration import TERMINAL_PHASES, Migration, Phase, utcnow
 from livemig.model.vm import NbdExport, VmSpec
+
+#: the key of PostgreSQL's advisory lock that serialises admission decisions across replicas
+ADMISSION_LOCK = 0x6C6D6F01
+#: how many ids one ``IN (...)`` list carries
+CHUNK = 500
+#: how many migrations one transaction saves at most
+SAVE_BATCH = 64
 
 
 class Base(DeclarativeBase):
@@ -33,19 +80,32 @@ class Base(DeclarativeBase):
 
 class HostRow(Base):
     __tablename__ = "hosts"
+    __table_args__ = (Index("hosts_by_free_memory", "maintenance", "free_mib", "name"),)
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     doc: Mapped[str] = mapped_column(Text)  # HostRegistration as JSON
     # set by the LMO (evacuation), never by the host's own registration
     maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    migration_bandwidth_mib_s: Mapped[int] = mapped_column(Integer, default=1024)
+    # the inventory: what the host offers (None: never reported), what its VMs use as it last
+    # reported, what the LMO placed or reserved there, and what is free by the larger of the two
+    memory_mib: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reported_used_mib: Mapped[int] = mapped_column(Integer, default=0)
+    placed_mib: Mapped[int] = mapped_column(Integer, default=0)
+    free_mib: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class VmRow(Base):
     __tablename__ = "vms"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    host: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(64), index=True)
     spec_json: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    memory_mib: Mapped[int] = mapped_column(Integer, default=0)
+    # the guest's last known dirty rate: measured by hostd, or seen in its last migration
+    dirty_rate_mib_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    dirty_rate_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    dirty_rate_source: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class MigrationRow(Base):
@@ -63,9 +123,16 @@ class MigrationRow(Base):
     # written only by the API, read by the controller: never overwritten by a controller save
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # the lease: which LMO replica drives this migration, until when (epoch seconds)
-    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     lease_until: Mapped[float] = mapped_column(Float, default=0.0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    source: Mapped[str] = mapped_column(String(64), default="")
+    destination: Mapped[str] = mapped_column(String(64), default="")
+    # the bandwidth share admission reserved (None: not admitted), and the destination memory held
+    reserved_mib_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    memory_mib: Mapped[int] = mapped_column(Integer, default=0)
+    evacuation: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    version: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class AttachmentRow(Base):
@@ -96,6 +163,14 @@ class EvacuationRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ReplicaRow(Base):
+    """An LMO replica's heartbeat: replicas seen within a lease share the active migrations."""
+
+    __tablename__ = "replicas"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    seen_at: Mapped[float] = mapped_column(Float)
+
+
 class TokenRow(Base):
     """A user's bearer token: only its SHA-256 is kept (the token is shown once, when created)."""
 
@@ -117,256 +192,698 @@ class TokenRecord:
     revoked_at: datetime | None
 
 
+@dataclass(frozen=True)
+class HostCapacity:
+    """A host's inventory as the LMO keeps it."""
+
+    name: str
+    memory_mib: int | None
+    placed_mib: int
+    reported_used_mib: int
+    free_mib: int | None
+    maintenance: bool
+
+
+@dataclass(frozen=True)
+class VmFacts:
+    """What the wave planner needs of a VM, without parsing its spec."""
+
+    name: str
+    host: str
+    memory_mib: int
+    dirty_rate_mib_s: float | None
+    dirty_rate_at: datetime | None
+    dirty_rate_source: str | None
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """An admitted migration's hold on its hosts' migration bandwidth."""
+
+    id: str
+    source: str
+    destination: str
+    reserved_mib_s: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A migration this replica holds the lease on, with its version and cancel flag."""
+
+    id: str
+    version: int
+    cancel_requested: bool
+
+
+def _chunks(items: Sequence[str]) -> Iterator[list[str]]:
+    for start in range(0, len(items), CHUNK):
+        yield list(items[start : start + CHUNK])
+
+
+# The tables, and the statements the hot paths run, built once: a statement built per call costs
+# more than SQLite takes to run it. Parameters are bound by name at execution.
+H = cast(Table, HostRow.__table__)
+V = cast(Table, VmRow.__table__)
+M = cast(Table, MigrationRow.__table__)
+A = cast(Table, AttachmentRow.__table__)
+N = cast(Table, NetObjectRow.__table__)
+E = cast(Table, EvacuationRow.__table__)
+R = cast(Table, ReplicaRow.__table__)
+T = cast(Table, TokenRow.__table__)
+
+
+def _placed(delta: ColumnElement[int]) -> dict[str, ColumnElement[int]]:
+    """Column updates that move ``placed_mib`` by ``delta`` and keep ``free_mib`` in step."""
+    placed = H.c.placed_mib + delta
+    used = case((placed > H.c.reported_used_mib, placed), else_=H.c.reported_used_mib)
+    return {"placed_mib": placed, "free_mib": H.c.memory_mib - used}
+
+
+_DELTA = bindparam("delta", type_=Integer)
+_HAS_ROOM = or_(H.c.memory_mib.is_(None), H.c.free_mib >= _DELTA)
+GET_HOST = select(H).where(H.c.name == bindparam("name"))
+HOSTS_NAMED = select(H).where(H.c.name.in_(bindparam("names", expanding=True)))
+MOVE_PLACED = update(H).where(H.c.name == bindparam("host")).values(**_placed(_DELTA))
+CLAIM_ROOM = update(H).where(H.c.name == bindparam("host"), _HAS_ROOM).values(**_placed(_DELTA))
+BEST_HOST = (
+    select(H.c.name)
+    .where(H.c.maintenance.is_(False), H.c.free_mib >= bindparam("memory", type_=Integer),
+           H.c.name.not_in(bindparam("exclude", expanding=True)))
+    .order_by(H.c.free_mib.desc(), H.c.name.desc())
+    .limit(1)
+)  # fmt: skip
+GET_VM = select(V.c.spec_json, V.c.host, V.c.memory_mib).where(V.c.name == bindparam("name"))
+VMS_NAMED = select(V.c.name, V.c.spec_json, V.c.host).where(V.c.name.in_(bindparam("names", expanding=True)))
+VM_FACTS = select(V.c.name, V.c.host, V.c.memory_mib, V.c.dirty_rate_mib_s, V.c.dirty_rate_at,
+                  V.c.dirty_rate_source).where(V.c.host.in_(bindparam("hosts", expanding=True)))  # fmt: skip
+GET_MIGRATION = select(M.c.doc, M.c.cancel_requested).where(M.c.id == bindparam("id"))
+MIGRATIONS_NAMED = select(M.c.id, M.c.version, M.c.doc, M.c.cancel_requested).where(
+    M.c.id.in_(bindparam("ids", expanding=True))
+)
+_SAVED = {"phase": bindparam("b_phase"), "doc": bindparam("b_doc"), "active": bindparam("b_active"),
+          "reserved_mib_s": bindparam("b_reserved", type_=Integer), "version": M.c.version + 1}  # fmt: skip
+SAVE = update(M).where(M.c.id == bindparam("b_id")).values(**_SAVED).returning(M.c.version)
+SAVE_OWNED = (update(M).where(M.c.id == bindparam("b_id"), M.c.owner == bindparam("b_owner"))
+              .values(**_SAVED).returning(M.c.version))  # fmt: skip
+END = update(M).where(M.c.id == bindparam("b_id")).values(**_SAVED, owner=None, memory_mib=0).returning(M.c.version)
+END_OWNED = (update(M).where(M.c.id == bindparam("b_id"), M.c.owner == bindparam("b_owner"))
+             .values(**_SAVED, owner=None, memory_mib=0).returning(M.c.version))  # fmt: skip
+ENDING = select(M.c.active, M.c.memory_mib).where(M.c.id == bindparam("id"))
+MINE = (
+    select(M.c.id, M.c.version, M.c.cancel_requested)
+    .where(M.c.owner == bindparam("owner"), M.c.active.is_(True))
+    .order_by(M.c.created_at, M.c.id)
+)
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        self.postgres = url.startswith("postgresql")
+        self.engine: Engine = create_engine(url, pool_pre_ping=self.postgres, pool_size=8, max_overflow=24)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._lock = threading.Lock()  # one writer at a time inside this process
+        _upgrade(self.engine)
+        # SQLite takes one writer at a time: serialise this process's transactions instead of
+        # retrying on "database is locked"; PostgreSQL transactions run side by side
+        self._lock: threading.Lock | None = None if self.postgres else threading.Lock()
+        # a read of one statement needs no transaction around it: one round trip, not three
+        self._reads = self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.postgres else self.engine
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self._lock, self._sessions.begin() as session:
-            yield session
+    def read(self) -> Iterator[Connection]:
+        """A connection for reads that need no transaction (each statement sees committed data).
+        Readers take no lock: SQLite's WAL lets them run beside the one writer."""
+        with self._reads.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        if self._lock is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._lock, self.engine.begin() as conn:
+            yield conn
 
     # ------------------------------------------------------------------ hosts
     @sync_point("lmo.store.upsert_host")
     def upsert_host(self, host: HostRegistration) -> None:
-        with self.session() as s:
-            row = s.get(HostRow, host.name)
-            doc = host.model_dump_json(exclude={"maintenance"})
+        """Record a host's registration; capacity it leaves out (an older hostd) stays as known."""
+        doc = host.model_dump_json(exclude={"maintenance"})
+        with self.transaction() as c:
+            row = c.execute(GET_HOST, {"name": host.name}).first()
+            placed = row.placed_mib if row is not None else 0
+            memory = host.memory_mib if host.memory_mib is not None else (row.memory_mib if row is not None else None)
+            used = host.memory_used_mib if host.memory_used_mib is not None else (row.reported_used_mib if row else 0)
+            values = {
+                "doc": doc,
+                "migration_bandwidth_mib_s": host.migration_bandwidth_mib_s,
+                "memory_mib": memory,
+                "reported_used_mib": used,
+                "free_mib": None if memory is None else memory - max(placed, used),
+            }
             if row is None:
-                s.add(HostRow(name=host.name, doc=doc, maintenance=False))
+                c.execute(insert(H).values(name=host.name, maintenance=False, placed_mib=0, registered_at=utcnow(),
+                                           **values))  # fmt: skip
             else:
-                row.doc = doc
+                c.execute(update(H).where(H.c.name == host.name).values(**values))
 
     @sync_point("lmo.store.set_maintenance")
     def set_maintenance(self, name: str, maintenance: bool) -> None:
-        with self.session() as s:
-            row = s.get(HostRow, name)
-            if row is None:
+        with self.transaction() as c:
+            if c.execute(update(H).where(H.c.name == name).values(maintenance=maintenance)).rowcount != 1:
                 raise NotFound(f"unknown host {name!r}", host=name)
-            row.maintenance = maintenance
 
     def hosts(self) -> list[HostRegistration]:
-        with self.session() as s:
-            rows = s.scalars(select(HostRow).order_by(HostRow.name)).all()
-            return [HostRegistration.model_validate({**json.loads(r.doc), "maintenance": r.maintenance})
-                    for r in rows]  # fmt: skip
+        with self.read() as c:
+            return [_registration(r) for r in c.execute(select(H).order_by(H.c.name)).all()]
 
     def host(self, name: str) -> HostRegistration:
-        for host in self.hosts():
-            if host.name == name:
-                return host
-        raise NotFound(f"unknown host {name!r}", host=name)
+        with self.read() as c:
+            row = c.execute(GET_HOST, {"name": name}).first()
+        if row is None:
+            raise NotFound(f"unknown host {name!r}", host=name)
+        return _registration(row)
+
+    def hosts_named(self, names: Iterable[str]) -> dict[str, HostRegistration]:
+        found: dict[str, HostRegistration] = {}
+        with self.read() as c:
+            for chunk in _chunks(sorted(set(names))):
+                found.update({r.name: _registration(r) for r in c.execute(HOSTS_NAMED, {"names": chunk}).all()})
+        return found
+
+    def capacity(self, name: str) -> HostCapacity:
+        with self.read() as c:
+            row = c.execute(GET_HOST, {"name": name}).first()
+        if row is None:
+            raise NotFound(f"unknown host {name!r}", host=name)
+        return HostCapacity(row.name, row.memory_mib, row.placed_mib, row.reported_used_mib, row.free_mib,
+                            row.maintenance)  # fmt: skip
+
+    def capacities(self, *, in_service: bool = False) -> list[HostCapacity]:
+        """Every host's inventory (columns only, no documents), by name."""
+        query = select(H.c.name, H.c.memory_mib, H.c.placed_mib, H.c.reported_used_mib, H.c.free_mib,
+                       H.c.maintenance).order_by(H.c.name)  # fmt: skip
+        if in_service:
+            query = query.where(H.c.maintenance.is_(False))
+        with self.read() as c:
+            return [HostCapacity(r.name, r.memory_mib, r.placed_mib, r.reported_used_mib, r.free_mib, r.maintenance)
+                    for r in c.execute(query).all()]  # fmt: skip
+
+    def budgets(self, hosts: Iterable[str]) -> dict[str, int]:
+        """Each host's migration bandwidth budget (MiB/s, each way)."""
+        with self.read() as c:
+            return _budgets(c, hosts)
 
     # ------------------------------------------------------------------ VMs
     @sync_point("lmo.store.add_vm")
     def add_vm(self, spec: VmSpec, host: str) -> None:
-        with self.session() as s:
-            if s.get(VmRow, spec.name) is not None:
-                raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name)
-            s.add(VmRow(name=spec.name, host=host, spec_json=spec.model_dump_json()))
+        """Record a VM on ``host`` (counted in its placed memory; no capacity check)."""
+        try:
+            with self.transaction() as c:
+                if c.execute(GET_VM, {"name": spec.name}).first() is not None:
+                    raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name)
+                c.execute(insert(V).values(name=spec.name, host=host, spec_json=spec.model_dump_json(),
+                                           memory_mib=spec.memory_mib, created_at=utcnow()))  # fmt: skip
+                c.execute(MOVE_PLACED, {"host": host, "delta": spec.memory_mib})
+        except IntegrityError as exc:
+            raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name) from exc
+
+    @sync_point("lmo.store.place_vm")
+    def place_vm(self, spec: VmSpec, wanted: str | None = None, exclude: Iterable[str] = ()) -> str:
+        """Claim the memory for a new VM and record it, in one transaction: on ``wanted``, or on the
+        in-service host with the most free memory (not in ``exclude``). Returns the host.
+
+        The claim is a conditional update of the host's inventory, so concurrent requests and
+        replicas never overfill a host; a host whose capacity was never reported is placed on only
+        when asked for by name (its hostd still checks)."""
+        memory = spec.memory_mib
+        try:
+            with self.transaction() as c:
+                if c.execute(GET_VM, {"name": spec.name}).first() is not None:
+                    raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name)
+                target = self._claim_room(c, memory, wanted, sorted(set(exclude)))
+                c.execute(insert(V).values(name=spec.name, host=target, spec_json=spec.model_dump_json(),
+                                           memory_mib=memory, created_at=utcnow()))  # fmt: skip
+                return target
+        except IntegrityError as exc:  # the same name, placed by another request at the same moment
+            raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name) from exc
+
+    @staticmethod
+    def _claim_room(c: Connection, memory: int, wanted: str | None, exclude: list[str]) -> str:
+        if wanted is not None:
+            row = c.execute(GET_HOST, {"name": wanted}).first()
+            if row is None:
+                raise NotFound(f"unknown host {wanted!r}", host=wanted)
+            if row.maintenance:
+                raise Conflict(f"host {wanted} is in maintenance: no new VMs")
+            if c.execute(CLAIM_ROOM, {"host": wanted, "delta": memory}).rowcount != 1:
+                raise CapacityError(f"no host can hold {memory} MiB: host {wanted} has {row.free_mib} MiB free",
+                                    host=wanted, free_mib=row.free_mib, needed_mib=memory)  # fmt: skip
+            return wanted
+        while True:
+            best = c.execute(BEST_HOST, {"memory": memory, "exclude": exclude}).scalar()
+            if best is None:
+                most = c.execute(select(func.max(H.c.free_mib)).where(H.c.maintenance.is_(False))).scalar()
+                raise CapacityError(f"no host can hold {memory} MiB (most free: {most or 0} MiB)")
+            if c.execute(CLAIM_ROOM, {"host": best, "delta": memory}).rowcount == 1:
+                return str(best)
+            # another replica filled it between the two statements: choose again
 
     @sync_point("lmo.store.set_vm")
     def set_vm(self, name: str, *, host: str | None = None, spec: VmSpec | None = None) -> None:
-        with self.session() as s:
-            row = s.get(VmRow, name)
+        with self.transaction() as c:
+            row = c.execute(GET_VM, {"name": name}).first()
             if row is None:
                 raise NotFound(f"unknown VM {name!r}", vm=name)
-            if host is not None:
-                row.host = host
+            values: dict[str, object] = {}
+            if host is not None and host != row.host:
+                c.execute(MOVE_PLACED, {"host": row.host, "delta": -row.memory_mib})
+                c.execute(MOVE_PLACED, {"host": host, "delta": row.memory_mib})
+                values["host"] = host
             if spec is not None:
-                row.spec_json = spec.model_dump_json()
+                values["spec_json"] = spec.model_dump_json()
+            if values:
+                c.execute(update(V).where(V.c.name == name).values(**values))
+
+    @sync_point("lmo.store.move_vm")
+    def move_vm(self, name: str, destination: str) -> None:
+        """A migration's cut-over: the VM now belongs to ``destination``, whose memory its migration
+        already reserved; the source's is released. Idempotent."""
+        with self.transaction() as c:
+            row = c.execute(GET_VM, {"name": name}).first()
+            if row is None:
+                raise NotFound(f"unknown VM {name!r}", vm=name)
+            if row.host == destination:
+                return
+            c.execute(MOVE_PLACED, {"host": row.host, "delta": -row.memory_mib})
+            c.execute(update(V).where(V.c.name == name).values(host=destination))
 
     @sync_point("lmo.store.remove_vm")
     def remove_vm(self, name: str) -> None:
-        with self.session() as s:
-            row = s.get(VmRow, name)
+        with self.transaction() as c:
+            row = c.execute(GET_VM, {"name": name}).first()
             if row is not None:
-                s.delete(row)
+                c.execute(MOVE_PLACED, {"host": row.host, "delta": -row.memory_mib})
+                c.execute(delete(V).where(V.c.name == name))
 
     def vm(self, name: str) -> tuple[VmSpec, str]:
-        with self.session() as s:
-            row = s.get(VmRow, name)
-            if row is None:
-                raise NotFound(f"unknown VM {name!r}", vm=name)
-            return VmSpec.model_validate_json(row.spec_json), row.host
+        with self.read() as c:
+            row = c.execute(GET_VM, {"name": name}).first()
+        if row is None:
+            raise NotFound(f"unknown VM {name!r}", vm=name)
+        return VmSpec.model_validate_json(row.spec_json), str(row.host)
 
-    def vms(self) -> list[tuple[VmSpec, str]]:
-        with self.session() as s:
-            rows = s.scalars(select(VmRow).order_by(VmRow.name)).all()
-            return [(VmSpec.model_validate_json(r.spec_json), r.host) for r in rows]
+    def vms_named(self, names: Iterable[str]) -> dict[str, tuple[VmSpec, str]]:
+        found: dict[str, tuple[VmSpec, str]] = {}
+        with self.read() as c:
+            for chunk in _chunks(sorted(set(names))):
+                for row in c.execute(VMS_NAMED, {"names": chunk}).all():
+                    found[row.name] = (VmSpec.model_validate_json(row.spec_json), row.host)
+        return found
+
+    def vms(self, host: str | None = None) -> list[tuple[VmSpec, str]]:
+        query = select(V.c.spec_json, V.c.host).order_by(V.c.name)
+        if host is not None:
+            query = query.where(V.c.host == host)
+        with self.read() as c:
+            rows = c.execute(query).all()
+        return [(VmSpec.model_validate_json(r.spec_json), r.host) for r in rows]
+
+    def vm_facts(self, hosts: Iterable[str]) -> list[VmFacts]:
+        """The VMs on ``hosts``: size and last known dirty rate (no spec parsed)."""
+        facts: list[VmFacts] = []
+        with self.read() as c:
+            for chunk in _chunks(sorted(set(hosts))):
+                facts.extend(
+                    VmFacts(r.name, r.host, r.memory_mib, r.dirty_rate_mib_s, r.dirty_rate_at, r.dirty_rate_source)
+                    for r in c.execute(VM_FACTS, {"hosts": chunk}).all()
+                )
+        return sorted(facts, key=lambda f: f.name)
+
+    def record_dirty_rate(self, vm: str, mib_s: float, at: datetime, source: str) -> None:
+        """Remember a VM's dirty rate (newest wins), for the wave planner."""
+        with self.transaction() as c:
+            c.execute(update(V).where(V.c.name == vm, or_(V.c.dirty_rate_at.is_(None), V.c.dirty_rate_at <= at))
+                      .values(dirty_rate_mib_s=mib_s, dirty_rate_at=at, dirty_rate_source=source))  # fmt: skip
 
     # ------------------------------------------------------------------ migrations
     @sync_point("lmo.store.add_migration")
     def add_migration(self, migration: Migration) -> None:
-        """Insert a migration, claiming its VM: at most one active migration per VM."""
-        with self.session() as s:
-            busy = s.scalars(select(MigrationRow).where(MigrationRow.vm == migration.vm,
-                                                        MigrationRow.active.is_(True))).first()  # fmt: skip
-            if busy is not None:
-                raise Conflict(f"VM {migration.vm!r} is already migrating ({busy.id}, {busy.phase})",
-                               vm=migration.vm, migration=busy.id)  # fmt: skip
+        """Insert a migration, claiming its VM (at most one active migration per VM) and reserving
+        the VM's memory on the destination (CapacityError if the inventory says it has no room)."""
+        self.add_migrations([migration])
+
+    @sync_point("lmo.store.add_migration")
+    def add_migrations(self, migrations: Sequence[Migration]) -> None:
+        """Insert migrations in one transaction: all or none (an evacuation wave)."""
+        vms = [m.vm for m in migrations]
         try:
-            with self.session() as s:
-                s.add(MigrationRow(id=migration.id, vm=migration.vm, phase=migration.phase.value,
-                                   active=True, doc=migration.model_dump_json()))  # fmt: skip
-        except IntegrityError as exc:  # another replica claimed the VM between our check and insert
-            raise Conflict(f"VM {migration.vm!r} is already migrating", vm=migration.vm) from exc
+            with self.transaction() as c:
+                memory: dict[str, int] = {}
+                for chunk in _chunks(vms):
+                    busy = c.execute(select(M.c.vm, M.c.id, M.c.phase)
+                                     .where(M.c.vm.in_(chunk), M.c.active.is_(True))).first()  # fmt: skip
+                    if busy is not None:
+                        raise Conflict(f"VM {busy.vm!r} is already migrating ({busy.id}, {busy.phase})",
+                                       vm=busy.vm, migration=busy.id)  # fmt: skip
+                    memory.update(
+                        (r.name, r.memory_mib)
+                        for r in c.execute(select(V.c.name, V.c.memory_mib).where(V.c.name.in_(chunk)))
+                    )
+                needed: dict[str, int] = {}
+                for m in migrations:
+                    needed[m.destination] = needed.get(m.destination, 0) + memory.get(m.vm, 0)
+                for destination, mib in sorted(needed.items()):
+                    _reserve(c, destination, mib)
+                now = utcnow()
+                rows = [{"id": m.id, "vm": m.vm, "phase": m.phase.value, "active": True, "doc": m.model_dump_json(),
+                         "cancel_requested": False, "owner": None, "lease_until": 0.0, "created_at": now,
+                         "source": m.source, "destination": m.destination, "reserved_mib_s": None,
+                         "memory_mib": memory.get(m.vm, 0), "evacuation": m.evacuation, "version": 0}
+                        for m in migrations]  # fmt: skip
+                if rows:
+                    c.execute(insert(M), rows)
+        except IntegrityError as exc:  # another replica claimed a VM between our check and insert
+            raise Conflict(f"VM {vms[0]!r} is already migrating", vm=vms[0]) from exc
 
     @sync_point("lmo.store.acquire")
     def acquire(self, migration_id: str, owner: str, ttl_s: float) -> bool:
         """Take or renew the lease on an active migration; False if another live replica holds it."""
         now = time.time()
-        with self.session() as s:
-            result = s.execute(
-                update(MigrationRow)
-                .where(MigrationRow.id == migration_id, MigrationRow.active.is_(True),
-                       or_(MigrationRow.owner == owner, MigrationRow.owner.is_(None), MigrationRow.lease_until < now))
+        with self.transaction() as c:
+            result = c.execute(
+                update(M)
+                .where(M.c.id == migration_id, M.c.active.is_(True),
+                       or_(M.c.owner == owner, M.c.owner.is_(None), M.c.lease_until < now))
                 .values(owner=owner, lease_until=now + ttl_s)
             )  # fmt: skip
-            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+            return result.rowcount == 1
+
+    @sync_point("lmo.store.claim")
+    def claim(self, owner: str, ttl_s: float, capacity: int) -> list[Claim]:
+        """Renew this replica's leases and take its fair part of the active migrations: the
+        replicas seen within a lease share them evenly (each at most ``capacity``). A replica
+        holding more than its part lets the excess go (queued ones first, newest first), so a
+        replica that joins gets work at its next pass. Returns what it holds, oldest first."""
+        now = time.time()
+        with self.transaction() as c:
+            self._heartbeat(c, owner, now)
+            live = c.execute(select(func.count()).select_from(R).where(R.c.seen_at > now - ttl_s)).scalar() or 1
+            active = c.execute(select(func.count()).select_from(M).where(M.c.active.is_(True))).scalar() or 0
+            share = min(capacity, math.ceil(active / live))
+            mine = M.c.owner == owner
+            held = c.execute(update(M).where(mine, M.c.active.is_(True)).values(lease_until=now + ttl_s)).rowcount
+            if held > share:
+                queued_first = case((M.c.phase == Phase.PENDING.value, 0), else_=1)
+                excess = list(
+                    c.execute(
+                        select(M.c.id)
+                        .where(mine, M.c.active.is_(True))
+                        .order_by(queued_first, M.c.created_at.desc())
+                        .limit(held - share)
+                    ).scalars()
+                )
+                c.execute(update(M).where(M.c.id.in_(excess), mine).values(owner=None, lease_until=0.0))
+            elif held < share:
+                free = or_(M.c.owner.is_(None), M.c.lease_until < now)
+                candidates = (select(M.c.id).where(M.c.active.is_(True), free)
+                              .order_by(M.c.created_at, M.c.id).limit(share - held))  # fmt: skip
+                if self.postgres:
+                    candidates = candidates.with_for_update(skip_locked=True)
+                ids = list(c.execute(candidates).scalars())
+                if ids:
+                    c.execute(update(M).where(M.c.id.in_(ids), M.c.active.is_(True), free)
+                              .values(owner=owner, lease_until=now + ttl_s))  # fmt: skip
+            return [Claim(r.id, r.version, bool(r.cancel_requested)) for r in c.execute(MINE, {"owner": owner}).all()]
+
+    def _heartbeat(self, c: Connection, owner: str, now: float) -> None:
+        upsert = postgresql_insert if self.postgres else sqlite_insert
+        statement = upsert(R).values(id=owner, seen_at=now)
+        c.execute(statement.on_conflict_do_update(index_elements=[R.c.id], set_={"seen_at": now}))
+
+    def replicas(self, within_s: float) -> dict[str, float]:
+        """Replicas seen in the last ``within_s`` seconds, with when."""
+        with self.read() as c:
+            rows = c.execute(select(R.c.id, R.c.seen_at).where(R.c.seen_at > time.time() - within_s)).all()
+        return {row.id: row.seen_at for row in rows}
+
+    def load_migrations(self, ids: Sequence[str]) -> dict[str, tuple[int, Migration]]:
+        """Migrations by id, each with its version."""
+        found: dict[str, tuple[int, Migration]] = {}
+        with self.read() as c:
+            for chunk in _chunks(list(ids)):
+                for row in c.execute(MIGRATIONS_NAMED, {"ids": chunk}).all():
+                    found[row.id] = (row.version, _load(row.doc, row.cancel_requested))
+        return found
 
     @sync_point("lmo.store.save_migration")
     def save_migration(self, migration: Migration, owner: str | None = None) -> bool:
         """Save; with ``owner``, only while that replica still holds the lease (False if lost)."""
-        migration.updated_at = utcnow()
-        with self.session() as s:
-            query = update(MigrationRow).where(MigrationRow.id == migration.id)
-            if owner is not None:
-                query = query.where(MigrationRow.owner == owner)
-            values: dict[str, object] = {"phase": migration.phase.value, "doc": migration.model_dump_json(),
-                                         "active": migration.phase not in TERMINAL_PHASES}  # fmt: skip
-            if migration.phase in TERMINAL_PHASES:
-                values["owner"] = None
-            result = s.execute(query.values(**values))
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                if owner is None:
-                    raise NotFound(f"unknown migration {migration.id!r}")
-                return False
-            return True
+        with self.transaction() as c:
+            return _save(c, migration, owner) is not None
+
+    def save_migrations(self, migrations: Sequence[Migration], owner: str) -> list[int | None]:
+        """Save many (a controller pass's results), SAVE_BATCH to a transaction: each one's new
+        version, or None where ``owner`` no longer holds its lease. (Batches, so that SQLite's one
+        writer is never held long by the controller while an API request waits.) The fault point
+        ``lmo.store.save_migration`` fires once per migration, scoped to it."""
+        if REGISTRY.armed:
+            for m in migrations:
+                REGISTRY.fire_sync("lmo.store.save_migration", vm=m.vm, migration=m.id)
+        versions: list[int | None] = []
+        for start in range(0, len(migrations), SAVE_BATCH):
+            with self.transaction() as c:
+                versions.extend(_save(c, m, owner) for m in migrations[start : start + SAVE_BATCH])
+        return versions
+
+    @sync_point("lmo.store.save_migration")
+    def save_migration_versioned(self, migration: Migration, owner: str) -> int | None:
+        """Save while ``owner`` holds the lease; the new version, or None if the lease was lost."""
+        with self.transaction() as c:
+            return _save(c, migration, owner)
 
     def migration(self, migration_id: str) -> Migration:
-        with self.session() as s:
-            row = s.get(MigrationRow, migration_id)
-            if row is None:
-                raise NotFound(f"unknown migration {migration_id!r}", migration=migration_id)
-            return _load(row)
+        with self.read() as c:
+            row = c.execute(GET_MIGRATION, {"id": migration_id}).first()
+        if row is None:
+            raise NotFound(f"unknown migration {migration_id!r}", migration=migration_id)
+        return _load(row.doc, row.cancel_requested)
 
     @sync_point("lmo.store.request_cancel")
     def request_cancel(self, migration_id: str) -> None:
-        with self.session() as s:
-            row = s.get(MigrationRow, migration_id)
-            if row is None:
+        with self.transaction() as c:
+            if c.execute(update(M).where(M.c.id == migration_id).values(cancel_requested=True)).rowcount != 1:
                 raise NotFound(f"unknown migration {migration_id!r}", migration=migration_id)
-            row.cancel_requested = True
 
-    def migrations(self, *, active_only: bool = False, vm: str | None = None) -> list[Migration]:
-        with self.session() as s:
-            query = select(MigrationRow).order_by(MigrationRow.created_at)
-            if active_only:
-                query = query.where(MigrationRow.active.is_(True))
-            if vm is not None:
-                query = query.where(MigrationRow.vm == vm)
-            return [_load(r) for r in s.scalars(query).all()]
+    def migrations(self, *, active_only: bool = False, vm: str | None = None, evacuation: str | None = None,
+                   limit: int | None = None) -> list[Migration]:  # fmt: skip
+        query = select(M.c.doc, M.c.cancel_requested).order_by(M.c.created_at, M.c.id)
+        if active_only:
+            query = query.where(M.c.active.is_(True))
+        if vm is not None:
+            query = query.where(M.c.vm == vm)
+        if evacuation is not None:
+            query = query.where(M.c.evacuation == evacuation)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.read() as c:
+            rows = c.execute(query).all()
+        return [_load(r.doc, r.cancel_requested) for r in rows]
+
+    def finished(self, limit: int) -> list[Migration]:
+        """The most recent successful migrations, newest first (the wave planner learns from them)."""
+        query = (select(M.c.doc, M.c.cancel_requested).where(M.c.phase == Phase.SUCCEEDED.value)
+                 .order_by(M.c.created_at.desc()).limit(limit))  # fmt: skip
+        with self.read() as c:
+            rows = c.execute(query).all()
+        return [_load(r.doc, r.cancel_requested) for r in rows]
+
+    def active_vms(self, vms: Iterable[str]) -> set[str]:
+        """Which of ``vms`` have an active migration."""
+        busy: set[str] = set()
+        with self.read() as c:
+            for chunk in _chunks(sorted(set(vms))):
+                busy.update(c.execute(select(M.c.vm).where(M.c.vm.in_(chunk), M.c.active.is_(True))).scalars())
+        return busy
+
+    def counts(self) -> dict[str, int]:
+        """How many migrations are in each phase."""
+        with self.read() as c:
+            rows = c.execute(select(M.c.phase, func.count()).group_by(M.c.phase)).all()
+        return {str(phase): int(n) for phase, n in rows}
+
+    # ------------------------------------------------------------------ admission
+    @contextmanager
+    def admission(self) -> Iterator[Admissions]:
+        """One admission round: what is reserved now, and saves of newly admitted migrations, in
+        one transaction that replicas take in turn (PostgreSQL: an advisory lock), so two replicas
+        never both hand out the last share of a host's bandwidth."""
+        with self.transaction() as c:
+            if self.postgres:
+                c.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK})
+            yield Admissions(c)
 
     # ------------------------------------------------------------------ attachments
     @sync_point("lmo.store.add_attachment")
     def add_attachment(self, vm: str, host: str, device: str, export: NbdExport) -> None:
-        with self.session() as s:
-            s.add(AttachmentRow(id=export.attachment, vm=vm, host=host, device=device,
-                                export_json=export.model_dump_json(), active=True))  # fmt: skip
+        with self.transaction() as c:
+            c.execute(insert(A).values(id=export.attachment, vm=vm, host=host, device=device,
+                                       export_json=export.model_dump_json(), active=True))  # fmt: skip
 
     def attachments(self, vm: str, host: str | None = None) -> dict[str, NbdExport]:
         """Active attachments of ``vm`` (on ``host``), keyed by device id."""
-        with self.session() as s:
-            query = select(AttachmentRow).where(AttachmentRow.vm == vm, AttachmentRow.active.is_(True))
-            if host is not None:
-                query = query.where(AttachmentRow.host == host)
-            return {r.device: NbdExport.model_validate_json(r.export_json) for r in s.scalars(query).all()}
+        query = select(A.c.device, A.c.export_json).where(A.c.vm == vm, A.c.active.is_(True))
+        if host is not None:
+            query = query.where(A.c.host == host)
+        with self.read() as c:
+            return {r.device: NbdExport.model_validate_json(r.export_json) for r in c.execute(query).all()}
 
     @sync_point("lmo.store.deactivate_attachment")
     def deactivate_attachment(self, attachment: str) -> None:
-        with self.session() as s:
-            row = s.get(AttachmentRow, attachment)
-            if row is not None:
-                row.active = False
+        with self.transaction() as c:
+            c.execute(update(A).where(A.c.id == attachment).values(active=False))
 
     # ------------------------------------------------------------------ VCN objects
     @sync_point("lmo.store.put_netobject")
     def put_netobject(self, kind: str, object_id: str, doc: str) -> None:
-        with self.session() as s:
-            row = s.get(NetObjectRow, (kind, object_id))
-            if row is None:
-                s.add(NetObjectRow(kind=kind, id=object_id, doc=doc))
-            else:
-                row.doc = doc
+        with self.transaction() as c:
+            where = (N.c.kind == kind) & (N.c.id == object_id)
+            if c.execute(update(N).where(where).values(doc=doc)).rowcount == 0:
+                c.execute(insert(N).values(kind=kind, id=object_id, doc=doc))
 
     def netobjects(self, kind: str) -> list[str]:
-        with self.session() as s:
-            query = select(NetObjectRow).where(NetObjectRow.kind == kind).order_by(NetObjectRow.id)
-            return [r.doc for r in s.scalars(query).all()]
+        with self.read() as c:
+            return list(c.execute(select(N.c.doc).where(N.c.kind == kind).order_by(N.c.id)).scalars())
 
     @sync_point("lmo.store.delete_netobject")
     def delete_netobject(self, kind: str, object_id: str) -> None:
-        with self.session() as s:
-            row = s.get(NetObjectRow, (kind, object_id))
-            if row is None:
+        with self.transaction() as c:
+            if c.execute(delete(N).where(N.c.kind == kind, N.c.id == object_id)).rowcount == 0:
                 raise NotFound(f"unknown {kind.rstrip('s')} {object_id!r}")
-            s.delete(row)
 
     # ------------------------------------------------------------------ evacuations
     @sync_point("lmo.store.add_evacuation")
     def add_evacuation(self, evacuation_id: str, doc: str) -> None:
-        with self.session() as s:
-            s.add(EvacuationRow(id=evacuation_id, doc=doc))
+        with self.transaction() as c:
+            c.execute(insert(E).values(id=evacuation_id, doc=doc, created_at=utcnow()))
 
     def evacuation(self, evacuation_id: str) -> str:
-        with self.session() as s:
-            row = s.get(EvacuationRow, evacuation_id)
-            if row is None:
-                raise NotFound(f"unknown evacuation {evacuation_id!r}")
-            return row.doc
+        with self.read() as c:
+            doc = c.execute(select(E.c.doc).where(E.c.id == evacuation_id)).scalar()
+        if doc is None:
+            raise NotFound(f"unknown evacuation {evacuation_id!r}")
+        return str(doc)
 
     # ------------------------------------------------------------------ tokens
     def add_token(self, token_id: str, name: str, role: str, digest: str) -> TokenRecord:
-        with self.session() as s:
-            row = TokenRow(id=token_id, name=name, role=role, digest=digest, created_at=utcnow())
-            s.add(row)
-            return _token(row)
+        record = TokenRecord(token_id, name, role, utcnow(), None)
+        with self.transaction() as c:
+            c.execute(insert(T).values(id=token_id, name=name, role=role, digest=digest, created_at=record.created_at))
+        return record
 
     def token_by_digest(self, digest: str) -> TokenRecord | None:
         """The live (not revoked) token with this digest."""
-        with self.session() as s:
-            row = s.scalars(select(TokenRow).where(TokenRow.digest == digest, TokenRow.revoked_at.is_(None))).first()
-            return None if row is None else _token(row)
+        with self.read() as c:
+            row = c.execute(select(T).where(T.c.digest == digest, T.c.revoked_at.is_(None))).first()
+        return None if row is None else _token(row)
 
     def tokens(self) -> list[TokenRecord]:
-        with self.session() as s:
-            return [_token(r) for r in s.scalars(select(TokenRow).order_by(TokenRow.created_at)).all()]
+        with self.read() as c:
+            return [_token(r) for r in c.execute(select(T).order_by(T.c.created_at)).all()]
 
     def revoke_token(self, token_id: str) -> TokenRecord:
         """Revoke a token (idempotent: revoking it again keeps the first time)."""
-        with self.session() as s:
-            row = s.get(TokenRow, token_id)
-            if row is None:
-                raise NotFound(f"unknown token {token_id!r}", token=token_id)
-            if row.revoked_at is None:
-                row.revoked_at = utcnow()
-            return _token(row)
+        with self.transaction() as c:
+            c.execute(update(T).where(T.c.id == token_id, T.c.revoked_at.is_(None)).values(revoked_at=utcnow()))
+            row = c.execute(select(T).where(T.c.id == token_id)).first()
+        if row is None:
+            raise NotFound(f"unknown token {token_id!r}", token=token_id)
+        return _token(row)
 
 
-def _token(row: TokenRow) -> TokenRecord:
+def _token(row: Row[Any]) -> TokenRecord:
     return TokenRecord(row.id, row.name, row.role, row.created_at, row.revoked_at)
 
 
-def _load(row: MigrationRow) -> Migration:
-    migration = Migration.model_validate_json(row.doc)
-    migration.cancel_requested = migration.cancel_requested or bool(row.cancel_requested)
+class Admissions:
+    """Inside :meth:`Store.admission`: read the reservations, save what was admitted."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def reservations(self) -> list[Reservation]:
+        rows = self._conn.execute(select(M.c.id, M.c.source, M.c.destination, M.c.reserved_mib_s)
+                                  .where(M.c.active.is_(True), M.c.reserved_mib_s.is_not(None))).all()  # fmt: skip
+        return [Reservation(r.id, r.source, r.destination, int(r.reserved_mib_s)) for r in rows]
+
+    def budgets(self, hosts: Iterable[str]) -> dict[str, int]:
+        return _budgets(self._conn, hosts)
+
+    def save(self, migration: Migration, owner: str | None) -> int | None:
+        return _save(self._conn, migration, owner)
+
+
+def _budgets(c: Connection, hosts: Iterable[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for chunk in _chunks(sorted(set(hosts))):
+        rows = c.execute(select(H.c.name, H.c.migration_bandwidth_mib_s).where(H.c.name.in_(chunk))).all()
+        found.update({r.name: int(r.migration_bandwidth_mib_s) for r in rows})
+    return found
+
+
+def _reserve(c: Connection, destination: str, mib: int) -> None:
+    if mib <= 0:
+        return
+    if c.execute(CLAIM_ROOM, {"host": destination, "delta": mib}).rowcount != 1:
+        row = c.execute(GET_HOST, {"name": destination}).first()
+        if row is not None:  # an unknown host keeps no inventory (and fails later, with a reason)
+            raise CapacityError(f"destination {destination} has {row.free_mib} MiB free, {mib} MiB needed",
+                                host=destination, free_mib=row.free_mib, needed_mib=mib)  # fmt: skip
+
+
+def _save(c: Connection, migration: Migration, owner: str | None) -> int | None:
+    """One migration's save; the new version, or None when ``owner`` no longer holds its lease.
+
+    A save that ends the migration also ends its memory reservation on the destination, unless
+    the VM now lives there (the reservation is then its placement): exactly once, on the save
+    that turns it from active to ended."""
+    migration.updated_at = utcnow()
+    terminal = migration.phase in TERMINAL_PHASES
+    values = {
+        "b_id": migration.id,
+        "b_owner": owner,
+        "b_phase": migration.phase.value,
+        "b_doc": migration.model_dump_json(),
+        "b_active": not terminal,
+        "b_reserved": migration.reserved_mib_s,
+    }
+    if not terminal:
+        return c.execute(SAVE if owner is None else SAVE_OWNED, values).scalar()
+    ending = c.execute(ENDING.with_for_update() if c.dialect.name == "postgresql" else ENDING,
+                       {"id": migration.id}).first()  # fmt: skip
+    version = c.execute(END if owner is None else END_OWNED, values).scalar()
+    if version is not None and ending is not None and ending.active and ending.memory_mib:
+        where = c.execute(select(V.c.host).where(V.c.name == migration.vm)).scalar()
+        if where != migration.destination:
+            c.execute(MOVE_PLACED, {"host": migration.destination, "delta": -ending.memory_mib})
+    if version is None and owner is None:
+        raise NotFound(f"unknown migration {migration.id!r}")
+    return version
+
+
+def _registration(row: Row[Any]) -> HostRegistration:
+    doc = json.loads(row.doc)
+    doc.update(maintenance=row.maintenance, memory_mib=row.memory_mib, memory_used_mib=row.reported_used_mib)
+    return HostRegistration.model_validate(doc)
+
+
+def _load(doc: str, cancel_requested: bool | None) -> Migration:
+    migration = Migration.model_validate_json(doc)
+    migration.cancel_requested = migration.cancel_requested or bool(cancel_requested)
     return migration
 
 
@@ -375,3 +892,63 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _literal(value: object, engine: Engine) -> str:
+    if isinstance(value, bool):
+        return ("true" if value else "false") if engine.dialect.name == "postgresql" else str(int(value))
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return repr(value)
+
+
+def _upgrade(engine: Engine) -> None:
+    """Bring a store written by an older livemig up to this schema: add the columns and indexes
+    it lacks and fill them from the documents (the inventory from the VMs it holds)."""
+    inspector = inspect(engine)
+    added: dict[str, set[str]] = {}
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = (
+                    getattr(column.default, "arg", None)
+                    if column.default is not None and column.default.is_scalar
+                    else None
+                )
+                clause = "" if default is None else f" DEFAULT {_literal(default, engine)}"
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}{clause}'))
+                added.setdefault(table.name, set()).add(column.name)
+        for table in Base.metadata.sorted_tables:
+            if table.name in added:
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
+        if "vms" in added:
+            for name, spec_json in conn.execute(select(V.c.name, V.c.spec_json)).all():
+                memory = VmSpec.model_validate_json(spec_json).memory_mib
+                conn.execute(update(V).where(V.c.name == name).values(memory_mib=memory))
+        if "migrations" in added:
+            for row_id, doc in conn.execute(select(M.c.id, M.c.doc)).all():
+                m = Migration.model_validate_json(doc)
+                conn.execute(
+                    update(M)
+                    .where(M.c.id == row_id)
+                    .values(
+                        source=m.source,
+                        destination=m.destination,
+                        evacuation=m.evacuation,
+                        reserved_mib_s=m.reserved_mib_s if m.phase is not Phase.PENDING else None,
+                    )
+                )
+        if "hosts" in added:
+            for name, doc in conn.execute(select(H.c.name, H.c.doc)).all():
+                placed = conn.scalar(select(func.coalesce(func.sum(V.c.memory_mib), 0)).where(V.c.host == name))
+                bandwidth = int(json.loads(doc).get("migration_bandwidth_mib_s", 1024))
+                conn.execute(
+                    update(H)
+                    .where(H.c.name == name)
+                    .values(placed_mib=placed, reported_used_mib=0, migration_bandwidth_mib_s=bandwidth)
+                )

@@ -1,17 +1,24 @@
 """hostd's REST API (FastAPI). Observed state out, idempotent actions in.
 
-The routes and their models are the boundary's, in ``livemig.wire.hostd``. Who may call them:
-:data:`POLICY` (only the LMO drives a hostd; any certificate of the region may ask its health)."""
+The routes and their models are the boundary's, in ``livemig.wire.hostd``. They are one
+:data:`router` whose handlers receive their host's agent through a dependency: a real hostd is
+one app around one agent (:func:`create_app`), and the fleet simulator serves thousands of
+simulated hosts from one app with the very same routes (:func:`create_fleet_app`), because an app
+per host costs about a megabyte and tens of milliseconds to build. Who may call them:
+:data:`POLICY` (only the LMO drives a hostd; any certificate of the region may ask its health).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, Response
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
@@ -27,6 +34,7 @@ from livemig.wire.base import async_http
 from livemig.wire.hostd import (
     CheckReply,
     ConsoleLine,
+    DirtyRateReply,
     IncomingLaunch,
     IncomingReply,
     MigrateRequest,
@@ -40,7 +48,11 @@ from livemig.wire.server import install_error_handlers
 
 log = logging.getLogger(__name__)
 VMS_GAUGE = Gauge("livemig_host_vms", "VMs managed by this hostd", ["host"])
+#: after a change of the VMs it runs, hostd tells the LMO its capacity at most this often
+REPORT_INTERVAL_S = 1.0
 
+#: how an app finds the agent a request is for (one agent, or one of a simulated fleet)
+AgentResolver = Callable[[Request], HostAgent]
 
 _LMO = services(Role.LMO)
 #: who may call each route: the LMO drives everything; health and metrics for any service of the region
@@ -50,40 +62,191 @@ POLICY: Policy = {
     **{
         route: _LMO
         for route in (
-            ("GET", "/host"), ("GET", "/vms"), ("POST", "/vms"), ("GET", "/vms/{name}"), ("DELETE", "/vms/{name}"),
-            ("POST", "/vms/{name}/incoming"), ("POST", "/vms/{name}/migrate"), ("GET", "/vms/{name}/migration"),
-            ("POST", "/vms/{name}/migration/flow-versions"), ("POST", "/vms/{name}/migration/cancel"),
-            ("POST", "/vms/{name}/resume"), ("POST", "/vms/{name}/guest-check"), ("POST", "/vms/{name}/disk-check"),
-            ("POST", "/vms/{name}/console"), ("GET", "/vms/{name}/console"),
+            ("GET", "/host"), ("POST", "/host/dirty-rates"), ("GET", "/vms"), ("POST", "/vms"), ("GET", "/vms/{name}"),
+            ("DELETE", "/vms/{name}"), ("POST", "/vms/{name}/incoming"), ("POST", "/vms/{name}/migrate"),
+            ("GET", "/vms/{name}/migration"), ("POST", "/vms/{name}/migration/flow-versions"),
+            ("POST", "/vms/{name}/migration/cancel"), ("POST", "/vms/{name}/resume"),
+            ("POST", "/vms/{name}/dirty-rate"), ("POST", "/vms/{name}/guest-check"),
+            ("POST", "/vms/{name}/disk-check"), ("POST", "/vms/{name}/console"), ("GET", "/vms/{name}/console"),
         )
     },
     **{route: _LMO for route in (*FAULT_READS, *FAULT_CHANGES)},  # the LMO collects firings; chaos arms faults
 }  # fmt: skip
 
 
-async def register_with_lmo(agent: HostAgent, lmo_url: str, api_url: str) -> None:
-    """Tell the LMO where this host is; retried until it answers (it may start after us)."""
-    registration = HostRegistration(name=agent.name, api_url=api_url, migration_address=agent.migration_address,
-                                    migration_bandwidth_mib_s=agent.migration_bandwidth_mib_s,
-                                    vswitch_url=agent.ports.url, overlay=agent.overlay)  # fmt: skip
-    async with async_http(timeout=5) as http:
+def registration_of(agent: HostAgent, api_url: str) -> HostRegistration:
+    """What hostd tells the LMO about itself: where to reach it and what it can hold now."""
+    info = agent.info()
+    return HostRegistration(name=agent.name, api_url=api_url, migration_address=agent.migration_address,
+                            migration_bandwidth_mib_s=agent.migration_bandwidth_mib_s,
+                            vswitch_url=agent.ports.url, overlay=agent.overlay, memory_mib=info.memory_mib,
+                            memory_used_mib=info.memory_used_mib, accel=info.accel,
+                            qemu_version=info.qemu_version, machines=info.machines)  # fmt: skip
+
+
+async def register_with_lmo(agent: HostAgent, lmo_url: str, api_url: str, interval_s: float = REPORT_INTERVAL_S,
+                            http: httpx.AsyncClient | None = None,
+                            on_registered: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Tell the LMO where this host is and what it can hold (retried until it answers: it may
+    start after us), then again whenever the memory its VMs use changes, at most every
+    ``interval_s``: the LMO places VMs from what hosts report, never by asking every host.
+    ``http``: a client to share (the fleet simulator runs thousands of these)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if http is None:
+            http = await stack.enter_async_context(async_http(timeout=5))
         lmo = AsyncLmoClient(lmo_url, http)
-        for _attempt in range(600):
-            try:
-                await lmo.run(wire_lmo.register_host(registration))
-                log.info("registered with LMO at %s", lmo_url)
-                return
-            except HostUnreachable:
-                pass
-            except LivemigError as exc:
-                log.warning("LMO refused registration: %s", exc.message)
-            await asyncio.sleep(0.5)
+        reported: tuple[int, int] | None = None
+        while True:
+            registration = registration_of(agent, api_url)
+            current = (registration.memory_mib or 0, registration.memory_used_mib or 0)
+            if current != reported:
+                try:
+                    await lmo.run(wire_lmo.register_host(registration))
+                    if reported is None:
+                        log.info("registered with LMO at %s", lmo_url)
+                        if on_registered is not None:
+                            on_registered()
+                    reported = current
+                except HostUnreachable:
+                    pass
+                except LivemigError as exc:
+                    log.warning("LMO refused registration: %s", exc.message)
+            if reported is None:
+                await asyncio.sleep(0.5)
+                continue
+            agent.changed.clear()
+            info = agent.info()
+            if (info.memory_mib, info.memory_used_mib) == reported:
+                await agent.changed.wait()
+            await asyncio.sleep(interval_s)
+
+
+async def get_agent(request: Request) -> HostAgent:
+    """FastAPI dependency: the agent this request is for."""
+    resolve: AgentResolver = request.app.state.resolve_agent
+    return resolve(request)
+
+
+AgentDep = Annotated[HostAgent, Depends(get_agent)]
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz(agent: AgentDep) -> dict[str, str]:
+    return {"status": "ok", "host": agent.name}
+
+
+@router.get("/host")
+async def host(agent: AgentDep) -> HostInfo:
+    return agent.info()
+
+
+@router.post("/host/dirty-rates")
+async def dirty_rates(agent: AgentDep, names: list[str] | None = None, seconds: float = 1.0) -> list[DirtyRateReply]:
+    """The dirty rates of this host's VMs (``names``: only those), measured at the same time."""
+    return await agent.dirty_rates(names, seconds)
+
+
+@router.get("/vms")
+async def list_vms(agent: AgentDep) -> list[VmStatus]:
+    return [await agent.status(name) for name in sorted(agent.vms)]
+
+
+@router.post("/vms", status_code=201)
+async def create_vm(launch: VmLaunch, agent: AgentDep) -> VmStatus:
+    vm = await agent.create(launch.spec, exports=launch.exports)
+    return await agent.status(vm.spec.name)
+
+
+@router.get("/vms/{name}")
+async def get_vm(name: str, agent: AgentDep) -> VmStatus:
+    return await agent.status(name)
+
+
+@router.delete("/vms/{name}", status_code=204)
+async def delete_vm(name: str, agent: AgentDep) -> Response:
+    await agent.destroy(name)
+    return Response(status_code=204)
+
+
+@router.post("/vms/{name}/incoming")
+async def incoming(name: str, launch: IncomingLaunch, agent: AgentDep) -> IncomingReply:
+    if launch.spec.name != name:
+        raise InvalidRequest(f"path names VM {name!r} but the spec names {launch.spec.name!r}")
+    uri = await agent.prepare_incoming(launch.spec, launch.exports, launch.policies, launch.tls_source)
+    return IncomingReply(uri=uri)
+
+
+@router.post("/vms/{name}/migrate", status_code=202)
+async def migrate(name: str, body: MigrateRequest, agent: AgentDep) -> SourceMigrationStatus:
+    return await agent.migrate(name, body.uri, body.params, body.handoffs, body.tls_hostname)
+
+
+@router.get("/vms/{name}/migration")
+async def migration(name: str, agent: AgentDep, since: int = 0) -> SourceMigrationStatus:
+    return agent.migration_status(name, since)
+
+
+@router.post("/vms/{name}/migration/flow-versions", status_code=204)
+async def flow_versions(name: str, body: dict[str, int], agent: AgentDep) -> Response:
+    """The LMO copied flow deltas during pre-copy: the pause need only send what came after."""
+    agent.advance_flow_versions(name, body)
+    return Response(status_code=204)
+
+
+@router.post("/vms/{name}/migration/cancel", status_code=204)
+async def cancel(name: str, agent: AgentDep) -> Response:
+    await agent.cancel_migration(name)
+    return Response(status_code=204)
+
+
+@router.post("/vms/{name}/resume")
+async def resume(name: str, agent: AgentDep) -> ResumeReply:
+    return ResumeReply(state=await agent.resume(name))
+
+
+@router.post("/vms/{name}/dirty-rate")
+async def dirty_rate(name: str, agent: AgentDep, seconds: float = 1.0) -> DirtyRateReply:
+    """How fast the guest dirties its memory now (QEMU's calc-dirty-rate over ``seconds``)."""
+    return await agent.dirty_rate(name, seconds)
+
+
+@router.post("/vms/{name}/guest-check")
+async def guest_check(name: str, agent: AgentDep) -> CheckReply:
+    ok, detail = await agent.guest_check(name)
+    return CheckReply(ok=ok, detail=detail)
+
+
+@router.post("/vms/{name}/disk-check")
+async def disk_check(name: str, agent: AgentDep) -> CheckReply:
+    ok, detail = await agent.disk_check(name)
+    return CheckReply(ok=ok, detail=detail)
+
+
+@router.post("/vms/{name}/console", status_code=204)
+async def console_input(name: str, body: ConsoleLine, agent: AgentDep) -> Response:
+    await agent.guest_command(name, body.line)
+    return Response(status_code=204)
+
+
+@router.get("/vms/{name}/console", response_class=PlainTextResponse)
+async def console_output(name: str, agent: AgentDep, tail: int = 50) -> str:
+    log_path = agent.get(name).paths.console_log
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    return "\n".join(lines[-max(1, min(tail, 10000)) :]) + "\n"
+
+
+@router.get("/metrics")
+async def metrics(agent: AgentDep) -> Response:
+    VMS_GAUGE.labels(agent.name).set(len(agent.vms))
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_app(
     agent: HostAgent, lmo_url: str | None = None, api_url: str | None = None, *, insecure: bool = False
 ) -> FastAPI:
-    """hostd's app; ``insecure`` (a lab's ``--insecure``) serves plain HTTP to anyone."""
+    """One hostd: the routes around ``agent``; with ``lmo_url``, it registers and reports there.
+    ``insecure`` (a lab's ``--insecure``) serves plain HTTP to anyone."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -100,90 +263,22 @@ def create_app(
 
     guard = Guard(POLICY, host=agent.name, default=lmo_only)
     app = FastAPI(title=f"livemig hostd {agent.name}", lifespan=lifespan, dependencies=[Depends(guard)], **NO_DOCS)
+    app.state.resolve_agent = lambda _request: agent
     setattr(app.state, INSECURE_STATE, insecure)
     install_error_handlers(app)
     mount_faults(app)
+    app.include_router(router)
+    return app
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok", "host": agent.name}
 
-    @app.get("/host")
-    async def host() -> HostInfo:
-        return agent.info()
-
-    @app.get("/vms")
-    async def list_vms() -> list[VmStatus]:
-        return [await agent.status(name) for name in sorted(agent.vms)]
-
-    @app.post("/vms", status_code=201)
-    async def create_vm(launch: VmLaunch) -> VmStatus:
-        vm = await agent.create(launch.spec, exports=launch.exports)
-        return await agent.status(vm.spec.name)
-
-    @app.get("/vms/{name}")
-    async def get_vm(name: str) -> VmStatus:
-        return await agent.status(name)
-
-    @app.delete("/vms/{name}", status_code=204)
-    async def delete_vm(name: str) -> Response:
-        await agent.destroy(name)
-        return Response(status_code=204)
-
-    @app.post("/vms/{name}/incoming")
-    async def incoming(name: str, launch: IncomingLaunch) -> IncomingReply:
-        if launch.spec.name != name:
-            raise InvalidRequest(f"path names VM {name!r} but the spec names {launch.spec.name!r}")
-        uri = await agent.prepare_incoming(launch.spec, launch.exports, launch.policies, launch.tls_source)
-        return IncomingReply(uri=uri)
-
-    @app.post("/vms/{name}/migrate", status_code=202)
-    async def migrate(name: str, body: MigrateRequest) -> SourceMigrationStatus:
-        return await agent.migrate(name, body.uri, body.params, body.handoffs, body.tls_hostname)
-
-    @app.get("/vms/{name}/migration")
-    async def migration(name: str, since: int = 0) -> SourceMigrationStatus:
-        return agent.migration_status(name, since)
-
-    @app.post("/vms/{name}/migration/flow-versions", status_code=204)
-    async def flow_versions(name: str, body: dict[str, int]) -> Response:
-        """The LMO copied flow deltas during pre-copy: the pause need only send what came after."""
-        agent.advance_flow_versions(name, body)
-        return Response(status_code=204)
-
-    @app.post("/vms/{name}/migration/cancel", status_code=204)
-    async def cancel(name: str) -> Response:
-        await agent.cancel_migration(name)
-        return Response(status_code=204)
-
-    @app.post("/vms/{name}/resume")
-    async def resume(name: str) -> ResumeReply:
-        return ResumeReply(state=await agent.resume(name))
-
-    @app.post("/vms/{name}/guest-check")
-    async def guest_check(name: str) -> CheckReply:
-        ok, detail = await agent.guest_check(name)
-        return CheckReply(ok=ok, detail=detail)
-
-    @app.post("/vms/{name}/disk-check")
-    async def disk_check(name: str) -> CheckReply:
-        ok, detail = await agent.disk_check(name)
-        return CheckReply(ok=ok, detail=detail)
-
-    @app.post("/vms/{name}/console", status_code=204)
-    async def console_input(name: str, body: ConsoleLine) -> Response:
-        await agent.guest_command(name, body.line)
-        return Response(status_code=204)
-
-    @app.get("/vms/{name}/console", response_class=PlainTextResponse)
-    async def console_output(name: str, tail: int = 50) -> str:
-        log_path = agent.get(name).paths.console_log
-        lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
-        return "\n".join(lines[-max(1, min(tail, 10000)) :]) + "\n"
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        VMS_GAUGE.labels(agent.name).set(len(agent.vms))
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
+def create_fleet_app(resolve: AgentResolver, prefix: str = "", *, insecure: bool = False) -> FastAPI:
+    """hostd's routes for many agents at once (the fleet simulator): ``resolve`` picks the agent
+    of each request, e.g. by a ``{host}`` path parameter in ``prefix``. One guard serves every
+    simulated host: hostd's rules name no host."""
+    guard = Guard(POLICY, default=lmo_only)  # under a prefix every route is the LMO's (health too)
+    app = FastAPI(title="livemig hostd", dependencies=[Depends(guard)], **NO_DOCS)
+    app.state.resolve_agent = resolve
+    setattr(app.state, INSECURE_STATE, insecure)
+    install_error_handlers(app)
+    app.include_router(router, prefix=prefix)
     return app

@@ -25,6 +25,8 @@ import socket
 import time
 from pathlib import Path
 
+import httpx
+
 from livemig.errors import InvalidRequest, LivemigError
 from livemig.faults.points import fault_point
 from livemig.model.vm import NicDevice, VmSpec
@@ -48,7 +50,9 @@ class VswitchPorts:
     def __init__(self, url: str | None) -> None:
         self.url = url.rstrip("/") if url else None
         self._switches: dict[str, AsyncVswitchClient] = {}
-        self._http = async_http(timeout=10)
+        # made on first use: a client costs most of a megabyte (its TLS context), and a host whose
+        # VMs have no VNICs never needs one (the fleet simulator runs thousands of agents)
+        self._http: httpx.AsyncClient | None = None
         self._sockets: dict[str, socket.socket] = {}  # VNIC id -> our duplicate of QEMU's NIC socket
 
     def switch(self, url: str | None = None) -> AsyncVswitchClient:
@@ -58,11 +62,14 @@ class VswitchPorts:
         if not url:
             raise InvalidRequest("this hostd runs without a vswitch (--vswitch URL)")
         if url not in self._switches:
+            if self._http is None:
+                self._http = async_http(timeout=10)
             self._switches[url] = AsyncVswitchClient(url, self._http)
         return self._switches[url]
 
     async def close(self) -> None:
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     async def warm_up(self, handoffs: list[VnicHandoff]) -> None:
         """Open the connections the hand-off will use, before the pause rather than inside it."""

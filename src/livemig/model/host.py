@@ -18,6 +18,13 @@ class HostRegistration(BaseModel):
     maintenance: bool = Field(default=False, description="no new placements; being evacuated")
     vswitch_url: str | None = Field(default=None, description="this host's vswitch API (VCN dataplane)")
     overlay: str | None = Field(default=None, description="this host's VXLAN endpoint ip:port")
+    # what the host can hold, reported by hostd when it registers and whenever it changes: the LMO
+    # places VMs from these (and what it placed itself), never by asking every host
+    memory_mib: int | None = Field(default=None, ge=0, description="memory offered to VMs")
+    memory_used_mib: int | None = Field(default=None, ge=0, description="memory its VMs use now (observed)")
+    accel: str | None = None
+    qemu_version: str | None = None
+    machines: list[str] = Field(default_factory=list, description="versioned machine types QEMU offers")
 
 
 class HostInfo(BaseModel):

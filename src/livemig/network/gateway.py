@@ -100,15 +100,17 @@ class TapPort:
 # putting the tap where its processes live (root; for tests and demos)
 
 
-def plumb_tap(tap: str, netns: str | None, mac: str, address: str | None = None, gateway: str | None = None) -> None:
+def plumb_tap(tap: str, netns: str | None, mac: str, address: str | None = None, gateway: str | None = None,
+              from_netns: str | None = None) -> None:  # fmt: skip
     """Give tap ``tap`` the VNIC's identity, inside ``netns`` if given, and bring it up.
 
     ``address`` is ``ip/prefix``; leave it out to let a DHCP client in the namespace ask the
-    vswitch (which answers from the mapping).
+    vswitch (which answers from the mapping). ``from_netns``: where the vswitch made the tap (a
+    namespace host's vswitch runs in the host's namespace).
     """
     ns: list[str] = []
     if netns:
-        ip("link", "set", tap, "netns", netns)
+        ip(*(["-n", from_netns] if from_netns else []), "link", "set", tap, "netns", netns)
         ns = ["-n", netns]
     ip(*ns, "link", "set", tap, "address", mac)
     if address:

@@ -1,11 +1,15 @@
-"""A fleet of hosts for fast tests and the simulator: the *real* hostd app over a simulated QEMU.
+"""A fleet of hosts for fast tests and the simulator: the *real* hostd over a simulated QEMU.
 
-Each :class:`FakeHost` is ``host.api.create_app`` around a real ``HostAgent`` whose only
-replacement is its runtime (``testing.fakeqemu``): routes, validation, errors, the migration driver
-and its switchover hook are hostd's own. :meth:`FakeFleet.transport` routes the LMO's requests to
-each host's app in-process (``httpx.ASGITransport``), by the port in the host's URL, records them,
-and can make a host unreachable. Each request reaches the app as if over TLS from the LMO's
-certificate (``testing.callers.over_tls``), so hostd's access rules run as in production.
+Each :class:`FakeHost` is a real ``HostAgent`` whose only replacement is its runtime
+(``testing.fakeqemu``), served by hostd's own routes (``host.api.router``): validation, errors, the
+migration driver and its switchover hook are hostd's own. One app serves every host of the fleet
+(``host.api.create_fleet_app``), each under ``/h/{name}``, because an app per host costs about a
+megabyte and tens of milliseconds to build, too much for ten thousand hosts. :meth:`FakeFleet.transport`
+routes the LMO's requests to that app in-process (``httpx.ASGITransport``), records them per host,
+and can make a host unreachable; ``livemig.testing.fleetserver`` serves the same app over TCP.
+Each in-process request reaches the app as if over TLS from the LMO's certificate
+(``testing.callers.over_tls``), so hostd's access rules run as in production, and with ``tls`` each
+host's QEMU has its certificate, so migrations run over (simulated) TLS.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
+from livemig.errors import NotFound
 from livemig.host.accel import AccelChoice
 from livemig.host.agent import HostAgent, ManagedVm
-from livemig.host.api import create_app
+from livemig.host.api import create_fleet_app, registration_of
 from livemig.host.tls import QemuTls
 from livemig.model.host import HostRegistration
 from livemig.model.vm import RunState
@@ -29,7 +34,9 @@ from livemig.testing.fakeqemu import FakeQemu, FakeQemuRuntime, QemuBehaviour, Q
 
 #: unit tests run simulated time this much faster than real time
 DEFAULT_SPEED = 20.0
-FIRST_PORT = 9000
+#: where the fleet's hosts answer in-process (the path names the host)
+FLEET_URL = "http://fleet.sim"
+PREFIX = "/h/{host}"
 
 
 @dataclass
@@ -49,10 +56,11 @@ class FakeHost:
     name: str
     url: str
     agent: HostAgent
-    app: FastAPI
+    app: FastAPI  # the fleet's app, shared by every host
     runtime: FakeQemuRuntime
     down: bool = False
     calls: list[str] = field(default_factory=list)
+    record_calls: bool = True
 
     @property
     def behaviour(self) -> QemuBehaviour:
@@ -64,34 +72,52 @@ class FakeHost:
         return {name: VmView(vm, self.runtime.world.processes.get(vm.pid)) for name, vm in self.agent.vms.items()}
 
     def registration(self) -> HostRegistration:
-        return HostRegistration(name=self.name, api_url=self.url, migration_address=self.agent.migration_address,
-                                migration_bandwidth_mib_s=self.agent.migration_bandwidth_mib_s)  # fmt: skip
+        """What this hostd would tell the LMO (hostd's own ``registration_of``)."""
+        return registration_of(self.agent, self.url)
 
 
 class FakeFleet:
-    """Hosts named ``names``, each a real hostd app with ``memory_mib`` for VMs, one QEMU world."""
+    """Hosts named ``names``, each a real hostd agent with ``memory_mib`` for VMs, one QEMU world.
+
+    ``tls``: each host's QEMU gets a certificate of the fleet's test CA (the simulator of thousands
+    of hosts goes without: a key per host costs more than the host). ``insecure``: the app answers
+    plain HTTP from anyone (the simulator served over TCP, for an ``--insecure`` LMO)."""
 
     def __init__(self, *names: str, memory_mib: int = 4096, speed: float = DEFAULT_SPEED,
-                 state_dir: Path | None = None, migration_bandwidth_mib_s: int = 1024) -> None:  # fmt: skip
+                 state_dir: Path | None = None, migration_bandwidth_mib_s: int = 1024, seed: int = 0,
+                 base_url: str = FLEET_URL, record_calls: bool = True, tls: bool = True,
+                 insecure: bool = False) -> None:  # fmt: skip
         self._tmp = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="livemig-fleet-")
-        root = state_dir or Path(self._tmp.name)  # type: ignore[union-attr]
-        self.pki = TestPki(root / "pki")  # each host's QEMU certificate: migrations run over (simulated) TLS
-        self.world = QemuWorld(SimClock(speed))
+        self.root = state_dir or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.world = QemuWorld(SimClock(speed), seed=seed)
+        self.base_url = base_url.rstrip("/")
+        self.record_calls = record_calls
+        self.pki = TestPki(self.root / "pki") if tls else None
         self.hosts: dict[str, FakeHost] = {}
-        self._by_port: dict[int, FakeHost] = {}
-        for index, name in enumerate(names):
-            self.add_host(name, root, index, memory_mib, migration_bandwidth_mib_s)
+        self.app = create_fleet_app(self._agent_for, prefix=PREFIX, insecure=insecure)
+        for name in names:
+            self.add_host(name, memory_mib, migration_bandwidth_mib_s)
 
-    def add_host(self, name: str, root: Path, index: int, memory_mib: int, migration_bandwidth_mib_s: int) -> FakeHost:
+    def _agent_for(self, request: Request) -> HostAgent:
+        name = request.path_params.get("host", "")
+        host = self.hosts.get(name)
+        if host is None:
+            raise NotFound(f"no simulated host {name!r} in this fleet", host=name)
+        return host.agent
+
+    def add_host(self, name: str, memory_mib: int = 4096, migration_bandwidth_mib_s: int = 1024,
+                 behaviour: QemuBehaviour | None = None) -> FakeHost:  # fmt: skip
+        index = len(self.hosts)
         address = f"127.100.{index // 250}.{index % 250 + 1}"
-        runtime = FakeQemuRuntime(self.world, root / "image", address)
-        qemu = QemuTls(self.pki.leaf(Role.QEMU, host_leaf_name(name), (address,)), root / "hosts" / name / "tls")
-        agent = HostAgent(name, root / "hosts" / name, address, AccelChoice("tcg", "simulated QEMU"), memory_mib,
+        runtime = FakeQemuRuntime(self.world, self.root / "image", address, behaviour)
+        qemu = None
+        if self.pki is not None:
+            leaf = self.pki.leaf(Role.QEMU, host_leaf_name(name), (address,))
+            qemu = QemuTls(leaf, self.root / "hosts" / name / "tls")
+        agent = HostAgent(name, self.root / "hosts" / name, address, AccelChoice("tcg", "simulated QEMU"), memory_mib,
                           migration_bandwidth_mib_s, runtime=runtime, qemu_tls=qemu)  # fmt: skip
-        port = FIRST_PORT + index
-        host = FakeHost(name, f"http://fake-{name.lower()}:{port}", agent, create_app(agent), runtime)
+        host = FakeHost(name, f"{self.base_url}/h/{name}", agent, self.app, runtime, record_calls=self.record_calls)
         self.hosts[name] = host
-        self._by_port[port] = host
         return host
 
     def url(self, name: str) -> str:
@@ -101,7 +127,7 @@ class FakeFleet:
         return [host.registration() for host in self.hosts.values()]
 
     def transport(self) -> httpx.AsyncBaseTransport:
-        return _FleetTransport(self._by_port)
+        return _FleetTransport(self)
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -109,20 +135,18 @@ class FakeFleet:
 
 
 class _FleetTransport(httpx.AsyncBaseTransport):
-    def __init__(self, by_port: dict[int, FakeHost]) -> None:
-        self._by_port = by_port
-        self._apps = {port: _transport(host) for port, host in by_port.items()}
+    """Requests to ``…/h/{name}/…`` go to the fleet's app in-process; a host that is ``down``
+    refuses the connection, as a dead host would."""
+
+    def __init__(self, fleet: FakeFleet) -> None:
+        self._fleet = fleet
+        self._app = httpx.ASGITransport(app=over_tls(fleet.app, LMO))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        port = request.url.port or 80
-        host = self._by_port.get(port)
+        parts = request.url.path.split("/", 3)  # "", "h", name, rest
+        host = self._fleet.hosts.get(parts[2]) if len(parts) >= 3 and parts[1] == "h" else None
         if host is None or host.down:
-            raise httpx.ConnectError(f"no fake host answers at {request.url.host}:{port}", request=request)
-        host.calls.append(f"{request.method} {request.url.path}")
-        if port not in self._apps:  # a host added after the transport was made
-            self._apps[port] = _transport(host)
-        return await self._apps[port].handle_async_request(request)
-
-
-def _transport(host: FakeHost) -> httpx.ASGITransport:
-    return httpx.ASGITransport(app=over_tls(host.app, LMO))
+            raise httpx.ConnectError(f"no fake host answers at {request.url}", request=request)
+        if host.record_calls:
+            host.calls.append(f"{request.method} /{parts[3] if len(parts) > 3 else ''}")
+        return await self._app.handle_async_request(request)

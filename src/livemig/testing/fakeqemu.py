@@ -9,9 +9,12 @@ round fits in ``downtime-limit``; then the source stops (``STOP``, ``pre-switcho
 waiting for ``migrate-continue``), sends the rest, and the destination resumes. Time runs on a
 :class:`SimClock` that can be sped up, so a fleet of slow migrations finishes in seconds.
 
-Knobs per host (:class:`QemuBehaviour`) break any step: a destination that will not start, a
-migration that fails, a guest that dirties memory faster than the link, one that crashes after it
-resumes, a pre-copy that never converges.
+A simulated guest dirties memory as the livemig workload on its kernel command line says
+(``livemig.rate`` MiB/s within ``livemig.wss`` MiB), as the real guest would; QEMU's
+``calc-dirty-rate`` measures that. Knobs per host (:class:`QemuBehaviour`) break any step: a
+destination that will not start, a migration that fails (always, or at a rate), a guest that
+dirties memory faster than the link, one that crashes after it resumes, a pre-copy that never
+converges.
 
 Migration TLS is simulated from the real certificate files hostd hands QEMU (``object-add
 tls-creds-x509``): a destination refuses a source whose certificate its ``tls-authz`` does not
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -75,11 +79,29 @@ class QemuBehaviour:
     fail_incoming: bool = False  # a destination QEMU refuses to start
     fail_migration: str | None = None  # the source's migration fails with this error after a round
     crash_after_resume: bool = False  # as a destination: the guest resets right after it resumes
-    dirty_rate_mib_s: float = 0.0  # how fast the guest dirties memory
+    dirty_rate_mib_s: float = 0.0  # how fast every guest here dirties memory (0: as its workload says)
     hold_precopy: bool = False  # pre-copy never converges (it stays in rounds until cancelled)
     stream_cap_mib_s: float = 0.0  # what one migration stream can push (CPU-bound; 0: no cap); multifd multiplies
     compression_ratio: float = 2.0  # how much XBZRLE or zstd shrink this guest's pages on the wire
     ignored_parameters: tuple[str, ...] = ()  # accepted but not taken (QEMU 7.2 keeps multifd-zstd-level 1)
+    failure_rate: float = 0.0  # each migration from here fails after its first round with this probability
+
+
+@dataclass(frozen=True)
+class Guest:
+    """What the simulated guest does to its memory: the workload of its kernel command line."""
+
+    rate_mib_s: float = 0.0
+    wss_mib: float | None = None  # None: anywhere in its RAM
+
+    @classmethod
+    def from_append(cls, append: str) -> Guest:
+        options = dict(part.split("=", 1) for part in append.split() if part.startswith("livemig.") and "=" in part)
+        if options.get("livemig.workload") == "off":
+            return cls()
+        rate = options.get("livemig.rate", "0")
+        wss = options.get("livemig.wss")
+        return cls(float(rate) if rate.isdigit() else 0.0, float(wss) if wss and wss.isdigit() else None)
 
 
 @dataclass
@@ -92,8 +114,10 @@ class FakeQemu:
     """One simulated QEMU process: its runstate, its migration, its event stream."""
 
     def __init__(self, world: QemuWorld, pid: int, name: str, paths: VmPaths, memory_bytes: int,
-                 incoming: bool, behaviour: QemuBehaviour, migration_address: str) -> None:  # fmt: skip
+                 incoming: bool, behaviour: QemuBehaviour, migration_address: str,
+                 guest: Guest | None = None) -> None:  # fmt: skip
         self.world = world
+        self.guest = guest or Guest()
         self.pid = pid
         self.name = name
         self.paths = paths
@@ -108,6 +132,7 @@ class FakeQemu:
         self.listening: str | None = None  # an incoming QEMU's URI after migrate-incoming
         self.migration: dict[str, Any] = {}  # what query-migrate answers
         self._task: asyncio.Task[None] | None = None
+        self._dirty_rate: dict[str, Any] = {"status": "unstarted"}
         self._continue: asyncio.Event | None = None
         self._listeners: list[_Listener] = []
 
@@ -272,6 +297,30 @@ class FakeQemu:
                 self.emit("RESUME")
         return {}
 
+    async def _qmp_calc_dirty_rate(self, args: dict[str, Any]) -> dict[str, Any]:
+        calc = int(args.get("calc-time", 1))
+        if calc < 1:
+            raise QemuError(f"{self.name}: QMP calc-dirty-rate failed: Parameter 'calc-time' is out of range")
+        self._dirty_rate = {"status": "measuring", "start-time": int(self.world.clock.now()), "calc-time": calc,
+                            "_until": self.world.clock.now() + calc}  # fmt: skip
+        return {}
+
+    async def _qmp_query_dirty_rate(self, _args: dict[str, Any]) -> dict[str, Any]:
+        reply = dict(self._dirty_rate)
+        until = reply.pop("_until", None)
+        if until is not None and self.world.clock.now() >= until:
+            reply["status"] = "measured"
+            calc = float(reply["calc-time"])
+            distinct = self.dirty_rate_bytes() * calc
+            if self.guest.wss_mib is not None:
+                distinct = min(distinct, self.guest.wss_mib * MIB)
+            reply["dirty-rate"] = int(distinct / calc / MIB)
+        return reply
+
+    def dirty_rate_bytes(self) -> float:
+        """Bytes per second the guest dirties: the host's knob if set, else its workload's rate."""
+        return (self.behaviour.dirty_rate_mib_s or self.guest.rate_mib_s) * MIB
+
     # ------------------------------------------------------------------ pre-copy
     def _status(self, status: str) -> None:
         self.migration["status"] = status
@@ -350,7 +399,10 @@ class FakeQemu:
         ratio = page_rate / wire
         limit_s = float(self.parameters.get("downtime-limit") or DEFAULT_DOWNTIME_LIMIT_MS) / 1000
         to_send, sent, rounds, throttle, high_rounds = float(self.memory_bytes), 0.0, 0, 0, 0
-        dirty_rate = self.behaviour.dirty_rate_mib_s * MIB
+        dirty_rate = self.dirty_rate_bytes()
+        # what one round can leave dirty: the guest's working set at most
+        dirty_cap = min(float(self.memory_bytes), (self.guest.wss_mib or float("inf")) * MIB)
+        unlucky = self.behaviour.failure_rate > 0 and self.world.rng.random() < self.behaviour.failure_rate
         ram: dict[str, Any] = {"total": self.memory_bytes, "page-size": PAGE, "mbps": wire * 8 / 1e6,
                                "dirty-pages-rate": int(dirty_rate / PAGE), "_ratio": ratio}  # fmt: skip
         self.migration["ram"] = ram
@@ -366,10 +418,10 @@ class FakeQemu:
             self.migration["expected-downtime"] = int(to_send / page_rate * 1000)
             await clock.sleep(duration)
             sent += to_send
-            if self.behaviour.fail_migration:
-                self._end("failed", self.behaviour.fail_migration)
+            if self.behaviour.fail_migration or unlucky:
+                self._end("failed", self.behaviour.fail_migration or "simulated failure: Unable to write to socket")
                 return
-            dirtied = min(dirty_rate * (1 - throttle / 100) * duration, float(self.memory_bytes))
+            dirtied = min(dirty_rate * (1 - throttle / 100) * duration, dirty_cap)
             throttle, high_rounds = self._throttle(throttle, dirtied, to_send, high_rounds)
             ram["dirty-pages-rate"] = int(dirty_rate * (1 - throttle / 100) / PAGE)
             to_send = dirtied
@@ -417,8 +469,9 @@ class FakeQemu:
 class QemuWorld:
     """Every simulated QEMU of a fleet, so a source finds the destination listening at its URI."""
 
-    def __init__(self, clock: SimClock | None = None) -> None:
+    def __init__(self, clock: SimClock | None = None, seed: int = 0) -> None:
         self.clock = clock or SimClock()
+        self.rng = random.Random(seed)  # failures at a rate are reproducible per seed
         self.processes: dict[int, FakeQemu] = {}
         self.by_socket: dict[Path, FakeQemu] = {}
         self.listening: dict[str, FakeQemu] = {}
@@ -426,8 +479,9 @@ class QemuWorld:
         self._ports = itertools.count(49152)
 
     def start(self, name: str, paths: VmPaths, memory_bytes: int, incoming: bool, behaviour: QemuBehaviour,
-              migration_address: str) -> FakeQemu:  # fmt: skip
-        qemu = FakeQemu(self, next(self._pids), name, paths, memory_bytes, incoming, behaviour, migration_address)
+              migration_address: str, guest: Guest | None = None) -> FakeQemu:  # fmt: skip
+        qemu = FakeQemu(self, next(self._pids), name, paths, memory_bytes, incoming, behaviour, migration_address,
+                        guest)  # fmt: skip
         self.processes[qemu.pid] = qemu
         self.by_socket[paths.qmp] = qemu
         return qemu
@@ -531,8 +585,9 @@ class FakeQemuRuntime:
         if memory is None:
             raise QemuError(f"qemu-system-x86_64: -m {argv[argv.index('-m') + 1]}: invalid size")
         unit = {"": MIB, "K": 1024, "M": MIB, "G": 1024 * MIB}[memory.group(2)]
+        guest = Guest.from_append(argv[argv.index("-append") + 1]) if "-append" in argv else Guest()
         qemu = self.world.start(name, paths, int(memory.group(1)) * unit, incoming, self.behaviour,
-                                self.migration_address)  # fmt: skip
+                                self.migration_address, guest)  # fmt: skip
         return qemu.pid
 
     def owns(self, pid: int, paths: VmPaths) -> bool:

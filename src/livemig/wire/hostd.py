@@ -104,6 +104,16 @@ class ResumeReply(BaseModel):
     state: RunState
 
 
+class DirtyRateReply(BaseModel):
+    """How fast a guest dirties its memory, as QEMU measured it (``calc-dirty-rate``)."""
+
+    vm: str
+    host: str
+    dirty_rate_mib_s: float = Field(ge=0)
+    calc_time_s: float = Field(description="how long QEMU sampled")
+    measured_at: datetime
+
+
 class JobState(StrEnum):
     """Where the source's migration job stands (QEMU's final statuses, plus still running)."""
 
@@ -143,6 +153,10 @@ class SourceMigrationStatus(BaseModel):
 
 
 # ---------------------------------------------------------------------- routes
+
+
+def health() -> Call[dict[str, str]]:
+    return call("GET", "/healthz", dict[str, str])
 
 
 def info() -> Call[HostInfo]:
@@ -201,6 +215,16 @@ def cancel_migration(name: str) -> Call[None]:
 
 def resume(name: str) -> Call[ResumeReply]:
     return call("POST", f"/vms/{name}/resume", ResumeReply)
+
+
+def dirty_rate(name: str, seconds: float = 1.0) -> Call[DirtyRateReply]:
+    return call("POST", f"/vms/{name}/dirty-rate", DirtyRateReply, params={"seconds": seconds},
+                timeout=seconds + 30.0)  # fmt: skip
+
+
+def dirty_rates(names: list[str] | None = None, seconds: float = 1.0) -> Call[list[DirtyRateReply]]:
+    return call("POST", "/host/dirty-rates", list[DirtyRateReply], params={"seconds": seconds},
+                json=names, timeout=seconds + 60.0)  # fmt: skip
 
 
 #: a guest check may wait for the guest to answer; give it longer than a plain call

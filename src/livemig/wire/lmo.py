@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,10 +52,21 @@ class VmView(BaseModel):
     error: str | None = None
 
 
+class HostInventory(BaseModel):
+    """A host's memory as the LMO accounts it: offered (reported by hostd), used by its VMs (as
+    hostd last reported), placed or reserved there by the LMO, and free by the larger of the two."""
+
+    memory_mib: int | None
+    placed_mib: int
+    reported_used_mib: int
+    free_mib: int | None
+
+
 class HostView(BaseModel):
     registration: HostRegistration
     info: HostInfo | None = None
     error: str | None = None
+    inventory: HostInventory | None = None
 
 
 class GuestCheckReply(CheckReply):
@@ -127,6 +138,66 @@ class EvacuationRequest(BaseModel):
     params: MigrationParams = Field(default_factory=MigrationParams)
 
 
+class WaveRequest(BaseModel):
+    """Evacuate (or plan evacuating) every host of ``hosts`` at once, within ``limits``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hosts: list[str] = Field(min_length=1, max_length=100_000)
+    limits: ConcurrencyLimits = Field(default_factory=_evacuation_limits)
+    params: MigrationParams = Field(default_factory=MigrationParams)
+    measure: bool = Field(default=False, description="ask hosts for the dirty rate of VMs whose rate is unknown "
+                          "or older than max_rate_age_s before planning")  # fmt: skip
+    max_rate_age_s: float = Field(default=3600.0, gt=0)
+
+
+Verdict = Literal["ok", "auto-converge", "abort", "cannot-move"]
+
+
+class PlannedMigration(BaseModel):
+    """One VM of a wave as the planner sees it: where it goes, when it starts and how long it takes."""
+
+    vm: str
+    source: str
+    destination: str | None = None
+    memory_mib: int
+    dirty_rate_mib_s: float = 0.0
+    dirty_rate_source: str = Field(default="assumed", description="measured (hostd asked QEMU), migration "
+                                   "(its last one), or assumed (the fleet's median)")  # fmt: skip
+    share_mib_s: int | None = None
+    start_s: float | None = None
+    duration_s: float | None = None
+    precopy_s: float | None = None
+    rounds: int | None = None
+    verdict: Verdict = "ok"
+    reason: str = ""
+
+
+class PlanCalibration(BaseModel):
+    """What the planner learned from recent migrations (defaults when there are none)."""
+
+    overhead_s: float = Field(description="per migration, outside pre-copy: preparing the target, cut-over, checks")
+    efficiency: float = Field(description="bandwidth pre-copy achieved, as a fraction of the reserved share")
+    payload: float = Field(description="fraction of a guest's RAM that travels (zero pages do not)")
+    default_dirty_rate_mib_s: float = Field(description="assumed for VMs whose rate is unknown")
+    time_scale: float = Field(default=1.0, description="QEMU's seconds per second of the LMO's clock while "
+                              "pre-copy runs (about 1 on real hosts; a simulated fleet's speed)")  # fmt: skip
+    basis: int = Field(description="finished migrations these were learned from")
+
+
+class WavePlan(BaseModel):
+    hosts: list[str]
+    created_at: datetime = Field(default_factory=utcnow)
+    limits: ConcurrencyLimits
+    vms: int
+    total_s: float = Field(description="predicted time from the start of the wave until its last migration ends")
+    verdicts: dict[str, int] = Field(default_factory=dict)
+    measured: int = Field(default=0, description="dirty rates measured for this plan")
+    planning_ms: float = 0.0
+    calibration: PlanCalibration
+    items: list[PlannedMigration] = Field(default_factory=list)
+
+
 class EvacuationItem(BaseModel):
     vm: str
     destination: str | None = None
@@ -137,15 +208,59 @@ class EvacuationItem(BaseModel):
 class Evacuation(BaseModel):
     id: str
     host: str
+    hosts: list[str] = Field(default_factory=list)
     created_at: datetime = Field(default_factory=utcnow)
     limits: ConcurrencyLimits
     items: list[EvacuationItem] = Field(default_factory=list)
+    plan: WavePlan | None = None
+
+
+class ComparedMigration(BaseModel):
+    vm: str
+    predicted_s: float | None
+    actual_s: float | None
+    predicted: Verdict
+    outcome: str
+
+
+class WaveComparison(BaseModel):
+    """The plan beside what happened."""
+
+    predicted_s: float
+    actual_s: float | None = Field(description="from the wave's start until its last migration ended")
+    error: float | None = Field(description="(actual - predicted) / actual")
+    verdicts_predicted: dict[str, int]
+    outcomes: dict[str, int]
+    items: list[ComparedMigration]
 
 
 class EvacuationReport(BaseModel):
     evacuation: Evacuation
     migrations: list[Migration]
     done: bool
+    comparison: WaveComparison | None = None
+
+
+class PassView(BaseModel):
+    at: datetime
+    held: int
+    stepped: int
+    admitted: int
+    queued: int
+    seconds: float
+
+
+class ControllerStatus(BaseModel):
+    """One LMO replica's controller: its share of the leases and its recent passes."""
+
+    replica: str
+    capacity: int
+    concurrency: int
+    interval_s: float
+    held: int
+    finished: int
+    replicas: dict[str, float] = Field(description="replicas seen within a lease, with when (Unix time)")
+    passes: list[PassView]
 
 
 class TokenCreate(BaseModel):
@@ -182,8 +297,8 @@ def register_host(registration: HostRegistration) -> Call[HostRegistration]:
     return call("PUT", f"/hosts/{registration.name}", HostRegistration, json=registration)
 
 
-def hosts() -> Call[list[HostView]]:
-    return call("GET", "/hosts", list[HostView])
+def hosts(observe: bool = True) -> Call[list[HostView]]:
+    return call("GET", "/hosts", list[HostView], params=None if observe else {"observe": False})
 
 
 def set_maintenance(host: str, on: bool) -> Call[HostRegistration]:
@@ -194,8 +309,11 @@ def create_vm(spec: VmSpec, host: str | None = None) -> Call[VmView]:
     return call("POST", "/vms", VmView, json=VmCreate(spec=spec, host=host))
 
 
-def vms() -> Call[list[VmView]]:
-    return call("GET", "/vms", list[VmView])
+def vms(host: str | None = None, observe: bool = True) -> Call[list[VmView]]:
+    params: dict[str, Any] = {} if observe else {"observe": False}
+    if host is not None:
+        params["host"] = host
+    return call("GET", "/vms", list[VmView], params=params or None)
 
 
 def vm(name: str) -> Call[VmView]:
@@ -256,11 +374,17 @@ def create_migration(request: MigrationRequest) -> Call[Migration]:
     return call("POST", "/migrations", Migration, json=request)
 
 
-def migrations(vm: str | None = None, active: bool = False) -> Call[list[Migration]]:
+def migrations(vm: str | None = None, active: bool = False, limit: int | None = None) -> Call[list[Migration]]:
     params: dict[str, Any] = {"active": active} if active else {}
     if vm is not None:
         params["vm"] = vm
+    if limit is not None:
+        params["limit"] = limit
     return call("GET", "/migrations", list[Migration], params=params or None)
+
+
+def migration_counts() -> Call[dict[str, int]]:
+    return call("GET", "/migrations/counts", dict[str, int])
 
 
 def migration(migration_id: str) -> Call[Migration]:
@@ -289,6 +413,18 @@ def tokens() -> Call[list[TokenView]]:
 
 def revoke_token(token_id: str) -> Call[TokenView]:
     return call("DELETE", f"/tokens/{token_id}", TokenView)
+
+
+def start_wave(request: WaveRequest) -> Call[Evacuation]:
+    return call("POST", "/evacuations", Evacuation, json=request)
+
+
+def plan_wave(request: WaveRequest) -> Call[WavePlan]:
+    return call("POST", "/evacuations/plan", WavePlan, json=request, timeout=600.0)
+
+
+def controller() -> Call[ControllerStatus]:
+    return call("GET", "/controller", ControllerStatus)
 
 
 def _text(reply: httpx.Response) -> str:
@@ -365,6 +501,15 @@ class LmoClient(SyncService):
 
     def evacuation(self, evacuation_id: str) -> EvacuationReport:
         return self.run(evacuation(evacuation_id))
+
+    def start_wave(self, request: WaveRequest) -> Evacuation:
+        return self.run(start_wave(request))
+
+    def plan_wave(self, request: WaveRequest) -> WavePlan:
+        return self.run(plan_wave(request))
+
+    def controller(self) -> ControllerStatus:
+        return self.run(controller())
 
     def wait_for_console(self, name: str, needle: str, timeout: float = 60.0) -> str:
         """Wait until the VM's console shows ``needle`` (e.g. the workload's first heartbeat)."""

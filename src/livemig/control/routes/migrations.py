@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from livemig.control.controller import CANCELLABLE
 from livemig.control.preflight import preflight
 from livemig.control.services import ServicesDep
 from livemig.errors import Conflict
-from livemig.model.migration import Migration, Phase
+from livemig.model.migration import TERMINAL_PHASES, Migration, Phase
 from livemig.security.access import caller_of
 from livemig.wire.lmo import MigrationRequest, PreflightReport
 
@@ -43,8 +43,18 @@ async def create_migration(body: MigrationRequest, services: ServicesDep, reques
 
 
 @router.get("/migrations")
-async def list_migrations(services: ServicesDep, vm: str | None = None, active: bool = False) -> list[Migration]:
-    return services.store.migrations(active_only=active, vm=vm)
+async def list_migrations(services: ServicesDep, vm: str | None = None, active: bool = False,
+                          limit: int | None = Query(default=None, ge=1, le=100_000)) -> list[Migration]:  # fmt: skip
+    """Migrations, oldest first (only active ones, one VM's; at most ``limit``)."""
+    return services.store.migrations(active_only=active, vm=vm, limit=limit)
+
+
+@router.get("/migrations/counts")
+async def migration_counts(services: ServicesDep) -> dict[str, int]:
+    """How many migrations are in each phase, and how many are active and finished in all."""
+    by_phase = services.store.counts()
+    finished = sum(n for phase, n in by_phase.items() if Phase(phase) in TERMINAL_PHASES)
+    return {**by_phase, "active": sum(by_phase.values()) - finished, "finished": finished}
 
 
 @router.get("/migrations/{migration_id}")

@@ -9,12 +9,12 @@ from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 
 from livemig.control.network import vm_vnics
-from livemig.control.placement import choose_host
+from livemig.control.placement import place_and_start
 from livemig.control.services import Services, ServicesDep
-from livemig.errors import Conflict, LivemigError, NotFound
+from livemig.errors import Conflict, LivemigError
 from livemig.model.vm import VmSpec
 from livemig.wire import hostd
-from livemig.wire.hostd import ConsoleLine
+from livemig.wire.hostd import ConsoleLine, VmStatus
 from livemig.wire.lmo import GuestCheckReply, VmCreate, VmView
 
 router = APIRouter()
@@ -24,26 +24,25 @@ router = APIRouter()
 async def create_vm(body: VmCreate, services: ServicesDep) -> VmView:
     store, network = services.store, services.network
     spec = body.spec
-    with contextlib.suppress(NotFound):
-        store.vm(spec.name)
-        raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name)
-    target = await choose_host(services, spec, body.host)
     boot_args = network.guest_boot_args(spec)  # also checks NIC MACs against their VNICs
     if boot_args:
         spec = spec.model_copy(update={"boot": spec.boot.model_copy(
             update={"append": " ".join(p for p in (spec.boot.append, boot_args) if p)})})  # fmt: skip
-    store.add_vm(spec, target)  # claims the name before the slow boot
-    try:
-        if vm_vnics(spec):
-            network.place(vm_vnics(spec), target)
-            await network.push()
-        exports = await services.volumes.ensure_attached(spec, target)
-        observed = await services.host(target).run(hostd.create_vm(spec, exports))
-    except LivemigError:
-        with contextlib.suppress(LivemigError):
-            await services.volumes.detach(spec.name, target)
-        store.remove_vm(spec.name)
-        raise
+
+    async def start(target: str) -> VmStatus:
+        try:
+            if vm_vnics(spec):
+                network.place(vm_vnics(spec), target)
+                await network.push()
+            exports = await services.volumes.ensure_attached(spec, target)
+            return await services.host(target).run(hostd.create_vm(spec, exports))
+        except LivemigError:
+            with contextlib.suppress(LivemigError):
+                await services.volumes.detach(spec.name, target)
+            raise
+
+    # the name and the room are claimed in the store before the slow boot
+    target, observed = await place_and_start(services, spec, body.host, start)
     store.set_vm(spec.name, spec=observed.spec)  # the resolved spec (machine, boot files)
     return VmView(name=spec.name, host=target, spec=observed.spec, observed=observed)
 
@@ -58,8 +57,13 @@ async def _view(services: Services, spec: VmSpec, host: str) -> VmView:
 
 
 @router.get("/vms")
-async def list_vms(services: ServicesDep) -> list[VmView]:
-    return list(await asyncio.gather(*(_view(services, spec, host) for spec, host in services.store.vms())))
+async def list_vms(services: ServicesDep, host: str | None = None, observe: bool = True) -> list[VmView]:
+    """Every VM (or those on ``host``), each as its host observes it (``observe=false``: as the
+    LMO knows it, without asking the hosts)."""
+    vms = services.store.vms(host)
+    if not observe:
+        return [VmView(name=spec.name, host=owner, spec=spec) for spec, owner in vms]
+    return list(await asyncio.gather(*(_view(services, spec, owner) for spec, owner in vms)))
 
 
 @router.get("/vms/{name}")
