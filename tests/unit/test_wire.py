@@ -43,7 +43,7 @@ EXAMPLES: dict[str, Any] = {
     "flows": None, "replay_recent": False, "registration": HostRegistration(name="A", api_url="http://a",
     migration_address="127.0.0.1"), "on": True, "kind": NetKind.VCNS, "body": {"id": "v"}, "object_id": "v",
     "request": MigrationRequest(vm="vm", destination="B"), "migration_id": "m-1", "evacuation_id": "e-1",
-    "active": False,
+    "active": False, "transfer_id": "t-1", "mode": lmo.TransferMode.WRITE, "ttl_s": 60.0,
 }  # fmt: skip
 EXAMPLES_BY_ROUTE: dict[str, dict[str, Any]] = {"evacuate": {"request": EvacuationRequest()}}
 

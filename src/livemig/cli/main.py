@@ -6,12 +6,14 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 from pydantic_core import to_jsonable_python
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TimeRemainingColumn
 from rich.table import Table
 
 from livemig.errors import LivemigError
@@ -345,6 +347,59 @@ def volume_show(name: str, url: Url = None, state_dir: StateDir = None) -> None:
     """One volume with its attachments and their fencing counters, as JSON."""
     with lmo(url, state_dir) as client:
         _print_json(client.volume(name))
+
+
+def _progress_bar(description: str, total_bytes: int) -> tuple[Progress, Callable[[float], None]]:
+    """A rich progress bar on stderr (stdout stays for results) fed by qemu-img's percentages."""
+    bar = Progress("{task.description}", BarColumn(), TaskProgressColumn(), DownloadColumn(binary_units=True),
+                   TimeRemainingColumn(), console=err, transient=False)  # fmt: skip
+    task = bar.add_task(description, total=total_bytes)
+    return bar, lambda percent: bar.update(task, completed=total_bytes * percent / 100)
+
+
+@volume_app.command("import")
+def volume_import(
+    name: str,
+    image: Annotated[Path, typer.Argument(help="a raw or qcow2 disk image on this machine")],
+    fmt: Annotated[str | None, typer.Option("--format", help="raw | qcow2 (default: what qemu-img info reads)")] = None,
+    grow: Annotated[bool, typer.Option("--grow", help="grow the volume if the image is larger")] = False,
+    size_mib: Annotated[int | None, typer.Option("--size-mib", help="size of a new volume")] = None,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Copy a disk image into a volume over NBD (created if missing); sparse stays sparse."""
+    from livemig.cli.transfer import import_image
+    from livemig.storage.images import inspect_image
+
+    info = inspect_image(image, fmt)  # refused here, before the LMO is asked for anything
+    with lmo(url, state_dir) as client:
+        bar, progress = _progress_bar(f"import {image.name} → {name}", info.virtual_size)
+        with bar:
+            result = import_image(client, name, image, fmt=info.format, grow=grow, size_mib=size_mib, progress=progress)
+        view = client.volume(name).volume
+    how = "created" if result.created else ("grown" if result.grown else "existing")
+    out.print(f"volume {name} ({how}, {view.size_bytes / 2**20:.0f} MiB): {result.image.format} image "
+              f"{image} imported, {view.allocated_bytes / 2**20:.1f} MiB allocated")  # fmt: skip
+
+
+@volume_app.command("export")
+def volume_export(
+    name: str,
+    image: Annotated[Path, typer.Argument(help="the image file to write")],
+    fmt: Annotated[str, typer.Option("--format", help="raw | qcow2")] = "qcow2",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing file")] = False,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Copy a volume into a disk image file over NBD (written aside, renamed when complete)."""
+    from livemig.cli.transfer import export_image
+
+    with lmo(url, state_dir) as client:
+        size = client.volume(name).volume.size_bytes
+        bar, progress = _progress_bar(f"export {name} → {image.name}", size)
+        with bar:
+            export_image(client, name, image, fmt=fmt, force=force, progress=progress)
+    out.print(f"volume {name} ({size / 2**20:.0f} MiB) exported to {image} ({fmt}, {image.stat().st_size} bytes)")
 
 
 @volume_app.command("delete")

@@ -20,6 +20,7 @@ from livemig.control.controller import Controller
 from livemig.control.routes import hosts, migrations, netobjects, vms, volumes
 from livemig.control.services import Services
 from livemig.control.store import Store
+from livemig.control.transfers import sweep_forever
 from livemig.control.web import dashboard_router
 from livemig.model.host import HostInfo
 from livemig.wire import hostd
@@ -42,10 +43,12 @@ def create_app(
         services = Services.build(store, http, blockd_url)
         app.state.services = services
         task = asyncio.create_task(Controller(services, controller_interval_s).run_forever(), name="controller")
+        sweeper = asyncio.create_task(sweep_forever(services.transfers), name="transfer-sweeper")
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for background in (task, sweeper):
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
         await http.aclose()
 
     app = FastAPI(title="livemig LMO", lifespan=lifespan)

@@ -10,7 +10,7 @@ from livemig.control.network import vm_vnics
 from livemig.control.services import Services
 from livemig.errors import LivemigError, NotFound
 from livemig.model.host import HostInfo
-from livemig.model.vm import RunState, VolumeDevice
+from livemig.model.vm import RunState
 from livemig.wire import blockd, hostd, vswitch
 from livemig.wire.lmo import Check, MigrationRequest, PreflightReport
 
@@ -92,7 +92,13 @@ async def preflight(services: Services, request: MigrationRequest) -> PreflightR
                 + ("" if same_accel else ": cpu 'host' needs the same accelerator"),
                 error="InvalidRequest",
             )
-    volumes = [d.volume for d in spec.devices if isinstance(d, VolumeDevice)]
+        if spec.firmware is not None:
+            # QEMU migrates the firmware's flash/ROM as RAM: only the very same build may run it
+            why = spec.firmware.mismatch(dst_info.firmware, destination)
+            add("firmware", why is None,
+                why or f"{spec.firmware.build} sha256 {(spec.firmware.sha256 or '')[:16]}… on {destination} too",
+                error="InvalidRequest")  # fmt: skip
+    volumes = list(spec.volume_slots().values())
     block = services.volumes.block
     if not volumes:
         add("volumes", True, "no volumes attached")

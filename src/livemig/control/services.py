@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 
 from livemig.control.network import NetworkService
 from livemig.control.store import Store
+from livemig.control.transfers import TransferOps
 from livemig.control.volumes import VolumeOps
 from livemig.errors import InvalidRequest
 from livemig.wire.blockd import BlockdClient
@@ -26,11 +27,13 @@ class Services:
     http: httpx.AsyncClient
     volumes: VolumeOps
     network: NetworkService
+    transfers: TransferOps
 
     @classmethod
     def build(cls, store: Store, http: httpx.AsyncClient, blockd_url: str | None = None) -> Services:
         block = BlockdClient(blockd_url, http) if blockd_url else None
-        return cls(store, http, VolumeOps(store, block), NetworkService(store, http))
+        volumes = VolumeOps(store, block)
+        return cls(store, http, volumes, NetworkService(store, http), TransferOps(volumes))
 
     def host(self, name: str) -> HostdClient:
         """The hostd of a registered host (NotFound for an unknown one)."""

@@ -78,6 +78,18 @@ class AttachmentRow(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
+class TransferRow(Base):
+    """A short-lived attachment through which a client copies an image into or out of a volume.
+
+    It expires unless renewed, so a client that dies mid-copy leaves nothing attached for long."""
+
+    __tablename__ = "transfers"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    volume: Mapped[str] = mapped_column(String(128), index=True)
+    doc: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
 class NetObjectRow(Base):
     """VCN objects (vcns, subnets, vnics, security-lists) as JSON, keyed by kind and id."""
 
@@ -261,6 +273,40 @@ class Store:
             row = s.get(AttachmentRow, attachment)
             if row is not None:
                 row.active = False
+
+    # ------------------------------------------------------------------ transfers
+    def add_transfer(self, transfer_id: str, volume: str, doc: str, expires_at: float) -> None:
+        with self.session() as s:
+            s.add(TransferRow(id=transfer_id, volume=volume, doc=doc, expires_at=expires_at))
+
+    def transfer(self, transfer_id: str) -> str:
+        with self.session() as s:
+            row = s.get(TransferRow, transfer_id)
+            if row is None:
+                raise NotFound(f"no transfer {transfer_id!r} (finished, or expired and detached)", transfer=transfer_id)
+            return row.doc
+
+    def transfers(self, *, volume: str | None = None, expired_before: float | None = None) -> list[str]:
+        with self.session() as s:
+            query = select(TransferRow)
+            if volume is not None:
+                query = query.where(TransferRow.volume == volume)
+            if expired_before is not None:
+                query = query.where(TransferRow.expires_at < expired_before)
+            return [r.doc for r in s.scalars(query).all()]
+
+    def update_transfer(self, transfer_id: str, doc: str, expires_at: float) -> None:
+        with self.session() as s:
+            row = s.get(TransferRow, transfer_id)
+            if row is None:
+                raise NotFound(f"no transfer {transfer_id!r} (finished, or expired and detached)", transfer=transfer_id)
+            row.doc, row.expires_at = doc, expires_at
+
+    def remove_transfer(self, transfer_id: str) -> None:
+        with self.session() as s:
+            row = s.get(TransferRow, transfer_id)
+            if row is not None:
+                s.delete(row)
 
     # ------------------------------------------------------------------ VCN objects
     def put_netobject(self, kind: str, object_id: str, doc: str) -> None:

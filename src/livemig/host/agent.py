@@ -24,6 +24,7 @@ from livemig.host.accel import AccelChoice
 from livemig.host.qemu import TCG_RAM_TRIM_KIB, VmPaths, command_line, needs_tcg_ram_trim, resolve_machine
 from livemig.host.qmp import event_time
 from livemig.host.runtime import LocalQemu, QemuRuntime, Qmp
+from livemig.host.seeds import fill_new_vm_volumes
 from livemig.host.shaping import MigrationShaper
 from livemig.host.source import SourceMigration
 from livemig.host.vnics import VswitchPorts
@@ -134,6 +135,7 @@ class HostAgent:
             migration_bandwidth_mib_s=self.migration_bandwidth_mib_s,
             vms=sorted(self.vms),
             machines=sorted(set(self.runtime.machines().values())),
+            firmware=self.runtime.firmware().report(),
             refused_records=[f"{vm}: {why}" for vm, why in sorted(self.refused_records.items())],
         )
 
@@ -161,8 +163,16 @@ class HostAgent:
     # ---------------------------------------------------------------- lifecycle
 
     def resolve_spec(self, spec: VmSpec) -> VmSpec:
-        """Pin what the user left open: the versioned machine type and the boot files."""
+        """Pin what the user left open: the versioned machine type and the boot files, or the
+        firmware build (its name and the checksum of its code) of a VM booted by firmware."""
         machine = resolve_machine(spec.machine, self.runtime.machines())
+        trim = spec.ram_trim_kib
+        if trim == 0 and needs_tcg_ram_trim(self.accel.name, self.runtime.version()):
+            trim = TCG_RAM_TRIM_KIB
+        if spec.firmware is not None:
+            build = self.runtime.firmware().for_new_vm(spec.firmware)
+            firmware = spec.firmware.model_copy(update={"build": build.name, "sha256": build.sha256})
+            return spec.model_copy(update={"machine": machine, "firmware": firmware, "ram_trim_kib": trim})
         boot = spec.boot
         if boot.kernel is None or boot.initrd is None:
             image = self.runtime.guest_image()
@@ -180,9 +190,6 @@ class HostAgent:
         for path in (boot.kernel, boot.initrd):
             if path is None or not Path(path).is_file():
                 raise InvalidRequest(f"VM {spec.name}: boot file {path} does not exist on host {self.name}")
-        trim = spec.ram_trim_kib
-        if trim == 0 and needs_tcg_ram_trim(self.accel.name, self.runtime.version()):
-            trim = TCG_RAM_TRIM_KIB
         return spec.model_copy(update={"machine": machine, "boot": boot, "ram_trim_kib": trim})
 
     def _check_capacity(self, spec: VmSpec) -> None:
@@ -201,13 +208,21 @@ class HostAgent:
                 raise Conflict(f"VM {spec.name!r} already exists on host {self.name}", vm=spec.name)
             self._check_capacity(spec)
             spec = self.resolve_spec(spec) if not incoming else spec
+            firmware = self.runtime.firmware().pinned(spec.firmware, self.name) if spec.firmware else None
             paths = VmPaths(self.vms_dir / spec.name)
             if paths.root.exists():
                 shutil.rmtree(paths.root)
             paths.root.mkdir(parents=True)
+            if not incoming:  # a destination gets its volumes' contents from the source, never from here
+                try:
+                    for done in await fill_new_vm_volumes(self.runtime, spec, exports or {}, firmware, paths.root):
+                        log.info("VM %s: %s", spec.name, done)
+                except LivemigError:
+                    shutil.rmtree(paths.root, ignore_errors=True)
+                    raise
             netdevs = await self.ports.attach(spec, hold=incoming)
             argv = command_line(spec, paths, self.accel.name, incoming=incoming, binary=self.runtime.binary(),
-                                exports=exports, netdevs=netdevs)  # fmt: skip
+                                exports=exports, netdevs=netdevs, firmware=firmware)  # fmt: skip
             if self.netns:  # the NIC socket is a passed fd, so it stays in hostd's namespace
                 argv = ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
             try:
@@ -239,11 +254,14 @@ class HostAgent:
                     and existing.exports == (exports or {})):  # fmt: skip
                 return existing.incoming_uri
             raise Conflict(f"VM {spec.name!r} already exists on host {self.name} ({existing.role})")
-        if spec.boot.kernel is None or spec.boot.initrd is None:
+        if spec.firmware is not None:
+            self.runtime.firmware().pinned(spec.firmware, self.name)  # this host has the VM's very build
+        elif spec.boot.kernel is None or spec.boot.initrd is None:
             raise InvalidRequest("an incoming VM needs the source's resolved spec (boot files pinned)")
-        for path in (spec.boot.kernel, spec.boot.initrd):
-            if not Path(path).is_file():
-                raise InvalidRequest(f"boot file {path} does not exist on host {self.name}")
+        else:
+            for path in (spec.boot.kernel, spec.boot.initrd):
+                if not Path(path).is_file():
+                    raise InvalidRequest(f"boot file {path} does not exist on host {self.name}")
         vm = await self.create(spec, incoming=True, exports=exports)
         await asyncio.sleep(0)  # the watcher's listener is registered before the migration can start
         try:

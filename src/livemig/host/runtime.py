@@ -22,9 +22,13 @@ from typing import Any, Protocol, runtime_checkable
 from livemig.errors import QemuError
 from livemig.guest.image import GuestImage, build_image, default_cache_dir
 from livemig.host import console
+from livemig.host.firmware import DEFAULT_OVMF_DIR, DEFAULT_SEABIOS, FirmwareCatalog
 from livemig.host.qemu import VmPaths, machine_aliases, qemu_binary, qemu_version
 from livemig.host.qmp import QmpSession
+from livemig.model.vm import NbdExport
 from livemig.region.proc import pid_alive
+from livemig.storage import images
+from livemig.storage.images import NbdClientTls
 
 
 @runtime_checkable
@@ -60,6 +64,18 @@ class QemuRuntime(Protocol):
         """The livemig guest image (kernel, initrd) for VMs that name no boot files."""
         ...
 
+    def firmware(self) -> FirmwareCatalog:
+        """The firmware builds (SeaBIOS, OVMF) this host offers VMs that boot from a disk."""
+        ...
+
+    async def read_volume(self, export: NbdExport, size: int) -> bytes:
+        """The first ``size`` bytes of a volume, through this host's attachment (its NBD export)."""
+        ...
+
+    async def write_volume(self, export: NbdExport, source: Path) -> None:
+        """Write a small raw file at the start of a volume, through this host's attachment."""
+        ...
+
     async def launch(self, argv: list[str], pass_fds: list[int], paths: VmPaths) -> int:
         """Start a daemonized QEMU; its pid once it runs. ``QemuError`` with QEMU's words if not."""
         ...
@@ -90,7 +106,17 @@ class QemuRuntime(Protocol):
 
 
 class LocalQemu:
-    """The real machine: ``qemu-system-x86_64`` processes, their QMP and console sockets."""
+    """The real machine: ``qemu-system-x86_64`` processes, their QMP and console sockets.
+
+    ``ovmf_dir``/``seabios``: where the firmware files are (Debian's packages by default).
+    ``nbd_tls``: hostd's client credentials when blockd's NBD requires TLS (volume contents
+    hostd itself writes: a UEFI variable store, a cloud-init seed)."""
+
+    def __init__(self, ovmf_dir: Path | None = None, seabios: Path | None = None,
+                 nbd_tls: NbdClientTls | None = None) -> None:  # fmt: skip
+        self.ovmf_dir = ovmf_dir or DEFAULT_OVMF_DIR
+        self.seabios = seabios or DEFAULT_SEABIOS
+        self.nbd_tls = nbd_tls
 
     def version(self) -> str:
         return qemu_version()
@@ -103,6 +129,15 @@ class LocalQemu:
 
     def guest_image(self) -> GuestImage:
         return build_image(default_cache_dir())
+
+    def firmware(self) -> FirmwareCatalog:
+        return FirmwareCatalog.scan(self.ovmf_dir, self.seabios)
+
+    async def read_volume(self, export: NbdExport, size: int) -> bytes:
+        return await asyncio.to_thread(images.read_volume, export, size, self.nbd_tls)
+
+    async def write_volume(self, export: NbdExport, source: Path) -> None:
+        await asyncio.to_thread(images.write_volume, export, source, self.nbd_tls)
 
     async def launch(self, argv: list[str], pass_fds: list[int], paths: VmPaths) -> int:
         proc = await asyncio.create_subprocess_exec(

@@ -11,6 +11,7 @@ from fastapi.responses import PlainTextResponse
 from livemig.control.network import vm_vnics
 from livemig.control.placement import choose_host
 from livemig.control.services import Services, ServicesDep
+from livemig.control.volumes import name_own_volumes, own_volumes
 from livemig.errors import Conflict, LivemigError, NotFound
 from livemig.model.vm import VmSpec
 from livemig.wire import hostd
@@ -29,11 +30,14 @@ async def create_vm(body: VmCreate, services: ServicesDep) -> VmView:
         raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name)
     target = await choose_host(services, spec, body.host)
     boot_args = network.guest_boot_args(spec)  # also checks NIC MACs against their VNICs
-    if boot_args:
+    if boot_args and spec.firmware is None:  # a guest booted by firmware asks the vswitch's DHCP
         spec = spec.model_copy(update={"boot": spec.boot.model_copy(
             update={"append": " ".join(p for p in (spec.boot.append, boot_args) if p)})})  # fmt: skip
+    spec = name_own_volumes(spec)
     store.add_vm(spec, target)  # claims the name before the slow boot
+    created: list[str] = []
     try:
+        created = await services.volumes.create_own(spec)  # NVRAM, seed: hostd fills them
         if vm_vnics(spec):
             network.place(vm_vnics(spec), target)
             await network.push()
@@ -42,6 +46,8 @@ async def create_vm(body: VmCreate, services: ServicesDep) -> VmView:
     except LivemigError:
         with contextlib.suppress(LivemigError):
             await services.volumes.detach(spec.name, target)
+        with contextlib.suppress(LivemigError):
+            await services.volumes.delete_volumes(created)
         store.remove_vm(spec.name)
         raise
     store.set_vm(spec.name, spec=observed.spec)  # the resolved spec (machine, boot files)
@@ -76,6 +82,7 @@ async def delete_vm(name: str, services: ServicesDep) -> Response:
         raise Conflict(f"VM {name!r} is migrating; cancel the migration first")
     await services.host(host).run(hostd.destroy_vm(name))
     await services.volumes.detach(name, host)
+    await services.volumes.delete_volumes(list(own_volumes(spec)))  # its NVRAM and seed go with it
     store.remove_vm(name)
     if vm_vnics(spec):
         services.network.place(vm_vnics(spec), "")
