@@ -87,12 +87,14 @@ def hostd(
     vswitch: Annotated[str | None, typer.Option(help="this host's vswitch API URL")] = None,
     overlay: Annotated[str | None, typer.Option(help="this host's vswitch VXLAN endpoint ip:port")] = None,
     netns: Annotated[str | None, typer.Option(help="namespace host: run QEMUs in this netns, tc on its mig0")] = None,
+    ovmf_dir: Annotated[Path | None, typer.Option(help="OVMF firmware files (default /usr/share/OVMF)")] = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run a host agent (QEMU lifecycle, migration source/destination)."""
     from livemig.host.accel import choose_accel
     from livemig.host.agent import HostAgent
     from livemig.host.api import create_app
+    from livemig.host.runtime import LocalQemu
 
     choice = choose_accel(accel)
     if memory_mib is None:
@@ -104,8 +106,9 @@ def hostd(
 
         if not netns_exists(netns):
             fail(f"network namespace {netns!r} does not exist (`livemig up --netns` creates them)")
+    runtime = LocalQemu(ovmf_dir=ovmf_dir)
     agent = HostAgent(name, state_dir, migration_address, choice, memory_mib, migration_bandwidth,
-                      vswitch_url=vswitch, overlay=overlay, netns=netns)  # fmt: skip
+                      vswitch_url=vswitch, overlay=overlay, netns=netns, runtime=runtime)  # fmt: skip
     logging.getLogger(__name__).info("hostd %s: accelerator %s (%s)", name, choice.name, choice.reason)
     _serve(create_app(agent, lmo_url, f"http://{listen}"), listen, log_level)
 
@@ -250,23 +253,55 @@ def vm_create(
     host: Annotated[str | None, typer.Option(help="host to place it on")] = None,
     rate: Annotated[int, typer.Option(help="workload dirty rate, MiB/s")] = 20,
     wss: Annotated[int, typer.Option(help="workload working set, MiB")] = 128,
+    boot_volume: Annotated[
+        str | None, typer.Option("--boot-volume", help="your own VM: boot this volume (livemig volume import)")
+    ] = None,
+    firmware: Annotated[str, typer.Option(help="with --boot-volume: uefi | bios")] = "uefi",
+    vnic: Annotated[str | None, typer.Option(help="with --boot-volume: a NIC on this VNIC (address by DHCP)")] = None,
+    ssh_key: Annotated[
+        list[Path] | None, typer.Option("--ssh-key", help="with --boot-volume: public key for cloud-init (repeatable)")
+    ] = None,
     spec_file: Annotated[Path | None, typer.Option("--spec", help="a full VmSpec as JSON")] = None,
     url: Url = None,
     state_dir: StateDir = None,
 ) -> None:
-    """Boot a VM running the livemig guest workload (or any VmSpec given as JSON)."""
-    try:
-        if spec_file is not None:
-            spec = VmSpec.model_validate_json(spec_file.read_text())
-        else:
-            spec = VmSpec(name=name, memory_mib=memory, vcpus=vcpus,
-                          workload=WorkloadSpec(wss_mib=wss, rate_mib_s=rate))  # fmt: skip
-    except ValueError as exc:
-        fail(f"invalid VM spec: {exc}")
+    """Boot a VM: the livemig guest workload, your own disk image (--boot-volume), or any VmSpec as JSON."""
     with lmo(url, state_dir) as client:
+        try:
+            if spec_file is not None:
+                spec = VmSpec.model_validate_json(spec_file.read_text())
+            elif boot_volume is not None:
+                spec = _own_vm_spec(client, name, memory, vcpus, boot_volume, firmware, vnic, ssh_key or [])
+            else:
+                spec = VmSpec(name=name, memory_mib=memory, vcpus=vcpus,
+                              workload=WorkloadSpec(wss_mib=wss, rate_mib_s=rate))  # fmt: skip
+        except (ValueError, OSError) as exc:
+            fail(f"invalid VM spec: {exc}")
         view = client.create_vm(spec, host)
         pid = view.observed.pid if view.observed else "?"
         out.print(f"VM {view.name} runs on host {view.host} (QEMU pid {pid})")
+
+
+def _own_vm_spec(
+    client: LmoClient, name: str, memory: int, vcpus: int, boot_volume: str, firmware: str, vnic: str | None,
+    ssh_keys: list[Path],
+) -> VmSpec:  # fmt: skip
+    """A VM booting a user's image: its boot volume, a NIC on a VNIC, cloud-init with the keys."""
+    devices: list[dict[str, object]] = [
+        {"kind": "volume", "id": "root", "pci_addr": "0x4", "volume": boot_volume, "boot_index": 0}
+    ]
+    if vnic is not None:
+        found = [v for v in client.run(wire_lmo.network_objects(NetKind.VNICS)) if v.get("id") == vnic]
+        if not found:
+            fail(f"no VNIC {vnic!r} in the region (livemig net list vnics)")
+        devices.insert(0, {"kind": "nic", "id": "nic0", "pci_addr": "0x3", "mac": found[0]["mac"],
+                           "backend": "vswitch", "vnic": vnic})  # fmt: skip
+    data: dict[str, object] = {"name": name, "memory_mib": memory, "vcpus": vcpus, "firmware": firmware,
+                               "devices": devices}  # fmt: skip
+    if ssh_keys:
+        keys = [line for key in ssh_keys for line in key.read_text().splitlines() if line.strip()]
+        data["cloud_init"] = {"hostname": name, "ssh_authorized_keys": keys}
+    return VmSpec.model_validate(data)
 
 
 @vm_app.command("list")
@@ -308,6 +343,36 @@ def vm_console(
         if send is not None:
             client.console_input(name, send)
         sys.stdout.write(client.console(name, tail))
+
+
+@vm_app.command("ssh", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def vm_ssh(
+    ctx: typer.Context,
+    name: str,
+    user: Annotated[str, typer.Option("--user", "-l", help="login name in the guest")] = "debian",
+    identity: Annotated[Path | None, typer.Option("--identity", "-i", help="private key file")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="an ssh -o option (repeatable)")] = None,
+    netns: Annotated[str | None, typer.Option(help="gateway namespace (default: lmgw-<subnet>)")] = None,
+    print_only: Annotated[bool, typer.Option("--print", help="print the ssh command line instead")] = False,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """SSH to a VM on the VCN, through its subnet's gateway namespace (root; `livemig net gateway`).
+
+    Anything after the options (after `--`) is the command to run in the guest."""
+    import shlex
+
+    from livemig.cli.guestnet import ssh_argv
+
+    known_hosts = Region(state_dir).state_dir / "known_hosts"
+    with lmo(url, state_dir) as client:
+        argv = ssh_argv(client, name, user=user, identity=identity, netns=netns, known_hosts=known_hosts,
+                        options=option, command=list(ctx.args))  # fmt: skip
+    if print_only:
+        out.print(shlex.join(argv), highlight=False, soft_wrap=True)
+        return
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    os.execvp(argv[0], argv)
 
 
 volume_app = typer.Typer(no_args_is_help=True, help="Block volumes served by blockd.")
@@ -437,6 +502,24 @@ def net_apply(
                     fail(f"{kind}: every object needs an id")
                 client.put_network_object(kind, obj)
                 out.print(f"{kind[:-1]} {obj['id']} applied")
+
+
+@net_app.command("gateway")
+def net_gateway(
+    vnic: Annotated[str, typer.Argument(help='a VNIC of the subnet, placed on a host (its "host")')],
+    netns: Annotated[str | None, typer.Option(help="namespace (default: lmgw-<subnet>)")] = None,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Root: plug VNIC into its host's vswitch as a tap inside a network namespace, to reach its subnet."""
+    from livemig.cli.guestnet import open_gateway
+
+    if os.geteuid() != 0:
+        fail("a gateway is a tap device in a network namespace: run this as root")
+    with lmo(url, state_dir) as client:
+        namespace, address = open_gateway(client, vnic, netns)
+    out.print(f"VNIC {vnic} is {address} in namespace {namespace}: `livemig vm ssh NAME` reaches VMs of its "
+              f"subnet (or `ip netns exec {namespace} ...`)")  # fmt: skip
 
 
 @net_app.command("list")

@@ -56,6 +56,7 @@ class HostConfig:
     overlay: str = ""
     vswitch_pid: int | None = None
     netns: str | None = None  # a namespace host (hostns.py): its QEMUs and migration address live there
+    ovmf_dir: str | None = None  # this host's OVMF files, if not Debian's (/usr/share/OVMF)
 
     @property
     def vswitch_url(self) -> str:
@@ -187,6 +188,7 @@ class Region:
             "--vswitch", host.vswitch_url, "--overlay", host.overlay,
             *(["--memory-mib", str(host.memory_mib)] if host.memory_mib else []),
             *(["--netns", host.netns] if host.netns else []),
+            *(["--ovmf-dir", host.ovmf_dir] if host.ovmf_dir else []),
         ], faults)  # fmt: skip
         self._save(config)
 
