@@ -340,3 +340,26 @@ def test_a_destination_with_another_ovmf_build_is_refused(region, vcn, tmp_path)
         region.restart_host("B")
         lmo.delete_vm("own-blank")
         lmo.delete_volume("own-blank")
+
+
+def test_secure_boot_vm_runs_ovmf_with_smm_and_enrolled_keys(region, vcn):
+    """Secure Boot is an option of the spec: OVMF's SMM build, the secure flash, Microsoft's keys."""
+    lmo = vcn
+    lmo.create_volume("own-sb", 1)
+    try:
+        view = lmo.create_vm(VmSpec.model_validate({
+            "name": "own-sb", "memory_mib": 128, "firmware": {"kind": "uefi", "secure_boot": True},
+            "devices": [{"kind": "volume", "id": "root", "pci_addr": "0x4", "volume": "own-sb", "boot_index": 0}],
+        }), host="A")  # fmt: skip
+        assert view.spec.firmware is not None and view.spec.firmware.build == "ovmf-4m-secboot"
+        assert view.observed is not None and view.observed.pid is not None
+        cmdline = Path(f"/proc/{view.observed.pid}/cmdline").read_bytes().decode().split("\0")
+        assert any("pflash1=fw_vars,smm=on" in arg for arg in cmdline), cmdline
+        assert "driver=cfi.pflash01,property=secure,value=on" in cmdline
+        assert any("OVMF_CODE_4M.secboot.fd" in arg for arg in cmdline)
+        time.sleep(5)  # OVMF runs its SMM setup; a refused flash layout would stop QEMU
+        observed = lmo.vm("own-sb").observed
+        assert observed is not None and observed.state.value == "running", observed
+    finally:
+        lmo.delete_vm("own-sb")
+        lmo.delete_volume("own-sb")
