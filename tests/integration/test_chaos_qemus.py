@@ -59,6 +59,9 @@ def test_a_stopped_qemu_counts_as_what_it_last_said(daemon: tuple[str, Path, int
     assert sampler.sample().states == {f"H:{pid}": "running"}
     os.kill(pid, signal.SIGSTOP)
     try:
+        deadline = time.monotonic() + 5  # the group stop reaches every QEMU thread a moment later
+        while not qemus.qemu_daemons(vm)[0].stopped and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert qemus.qemu_daemons(vm)[0].stopped
         assert sampler.sample().states == {f"H:{pid}": "running"}, "frozen in running: it would run on"
         assert RunstateSampler(vm).sample().states == {f"H:{pid}": "unknown"}, "never seen answering"

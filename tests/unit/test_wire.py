@@ -48,6 +48,7 @@ EXAMPLES: dict[str, Any] = {
     "active": False, "policies": None, "arm_id": "hostd-1-1", "preallocate": False,
     "role": "viewer", "token_id": "t1", "tls_source": "A", "tls_hostname": "B",
     "seconds": 1.0, "observe": True, "limit": None, "names": None,
+    "transfer_id": "t-1", "mode": lmo.TransferMode.WRITE, "ttl_s": 60.0,
 }  # fmt: skip
 EXAMPLES_BY_ROUTE: dict[str, dict[str, Any]] = {
     "evacuate": {"request": EvacuationRequest()},

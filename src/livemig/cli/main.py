@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -13,6 +14,7 @@ import typer
 from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TimeRemainingColumn
 from rich.table import Table
 
 from livemig.cli import client
@@ -33,7 +35,7 @@ from livemig.region.local import Region, default_state_dir
 from livemig.security.pki import LeafFiles, Role
 from livemig.wire import lmo as wire_lmo
 from livemig.wire.base import Credentials, configure
-from livemig.wire.lmo import Evacuation, EvacuationReport, NetKind, VmView
+from livemig.wire.lmo import Evacuation, EvacuationReport, LmoClient, NetKind, VmView
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 vm_app = typer.Typer(no_args_is_help=True, help="Create, inspect and delete VMs.")
@@ -178,6 +180,7 @@ def hostd(
     qemu_key: Annotated[Path | None, typer.Option(help="its key")] = None,
     insecure: Insecure = False,
     config: ConfigFile = None,
+    ovmf_dir: Annotated[Path | None, typer.Option(help="OVMF firmware files (default /usr/share/OVMF)")] = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run a host agent (QEMU lifecycle, migration source/destination)."""
@@ -185,6 +188,7 @@ def hostd(
     from livemig.host.accel import choose_accel
     from livemig.host.agent import HostAgent
     from livemig.host.api import create_app
+    from livemig.host.runtime import LocalQemu
     from livemig.host.tls import QemuTls
     from livemig.security import pki
 
@@ -208,8 +212,9 @@ def hostd(
         if qemu.identity.name != leaf.identity.name:
             fail(f"{qemu_cert} is the QEMU certificate of {qemu.identity.name!r}, not of host {name!r}")
     configure_service("hostd", host=name)  # once it is sure to serve (a refused start leaves the process as it was)
+    runtime = LocalQemu(ovmf_dir=ovmf_dir)
     agent = HostAgent(name, state_dir, migration_address, choice, memory_mib, migration_bandwidth,
-                      vswitch_url=vswitch, overlay=overlay, netns=netns, qemu_tls=qemu)  # fmt: skip
+                      vswitch_url=vswitch, overlay=overlay, netns=netns, qemu_tls=qemu, runtime=runtime)  # fmt: skip
     logging.getLogger(__name__).info("hostd %s: accelerator %s (%s)", name, choice.name, choice.reason)
     api_url = url or f"{'http' if leaf is None else 'https'}://{listen}"
     _serve(create_app(agent, lmo_url, api_url, insecure=leaf is None), listen, log_level, leaf)
@@ -453,23 +458,55 @@ def vm_create(
     host: Annotated[str | None, typer.Option(help="host to place it on")] = None,
     rate: Annotated[int, typer.Option(help="workload dirty rate, MiB/s")] = 20,
     wss: Annotated[int, typer.Option(help="workload working set, MiB")] = 128,
+    boot_volume: Annotated[
+        str | None, typer.Option("--boot-volume", help="your own VM: boot this volume (livemig volume import)")
+    ] = None,
+    firmware: Annotated[str, typer.Option(help="with --boot-volume: uefi | bios")] = "uefi",
+    vnic: Annotated[str | None, typer.Option(help="with --boot-volume: a NIC on this VNIC (address by DHCP)")] = None,
+    ssh_key: Annotated[
+        list[Path] | None, typer.Option("--ssh-key", help="with --boot-volume: public key for cloud-init (repeatable)")
+    ] = None,
     spec_file: Annotated[Path | None, typer.Option("--spec", help="a full VmSpec as JSON")] = None,
     url: Url = None,
     state_dir: StateDir = None,
 ) -> None:
-    """Boot a VM running the livemig guest workload (or any VmSpec given as JSON)."""
-    try:
-        if spec_file is not None:
-            spec = VmSpec.model_validate_json(spec_file.read_text())
-        else:
-            spec = VmSpec(name=name, memory_mib=memory, vcpus=vcpus,
-                          workload=WorkloadSpec(wss_mib=wss, rate_mib_s=rate))  # fmt: skip
-    except ValueError as exc:
-        fail(f"invalid VM spec: {exc}")
+    """Boot a VM: the livemig guest workload, your own disk image (--boot-volume), or any VmSpec as JSON."""
     with lmo(url, state_dir) as client:
+        try:
+            if spec_file is not None:
+                spec = VmSpec.model_validate_json(spec_file.read_text())
+            elif boot_volume is not None:
+                spec = _own_vm_spec(client, name, memory, vcpus, boot_volume, firmware, vnic, ssh_key or [])
+            else:
+                spec = VmSpec(name=name, memory_mib=memory, vcpus=vcpus,
+                              workload=WorkloadSpec(wss_mib=wss, rate_mib_s=rate))  # fmt: skip
+        except (ValueError, OSError) as exc:
+            fail(f"invalid VM spec: {exc}")
         view = client.create_vm(spec, host)
         pid = view.observed.pid if view.observed else "?"
         out.print(f"VM {view.name} runs on host {view.host} (QEMU pid {pid})")
+
+
+def _own_vm_spec(
+    client: LmoClient, name: str, memory: int, vcpus: int, boot_volume: str, firmware: str, vnic: str | None,
+    ssh_keys: list[Path],
+) -> VmSpec:  # fmt: skip
+    """A VM booting a user's image: its boot volume, a NIC on a VNIC, cloud-init with the keys."""
+    devices: list[dict[str, object]] = [
+        {"kind": "volume", "id": "root", "pci_addr": "0x4", "volume": boot_volume, "boot_index": 0}
+    ]
+    if vnic is not None:
+        found = [v for v in client.run(wire_lmo.network_objects(NetKind.VNICS)) if v.get("id") == vnic]
+        if not found:
+            fail(f"no VNIC {vnic!r} in the region (livemig net list vnics)")
+        devices.insert(0, {"kind": "nic", "id": "nic0", "pci_addr": "0x3", "mac": found[0]["mac"],
+                           "backend": "vswitch", "vnic": vnic})  # fmt: skip
+    data: dict[str, object] = {"name": name, "memory_mib": memory, "vcpus": vcpus, "firmware": firmware,
+                               "devices": devices}  # fmt: skip
+    if ssh_keys:
+        keys = [line for key in ssh_keys for line in key.read_text().splitlines() if line.strip()]
+        data["cloud_init"] = {"hostname": name, "ssh_authorized_keys": keys}
+    return VmSpec.model_validate(data)
 
 
 @vm_app.command("list")
@@ -513,6 +550,36 @@ def vm_console(
         sys.stdout.write(client.console(name, tail))
 
 
+@vm_app.command("ssh", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def vm_ssh(
+    ctx: typer.Context,
+    name: str,
+    user: Annotated[str, typer.Option("--user", "-l", help="login name in the guest")] = "debian",
+    identity: Annotated[Path | None, typer.Option("--identity", "-i", help="private key file")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="an ssh -o option (repeatable)")] = None,
+    netns: Annotated[str | None, typer.Option(help="gateway namespace (default: lmgw-<subnet>)")] = None,
+    print_only: Annotated[bool, typer.Option("--print", help="print the ssh command line instead")] = False,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """SSH to a VM on the VCN, through its subnet's gateway namespace (root; `livemig net gateway`).
+
+    Anything after the options (after `--`) is the command to run in the guest."""
+    import shlex
+
+    from livemig.cli.guestnet import ssh_argv
+
+    known_hosts = Region(state_dir).state_dir / "known_hosts"
+    with lmo(url, state_dir) as client:
+        argv = ssh_argv(client, name, user=user, identity=identity, netns=netns, known_hosts=known_hosts,
+                        options=option, command=list(ctx.args))  # fmt: skip
+    if print_only:
+        out.print(shlex.join(argv), highlight=False, soft_wrap=True)
+        return
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    os.execvp(argv[0], argv)
+
+
 volume_app = typer.Typer(no_args_is_help=True, help="Block volumes served by blockd.")
 app.add_typer(volume_app, name="volume")
 
@@ -553,6 +620,60 @@ def volume_show(name: str, url: Url = None, state_dir: StateDir = None) -> None:
         _print_json(client.volume(name))
 
 
+def _progress_bar(description: str, total_bytes: int) -> tuple[Progress, Callable[[float], None]]:
+    """A rich progress bar on stderr (stdout stays for results) fed by qemu-img's percentages."""
+    bar = Progress("{task.description}", BarColumn(), TaskProgressColumn(), DownloadColumn(binary_units=True),
+                   TimeRemainingColumn(), console=err, transient=False)  # fmt: skip
+    task = bar.add_task(description, total=total_bytes)
+    return bar, lambda percent: bar.update(task, completed=total_bytes * percent / 100)
+
+
+@volume_app.command("import")
+def volume_import(
+    name: str,
+    image: Annotated[Path, typer.Argument(help="a raw or qcow2 disk image on this machine")],
+    fmt: Annotated[str | None, typer.Option("--format", help="raw | qcow2 (default: what qemu-img info reads)")] = None,
+    grow: Annotated[bool, typer.Option("--grow", help="grow the volume if the image is larger")] = False,
+    size_mib: Annotated[int | None, typer.Option("--size-mib", help="size of a new volume")] = None,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Copy a disk image into a volume over NBD (created if missing); sparse stays sparse."""
+    from livemig.cli.transfer import import_image
+    from livemig.storage.images import inspect_image
+
+    info = inspect_image(image, fmt)  # refused here, before the LMO is asked for anything
+    with lmo(url, state_dir) as client:
+        bar, progress = _progress_bar(f"import {image.name} → {name}", info.virtual_size)
+        with bar:
+            result = import_image(client, name, image, fmt=info.format, grow=grow, size_mib=size_mib, progress=progress,
+                                  state_dir=state_dir)  # fmt: skip
+        view = client.volume(name).volume
+    how = "created" if result.created else ("grown" if result.grown else "existing")
+    out.print(f"volume {name} ({how}, {view.size_bytes / 2**20:.0f} MiB): {result.image.format} image "
+              f"{image} imported, {view.allocated_bytes / 2**20:.1f} MiB allocated")  # fmt: skip
+
+
+@volume_app.command("export")
+def volume_export(
+    name: str,
+    image: Annotated[Path, typer.Argument(help="the image file to write")],
+    fmt: Annotated[str, typer.Option("--format", help="raw | qcow2")] = "qcow2",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing file")] = False,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Copy a volume into a disk image file over NBD (written aside, renamed when complete)."""
+    from livemig.cli.transfer import export_image
+
+    with lmo(url, state_dir) as client:
+        size = client.volume(name).volume.size_bytes
+        bar, progress = _progress_bar(f"export {name} → {image.name}", size)
+        with bar:
+            export_image(client, name, image, fmt=fmt, force=force, progress=progress, state_dir=state_dir)
+    out.print(f"volume {name} ({size / 2**20:.0f} MiB) exported to {image} ({fmt}, {image.stat().st_size} bytes)")
+
+
 @volume_app.command("delete")
 def volume_delete(name: str, url: Url = None, state_dir: StateDir = None) -> None:
     """Delete a volume (refused while attached)."""
@@ -588,6 +709,24 @@ def net_apply(
                     fail(f"{kind}: every object needs an id")
                 client.put_network_object(kind, obj)
                 out.print(f"{kind[:-1]} {obj['id']} applied")
+
+
+@net_app.command("gateway")
+def net_gateway(
+    vnic: Annotated[str, typer.Argument(help='a VNIC of the subnet, placed on a host (its "host")')],
+    netns: Annotated[str | None, typer.Option(help="namespace (default: lmgw-<subnet>)")] = None,
+    url: Url = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Root: plug VNIC into its host's vswitch as a tap inside a network namespace, to reach its subnet."""
+    from livemig.cli.guestnet import open_gateway
+
+    if os.geteuid() != 0:
+        fail("a gateway is a tap device in a network namespace: run this as root")
+    with lmo(url, state_dir) as client:
+        namespace, address = open_gateway(client, vnic, netns, state_dir)
+    out.print(f"VNIC {vnic} is {address} in namespace {namespace}: `livemig vm ssh NAME` reaches VMs of its "
+              f"subnet (or `ip netns exec {namespace} ...`)")  # fmt: skip
 
 
 @net_app.command("list")

@@ -27,6 +27,7 @@ from livemig.control.routes import tokens as token_routes
 from livemig.control.runner import ControllerThread
 from livemig.control.services import Services
 from livemig.control.store import Store
+from livemig.control.transfers import sweep_forever
 from livemig.control.web import dashboard_router
 from livemig.control.web.login import COOKIE, login_redirect, login_router
 from livemig.faults.api import mount_faults
@@ -71,18 +72,23 @@ def create_app(
             return Controller(own, controller_interval_s, replica=replica, capacity=capacity,
                               concurrency=concurrency)  # fmt: skip
 
+        # abandoned volume transfers (a client killed mid-copy) are detached on the API's loop
+        sweeper = asyncio.create_task(sweep_forever(services.transfers), name="transfer-sweeper")
         if transport is None:  # its own thread and loop (runner.py says why)
             thread = ControllerThread(make)
             app.state.controller = thread.start()
             yield
             thread.stop()
+            background = [sweeper]
         else:  # fake hosts in-process live on this loop: the controller must too
             app.state.controller = controller = make(http)
             task = asyncio.create_task(controller.run_forever(), name="controller")
             yield
-            task.cancel()
+            background = [task, sweeper]
+        for running in background:
+            running.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await running
         await http.aclose()
 
     check = tokens.checker(store)

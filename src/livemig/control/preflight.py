@@ -12,7 +12,7 @@ from livemig.control.services import Services
 from livemig.errors import LivemigError, NotFound
 from livemig.model.host import HostRegistration
 from livemig.model.migration import Compression, MigrationPolicies
-from livemig.model.vm import RunState, VmSpec, VolumeDevice
+from livemig.model.vm import RunState, VmSpec
 from livemig.wire import blockd, hostd, vswitch
 from livemig.wire.hostd import HostdClient
 from livemig.wire.lmo import Check, MigrationRequest, PreflightReport
@@ -99,7 +99,18 @@ async def preflight(services: Services, request: MigrationRequest) -> PreflightR
                 + ("" if same_accel else ": cpu 'host' needs the same accelerator"),
                 error="InvalidRequest",
             )
-    volumes = [d.volume for d in spec.devices if isinstance(d, VolumeDevice)]
+        if spec.firmware is not None:
+            # QEMU migrates the firmware's flash/ROM as RAM: only the very same build may run it
+            # (the builds are not in the inventory: the destination says, for VMs booted by firmware)
+            try:
+                builds = (await destination_host.run(hostd.info())).firmware
+                why = spec.firmware.mismatch(builds, destination)
+                add("firmware", why is None,
+                    why or f"{spec.firmware.build} sha256 {(spec.firmware.sha256 or '')[:16]}… on {destination} too",
+                    error="InvalidRequest")  # fmt: skip
+            except LivemigError as exc:
+                add("firmware", False, exc.message, error="HostUnreachable")
+    volumes = list(spec.volume_slots().values())
     block = services.volumes.block
     if not volumes:
         add("volumes", True, "no volumes attached")

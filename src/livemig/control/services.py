@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 
 from livemig.control.network import NetworkService
 from livemig.control.store import Store
+from livemig.control.transfers import TransferOps
 from livemig.control.volumes import VolumeOps
 from livemig.errors import InvalidRequest
 from livemig.model.host import HostRegistration
@@ -59,6 +60,7 @@ class Services:
     volumes: VolumeOps
     network: NetworkService
     registrations: Registrations
+    transfers: TransferOps
     #: ask hosts to encrypt every migration stream (QEMU's TLS with tls-authz); off only in an
     #: ``--insecure`` region or with ``livemig lmo --no-migration-tls``
     migration_tls: bool = True
@@ -67,8 +69,9 @@ class Services:
     def build(cls, store: Store, http: httpx.AsyncClient, blockd_url: str | None = None,
               registrations: Registrations | None = None) -> Services:  # fmt: skip
         block = BlockdClient(blockd_url, http) if blockd_url else None
-        return cls(store, http, VolumeOps(store, block), NetworkService(store, http),
-                   registrations or Registrations(store))  # fmt: skip
+        volumes = VolumeOps(store, block)
+        return cls(store, http, volumes, NetworkService(store, http), registrations or Registrations(store),
+                   TransferOps(volumes))  # fmt: skip
 
     def registration(self, name: str) -> HostRegistration:
         """A registered host's address and facts (NotFound for an unknown one)."""

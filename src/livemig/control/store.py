@@ -147,6 +147,18 @@ class AttachmentRow(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
+class TransferRow(Base):
+    """A short-lived attachment through which a client copies an image into or out of a volume.
+
+    It expires unless renewed, so a client that dies mid-copy leaves nothing attached for long."""
+
+    __tablename__ = "transfers"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    volume: Mapped[str] = mapped_column(String(128), index=True)
+    doc: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
 class NetObjectRow(Base):
     """VCN objects (vcns, subnets, vnics, security-lists) as JSON, keyed by kind and id."""
 
@@ -250,6 +262,7 @@ N = cast(Table, NetObjectRow.__table__)
 E = cast(Table, EvacuationRow.__table__)
 R = cast(Table, ReplicaRow.__table__)
 T = cast(Table, TokenRow.__table__)
+TR = cast(Table, TransferRow.__table__)
 
 
 def _placed(delta: ColumnElement[int]) -> dict[str, ColumnElement[int]]:
@@ -746,6 +759,37 @@ class Store:
     def deactivate_attachment(self, attachment: str) -> None:
         with self.transaction() as c:
             c.execute(update(A).where(A.c.id == attachment).values(active=False))
+
+    # ------------------------------------------------------------------ transfers
+    def add_transfer(self, transfer_id: str, volume: str, doc: str, expires_at: float) -> None:
+        with self.transaction() as c:
+            c.execute(insert(TR).values(id=transfer_id, volume=volume, doc=doc, expires_at=expires_at))
+
+    def transfer(self, transfer_id: str) -> str:
+        with self.read() as c:
+            doc = c.execute(select(TR.c.doc).where(TR.c.id == transfer_id)).scalar()
+        if doc is None:
+            raise NotFound(f"no transfer {transfer_id!r} (finished, or expired and detached)", transfer=transfer_id)
+        return str(doc)
+
+    def transfers(self, *, volume: str | None = None, expired_before: float | None = None) -> list[str]:
+        query = select(TR.c.doc)
+        if volume is not None:
+            query = query.where(TR.c.volume == volume)
+        if expired_before is not None:
+            query = query.where(TR.c.expires_at < expired_before)
+        with self.read() as c:
+            return [str(doc) for doc in c.execute(query).scalars().all()]
+
+    def update_transfer(self, transfer_id: str, doc: str, expires_at: float) -> None:
+        with self.transaction() as c:
+            updated = c.execute(update(TR).where(TR.c.id == transfer_id).values(doc=doc, expires_at=expires_at))
+        if updated.rowcount != 1:
+            raise NotFound(f"no transfer {transfer_id!r} (finished, or expired and detached)", transfer=transfer_id)
+
+    def remove_transfer(self, transfer_id: str) -> None:
+        with self.transaction() as c:
+            c.execute(delete(TR).where(TR.c.id == transfer_id))
 
     # ------------------------------------------------------------------ VCN objects
     @sync_point("lmo.store.put_netobject")

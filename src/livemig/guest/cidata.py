@@ -41,10 +41,13 @@ _IMAGE_KIB = 1024
 #: DHCP on every Ethernet NIC whose name starts with ``e`` (``eth0``, ``ens3``, ``enp0s2``).
 #: The glob is the entry's id *and* its ``match``: cloud-init 22.4's networkd renderer (Debian 12)
 #: writes the id as ``[Match] Name=`` and ignores ``match: name``, while netplan-based guests
-#: honour ``match``. Either way every such NIC asks for an address by DHCP.
+#: honour ``match``. Either way every such NIC asks for an address by DHCP. The MTU is the VCN's
+#: (VXLAN's 50 bytes off 1500), set here too: the vswitch's DHCP offers it (option 26), but
+#: systemd-networkd takes a DHCP MTU only when told to, and a guest at 1500 loses large frames.
+VCN_MTU = 1450
 NETWORK_CONFIG: dict[str, object] = {
     "version": 2,
-    "ethernets": {"e*": {"match": {"name": "e*"}, "dhcp4": True}},
+    "ethernets": {"e*": {"match": {"name": "e*"}, "dhcp4": True, "mtu": VCN_MTU}},
 }
 
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")

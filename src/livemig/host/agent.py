@@ -28,6 +28,7 @@ from livemig.host.qemu import TCG_RAM_TRIM_KIB, VmPaths, command_line, needs_tcg
 from livemig.host.qmp import event_time
 from livemig.host.qmpfaults import FaultedQmp
 from livemig.host.runtime import LocalQemu, QemuRuntime, Qmp
+from livemig.host.seeds import fill_new_vm_volumes
 from livemig.host.segment import close_all as close_segment_sockets
 from livemig.host.segment import netdev as segment_netdev
 from livemig.host.segment import open_segment_sockets
@@ -177,6 +178,7 @@ class HostAgent:
             migration_bandwidth_mib_s=self.migration_bandwidth_mib_s,
             vms=sorted(self.vms),
             machines=sorted(set(self.runtime.machines().values())),
+            firmware=self.runtime.firmware().report(),
             refused_records=[f"{vm}: {why}" for vm, why in sorted(self.refused_records.items())],
         )
 
@@ -204,8 +206,16 @@ class HostAgent:
     # ---------------------------------------------------------------- lifecycle
 
     def resolve_spec(self, spec: VmSpec) -> VmSpec:
-        """Pin what the user left open: the versioned machine type and the boot files."""
+        """Pin what the user left open: the versioned machine type and the boot files, or the
+        firmware build (its name and the checksum of its code) of a VM booted by firmware."""
         machine = resolve_machine(spec.machine, self.runtime.machines())
+        trim = spec.ram_trim_kib
+        if trim == 0 and needs_tcg_ram_trim(self.accel.name, self.runtime.version()):
+            trim = TCG_RAM_TRIM_KIB
+        if spec.firmware is not None:
+            build = self.runtime.firmware().for_new_vm(spec.firmware)
+            firmware = spec.firmware.model_copy(update={"build": build.name, "sha256": build.sha256})
+            return spec.model_copy(update={"machine": machine, "firmware": firmware, "ram_trim_kib": trim})
         boot = spec.boot
         if boot.kernel is None or boot.initrd is None:
             image = self.runtime.guest_image()
@@ -223,9 +233,6 @@ class HostAgent:
         for path in (boot.kernel, boot.initrd):
             if path is None or not Path(path).is_file():
                 raise InvalidRequest(f"VM {spec.name}: boot file {path} does not exist on host {self.name}")
-        trim = spec.ram_trim_kib
-        if trim == 0 and needs_tcg_ram_trim(self.accel.name, self.runtime.version()):
-            trim = TCG_RAM_TRIM_KIB
         return spec.model_copy(update={"machine": machine, "boot": boot, "ram_trim_kib": trim})
 
     def _check_capacity(self, spec: VmSpec) -> None:
@@ -244,6 +251,7 @@ class HostAgent:
                 raise Conflict(f"VM {spec.name!r} already exists on host {self.name}", vm=spec.name)
             self._check_capacity(spec)
             spec = self.resolve_spec(spec) if not incoming else spec
+            firmware = self.runtime.firmware().pinned(spec.firmware, self.name) if spec.firmware else None
             paths = VmPaths(self.vms_dir / spec.name)
             if paths.root.exists():
                 shutil.rmtree(paths.root)
@@ -252,11 +260,20 @@ class HostAgent:
             side = "dst" if incoming else "src"
             if REGISTRY.armed:
                 await REGISTRY.fire(f"hostd.{side}.launch", vm=spec.name, host=self.name, error=QemuError)
+            if not incoming:  # a destination gets its volumes' contents from the source, never from here
+                try:
+                    filled = await fill_new_vm_volumes(self.runtime, spec, exports or {}, firmware, paths.root,
+                                                       nbd_tls)  # fmt: skip
+                    for done in filled:
+                        log.info("VM %s: %s", spec.name, done)
+                except LivemigError:
+                    shutil.rmtree(paths.root, ignore_errors=True)
+                    raise
             netdevs = await self.ports.attach(spec, hold=incoming)
             segments = open_segment_sockets(spec)
             netdevs.update({nic_id: segment_netdev(nic_id, sock) for nic_id, sock in segments.items()})
             argv = command_line(spec, paths, self.accel.name, incoming=incoming, binary=self.runtime.binary(),
-                                exports=exports, netdevs=netdevs, nbd_tls=nbd_tls)  # fmt: skip
+                                exports=exports, netdevs=netdevs, nbd_tls=nbd_tls, firmware=firmware)  # fmt: skip
             if self.netns:  # the NIC socket is a passed fd, so it stays in hostd's namespace
                 argv = ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
             try:
@@ -323,11 +340,14 @@ class HostAgent:
                 # started by a hostd that died before it finished preparing: finish it now
                 return await self._listen(existing, policies, tls_source)
             raise Conflict(f"VM {spec.name!r} already exists on host {self.name} ({existing.role})")
-        if spec.boot.kernel is None or spec.boot.initrd is None:
+        if spec.firmware is not None:
+            self.runtime.firmware().pinned(spec.firmware, self.name)  # this host has the VM's very build
+        elif spec.boot.kernel is None or spec.boot.initrd is None:
             raise InvalidRequest("an incoming VM needs the source's resolved spec (boot files pinned)")
-        for path in (spec.boot.kernel, spec.boot.initrd):
-            if not Path(path).is_file():
-                raise InvalidRequest(f"boot file {path} does not exist on host {self.name}")
+        else:
+            for path in (spec.boot.kernel, spec.boot.initrd):
+                if not Path(path).is_file():
+                    raise InvalidRequest(f"boot file {path} does not exist on host {self.name}")
         if tls_source is not None:
             self._require_qemu_tls("an incoming migration")
         vm = await self.create(spec, incoming=True, exports=exports)

@@ -18,7 +18,18 @@ from functools import lru_cache
 from pathlib import Path
 
 from livemig.errors import BootstrapError, InvalidRequest
-from livemig.model.vm import RESERVED_PCI_SLOT, NbdExport, NicDevice, RngDevice, VmSpec, VolumeDevice
+from livemig.host.firmware import FirmwareBuild
+from livemig.model.vm import (
+    CIDATA_SLOT,
+    NVRAM_BYTES,
+    NVRAM_SLOT,
+    RESERVED_PCI_SLOT,
+    NbdExport,
+    NicDevice,
+    RngDevice,
+    VmSpec,
+    VolumeDevice,
+)
 
 QEMU_BINARY = "qemu-system-x86_64"
 #: how long QEMU's NBD client holds a volume's requests while it reconnects to blockd (seconds)
@@ -156,6 +167,53 @@ def needs_tcg_ram_trim(accel: str, version: str) -> bool:
     return (int(numbers.group(1)), int(numbers.group(2))) < TCG_DIRTY_SYNC_FIXED_IN
 
 
+def _nbd_blockdev(node: str, export: NbdExport, **extra: object) -> str:
+    """One ``-blockdev`` of QEMU's NBD client for this host's attachment of a volume.
+
+    reconnect-delay: a blockd that restarts (or drops the connection) costs the guest a stall of
+    its I/O, not an I/O error: QEMU reconnects and reruns what was in flight. An export blockd
+    serves over TLS names the certificate QEMU must see (``tls_hostname``)."""
+    blockdev: dict[str, object] = {"driver": "nbd", "node-name": node, "export": export.export,
+                                   "server": {"type": "inet", "host": export.host, "port": str(export.port)},
+                                   "reconnect-delay": NBD_RECONNECT_DELAY_S, **extra}  # fmt: skip
+    if export.tls_hostname:
+        blockdev |= {"tls-creds": NBD_CREDS_ID, "tls-hostname": export.tls_hostname}
+    return json.dumps(blockdev, separators=(",", ":"))
+
+
+def _json(value: dict[str, object]) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _boot_args(spec: VmSpec, firmware: FirmwareBuild | None, exports: dict[str, NbdExport]) -> tuple[str, list[str]]:
+    """The machine options and arguments that make the VM start: its kernel (direct boot), or its
+    firmware (SeaBIOS ROM, or OVMF's CODE and variable store as the two flash devices)."""
+    if spec.firmware is None:
+        if spec.boot.kernel is None or spec.boot.initrd is None:
+            raise InvalidRequest(f"VM {spec.name}: boot kernel/initrd not resolved")
+        return "", ["-kernel", spec.boot.kernel, "-initrd", spec.boot.initrd, "-append", spec.boot.append]
+    if firmware is None or firmware.name != spec.firmware.build:
+        raise InvalidRequest(f"VM {spec.name}: firmware {spec.firmware.build or spec.firmware.kind} not resolved")
+    if not firmware.uefi:
+        return "", ["-bios", str(firmware.code)]
+    nvram = exports.get(NVRAM_SLOT)
+    if nvram is None:
+        raise InvalidRequest(f"VM {spec.name}: no NBD export given for its UEFI variable store")
+    machine = ",pflash0=fw_code,pflash1=fw_vars"
+    args = [
+        "-blockdev", _json({"driver": "file", "node-name": "fw_code_file", "filename": str(firmware.code),
+                            "read-only": True}),
+        "-blockdev", _json({"driver": "raw", "node-name": "fw_code", "file": "fw_code_file", "read-only": True}),
+        # the store's flash is as large as its backend: a raw node of exactly the 4M build's size
+        "-blockdev", _nbd_blockdev("fw_vars_nbd", nvram),
+        "-blockdev", _json({"driver": "raw", "node-name": "fw_vars", "file": "fw_vars_nbd", "size": NVRAM_BYTES}),
+    ]  # fmt: skip
+    if spec.firmware.secure_boot:
+        machine += ",smm=on"
+        args += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+    return machine, args
+
+
 def command_line(
     spec: VmSpec,
     paths: VmPaths,
@@ -166,38 +224,37 @@ def command_line(
     exports: dict[str, NbdExport] | None = None,
     netdevs: dict[str, str] | None = None,
     nbd_tls: Path | None = None,
+    firmware: FirmwareBuild | None = None,
 ) -> list[str]:
     """The full argv for ``spec``; ``incoming`` adds ``-incoming defer`` for a migration target.
 
-    ``exports`` maps each volume device to this host's NBD export; only that differs between the
-    source's and the destination's command line. ``nbd_tls``: the host's QEMU certificate
-    directory, for exports blockd serves over TLS (their ``tls_hostname`` is set).
+    ``exports`` maps each volume slot (``VmSpec.volume_slots``) to this host's NBD export; only
+    that differs between the source's and the destination's command line. ``nbd_tls``: the host's
+    QEMU certificate directory, for exports blockd serves over TLS (their ``tls_hostname`` is set).
+    ``firmware``: the host's file for the build the spec pins (a VM booted by firmware).
     """
     exports = exports or {}
     netdevs = netdevs or {}
-    if spec.boot.kernel is None or spec.boot.initrd is None:
-        raise InvalidRequest(f"VM {spec.name}: boot kernel/initrd not resolved")
+    machine_options, boot = _boot_args(spec, firmware, exports)
+    bus = "pcie.0" if "q35" in spec.machine else "pci.0"
     argv = [
         binary,
         "-name", f"guest={spec.name},debug-threads=on",
-        "-machine", f"{spec.machine},accel={accel}",
+        "-machine", f"{spec.machine},accel={accel}{machine_options}",
         "-cpu", spec.cpu_model,
         "-m", f"{spec.memory_mib * 1024 - spec.ram_trim_kib}K",
         "-smp", str(spec.vcpus),
         "-nodefaults",
         "-no-user-config",
         "-display", "none",
-        "-kernel", spec.boot.kernel,
-        "-initrd", spec.boot.initrd,
-        "-append", spec.boot.append,
+        *boot,
         "-chardev",
         f"socket,id=serial0,path={paths.console},server=on,wait=off,logfile={paths.console_log},logappend=on",
         "-serial", "chardev:serial0",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
         "-qmp", f"unix:{paths.qmp_observe},server=on,wait=off",
         # livemig's command channel into the guest, at a slot reserved for it (RESERVED_PCI_SLOT)
-        "-device", f"virtio-serial-pci,id=lmser,bus={'pcie.0' if 'q35' in spec.machine else 'pci.0'},"
-                   f"addr={RESERVED_PCI_SLOT:#x}",
+        "-device", f"virtio-serial-pci,id=lmser,bus={bus},addr={RESERVED_PCI_SLOT:#x}",
         "-chardev", f"socket,id=lmcmd,path={paths.command_port},server=on,wait=off",
         "-device", "virtserialport,bus=lmser.0,chardev=lmcmd,name=livemig.cmd",
         "-pidfile", str(paths.pidfile),
@@ -209,7 +266,6 @@ def command_line(
             raise InvalidRequest(f"VM {spec.name}: blockd requires TLS but this host has no QEMU certificate")
         argv += ["-object", f"tls-creds-x509,id={NBD_CREDS_ID},dir={nbd_tls},endpoint=client,verify-peer=on"]
     for device in spec.devices:
-        bus = "pcie.0" if "q35" in spec.machine else "pci.0"
         if isinstance(device, NicDevice):
             if device.backend in ("vswitch", "segment"):
                 if device.id not in netdevs:
@@ -233,17 +289,21 @@ def command_line(
             export = exports.get(device.id)
             if export is None:
                 raise InvalidRequest(f"VM {spec.name}: no NBD export given for volume device {device.id}")
-            # reconnect-delay: a blockd that restarts (or drops the connection) costs the guest a
-            # stall of its I/O, not an I/O error: QEMU reconnects and reruns what was in flight
-            blockdev: dict[str, object] = {"driver": "nbd", "node-name": f"vol_{device.id}", "export": export.export,
-                        "server": {"type": "inet", "host": export.host, "port": str(export.port)},
-                        "reconnect-delay": NBD_RECONNECT_DELAY_S}  # fmt: skip
-            if export.tls_hostname:
-                blockdev |= {"tls-creds": NBD_CREDS_ID, "tls-hostname": export.tls_hostname}
+            boot_index = "" if device.boot_index is None else f",bootindex={device.boot_index}"
             argv += [
-                "-blockdev", json.dumps(blockdev, separators=(",", ":")),
-                "-device", f"virtio-blk-pci,id={device.id},drive=vol_{device.id},bus={bus},addr={device.pci_addr}",
+                "-blockdev", _nbd_blockdev(f"vol_{device.id}", export),
+                "-device", f"virtio-blk-pci,id={device.id},drive=vol_{device.id},bus={bus},addr={device.pci_addr}"
+                           f"{boot_index}",
             ]  # fmt: skip
+    if spec.cloud_init is not None:
+        seed = exports.get(CIDATA_SLOT)
+        if seed is None:
+            raise InvalidRequest(f"VM {spec.name}: no NBD export given for its cloud-init seed")
+        # read-only: the guest reads its seed; only hostd writes it, once, when the VM is created
+        argv += [
+            "-blockdev", _nbd_blockdev("lm-cidata", seed, **{"read-only": True}),
+            "-device", f"virtio-blk-pci,id=lm-cidata,drive=lm-cidata,bus={bus},addr={spec.cloud_init.pci_addr}",
+        ]  # fmt: skip
     argv += trace_arguments(spec, incoming)
     if incoming:
         argv += ["-incoming", "defer"]

@@ -22,9 +22,13 @@ from typing import Any, Protocol, runtime_checkable
 from livemig.errors import QemuError
 from livemig.guest.image import GuestImage, build_image, default_cache_dir
 from livemig.host import console
+from livemig.host.firmware import DEFAULT_OVMF_DIR, DEFAULT_SEABIOS, FirmwareCatalog
 from livemig.host.qemu import VmPaths, machine_aliases, qemu_binary, qemu_version
 from livemig.host.qmp import QmpSession
+from livemig.model.vm import NbdExport
 from livemig.region.proc import pid_alive
+from livemig.storage import images
+from livemig.storage.images import NbdClientTls
 
 
 @runtime_checkable
@@ -60,6 +64,19 @@ class QemuRuntime(Protocol):
         """The livemig guest image (kernel, initrd) for VMs that name no boot files."""
         ...
 
+    def firmware(self) -> FirmwareCatalog:
+        """The firmware builds (SeaBIOS, OVMF) this host offers VMs that boot from a disk."""
+        ...
+
+    async def read_volume(self, export: NbdExport, size: int, tls_dir: Path | None = None) -> bytes:
+        """The first ``size`` bytes of a volume, through this host's attachment (its NBD export);
+        ``tls_dir``: the host's QEMU certificate directory when blockd serves NBD over TLS."""
+        ...
+
+    async def write_volume(self, export: NbdExport, source: Path, tls_dir: Path | None = None) -> None:
+        """Write a small raw file at the start of a volume, through this host's attachment."""
+        ...
+
     async def launch(self, argv: list[str], pass_fds: list[int], paths: VmPaths) -> int:
         """Start a daemonized QEMU; its pid once it runs. ``QemuError`` with QEMU's words if not."""
         ...
@@ -90,7 +107,13 @@ class QemuRuntime(Protocol):
 
 
 class LocalQemu:
-    """The real machine: ``qemu-system-x86_64`` processes, their QMP and console sockets."""
+    """The real machine: ``qemu-system-x86_64`` processes, their QMP and console sockets.
+
+    ``ovmf_dir``/``seabios``: where the firmware files are (Debian's packages by default)."""
+
+    def __init__(self, ovmf_dir: Path | None = None, seabios: Path | None = None) -> None:
+        self.ovmf_dir = ovmf_dir or DEFAULT_OVMF_DIR
+        self.seabios = seabios or DEFAULT_SEABIOS
 
     def version(self) -> str:
         return qemu_version()
@@ -103,6 +126,15 @@ class LocalQemu:
 
     def guest_image(self) -> GuestImage:
         return build_image(default_cache_dir())
+
+    def firmware(self) -> FirmwareCatalog:
+        return FirmwareCatalog.scan(self.ovmf_dir, self.seabios)
+
+    async def read_volume(self, export: NbdExport, size: int, tls_dir: Path | None = None) -> bytes:
+        return await asyncio.to_thread(images.read_volume, export, size, _client_tls(tls_dir))
+
+    async def write_volume(self, export: NbdExport, source: Path, tls_dir: Path | None = None) -> None:
+        await asyncio.to_thread(images.write_volume, export, source, _client_tls(tls_dir))
 
     async def launch(self, argv: list[str], pass_fds: list[int], paths: VmPaths) -> int:
         # umask 077: every file and socket QEMU creates is its (hostd's) user's alone
@@ -144,3 +176,8 @@ class LocalQemu:
     async def send_line(self, paths: VmPaths, line: str) -> None:
         port = paths.command_port
         await console.send_line(port if port.exists() else paths.console, line)
+
+
+def _client_tls(tls_dir: Path | None) -> NbdClientTls | None:
+    """The host's QEMU certificate as NBD client credentials (blockd admits role qemu)."""
+    return None if tls_dir is None else NbdClientTls(tls_dir)

@@ -40,6 +40,9 @@ class HostInfo(BaseModel):
     migration_bandwidth_mib_s: int = 1024
     vms: list[str] = Field(default_factory=list)
     machines: list[str] = Field(default_factory=list, description="versioned machine types QEMU offers")
+    firmware: dict[str, str] = Field(default_factory=dict,
+                                     description="firmware builds offered (seabios, ovmf-4m, ...) -> SHA-256 of "
+                                     "their code: a VM moves only to a host with its very build")  # fmt: skip
     refused_records: list[str] = Field(default_factory=list,
                                        description="VM records hostd did not trust at start (corrupt, torn, "
                                        "or from a newer livemig); their VMs were not adopted")  # fmt: skip

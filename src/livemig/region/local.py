@@ -78,6 +78,7 @@ class HostConfig:
     netns: str | None = None  # a namespace host (hostns.py): its services, QEMUs and migration address live there
     address: str = "127.0.0.1"  # where its hostd and vswitch APIs listen (a namespace host: its service address)
     scheme: str = "https"
+    ovmf_dir: str | None = None  # this host's OVMF files, if not Debian's (/usr/share/OVMF)
 
     @property
     def vswitch_url(self) -> str:
@@ -367,7 +368,7 @@ class Region:
             "state_dir": str(self.state_dir / "hosts" / host.name), "migration_address": host.migration_address,
             "lmo": config.lmo_url, "accel": config.accel, "migration_bandwidth": host.migration_bandwidth_mib_s,
             "vswitch": host.vswitch_url, "overlay": host.overlay, "memory_mib": host.memory_mib, "netns": host.netns,
-            **security,
+            "ovmf_dir": host.ovmf_dir, **security,
         })  # fmt: skip
         host.pid = self._spawn(f"hostd-{host.name}", ["hostd", "--config", str(path)], faults, netns=host.netns)
         self._save(config)

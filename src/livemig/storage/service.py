@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_API_LISTEN = "127.0.0.1:7410"
 DEFAULT_NBD_LISTEN = "127.0.0.1:10809"
-#: Who may open an export over TLS: a host's QEMU (guest disks) and its hostd (tools on the host).
-NBD_CLIENT_ROLES = (Role.QEMU, Role.HOSTD)
+#: Who may open an export over TLS: a host's QEMU (guest disks), its hostd (tools on the host:
+#: a UEFI store, a cloud-init seed) and the LMO's certificate (volume transfers: ``livemig volume
+#: import|export`` on the machine holding it; a transfer is an attachment the LMO made for it).
+NBD_CLIENT_ROLES = (Role.QEMU, Role.HOSTD, Role.LMO)
 
 
 def nbd_tls(leaf: LeafFiles) -> NbdTls:

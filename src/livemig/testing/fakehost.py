@@ -29,6 +29,8 @@ from livemig.host.tls import QemuTls
 from livemig.model.host import HostRegistration
 from livemig.model.vm import RunState
 from livemig.security.pki import Role, host_leaf_name
+from livemig.storage.api import create_app as blockd_app
+from livemig.storage.blockd import Blockd
 from livemig.testing.callers import LMO, TestPki, over_tls
 from livemig.testing.fakeqemu import FakeQemu, FakeQemuRuntime, QemuBehaviour, QemuWorld, SimClock
 
@@ -37,6 +39,8 @@ DEFAULT_SPEED = 20.0
 #: where the fleet's hosts answer in-process (the path names the host)
 FLEET_URL = "http://fleet.sim"
 PREFIX = "/h/{host}"
+#: where the fleet's blockd answers in-process (its real admin app), with ``blockd=True``
+BLOCKD_HOST = "fake-blockd"
 
 
 @dataclass
@@ -76,17 +80,23 @@ class FakeHost:
         return registration_of(self.agent, self.url)
 
 
+#: the port the fleet's blockd answers on (its real admin app, in-process)
+BLOCKD_PORT = 8999
+
+
 class FakeFleet:
     """Hosts named ``names``, each a real hostd agent with ``memory_mib`` for VMs, one QEMU world.
 
     ``tls``: each host's QEMU gets a certificate of the fleet's test CA (the simulator of thousands
     of hosts goes without: a key per host costs more than the host). ``insecure``: the app answers
-    plain HTTP from anyone (the simulator served over TCP, for an ``--insecure`` LMO)."""
+    plain HTTP from anyone (the simulator served over TCP, for an ``--insecure`` LMO).
+    ``blockd=True`` adds a real blockd (volumes, attachments, fencing; its admin app in-process,
+    no NBD server) at :attr:`blockd_url`, for tests of VMs with volumes."""
 
     def __init__(self, *names: str, memory_mib: int = 4096, speed: float = DEFAULT_SPEED,
                  state_dir: Path | None = None, migration_bandwidth_mib_s: int = 1024, seed: int = 0,
                  base_url: str = FLEET_URL, record_calls: bool = True, tls: bool = True,
-                 insecure: bool = False) -> None:  # fmt: skip
+                 insecure: bool = False, blockd: bool = False) -> None:  # fmt: skip
         self._tmp = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="livemig-fleet-")
         self.root = state_dir or Path(self._tmp.name)  # type: ignore[union-attr]
         self.world = QemuWorld(SimClock(speed), seed=seed)
@@ -95,8 +105,17 @@ class FakeFleet:
         self.pki = TestPki(self.root / "pki") if tls else None
         self.hosts: dict[str, FakeHost] = {}
         self.app = create_fleet_app(self._agent_for, prefix=PREFIX, insecure=insecure)
+        self.blockd: Blockd | None = None
+        self.blockd_app: FastAPI | None = None
+        if blockd:
+            self.blockd = Blockd(self.root / "blockd")
+            self.blockd_app = blockd_app(self.blockd)
         for name in names:
             self.add_host(name, memory_mib, migration_bandwidth_mib_s)
+
+    @property
+    def blockd_url(self) -> str:
+        return f"http://{BLOCKD_HOST}"
 
     def _agent_for(self, request: Request) -> HostAgent:
         name = request.path_params.get("host", "")
@@ -141,8 +160,11 @@ class _FleetTransport(httpx.AsyncBaseTransport):
     def __init__(self, fleet: FakeFleet) -> None:
         self._fleet = fleet
         self._app = httpx.ASGITransport(app=over_tls(fleet.app, LMO))
+        self._blockd = httpx.ASGITransport(app=over_tls(fleet.blockd_app, LMO)) if fleet.blockd_app else None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._blockd is not None and request.url.host == BLOCKD_HOST:
+            return await self._blockd.handle_async_request(request)
         parts = request.url.path.split("/", 3)  # "", "h", name, rest
         host = self._fleet.hosts.get(parts[2]) if len(parts) >= 3 and parts[1] == "h" else None
         if host is None or host.down:

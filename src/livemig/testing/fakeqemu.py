@@ -38,8 +38,9 @@ from typing import Any, ClassVar
 
 from livemig.errors import GuestError, LivemigError, QemuError
 from livemig.guest.image import GuestImage
+from livemig.host.firmware import FirmwareCatalog
 from livemig.host.qemu import VmPaths
-from livemig.model.vm import RESUMABLE, RunState
+from livemig.model.vm import NVRAM_BYTES, RESUMABLE, NbdExport, RunState
 from livemig.security import pki
 from livemig.security.qemu_tls import authz_identity
 
@@ -557,6 +558,8 @@ class FakeQemuRuntime:
         self.behaviour = behaviour or QemuBehaviour()
         self.migration_address = migration_address
         self.image_dir = image_dir
+        #: what hostd wrote into volumes through its attachments, by volume name (never read by QEMU)
+        self.volumes: dict[str, bytes] = {}
 
     def version(self) -> str:
         return self.VERSION
@@ -575,6 +578,32 @@ class FakeQemuRuntime:
             if not path.exists():
                 path.write_bytes(b"simulated")
         return GuestImage(kernel=kernel, initrd=initrd, kernel_version="simulated")
+
+    @property
+    def firmware_dir(self) -> Path:
+        """Simulated firmware files: a test changes one to give this host another build."""
+        return self.image_dir / "firmware"
+
+    def firmware(self) -> FirmwareCatalog:
+        """Files named like Debian's, so the real catalog scans them (and checksums them); made
+        once, so a test can replace or remove one."""
+        directory = self.firmware_dir
+        if directory.exists():
+            return FirmwareCatalog.scan(directory, directory / "bios-256k.bin")
+        directory.mkdir(parents=True)
+        files = {"OVMF_CODE_4M.fd": b"simulated OVMF 4M code", "OVMF_CODE_4M.secboot.fd": b"simulated OVMF secboot",
+                 "OVMF_VARS_4M.fd": bytes(0x28) + b"_FVH" + bytes(NVRAM_BYTES - 0x2C),
+                 "OVMF_VARS_4M.ms.fd": bytes(0x28) + b"_FVH" + bytes(NVRAM_BYTES - 0x2C),
+                 "bios-256k.bin": b"simulated SeaBIOS"}  # fmt: skip
+        for name, content in files.items():
+            (directory / name).write_bytes(content)
+        return FirmwareCatalog.scan(directory, directory / "bios-256k.bin")
+
+    async def read_volume(self, export: NbdExport, size: int, tls_dir: Path | None = None) -> bytes:
+        return self.volumes.get(export.export.split("/")[0], b"").ljust(size, b"\0")[:size]
+
+    async def write_volume(self, export: NbdExport, source: Path, tls_dir: Path | None = None) -> None:
+        self.volumes[export.export.split("/")[0]] = source.read_bytes()
 
     async def launch(self, argv: list[str], pass_fds: list[int], paths: VmPaths) -> int:
         incoming = "-incoming" in argv

@@ -27,9 +27,9 @@ from livemig.model.migration import (
     MigrationPolicies,
     utcnow,
 )
-from livemig.model.vm import VmSpec
+from livemig.model.vm import NbdExport, VmSpec
 from livemig.wire.base import AsyncService, Call, Credentials, SyncService, call
-from livemig.wire.blockd import AttachmentView, VolumeCreate, VolumeView
+from livemig.wire.blockd import AttachmentView, VolumeCreate, VolumeResize, VolumeView
 from livemig.wire.hostd import CheckReply, ConsoleLine, VmStatus
 
 # ---------------------------------------------------------------------- models
@@ -76,6 +76,40 @@ class GuestCheckReply(CheckReply):
 class VolumeDetail(BaseModel):
     volume: VolumeView
     attachments: list[AttachmentView]
+
+
+class TransferMode(StrEnum):
+    """What a transfer is for: writing an image into a volume, or reading one out of it."""
+
+    WRITE = "write"
+    READ = "read"
+
+
+class TransferRequest(BaseModel):
+    """``POST /volumes/{name}/transfers``: a short-lived NBD attachment for copying an image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: TransferMode
+    ttl_s: float = Field(default=60.0, ge=5, le=3600, description="detached this long after the last renewal")
+
+
+class TransferRenew(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_s: float = Field(default=60.0, ge=5, le=3600)
+
+
+class Transfer(BaseModel):
+    """An open transfer: where to connect (its own attachment's export) and until when it lives."""
+
+    id: str
+    volume: str
+    mode: TransferMode
+    size_bytes: int
+    allocated_bytes: int = Field(description="bytes the volume occupied on blockd when the transfer opened")
+    export: NbdExport
+    expires_at: float = Field(description="Unix time; renew before, or the LMO detaches it")
 
 
 class NetKind(StrEnum):
@@ -363,6 +397,26 @@ def volume(name: str) -> Call[VolumeDetail]:
 
 def delete_volume(name: str) -> Call[None]:
     return call("DELETE", f"/volumes/{name}")
+
+
+def resize_volume(name: str, size_bytes: int) -> Call[VolumeView]:
+    return call("POST", f"/volumes/{name}/resize", VolumeView, json=VolumeResize(size_bytes=size_bytes))
+
+
+def open_transfer(volume: str, mode: TransferMode, ttl_s: float = 60.0) -> Call[Transfer]:
+    return call("POST", f"/volumes/{volume}/transfers", Transfer, json=TransferRequest(mode=mode, ttl_s=ttl_s))
+
+
+def transfer(transfer_id: str) -> Call[Transfer]:
+    return call("GET", f"/transfers/{transfer_id}", Transfer)
+
+
+def renew_transfer(transfer_id: str, ttl_s: float = 60.0) -> Call[Transfer]:
+    return call("POST", f"/transfers/{transfer_id}/renew", Transfer, json=TransferRenew(ttl_s=ttl_s))
+
+
+def close_transfer(transfer_id: str) -> Call[None]:
+    return call("DELETE", f"/transfers/{transfer_id}")
 
 
 def preflight(request: MigrationRequest) -> Call[PreflightReport]:

@@ -11,6 +11,7 @@ from fastapi.responses import PlainTextResponse
 from livemig.control.network import vm_vnics
 from livemig.control.placement import place_and_start
 from livemig.control.services import Services, ServicesDep
+from livemig.control.volumes import name_own_volumes, own_volumes
 from livemig.errors import Conflict, LivemigError
 from livemig.model.vm import VmSpec
 from livemig.wire import hostd
@@ -25,12 +26,16 @@ async def create_vm(body: VmCreate, services: ServicesDep) -> VmView:
     store, network = services.store, services.network
     spec = body.spec
     boot_args = network.guest_boot_args(spec)  # also checks NIC MACs against their VNICs
-    if boot_args:
+    if boot_args and spec.firmware is None:  # a guest booted by firmware asks the vswitch's DHCP
         spec = spec.model_copy(update={"boot": spec.boot.model_copy(
             update={"append": " ".join(p for p in (spec.boot.append, boot_args) if p)})})  # fmt: skip
+    spec = name_own_volumes(spec)
+    created: list[str] = []
 
     async def start(target: str) -> VmStatus:
         try:
+            if not created:
+                created.extend(await services.volumes.create_own(spec))  # NVRAM, seed: hostd fills them
             if vm_vnics(spec):
                 network.place(vm_vnics(spec), target)
                 await network.push()
@@ -42,7 +47,12 @@ async def create_vm(body: VmCreate, services: ServicesDep) -> VmView:
             raise
 
     # the name and the room are claimed in the store before the slow boot
-    target, observed = await place_and_start(services, spec, body.host, start)
+    try:
+        target, observed = await place_and_start(services, spec, body.host, start)
+    except LivemigError:
+        with contextlib.suppress(LivemigError):
+            await services.volumes.delete_volumes(created)
+        raise
     store.set_vm(spec.name, spec=observed.spec)  # the resolved spec (machine, boot files)
     return VmView(name=spec.name, host=target, spec=observed.spec, observed=observed)
 
@@ -80,6 +90,7 @@ async def delete_vm(name: str, services: ServicesDep) -> Response:
         raise Conflict(f"VM {name!r} is migrating; cancel the migration first")
     await services.host(host).run(hostd.destroy_vm(name))
     await services.volumes.detach(name, host)
+    await services.volumes.delete_volumes(list(own_volumes(spec)))  # its NVRAM and seed go with it
     store.remove_vm(name)
     if vm_vnics(spec):
         services.network.place(vm_vnics(spec), "")
