@@ -176,7 +176,13 @@ def test_region_page_and_a_live_migration_page_match_the_record(
             if not phases or phases[-1] != phase:
                 phases.append(phase)
             if phase == Phase.PRECOPY.value:
-                samples = int(browser.find_element("id", "samples").text)
+                # read in one script: the page swaps its fragments in place, so an element found
+                # first and read after may already be gone (a stale reference)
+                text = js(browser, "const e = document.getElementById('samples'); return e ? e.textContent : null")
+                if text is None or not text.strip().isdigit():
+                    time.sleep(0.2)
+                    continue
+                samples = int(text)
                 points = chart_points(browser, "chart-precopy", lmo.http)
                 if points is not None:
                     growth.append((samples, points))
