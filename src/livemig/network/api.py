@@ -279,4 +279,4 @@ def run_vswitch(
     state = state_dir / "vswitch.json" if state_dir is not None else None
     extra = uvicorn_tls(ReloadingServerContext(tls)) if tls is not None else {}
     uvicorn.run(create_app(vswitch, state, insecure=tls is None), host=host, port=port, log_level=log_level,
-                access_log=False, timeout_keep_alive=SERVER_KEEPALIVE_S, **extra)  # fmt: skip
+                log_config=None, access_log=False, timeout_keep_alive=SERVER_KEEPALIVE_S, **extra)  # fmt: skip
