@@ -1,9 +1,9 @@
 """How long the NBD server takes to answer each kind of request: a histogram kept in plain lists.
 
 Why not a ``prometheus_client.Histogram``: its ``observe`` takes a lock and walks the bucket
-bounds in Python for every request; the server answers ~100k small requests a second on one
-core. Here a request costs an index and two additions, and a batch of inline requests (answered
-together, in one ``send``) finds its bucket once. :meth:`RequestLatency.families` turns the lists
+bounds in Python for every request, on the path every small guest I/O takes (``bench/blockd.py``
+measures it). Here a request costs an index and two additions, and a batch of inline requests
+(answered together, in one ``send``) finds its bucket once. :meth:`RequestLatency.families` turns the lists
 into Prometheus histograms when ``/metrics`` is scraped.
 
 What is measured: from the moment the request's bytes arrived (the ``data_received`` that completed
