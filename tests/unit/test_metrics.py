@@ -6,6 +6,8 @@ reports drops by reason and conntrack entries. The real services are scraped in 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ from livemig.network.api import VswitchCollector
 from livemig.network.model import derived_gateway_mac
 from livemig.network.packets import TCP_SYN
 from livemig.network.vswitch import Vswitch
-from livemig.testing.callers import bearer, lmo_over_tls
+from livemig.testing.callers import LMO, bearer, lmo_over_tls, over_tls
 from livemig.testing.fakehost import FakeFleet
 from livemig.testing.fakevm import SAMPLE, sample_mapping, sample_security_lists, tcp_frame, udp_frame
 from livemig.wire.base import async_http
@@ -266,3 +268,51 @@ def test_the_vswitch_reports_frames_drops_by_reason_and_conntrack_entries() -> N
     families = {f.name: f.type for f in text_string_to_metric_families(text)}
     assert families["livemig_vswitch_conntrack_entries"] == "gauge"
     assert families["livemig_vswitch_dropped_frames"] == "counter"
+
+
+def _names(text: str) -> set[str]:
+    """Every series name ``text`` exposes (a family with no samples yet by its type's suffixes)."""
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names |= {s.name for s in family.samples}
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}.get(family.type, ("",))
+        names |= {family.name + suffix for suffix in suffixes}
+    return names
+
+
+def test_the_grafana_dashboard_uses_only_series_the_services_export(api: TestClient, fleet: FakeFleet,
+                                                                    tmp_path: Path) -> None:  # fmt: skip
+    from livemig.storage.api import create_app as blockd_app
+    from livemig.storage.blockd import Blockd
+
+    dashboard = json.loads((Path(__file__).parents[2] / "docs" / "grafana-livemig.json").read_text())
+    (variable,) = dashboard["templating"]["list"]
+    assert (variable["name"], variable["type"], variable["query"]) == ("datasource", "datasource", "prometheus")
+    targets = [t for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert targets and all(t["datasource"]["uid"] == "${datasource}" for t in targets)
+    used = {name for t in targets for name in re.findall(r"\blivemig_[a-z_]+", t["expr"])}
+
+    fleet.hosts["A"].behaviour.hold_precopy = True  # the bandwidth series exist while a migration is held
+    create_vm(api, "vm1")
+    m = migrate(api, "vm1", wait=False)
+    deadline = time.monotonic() + 10
+    while "livemig_migration_bandwidth_used_bytes_per_second{" not in (lmo_text := api.get("/metrics").text):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    api.post(f"/migrations/{m.id}/cancel")
+    with TestClient(over_tls(blockd_app(Blockd(tmp_path / "blockd")), LMO)) as blockd:
+        blockd_text = blockd.get("/metrics").text
+    hosts = {"A": "10.99.0.1:4789"}
+    vswitch = Vswitch("A", hosts["A"])
+    vswitch.set_mapping(sample_mapping({**hosts, "B": "10.99.0.2:4789"}))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(VswitchCollector(vswitch))
+    exported = set().union(*(_names(text) for text in (
+        lmo_text, blockd_text, generate_latest(host_registry(fleet.hosts["A"].agent)).decode(),
+        generate_latest(registry).decode(),
+    )))  # fmt: skip
+    assert used - exported == set(), "the dashboard names series nobody exports"
+    assert {"livemig_migrations_total", "livemig_migration_pause_seconds_bucket",
+            "livemig_migration_bandwidth_reserved_bytes_per_second", "livemig_blockd_fenced_writes_total",
+            "livemig_blockd_nbd_request_duration_seconds_bucket", "livemig_vswitch_frames_total",
+            "livemig_vswitch_dropped_frames_total", "livemig_vswitch_conntrack_entries"} <= used  # fmt: skip
