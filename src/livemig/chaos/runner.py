@@ -12,6 +12,7 @@ The run undoes its faults even when the scenario itself fails.
 from __future__ import annotations
 
 import contextlib
+import ssl
 import subprocess
 import threading
 import time
@@ -38,6 +39,7 @@ from livemig.errors import LivemigError
 from livemig.faults.model import Action, ArmRequest, Firing
 from livemig.faults.model import Scope as FaultScope
 from livemig.model.migration import Migration, Phase
+from livemig.security.client import client_context_for
 from livemig.wire import faults as wire_faults
 
 #: every migration must end within this (the LMO's own limits are shorter)
@@ -271,7 +273,10 @@ class ChaosRunner:
         if export is None:
             run.violations.append(f"no NBD export recorded for {VM} on {run.source}")
             return None
-        proxy = StaleProxy(export.host, export.port, export.export, VOLUME_MIB * 1024 * 1024 - 4096)
+        # over TLS when blockd forces it: the proxy's leg presents the region's LMO certificate
+        tls = client_context_for(env.region.service_credentials()) if export.tls_hostname else None
+        proxy = StaleProxy(export.host, export.port, export.export, VOLUME_MIB * 1024 * 1024 - 4096, tls,
+                           export.tls_hostname)  # fmt: skip
         if not proxy.start():
             run.violations.append("the stale write was not held by the proxy")
             proxy.stop()
@@ -406,14 +411,16 @@ def _ended(m: Migration) -> datetime:
 
 
 class StaleProxy:
-    """``qemu-io`` writing one block through the source's attachment, via the NBD holding proxy."""
+    """``qemu-io`` writing one block through the source's attachment, via the NBD holding proxy
+    (which speaks TLS to blockd when ``tls`` is given; qemu-io speaks plain NBD to the proxy)."""
 
-    def __init__(self, host: str, port: int, export: str, offset: int) -> None:
+    def __init__(self, host: str, port: int, export: str, offset: int, tls: ssl.SSLContext | None = None,
+                 tls_hostname: str | None = None) -> None:  # fmt: skip
         from livemig.testing.nbdproxy import ThreadedHoldingProxy
 
         self.offset = offset
         self.export = export
-        self.proxy = ThreadedHoldingProxy(host, port)
+        self.proxy = ThreadedHoldingProxy(host, port, tls, tls_hostname)
         self.writer: subprocess.Popen[str] | None = None
 
     def start(self) -> bool:
