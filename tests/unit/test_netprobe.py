@@ -50,6 +50,7 @@ def test_segments_split_one_connection_and_keep_each_stall_where_it_began(tmp_pa
     probe.start()
     time.sleep(0.2)
     mark(mark_file, "migration-1")
+    stalled_at = time.time()
     stall.set()  # one echo held back 300 ms inside the migration...
     time.sleep(0.5)
     mark(mark_file, "after-migration-1")  # ...and marked after it came back
@@ -62,6 +63,8 @@ def test_segments_split_one_connection_and_keep_each_stall_where_it_began(tmp_pa
     segments = {s["label"]: s for s in result["segments"]}
     assert list(segments) == ["start", "migration-1", "after-migration-1"]
     assert segments["migration-1"]["max_gap_ms"] >= 300
+    # when it ended, on the wall clock a migration's timeline uses
+    assert stalled_at + 0.29 <= segments["migration-1"]["max_gap_end_unix"] < stalled_at + 2
     assert segments["start"]["max_gap_ms"] < 300 and segments["after-migration-1"]["max_gap_ms"] < 300
     assert all(s["sent"] == s["received"] > 0 for s in segments.values())
     assert sum(s["received"] for s in segments.values()) == result["received"] == result["sent"]

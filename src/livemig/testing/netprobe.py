@@ -32,13 +32,14 @@ class Segments:
         self._open(label)
 
     def _open(self, label: str) -> None:
-        self.label, self.sent, self.received, self.max_gap = label, 0, 0, 0.0
+        self.label, self.sent, self.received, self.max_gap, self.max_gap_end = label, 0, 0, 0.0, 0.0
         self.started = time.time()
 
     def echoed(self, gap_ms: float) -> None:
         self.sent += 1
         self.received += 1
-        self.max_gap = max(self.max_gap, gap_ms)
+        if gap_ms >= self.max_gap:
+            self.max_gap, self.max_gap_end = gap_ms, time.time()  # wall clock: the migration's timeline's
 
     def cut_if_marked(self) -> None:
         if self.mark_file is None:
@@ -55,6 +56,7 @@ class Segments:
     def close(self, unanswered: int = 0) -> None:
         self.closed.append({"label": self.label, "sent": self.sent + unanswered, "received": self.received,
                             "max_gap_ms": round(self.max_gap, 1) if self.received else None,
+                            "max_gap_end_unix": round(self.max_gap_end, 3) if self.received else None,
                             "started_unix": round(self.started, 3), "ended_unix": round(time.time(), 3)})  # fmt: skip
 
 
