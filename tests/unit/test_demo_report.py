@@ -67,15 +67,23 @@ def test_one_migration_gets_its_echo_segment_and_the_change_of_the_udp_counters(
         {"label": "migration-1", "sent": 700, "received": 700, "max_gap_ms": 212.4,
          "max_gap_end_unix": stopped_at + 0.15},  # began 62 ms before STOP, ended 150 ms after it
         {"label": "after-migration-1", "sent": 300, "received": 300, "max_gap_ms": 15.0},
-    ]}  # fmt: skip
-    segment = demo_report.echo_segment(echo, "migration-1")
+    ], "long_gaps": [[stopped_at - 5, 900.0], [stopped_at + 0.15, 212.4], [stopped_at + 2, 25.0]]}  # fmt: skip
     before = {"received": 1000, "lost": 1, "duplicated": 0, "reordered": 2, "max_seq": 1001}
     after = {"received": 3000, "lost": 1, "duplicated": 0, "reordered": 2, "max_seq": 3001}
-    net = demo_report.migration_network(m, segment, before, after)
-    assert net == {"tcp": {"sent": 700, "received": 700, "lost": 0, "max_gap_ms": 212.4, "max_gap_in": "pause"},
+    net = demo_report.migration_network(m, echo, "migration-1", before, after)
+    assert net == {"tcp": {"sent": 700, "received": 700, "lost": 0, "max_gap_ms": 212.4, "max_gap_in": "pause",
+                           "pause_gap_ms": 212.4},
                    "udp": {"received": 2000, "lost": 0, "duplicated": 0, "reordered": 0}}  # fmt: skip
-    assert demo_report.echo_segment(echo, "migration-2") is None
-    assert demo_report.migration_network(m, None, before, None) == {"tcp": None, "udp": None}
+    assert demo_report.migration_network(m, echo, "migration-2", before, None) == {"tcp": None, "udp": None}
+
+
+def test_the_gap_at_the_pause_is_the_listed_gap_that_spans_stop_to_resume() -> None:
+    stopped_at = 1_800_000_000.0
+    m = report_of(timed_migration(stopped_at))  # paused 40 ms
+    assert demo_report.pause_gap(m, [[stopped_at - 0.5, 300.0], [stopped_at + 0.06, 55.0]]) == 55.0
+    assert demo_report.pause_gap(m, [[stopped_at + 0.045, 30.0]]) == 30.0  # began inside the pause
+    assert demo_report.pause_gap(m, [[stopped_at - 0.001, 25.0], [stopped_at + 0.3, 25.0]]) is None
+    assert demo_report.pause_gap({**m, "stopped_at": None}, [[stopped_at + 0.06, 55.0]]) is None
 
 
 def test_a_gap_away_from_the_pause_is_named_by_the_phase_it_began_in() -> None:
@@ -93,23 +101,29 @@ def test_a_gap_away_from_the_pause_is_named_by_the_phase_it_began_in() -> None:
 
 def test_the_echo_line_left_unanswered_counts_as_lost() -> None:
     m = report_of(timed_migration(1_800_000_000.0))
-    net = demo_report.migration_network(m, {"sent": 51, "received": 50, "max_gap_ms": 15000.0}, None, None)
-    assert net["tcp"]["lost"] == 1 and net["tcp"]["max_gap_in"] is None
+    echo = {"segments": [{"label": "migration-1", "sent": 51, "received": 50, "max_gap_ms": 15000.0}]}
+    net = demo_report.migration_network(m, echo, "migration-1", None, None)
+    assert net["tcp"]["lost"] == 1 and net["tcp"]["max_gap_in"] is None and net["tcp"]["pause_gap_ms"] is None
     assert not demo_report.network_ok([{"network": net}], None)
 
 
 def test_network_table_fits_80_columns() -> None:
     measured = {"from": "A", "to": "B", "flows_moved": 2, "network": {
-        "tcp": {"sent": 1532, "received": 1532, "lost": 0, "max_gap_ms": 212.4, "max_gap_in": "PreCopy"},
-        "udp": {"received": 10980, "lost": 0, "duplicated": 0, "reordered": 0}}}  # fmt: skip
+        "tcp": {"sent": 1532, "received": 1532, "lost": 0, "max_gap_ms": 412.4, "max_gap_in": "Switchover",
+                "pause_gap_ms": 36.0},
+        "udp": {"received": 10980, "lost": 1, "duplicated": 0, "reordered": 0}}}  # fmt: skip
+    short_pause = {**measured, "network": {**measured["network"],
+                                           "tcp": {**measured["network"]["tcp"], "pause_gap_ms": None}}}  # fmt: skip
     unmeasured = {"from": "B", "to": "A", "flows_moved": 0, "network": {"tcp": None, "udp": None}}
-    assert demo_report.network_row(measured) == ["A → B", "212 ms (PreCopy)", "0 of 1532", "10980", "0", "0", "2"]
+    assert demo_report.network_row(measured) == ["A → B", "412 ms (Switchover)", "36 ms", "0 of 1532", "10980",
+                                                 "1/0", "2"]  # fmt: skip
+    assert demo_report.network_row(short_pause)[2] == "< 20 ms"  # not among the probe's long gaps
     assert demo_report.network_row(unmeasured) == ["B → A", "-", "-", "-", "-", "-", "0"]
     console = Console(width=80, record=True)
     console.print(demo_report.network_table([measured, unmeasured]))
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
-    assert "212 ms (PreCopy)" in text and "0 of 1532" in text and "10980" in text
+    assert "412 ms (Switchover)" in text and "0 of 1532" in text and "10980" in text
 
 
 def test_network_ok_needs_every_migration_measured_with_nothing_lost_and_no_error() -> None:

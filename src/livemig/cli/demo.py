@@ -192,8 +192,8 @@ def finish_probes(probes: Probes, migrations: list[dict[str, Any]]) -> dict[str,
     counters = probes.udp_counters() or {}
     for m in migrations:
         taken = m["network"]
-        m["network"] = demo_report.migration_network(m, demo_report.echo_segment(echo, taken["label"]),
-                                                     taken["udp_before"], taken["udp_after"])  # fmt: skip
+        m["network"] = demo_report.migration_network(m, echo, taken["label"], taken["udp_before"],
+                                                     taken["udp_after"])  # fmt: skip
     tcp = {k: echo.get(k) for k in ("sent", "received", "error", "max_gap_ms")}
     return {"tcp": {"interval_ms": demo_net.ECHO_INTERVAL_MS, **tcp},
             "udp": {"pps": demo_net.UDP_PPS, "sent": udp.get("sent"), **counters}}  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Any
 from rich.table import Table
 
 from livemig.model.migration import Migration
+from livemig.testing.netprobe import LONG_GAP_MS
 
 UDP_COUNTERS = ("received", "lost", "duplicated", "reordered")
 
@@ -46,24 +47,37 @@ def gap_phase(m: dict[str, Any], gap_end_unix: float | None, gap_ms: float | Non
     return began[-1] if began else "before Pending"
 
 
+def pause_gap(m: dict[str, Any], long_gaps: list[list[float]]) -> float | None:
+    """The echo gap across the guest's pause (STOP to RESUME), from the probe's list of long gaps
+    (``[end_unix, ms]``, those of at least ``netprobe.LONG_GAP_MS``); None: none listed."""
+    stopped = m.get("stopped_at")
+    if stopped is None:
+        return None
+    resumed = stopped + (m.get("guest_pause_ms") or 0) / 1000
+    spanning = [ms for end, ms in long_gaps if end - ms / 1000 <= resumed and end >= stopped]
+    return max(spanning, default=None)
+
+
 def migration_network(
-    m: dict[str, Any], segment: dict[str, Any] | None, udp_before: dict[str, int] | None,
+    m: dict[str, Any], echo: dict[str, Any], label: str, udp_before: dict[str, int] | None,
     udp_after: dict[str, int] | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """One migration's TCP numbers (its echo segment) and UDP numbers (the counters' change);
-    ``None`` for what was not measured. ``m`` is the demo's report of the migration."""
+    """One migration's TCP numbers (its segment ``label`` of the ``echo`` run) and UDP numbers
+    (the counters' change); ``None`` for what was not measured. ``m`` is the demo's report of the
+    migration."""
     tcp = None
-    if segment is not None:
+    if (segment := echo_segment(echo, label)) is not None:
         tcp = {"sent": segment["sent"], "received": segment["received"],
                "lost": segment["sent"] - segment["received"], "max_gap_ms": segment["max_gap_ms"],
-               "max_gap_in": gap_phase(m, segment.get("max_gap_end_unix"), segment["max_gap_ms"])}  # fmt: skip
+               "max_gap_in": gap_phase(m, segment.get("max_gap_end_unix"), segment["max_gap_ms"]),
+               "pause_gap_ms": pause_gap(m, echo.get("long_gaps") or [])}  # fmt: skip
     udp = None
     if udp_before is not None and udp_after is not None:
         udp = {name: udp_after.get(name, 0) - udp_before.get(name, 0) for name in UDP_COUNTERS}
     return {"tcp": tcp, "udp": udp}
 
 
-NETWORK_COLUMNS = ("", "longest TCP gap", "TCP lost", "UDP received", "UDP lost", "UDP dup", "flows moved")
+NETWORK_COLUMNS = ("", "longest echo gap", "at the pause", "TCP lost", "UDP received", "UDP lost/dup", "flows moved")
 
 
 def network_row(m: dict[str, Any]) -> list[str]:
@@ -72,16 +86,19 @@ def network_row(m: dict[str, Any]) -> list[str]:
     tcp, udp = net.get("tcp"), net.get("udp")
     row = [f"{m['from']} → {m['to']}"]
     if tcp is None:
-        row += ["-", "-"]
+        row += ["-", "-", "-"]
     else:
         gap = "-" if tcp["max_gap_ms"] is None else f"{tcp['max_gap_ms']:.0f} ms"
-        row += [gap + (f" ({tcp['max_gap_in']})" if tcp.get("max_gap_in") else ""), f"{tcp['lost']} of {tcp['sent']}"]
-    row += ["-", "-", "-"] if udp is None else [str(udp["received"]), str(udp["lost"]), str(udp["duplicated"])]
+        at_pause = f"{tcp['pause_gap_ms']:.0f} ms" if tcp.get("pause_gap_ms") is not None else f"< {LONG_GAP_MS:.0f} ms"
+        row += [gap + (f" ({tcp['max_gap_in']})" if tcp.get("max_gap_in") else ""), at_pause,
+                f"{tcp['lost']} of {tcp['sent']}"]  # fmt: skip
+    row += ["-", "-"] if udp is None else [str(udp["received"]), f"{udp['lost']}/{udp['duplicated']}"]
     return [*row, str(m["flows_moved"])]
 
 
 def network_table(migrations: list[dict[str, Any]]) -> Table:
-    """Per migration: the echo's longest gap and when it began, what TCP and UDP lost, the flows moved."""
+    """Per migration: the echo's longest gap and when it began, its gap across the pause, what TCP
+    and UDP lost (and UDP duplicated), the flows moved."""
     table = Table(box=None, padding=(0, 1))
     for i, column in enumerate(NETWORK_COLUMNS):
         table.add_column(column, justify="left" if i < 2 else "right", no_wrap=i < 2)
