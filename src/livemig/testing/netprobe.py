@@ -2,6 +2,12 @@
 livemig.testing.netprobe ...``): a TCP echo client that measures the longest gap between echoes,
 and a UDP sequence sender for the guest workload's loss/duplicate counter. Each stops when a stop
 file appears (or after ``--max-s``) and prints one JSON object.
+
+The echo client can also cut its run into labelled segments (``--mark-file``): whenever that file
+appears it closes the current segment, opens one named by the file's text and deletes the file (the
+acknowledgement). A caller marks the start and end of each migration and so learns the longest gap
+*of that migration* on one connection that lives across several. A segment is only cut after an
+echo came back, so a stall belongs to the segment in which it began.
 """
 
 from __future__ import annotations
@@ -17,8 +23,47 @@ from typing import Any
 LONG_GAP_MS = 20.0  # echo gaps at least this long are listed with their end time
 
 
-def tcp_echo(host: str, port: int, interval_ms: float, stop_file: str, max_s: float) -> dict[str, Any]:
+class Segments:
+    """The echo run's labelled segments (see the module's docstring)."""
+
+    def __init__(self, mark_file: str | None, label: str = "start") -> None:
+        self.mark_file = mark_file
+        self.closed: list[dict[str, Any]] = []
+        self._open(label)
+
+    def _open(self, label: str) -> None:
+        self.label, self.sent, self.received, self.max_gap, self.max_gap_end = label, 0, 0, 0.0, 0.0
+        self.started = time.time()
+
+    def echoed(self, gap_ms: float) -> None:
+        self.sent += 1
+        self.received += 1
+        if gap_ms >= self.max_gap:
+            self.max_gap, self.max_gap_end = gap_ms, time.time()  # wall clock: the migration's timeline's
+
+    def cut_if_marked(self) -> None:
+        if self.mark_file is None:
+            return
+        try:
+            with open(self.mark_file) as f:
+                label = f.read().strip() or f"segment-{len(self.closed) + 1}"
+        except FileNotFoundError:
+            return
+        self.close()
+        self._open(label)
+        os.unlink(self.mark_file)
+
+    def close(self, unanswered: int = 0) -> None:
+        self.closed.append({"label": self.label, "sent": self.sent + unanswered, "received": self.received,
+                            "max_gap_ms": round(self.max_gap, 1) if self.received else None,
+                            "max_gap_end_unix": round(self.max_gap_end, 3) if self.received else None,
+                            "started_unix": round(self.started, 3), "ended_unix": round(time.time(), 3)})  # fmt: skip
+
+
+def tcp_echo(host: str, port: int, interval_ms: float, stop_file: str, max_s: float,
+             mark_file: str | None = None) -> dict[str, Any]:  # fmt: skip
     sent = received = 0
+    segments = Segments(mark_file)
     gaps: list[float] = []
     long_gaps: list[tuple[float, float]] = []  # (wall-clock end, ms): where the stalls were
     error = None
@@ -44,15 +89,22 @@ def tcp_echo(host: str, port: int, interval_ms: float, stop_file: str, max_s: fl
                 worst_end = time.time()  # wall clock: lines up with the migration's timeline
             if gaps[-1] >= LONG_GAP_MS and len(long_gaps) < 1000:
                 long_gaps.append((time.time(), round(gaps[-1], 1)))
+            segments.echoed(gaps[-1])
+            segments.cut_if_marked()
             last = now
             time.sleep(interval_ms / 1000)
         sock.close()
     except OSError as exc:
         error = f"{type(exc).__name__}: {exc}"
-    return {"sent": sent, "received": received, "error": error,
-            "max_gap_ms": round(max(gaps), 1) if gaps else None, "max_gap_end_unix": worst_end or None,
-            "p50_gap_ms": round(sorted(gaps)[len(gaps) // 2], 1) if gaps else None,
-            "long_gaps": long_gaps}  # fmt: skip
+    segments.close(unanswered=sent - received)
+    result: dict[str, Any] = {"sent": sent, "received": received, "error": error,
+                              "max_gap_ms": round(max(gaps), 1) if gaps else None,
+                              "max_gap_end_unix": worst_end or None,
+                              "p50_gap_ms": round(sorted(gaps)[len(gaps) // 2], 1) if gaps else None,
+                              "long_gaps": long_gaps}  # fmt: skip
+    if mark_file is not None:
+        result["segments"] = segments.closed
+    return result
 
 
 def tcp_serve(host: str, port: int, interval_ms: float, stop_file: str, max_s: float) -> dict[str, Any]:
@@ -121,9 +173,10 @@ def main() -> None:
     parser.add_argument("--pps", type=int, default=1000)
     parser.add_argument("--stop-file", required=True)
     parser.add_argument("--max-s", type=float, default=120.0)
+    parser.add_argument("--mark-file", help="tcp-echo: cut a labelled segment whenever this file appears")
     args = parser.parse_args()
     if args.mode == "tcp-echo":
-        result = tcp_echo(args.host, args.port, args.interval_ms, args.stop_file, args.max_s)
+        result = tcp_echo(args.host, args.port, args.interval_ms, args.stop_file, args.max_s, args.mark_file)
     elif args.mode == "tcp-serve":
         result = tcp_serve(args.host, args.port, args.interval_ms, args.stop_file, args.max_s)
     else:
