@@ -12,7 +12,9 @@ if [ "$(id -u)" -eq 0 ] && ./scripts/postgres.sh >/dev/null 2>&1; then
   if ! pg_lsclusters -h | awk '{print $2}' | grep -qx "$cluster"; then
     pg_createcluster "$version" "$cluster" >/dev/null
   fi
-  pg_ctlcluster "$version" "$cluster" start >/dev/null 2>&1 || true
+  # through Python: the server inherits no descriptor of ours (a flock(1) lock held by the caller)
+  python3 -c 'import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))' \
+    pg_ctlcluster "$version" "$cluster" start >/dev/null 2>&1 || true
   port="$(pg_lsclusters -h | awk -v c="$cluster" '$2 == c {print $3}')"
   for _ in $(seq 1 50); do su postgres -c "psql -p $port -qtAc 'select 1'" >/dev/null 2>&1 && break; sleep 0.2; done
   su postgres -c "psql -p $port -qtAc \"select 1 from pg_roles where rolname='livemig'\"" | grep -q 1 ||

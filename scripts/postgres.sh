@@ -13,7 +13,10 @@ if ! command -v pg_lsclusters >/dev/null || [ -z "$(pg_lsclusters -h 2>/dev/null
     apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 fi
 read -r version cluster _ < <(pg_lsclusters -h | head -n1)
-pg_ctlcluster "$version" "$cluster" start >/dev/null 2>&1 || true
+# started through Python, whose children inherit no file descriptors beyond stdio: the server
+# outlives this script, and must not keep open what the caller holds (e.g. a flock(1) lock file)
+python3 -c 'import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))' \
+  pg_ctlcluster "$version" "$cluster" start >/dev/null 2>&1 || true
 for _ in $(seq 1 50); do
   su postgres -c "psql -qtAc 'select 1'" >/dev/null 2>&1 && break
   sleep 0.2

@@ -36,9 +36,11 @@ def chaos_db() -> Iterator[str | None]:
         yield None
         return
     from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
 
     name = f"livemig_chaos_{uuid.uuid4().hex[:8]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    # no pooled connection: the PostgreSQL scenario restarts the server, which ends every open one
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with engine.connect() as conn:
         conn.execute(text(f"CREATE DATABASE {name}"))
     try:

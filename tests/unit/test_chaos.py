@@ -144,6 +144,28 @@ def test_every_firing_must_be_in_the_timeline() -> None:
     assert m.timeline[0].fault == earlier, "firings go in time order"
 
 
+def test_a_stale_write_that_cannot_be_held_lets_the_migration_go_on(tmp_path: Path) -> None:
+    """The scenario holds the LMO before Cleanup until the stale write is released; when there is
+    no write to hold, the hold is released at once (not left to the 240 s bound) and the run says why."""
+    from types import SimpleNamespace
+
+    from livemig.chaos.runner import Armed, Run
+    from livemig.chaos.scenarios import Arm
+
+    scenario = next(s for s in matrix() if s.name == "precopy/stale-write/blockd")
+    m = migration(Phase.PRECOPY)
+    m.last_sample = SimpleNamespace(transferred_bytes=1 << 20)  # type: ignore[assignment]
+    env = SimpleNamespace(lmo=SimpleNamespace(migration=lambda _id: m), source_export=lambda _host: None)
+    runner = ChaosRunner(env, tmp_path)  # type: ignore[arg-type]
+    released: list[str] = []
+    runner._release = lambda armed: released.append(armed.id)  # type: ignore[method-assign]
+    run = Run(scenario, "A", "B", migration=m)
+    run.armed.append(Armed(Arm("lmo", "controller.before.Cleanup", "hang"), "lmo", "hold-1"))
+    assert runner._stale_write(run) is None
+    assert released == ["hold-1"]
+    assert run.violations == ["no NBD export recorded for chaosvm on A"]
+
+
 def test_no_qemu_daemon_of_a_vm_that_does_not_exist() -> None:
     assert qemu_daemons("no-such-vm-anywhere") == []
 

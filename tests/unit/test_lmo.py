@@ -83,6 +83,13 @@ def test_migration_walks_every_phase_and_moves_ownership(api, fleet):
     assert calls.index("DELETE /vms/vm1") > max(i for i, c in enumerate(calls) if c == "GET /vms/vm1/migration")
 
 
+def test_a_vm_without_volumes_is_deleted_by_an_lmo_without_blockd(api, fleet):
+    create_vm(api)
+    reply = api.delete("/vms/vm1")
+    assert reply.status_code == 204, reply.text
+    assert api.get("/vms/vm1").status_code == 404 and "vm1" not in fleet.hosts["A"].vms
+
+
 def test_a_guest_that_crashes_after_resuming_fails_the_migration_with_qemus_words(api, fleet):
     """Any guest, not only livemig's workload: QEMU's reset event on the destination is the proof."""
     api.post("/vms", json={"spec": VmSpec(name="plain", memory_mib=512, workload=None).model_dump(), "host": "A"})

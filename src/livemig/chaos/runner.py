@@ -12,6 +12,7 @@ The run undoes its faults even when the scenario itself fails.
 from __future__ import annotations
 
 import contextlib
+import ssl
 import subprocess
 import threading
 import time
@@ -38,6 +39,7 @@ from livemig.errors import LivemigError
 from livemig.faults.model import Action, ArmRequest, Firing
 from livemig.faults.model import Scope as FaultScope
 from livemig.model.migration import Migration, Phase
+from livemig.security.client import client_context_for
 from livemig.wire import faults as wire_faults
 
 #: every migration must end within this (the LMO's own limits are shorter)
@@ -264,20 +266,12 @@ class ChaosRunner:
         release it and see what blockd does with it."""
         env = self.env
         assert run.migration is not None
-        if not wait_phase(env.lmo, run.migration.id, Phase.PRECOPY, STAGE_TIMEOUT_S):
-            run.violations.append("pre-copy was never reached")
-            return None
-        export = env.source_export(run.source)
-        if export is None:
-            run.violations.append(f"no NBD export recorded for {VM} on {run.source}")
-            return None
-        proxy = StaleProxy(export.host, export.port, export.export, VOLUME_MIB * 1024 * 1024 - 4096)
-        if not proxy.start():
-            run.violations.append("the stale write was not held by the proxy")
-            proxy.stop()
+        held = next(a for a in run.armed if a.spec.point == "controller.before.Cleanup")
+        proxy = self._hold_stale_write(run)
+        if proxy is None:
+            self._release(held)  # nothing to release late: the migration goes on, not into the bound
             return None
         run.notes.append("a source write held in the network")
-        held = next(a for a in run.armed if a.spec.point == "controller.before.Cleanup")
         if not self._wait_fired(run, held, TERMINAL_BOUND_S):
             run.violations.append("the migration never reached Cleanup")
             return proxy
@@ -292,6 +286,27 @@ class ChaosRunner:
         run.stale_rejected = None if now_rejected is None else now_rejected - before_rejected
         run.stale_landed = env.volume_bytes(proxy.offset, 4096) == bytes([STALE_PATTERN]) * 4096
         self._release(held)
+        return proxy
+
+    def _hold_stale_write(self, run: Run) -> StaleProxy | None:
+        """In pre-copy, a write through the source's attachment, held by the proxy (None: a violation says why)."""
+        env = self.env
+        assert run.migration is not None
+        if not wait_phase(env.lmo, run.migration.id, Phase.PRECOPY, STAGE_TIMEOUT_S):
+            run.violations.append("pre-copy was never reached")
+            return None
+        export = env.source_export(run.source)
+        if export is None:
+            run.violations.append(f"no NBD export recorded for {VM} on {run.source}")
+            return None
+        # over TLS when blockd forces it: the proxy's leg presents the region's LMO certificate
+        tls = client_context_for(env.region.service_credentials()) if export.tls_hostname else None
+        proxy = StaleProxy(export.host, export.port, export.export, VOLUME_MIB * 1024 * 1024 - 4096, tls,
+                           export.tls_hostname)  # fmt: skip
+        if not proxy.start():
+            proxy.stop()
+            run.violations.append(f"the stale write was not held by the proxy (qemu-io: {proxy.outcome()})")
+            return None
         return proxy
 
     def _wait_terminal(self, run: Run) -> Migration:
@@ -406,14 +421,16 @@ def _ended(m: Migration) -> datetime:
 
 
 class StaleProxy:
-    """``qemu-io`` writing one block through the source's attachment, via the NBD holding proxy."""
+    """``qemu-io`` writing one block through the source's attachment, via the NBD holding proxy
+    (which speaks TLS to blockd when ``tls`` is given; qemu-io speaks plain NBD to the proxy)."""
 
-    def __init__(self, host: str, port: int, export: str, offset: int) -> None:
+    def __init__(self, host: str, port: int, export: str, offset: int, tls: ssl.SSLContext | None = None,
+                 tls_hostname: str | None = None) -> None:  # fmt: skip
         from livemig.testing.nbdproxy import ThreadedHoldingProxy
 
         self.offset = offset
         self.export = export
-        self.proxy = ThreadedHoldingProxy(host, port)
+        self.proxy = ThreadedHoldingProxy(host, port, tls, tls_hostname)
         self.writer: subprocess.Popen[str] | None = None
 
     def start(self) -> bool:
@@ -430,13 +447,17 @@ class StaleProxy:
         self.proxy.release()
 
     def outcome(self) -> str:
-        assert self.writer is not None
+        if self.writer is None:
+            return "not started"
         try:
             out, _ = self.writer.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             self.writer.kill()
             return "no answer"
-        return "rejected (EPERM)" if "Operation not permitted" in out else out.strip().splitlines()[-1][:120]
+        if "Operation not permitted" in out:
+            return "rejected (EPERM)"
+        lines = out.strip().splitlines()
+        return lines[-1][:120] if lines else f"no output (exit {self.writer.returncode})"
 
     def stop(self) -> None:
         if self.writer is not None and self.writer.poll() is None:

@@ -90,12 +90,21 @@ lmo = client.lmo
 
 
 LogLevel = Annotated[str, typer.Option(help="debug | info | warning | error")]
+LogFormat = Annotated[
+    str, typer.Option("--log-format", help="text | json (one object per line); lines about a migration name it")
+]
 
 
-def _configure_logging(level: str) -> None:
-    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+def _configure_logging(level: str, fmt: str = "text", *, service: str | None = None, host: str | None = None) -> None:
+    """Every line to stderr in ``fmt``, uvicorn's too; each line logged for a migration carries its
+    id and VM (``livemig.logs``)."""
+    from livemig import logs
+
+    if level.lower() not in logs.LEVELS:
         fail(f"--log-level must be debug, info, warning or error, not {level!r}")
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if fmt not in logs.FORMATS:
+        fail(f"--log-format must be text or json, not {fmt!r}")
+    logs.configure(level, fmt, host=host, service=service)
 
 
 ConfigFile = Annotated[
@@ -134,8 +143,8 @@ def _service_tls(role: Role, name: str | None, cert: Path | None, key: Path | No
     return leaf
 
 
-def _serve(app_: object, listen: str, log_level: str = "info", tls: LeafFiles | None = None,
-           optional_client_certs: bool = False) -> None:  # fmt: skip
+def _serve(app_: object, listen: str, tls: LeafFiles | None = None, optional_client_certs: bool = False) -> None:
+    """Serve ``app_`` with uvicorn, whose loggers follow :func:`_configure_logging` (log_config=None)."""
     import ssl
 
     import uvicorn
@@ -144,13 +153,12 @@ def _serve(app_: object, listen: str, log_level: str = "info", tls: LeafFiles | 
     from livemig.wire.base import SERVER_KEEPALIVE_S
 
     host, _, port = listen.rpartition(":")
-    _configure_logging(log_level)
     extra = {}
     if tls is not None:
         mode = ssl.CERT_OPTIONAL if optional_client_certs else ssl.CERT_REQUIRED
         extra = uvicorn_tls(ReloadingServerContext(tls, client_certs=mode))
     uvicorn.run(app_, host=host or "127.0.0.1", port=int(port), log_level="warning",  # type: ignore[arg-type]
-                timeout_keep_alive=SERVER_KEEPALIVE_S, **extra)  # fmt: skip
+                log_config=None, timeout_keep_alive=SERVER_KEEPALIVE_S, **extra)  # fmt: skip
 
 
 @app.command()
@@ -182,6 +190,7 @@ def hostd(
     config: ConfigFile = None,
     ovmf_dir: Annotated[Path | None, typer.Option(help="OVMF firmware files (default /usr/share/OVMF)")] = None,
     log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
 ) -> None:
     """Run a host agent (QEMU lifecycle, migration source/destination)."""
     from livemig.faults.points import configure_service
@@ -192,6 +201,7 @@ def hostd(
     from livemig.host.tls import QemuTls
     from livemig.security import pki
 
+    _configure_logging(log_level, log_format, service="hostd", host=name)
     choice = choose_accel(accel)
     if memory_mib is None:
         memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024) - 1024
@@ -217,7 +227,7 @@ def hostd(
                       vswitch_url=vswitch, overlay=overlay, netns=netns, qemu_tls=qemu, runtime=runtime)  # fmt: skip
     logging.getLogger(__name__).info("hostd %s: accelerator %s (%s)", name, choice.name, choice.reason)
     api_url = url or f"{'http' if leaf is None else 'https'}://{listen}"
-    _serve(create_app(agent, lmo_url, api_url, insecure=leaf is None), listen, log_level, leaf)
+    _serve(create_app(agent, lmo_url, api_url, insecure=leaf is None), listen, leaf)
 
 
 @app.command("lmo")
@@ -237,6 +247,7 @@ def lmo_command(
     capacity: Annotated[int, typer.Option(help="most migrations this replica drives at once")] = 2000,
     concurrency: Annotated[int, typer.Option(help="migrations a controller pass steps at the same time")] = 32,
     log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
 ) -> None:
     """Run the LMO control plane (API + migration controller).
 
@@ -247,13 +258,14 @@ def lmo_command(
 
     if capacity < 1 or concurrency < 1:
         fail("--capacity and --concurrency must be at least 1")
+    _configure_logging(log_level, log_format, service="lmo")
     leaf = _service_tls(Role.LMO, None, tls_cert, tls_key, tls_ca, insecure)
     configure_service("lmo")
     if not migration_tls:
         logging.getLogger(__name__).warning("LMO: migration streams will be plain TCP (--no-migration-tls)")
     app_ = create_app(Store(db), blockd_url=blockd, insecure=leaf is None, migration_tls=migration_tls and bool(leaf),
                       replica=replica, capacity=capacity, concurrency=concurrency)  # fmt: skip
-    _serve(app_, listen, log_level, leaf, optional_client_certs=True)
+    _serve(app_, listen, leaf, optional_client_certs=True)
 
 
 @app.command("sim")
@@ -272,6 +284,7 @@ def sim_command(
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of the failures")] = 0,
     log_level: LogLevel = "warning",
+    log_format: LogFormat = "text",
 ) -> None:
     """Run a simulated fleet: real hostd agents over simulated QEMU, in one process, registered
     with an LMO. Point an LMO at a copy of your fleet's shape to try a wave (`livemig evacuate
@@ -284,7 +297,7 @@ def sim_command(
         fail("--hosts, --memory-mib, --migration-bandwidth and --speed must be positive, --failure-rate in 0..1")
     if report_interval <= 0 or (sample_interval is not None and sample_interval <= 0):
         fail("--report-interval and --sample-interval must be positive")
-    _configure_logging(log_level)
+    _configure_logging(log_level, log_format, service="hostd")
     config = FleetConfig(hosts=hosts, listen=listen, prefix=prefix, memory_mib=memory_mib,
                          migration_bandwidth_mib_s=migration_bandwidth, speed=speed, failure_rate=failure_rate,
                          seed=seed, lmo_url=lmo_url, report_interval_s=report_interval,
@@ -306,6 +319,7 @@ def vswitch_command(
     insecure: Insecure = False,
     config: ConfigFile = None,
     log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
 ) -> None:
     """Run a host's vswitch: the VCN dataplane (VXLAN overlay, security lists, flow state).
 
@@ -313,8 +327,8 @@ def vswitch_command(
     from livemig.faults.points import configure_service
     from livemig.network.api import run_vswitch
 
+    _configure_logging(log_level, log_format, service="vswitch", host=name)
     leaf = _service_tls(Role.VSWITCH, name, tls_cert, tls_key, tls_ca, insecure)
-    _configure_logging(log_level)
     configure_service("vswitch", host=name)
     run_vswitch(name, listen, overlay, log_level=log_level, state_dir=state_dir, tls=leaf)
 
@@ -332,6 +346,7 @@ def blockd_command(
     insecure: Insecure = False,
     config: ConfigFile = None,
     log_level: LogLevel = "info",
+    log_format: LogFormat = "text",
 ) -> None:
     """Run blockd: block volumes over NBD with write fencing.
 
@@ -339,8 +354,8 @@ def blockd_command(
     from livemig.faults.points import configure_service
     from livemig.storage.service import run_blockd
 
+    _configure_logging(log_level, log_format, service="blockd")
     leaf = _service_tls(Role.BLOCKD, None, tls_cert, tls_key, tls_ca, insecure)
-    _configure_logging(log_level)
     configure_service("blockd")
     run_blockd(data_dir, listen, nbd_listen, tls=leaf)
 

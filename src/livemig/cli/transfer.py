@@ -44,20 +44,16 @@ def nbd_client_tls(export: NbdExport, state_dir: Path | None = None) -> Iterator
         yield None
         return
     from livemig.region.local import Region
+    from livemig.security import pki
+    from livemig.security.pki import Role
 
     region = Region(state_dir)
     if region.load() is None or not region.pki_dir.is_dir():
         raise InvalidRequest("blockd serves NBD over TLS: run `livemig volume import|export` on the machine that "
                              f"holds the region's certificates (none in {region.state_dir}; "
                              "--state-dir names it)")  # fmt: skip
-    creds = region.service_credentials()
-    assert creds.cert is not None and creds.key is not None and creds.ca is not None
     with tempfile.TemporaryDirectory(prefix="livemig-nbd-tls-") as tmp:
-        directory = Path(tmp)
-        for source, name in ((creds.ca, "ca-cert.pem"), (creds.cert, "client-cert.pem"), (creds.key, "client-key.pem")):
-            target = directory / name
-            target.write_bytes(Path(source).read_bytes())
-            target.chmod(0o600)
+        directory = pki.qemu_tls_dir(region.pki_dir, "lmo", Path(tmp) / "creds", role=Role.LMO)
         yield NbdClientTls(directory)
 
 

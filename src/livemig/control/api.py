@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from livemig.control import tokens
 from livemig.control.access import DASHBOARD, POLICY, default_rule
 from livemig.control.controller import REPLICA_CAPACITY, STEP_CONCURRENCY, Controller
+from livemig.control.metrics import bandwidth_registry
 from livemig.control.routes import hosts, migrations, netobjects, vms, volumes
 from livemig.control.routes import tokens as token_routes
 from livemig.control.runner import ControllerThread
@@ -32,6 +33,7 @@ from livemig.control.web import dashboard_router
 from livemig.control.web.login import COOKIE, login_redirect, login_router
 from livemig.faults.api import mount_faults
 from livemig.model.host import HostInfo
+from livemig.model.migration import Migration
 from livemig.security.access import NO_DOCS, Guard, LoginRequired
 from livemig.security.tls import INSECURE_STATE
 from livemig.wire import hostd
@@ -127,8 +129,16 @@ def create_app(
                     for p in controller.recent_passes()],
         )  # fmt: skip
 
+    def held() -> list[Migration]:
+        controller: Controller | None = getattr(app.state, "controller", None)
+        return controller.held if controller is not None else []
+
+    bandwidth = bandwidth_registry(held, store.budgets)
+
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        """The process's series (the controller's, ended migrations': ``control/metrics.py``) and the
+        bandwidth of the migrations this replica drives now."""
+        return Response(generate_latest() + generate_latest(bandwidth), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -29,6 +29,7 @@ from prometheus_client import Gauge, Histogram
 
 from livemig.control.admission import Ledger
 from livemig.control.firings import FiringCollector
+from livemig.control.metrics import migration_ended
 from livemig.control.network import vm_vnics
 from livemig.control.policy import judge
 from livemig.control.services import Services
@@ -292,6 +293,7 @@ class Controller:
             self._vms.pop(m.vm, None)
             self._flows_synced_at.pop(m.id, None)
             self.finished += 1
+            migration_ended(m)  # only the lease holder's save of the end succeeds: counted once
             if m.last_sample is not None and m.last_sample.dirty_pages_rate:
                 # what the guest did while it moved: the wave planner's estimate for its next move
                 self.store.record_dirty_rate(m.vm, m.last_sample.dirty_rate_mib_s, m.last_sample.at, "migration")

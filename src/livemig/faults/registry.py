@@ -263,6 +263,17 @@ class FaultRegistry:
                     scope.vm, scope.host)  # fmt: skip
         return Fired(arm, request.action, request.seconds, firing)
 
+    def _take_or_raise(self, point: str, vm: str | None, host: str | None, migration: str | None,
+                       error: type[LivemigError]) -> Fired | None:  # fmt: skip
+        """What fired at ``point`` for this scope (None: nothing); a crash or an error happens here,
+        the same for async and sync callers."""
+        fired = self.take(point, self.scope(vm, host, migration))
+        if fired is not None and fired.action is Action.CRASH:
+            self.crash()
+        if fired is not None and fired.action is Action.ERROR:
+            raise error(f"injected fault at {point} ({self.service})", fault=fired.firing.id)
+        return fired
+
     async def fire(self, point: str, *, vm: str | None = None, host: str | None = None,
                    migration: str | None = None, data: bool = False,
                    error: type[LivemigError] = InjectedFault) -> Outcome:  # fmt: skip
@@ -272,14 +283,10 @@ class FaultRegistry:
         ``data``: the caller is a data path (``hold`` waits for the release instead of skipping;
         ``drop`` drops). ``error``: the exception an ``error`` raises (a QMP point raises
         ``QemuError``, so the caller's handling of QEMU's refusals is what is tested)."""
-        fired = self.take(point, self.scope(vm, host, migration))
+        fired = self._take_or_raise(point, vm, host, migration, error)
         if fired is None:
             return Outcome.PROCEED
         action = fired.action
-        if action is Action.CRASH:
-            self.crash()
-        if action is Action.ERROR:
-            raise error(f"injected fault at {point} ({self.service})", fault=fired.firing.id)
         if action is Action.DELAY:
             await asyncio.sleep(fired.seconds or 0.0)
         elif action is Action.HANG or (data and action is Action.HOLD):
@@ -294,14 +301,10 @@ class FaultRegistry:
                   migration: str | None = None, error: type[LivemigError] = InjectedFault) -> Outcome:  # fmt: skip
         """:meth:`fire` for synchronous code (the store): delay and hang block this thread;
         a hang lasts at most ``seconds`` or :data:`SYNC_HANG_MAX_S`."""
-        fired = self.take(point, self.scope(vm, host, migration))
+        fired = self._take_or_raise(point, vm, host, migration, error)
         if fired is None:
             return Outcome.PROCEED
         action = fired.action
-        if action is Action.CRASH:
-            self.crash()
-        if action is Action.ERROR:
-            raise error(f"injected fault at {point} ({self.service})", fault=fired.firing.id)
         if action is Action.DELAY:
             time.sleep(fired.seconds or 0.0)
         elif action is Action.HANG:

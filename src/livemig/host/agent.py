@@ -24,6 +24,7 @@ from livemig.errors import CapacityError, Conflict, GuestError, InvalidRequest, 
 from livemig.faults.registry import REGISTRY
 from livemig.guest.image import kernel_cmdline
 from livemig.host.accel import AccelChoice
+from livemig.host.metrics import HostCounters
 from livemig.host.qemu import TCG_RAM_TRIM_KIB, VmPaths, command_line, needs_tcg_ram_trim, resolve_machine
 from livemig.host.qmp import event_time
 from livemig.host.qmpfaults import FaultedQmp
@@ -163,6 +164,7 @@ class HostAgent:
         self._background: set[asyncio.Task[None]] = set()
         # set whenever the VMs this host runs change, so hostd re-reports its capacity to the LMO
         self.changed = asyncio.Event()
+        self.counters = HostCounters()  # what /metrics reports besides what it reads (host/metrics.py)
 
     # ---------------------------------------------------------------- observation
 
@@ -424,6 +426,7 @@ class HostAgent:
                     continue  # hostd's own quit
                 after = f", {at - vm.resumed_at:.2f} s after resuming here" if vm.resumed_at else ""
                 vm.guest_resets.append(f"{name} ({reason or 'no reason given'}){after}")
+                self.counters.guest_reset(name)
                 with contextlib.suppress(OSError):
                     vm.save()
                 log.warning("VM %s: guest %s (%s)%s", vm.spec.name, name, reason, after)
@@ -463,7 +466,8 @@ class HostAgent:
         job = SourceMigration(name, vm.qmp, uri, params,
                               switchover_hooks=[hand_off_network] if handoffs else [],
                               after_failed_switchover=take_network_back, shaped=shaped,
-                              handoffs=handoffs, host=self.name)  # fmt: skip
+                              handoffs=handoffs, host=self.name,
+                              on_end=self.counters.migration_ended)  # fmt: skip
         encryption = None
         try:
             if creds is not None and tls_hostname is not None:
@@ -483,6 +487,9 @@ class HostAgent:
         vm.role = VmRole.OUTGOING
         vm.save()
         job.start()
+        log.info("VM %s: migrating to %s (%s, at most %d MiB/s, downtime limit %d ms)", name, uri,
+                 "TLS" if encryption else "plain stream", params.max_bandwidth_mib_s,
+                 params.downtime_limit_ms)  # fmt: skip
         if creds is not None:
             task = asyncio.create_task(self._clear_after(vm, job), name=f"tls-clear-{name}")
             self._background.add(task)

@@ -20,11 +20,12 @@ from typing import Annotated
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from livemig.errors import HostUnreachable, InvalidRequest, LivemigError
 from livemig.faults.api import FAULT_CHANGES, FAULT_READS, mount_faults
 from livemig.host.agent import HostAgent
+from livemig.host.metrics import host_registry
 from livemig.model.host import HostInfo, HostRegistration
 from livemig.security.access import ANY_SERVICE, NO_DOCS, Access, Guard, Policy, lmo_only, services
 from livemig.security.pki import Role
@@ -47,7 +48,6 @@ from livemig.wire.lmo import AsyncLmoClient
 from livemig.wire.server import install_error_handlers
 
 log = logging.getLogger(__name__)
-VMS_GAUGE = Gauge("livemig_host_vms", "VMs managed by this hostd", ["host"])
 #: after a change of the VMs it runs, hostd tells the LMO its capacity at most this often
 REPORT_INTERVAL_S = 1.0
 
@@ -238,8 +238,8 @@ async def console_output(name: str, agent: AgentDep, tail: int = 50) -> str:
 
 @router.get("/metrics")
 async def metrics(agent: AgentDep) -> Response:
-    VMS_GAUGE.labels(agent.name).set(len(agent.vms))
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    """The process's series (Python's own) and this host's (``host/metrics.py``)."""
+    return Response(generate_latest() + generate_latest(host_registry(agent)), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_app(

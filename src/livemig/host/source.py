@@ -128,8 +128,10 @@ class SourceMigration:
         shaped: ShapedMigration | None = None,
         handoffs: list[VnicHandoff] | None = None,
         host: str | None = None,
+        on_end: Callable[[JobState], None] | None = None,
     ) -> None:
         self.vm = vm
+        self.on_end = on_end  # told once how the job ended (hostd's metrics)
         self.host = host
         self.qmp = qmp
         self.uri = uri
@@ -257,7 +259,18 @@ class SourceMigration:
                 await self.after_failed_switchover()
             except LivemigError as exc:
                 log.warning("migration of %s: taking the network back failed: %s", self.vm, exc.message)
+        self._end(state)
+
+    def _end(self, state: JobState) -> None:
+        """The job ended in ``state``: said once (in the log and to ``on_end``)."""
+        if self.state is not JobState.RUNNING:
+            return
         self.state = state
+        pause = f", QEMU downtime {self.stats.pause_ms} ms" if self.stats is not None and self.stats.pause_ms else ""
+        error = f": {self.error}" if self.error and state is not JobState.COMPLETED else ""
+        log.info("migration of %s to %s ended %s%s%s", self.vm, self.uri, state.value, pause, error)
+        if self.on_end is not None:
+            self.on_end(state)
 
     async def _event_point(self, event: dict[str, Any]) -> None:
         """``hostd.src.event.STOP`` / ``hostd.src.event.MIGRATION.<status>``: before hostd handles it."""
@@ -342,10 +355,11 @@ class SourceMigration:
 
     def abandon(self, reason: str) -> None:
         """End the job without QEMU (it is gone): failed, with ``reason``."""
-        self.state, self.error = JobState.FAILED, reason
+        self.error = reason
+        log.warning("migration of %s abandoned: %s", self.vm, reason)
+        self._end(JobState.FAILED)
         if self.task is not None:
             self.task.cancel()
-        log.warning("migration of %s abandoned: %s", self.vm, reason)
 
     def status(self, since_samples: int = 0) -> SourceMigrationStatus:
         samples = list(self.samples)

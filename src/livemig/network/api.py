@@ -67,10 +67,18 @@ from livemig.wire.vswitch import (
 
 log = logging.getLogger(__name__)
 _GAUGES = {"held", "held_bytes", "flows"}
+_DROPPED = "dropped_"  # the switch's counters of drops by reason: dropped_<reason>
+_CACHE = "flowcache_"  # the flow caches' stats: flowcache_<cache>_<event>
 
 
-class _VswitchCollector(Collector):
-    """Exposes the vswitch's counters at scrape time (no per-frame Prometheus calls on the data path)."""
+class VswitchCollector(Collector):
+    """Exposes the vswitch's counters at scrape time (no per-frame Prometheus calls on the data path).
+
+    ``livemig_vswitch_frames_total{event}``: what happened to frames (received from VMs, sent to
+    them, routed, over the overlay, ARP and DHCP answered, denied); ``livemig_vswitch_dropped_frames_total{reason}``:
+    every drop by its reason; ``livemig_vswitch_conntrack_entries{vnic}``: tracked flows;
+    ``livemig_vswitch_flow_cache_*``: the fast path's cache. Per VNIC: ``livemig_vswitch_vnic_frames_total``
+    and ``livemig_vswitch_vnic_state`` (held frames and bytes during a hand-off, flows)."""
 
     def __init__(self, vswitch: Vswitch) -> None:
         self.vswitch = vswitch
@@ -79,8 +87,25 @@ class _VswitchCollector(Collector):
         snap = self.vswitch.snapshot_counters()
         host = self.vswitch.name
         switch = CounterMetricFamily("livemig_vswitch_frames", "vswitch frame events by kind", labels=["host", "event"])
+        dropped = CounterMetricFamily("livemig_vswitch_dropped_frames", "frames the vswitch dropped, by reason",
+                                      labels=["host", "reason"])  # fmt: skip
+        cache_events = CounterMetricFamily("livemig_vswitch_flow_cache_events", "flow cache hits, misses, evictions "
+                                           "and flushes", labels=["host", "cache", "event"])  # fmt: skip
+        cache_entries = GaugeMetricFamily("livemig_vswitch_flow_cache_entries", "flows in the flow cache",
+                                          labels=["host", "cache"])  # fmt: skip
         for event, value in sorted(snap.switch.items()):
-            switch.add_metric([host, event], value)
+            if event.startswith(_DROPPED):
+                dropped.add_metric([host, event.removeprefix(_DROPPED)], value)
+            elif event.startswith(_CACHE):
+                cache, _, what = event.removeprefix(_CACHE).rpartition("_")
+                if what == "entries":
+                    cache_entries.add_metric([host, cache], value)
+                else:
+                    cache_events.add_metric([host, cache, what], value)
+            elif event != "dropped":  # the sum of the reasons
+                switch.add_metric([host, event], value)
+        conntrack = GaugeMetricFamily("livemig_vswitch_conntrack_entries", "flows tracked per VNIC",
+                                      labels=["host", "vnic"])  # fmt: skip
         vnic_events = CounterMetricFamily(
             "livemig_vswitch_vnic_frames", "per-VNIC frame events", labels=["host", "vnic", "event"]
         )
@@ -88,11 +113,10 @@ class _VswitchCollector(Collector):
             "livemig_vswitch_vnic_state", "per-VNIC held frames/bytes and flows", labels=["host", "vnic", "what"]
         )
         for vnic, counters in sorted(snap.vnics.items()):
+            conntrack.add_metric([host, vnic], counters.get("flows", 0))
             for event, value in sorted(counters.items()):
                 (vnic_gauges if event in _GAUGES else vnic_events).add_metric([host, vnic, event], value)
-        yield switch
-        yield vnic_events
-        yield vnic_gauges
+        yield from (switch, dropped, conntrack, cache_events, cache_entries, vnic_events, vnic_gauges)
 
 
 async def _point(name: str, vswitch: Vswitch) -> None:
@@ -146,7 +170,7 @@ def create_app(vswitch: Vswitch, state_path: Path | None = None, *, insecure: bo
     install_error_handlers(app)
     mount_faults(app)
     registry = CollectorRegistry()
-    registry.register(_VswitchCollector(vswitch))
+    registry.register(VswitchCollector(vswitch))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -279,4 +303,4 @@ def run_vswitch(
     state = state_dir / "vswitch.json" if state_dir is not None else None
     extra = uvicorn_tls(ReloadingServerContext(tls)) if tls is not None else {}
     uvicorn.run(create_app(vswitch, state, insecure=tls is None), host=host, port=port, log_level=log_level,
-                access_log=False, timeout_keep_alive=SERVER_KEEPALIVE_S, **extra)  # fmt: skip
+                log_config=None, access_log=False, timeout_keep_alive=SERVER_KEEPALIVE_S, **extra)  # fmt: skip

@@ -137,6 +137,8 @@ class FenceRegistry:
         #: Volumes whose new writer waits for older in-flight writes; its writes wait on the event.
         self._barriers: dict[str, asyncio.Event] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
+        #: write-class requests refused by fencing since blockd started (detached attachments' too)
+        self.rejected_writes = 0
         if not enabled:
             log.warning("FENCING DISABLED (%s): stale writes WILL be applied; tests only", UNSAFE_ENV)
         saved = self._state.load() if self._state is not None else None
@@ -352,6 +354,7 @@ class FenceRegistry:
             await waiter
 
     def _count_rejection(self, attachment: Attachment) -> None:
+        self.rejected_writes += 1
         attachment.counters.rejected_writes += 1
         n = attachment.counters.rejected_writes
         if n == 1 or n % REJECT_LOG_EVERY == 0:

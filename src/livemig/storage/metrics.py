@@ -3,6 +3,11 @@
 Why a collector instead of Counter objects: the NBD hot path bumps plain integers on the
 attachment (nanoseconds); labelled prometheus counters would cost a dict lookup and a lock per
 request. The collector reads those integers when ``/metrics`` is scraped.
+
+The series an operator watches during migrations: ``livemig_blockd_fenced_writes_total`` (writes
+refused because a newer attachment owns the volume: a source that wrote after the cut-over; it
+survives the attachment's detach, unlike the per-attachment ``livemig_blockd_rejected_writes_total``)
+and ``livemig_blockd_nbd_request_duration_seconds{op}`` (arrival to reply, ``nbd/latency.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from livemig.storage.nbd.latency import RequestLatency
 
 if TYPE_CHECKING:
     from livemig.storage.blockd import Blockd
@@ -66,4 +73,12 @@ class BlockdCollector(Collector):
         protocol_errors.add_metric([], server.protocol_errors if server else 0)
         fencing = GaugeMetricFamily("livemig_blockd_fencing_enabled", "0 only with the test-only unsafe switch")
         fencing.add_metric([], 1 if blockd.fences.enabled else 0)
-        yield from (ops, rejected, nbytes, writer, fenced, volumes, size, connections, protocol_errors, fencing)
+        fenced_writes = CounterMetricFamily(
+            "livemig_blockd_fenced_writes", "Write-class requests refused by fencing since blockd started"
+        )
+        fenced_writes.add_metric([], blockd.fences.rejected_writes)
+        yield from (ops, rejected, nbytes, writer, fenced, volumes, size, connections, protocol_errors, fencing,
+                    fenced_writes)  # fmt: skip
+        latency = RequestLatency() if server is None else server.latency
+        yield latency.family("livemig_blockd_nbd_request_duration_seconds",
+                             "NBD requests from arrival to reply, by command")  # fmt: skip

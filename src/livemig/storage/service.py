@@ -89,7 +89,7 @@ async def serve_blockd(
     api_tls = uvicorn_tls(ReloadingServerContext(tls)) if tls is not None else {}
     config = uvicorn.Config(
         create_app(blockd, insecure=tls is None), host=api_host, port=api_port, log_level="warning",
-        access_log=False, lifespan="off", timeout_keep_alive=SERVER_KEEPALIVE_S, **api_tls,
+        log_config=None, access_log=False, lifespan="off", timeout_keep_alive=SERVER_KEEPALIVE_S, **api_tls,
     )  # fmt: skip
     api = _ApiServer(config)
     log.info(

@@ -118,7 +118,8 @@ async def serve(config: FleetConfig) -> None:
 
     host, _, port = config.listen.rpartition(":")
     server = uvicorn.Server(uvicorn.Config(fleet.app, host=host or "127.0.0.1", port=int(port), log_level="warning",
-                                           access_log=False, lifespan="off", backlog=4096))  # fmt: skip
+                                           log_config=None, access_log=False, lifespan="off",
+                                           backlog=4096))  # fmt: skip
     tasks: list[asyncio.Task[None]] = []
     try:
         async with async_http(timeout=30, pooled=True, connections=32) as http:

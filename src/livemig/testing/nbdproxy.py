@@ -11,12 +11,18 @@ the 4-byte client flags, options (``IHAVEOPT`` header + data) until a request ma
 then request headers and WRITE payloads. Server->client bytes are copied blindly. Holding a
 request pauses that connection's client->server direction (later requests queue behind it, as
 they would behind a slow network); other connections are not affected.
+
+A blockd that forces TLS: with ``tls`` (a client context blockd admits), the proxy speaks plain
+NBD to its client and TLS to blockd. It passes blockd's greeting on, sends the client's flags and
+then ``NBD_OPT_STARTTLS`` itself, upgrades its leg, and relays the rest as before; so the test's
+client needs no certificate, and the held request is still readable to the proxy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import struct
 import threading
 from collections.abc import Callable, Coroutine
@@ -32,8 +38,10 @@ _REQUEST_MAGIC_BYTES = struct.pack(">I", p.REQUEST_MAGIC)
 class HoldingProxy:
     """Forwards NBD connections to ``target``; :meth:`arm` makes it hold the next matching request."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, tls: ssl.SSLContext | None = None,
+                 tls_hostname: str | None = None) -> None:  # fmt: skip
         self.target = (target_host, target_port)
+        self.tls, self.tls_hostname = tls, tls_hostname
         self._server: asyncio.Server | None = None
         self._predicate: Callable[[p.Request], bool] | None = None
         self.held = asyncio.Event()
@@ -72,13 +80,14 @@ class HoldingProxy:
         self._tasks.add(task)
         try:
             server_r, server_w = await asyncio.open_connection(*self.target)
-        except OSError:
+            flags_sent = await self._upgrade(server_r, server_w, client_r, client_w) if self.tls else False
+        except (OSError, asyncio.IncompleteReadError, p.ProtocolError):
             client_w.close()
             self._tasks.discard(task)
             return
         down = asyncio.create_task(self._pump(server_r, client_w))
         try:
-            await self._client_to_server(client_r, server_w)
+            await self._client_to_server(client_r, server_w, flags_sent)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -88,6 +97,25 @@ class HoldingProxy:
             client_w.close()
             self._tasks.discard(task)
 
+    async def _upgrade(self, server_r: asyncio.StreamReader, server_w: asyncio.StreamWriter,
+                       client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> bool:  # fmt: skip
+        """blockd's greeting to the client, the client's flags to blockd, then STARTTLS on the
+        proxy's own leg (the client keeps speaking plain NBD to the proxy). Returns True: the
+        client's flags are sent."""
+        assert self.tls is not None
+        client_w.write(await server_r.readexactly(p.GREETING_SIZE))
+        await client_w.drain()
+        server_w.write(await client_r.readexactly(p.CLIENT_FLAGS_SIZE))
+        server_w.write(p.encode_option(p.Option.STARTTLS))
+        await server_w.drain()
+        reply = p.decode_option_reply_header(await server_r.readexactly(p.OPTION_REPLY_HEADER_SIZE))
+        if reply.length:
+            await server_r.readexactly(reply.length)
+        if reply.reply != p.OptionReply.ACK:
+            raise p.ProtocolError(f"blockd refused STARTTLS (reply {reply.reply:#x})")
+        await server_w.start_tls(self.tls, server_hostname=self.tls_hostname)
+        return True
+
     @staticmethod
     async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.CancelledError):
@@ -96,8 +124,10 @@ class HoldingProxy:
                 await writer.drain()
         writer.close()
 
-    async def _client_to_server(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(await reader.readexactly(p.CLIENT_FLAGS_SIZE))
+    async def _client_to_server(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                flags_sent: bool = False) -> None:  # fmt: skip
+        if not flags_sent:
+            writer.write(await reader.readexactly(p.CLIENT_FLAGS_SIZE))
         # options until the first request magic shows up
         while True:
             first = await reader.readexactly(4)
@@ -130,16 +160,17 @@ class ThreadedHoldingProxy:
     Tests drive real clients with ``subprocess`` (blocking); this keeps the proxy running meanwhile.
     """
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, tls: ssl.SSLContext | None = None,
+                 tls_hostname: str | None = None) -> None:  # fmt: skip
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nbd-proxy", daemon=True)
         self._thread.start()
-        self.proxy = self._call(self._make(target_host, target_port))
+        self.proxy = self._call(self._make(target_host, target_port, tls, tls_hostname))
         self.port = 0
 
     @staticmethod
-    async def _make(host: str, port: int) -> HoldingProxy:
-        return HoldingProxy(host, port)
+    async def _make(host: str, port: int, tls: ssl.SSLContext | None, tls_hostname: str | None) -> HoldingProxy:
+        return HoldingProxy(host, port, tls, tls_hostname)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)

@@ -350,3 +350,28 @@ def test_qemu_blockdev_over_tls(blockd: BlockdProcess, region: Region) -> None:
     assert any(n["node-name"] == "vol0" and n["drv"] == "nbd" for n in nodes)
     counters = blockd.attachments("qemu")[attachment["id"]]
     assert counters["writes"] >= 1 and counters["bytes_written"] >= 64 * 1024
+
+
+def test_the_holding_proxy_speaks_tls_to_blockd_and_holds_a_stale_write(blockd: BlockdProcess, region: Region) -> None:
+    """The fencing fault point with TLS on: qemu-io speaks plain NBD to the proxy, the proxy
+    STARTTLS's to blockd with a certificate blockd admits, holds the source's write until the
+    destination wrote, and blockd refuses the stale write when it is released."""
+    from livemig.testing.nbdproxy import ThreadedHoldingProxy
+
+    blockd.create_volume("tls-stale", 4 * MIB)
+    source = blockd.attach("tls-stale", vm="web", host="A")
+    dest = blockd.attach("tls-stale", vm="web", host="B")
+    context = client_context(region.host_leaf)
+    with ThreadedHoldingProxy("127.0.0.1", blockd.nbd_port, context, "blockd") as proxy:
+        proxy.arm()
+        stale = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "write -P 0xaa 0 64k",
+                                  f"nbd://127.0.0.1:{proxy.port}/{source['export_name']}"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        held = proxy.wait_held(30)
+        assert held is not None and (held.offset, held.length) == (0, 64 * 1024), "the write was not held"
+        run("qemu-io", "--object", tls_object(region.host), "--image-opts",
+            image_opts(blockd, dest, **{"tls-hostname": "blockd"}), "-c", "write -P 0xbb 0 64k")  # fmt: skip
+        proxy.release()
+        out, _ = stale.communicate(timeout=30)
+    assert stale.returncode != 0 and "Operation not permitted" in out, out
+    assert blockd.attachments("tls-stale")[source["id"]]["rejected_writes"] == 1

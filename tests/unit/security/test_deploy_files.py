@@ -21,7 +21,7 @@ def test_each_example_config_loads_into_its_command(command: str) -> None:
     cmd = group.commands[command]  # type: ignore[attr-defined]
     ctx = cmd.make_context(command, ["--help"], resilient_parsing=True)
     load_into_defaults(ctx, None, DEPLOY / "etc" / f"{command}.toml")
-    assert ctx.default_map and {"tls_cert", "tls_key", "tls_ca"} <= set(ctx.default_map)
+    assert ctx.default_map and {"tls_cert", "tls_key", "tls_ca", "log_format"} <= set(ctx.default_map)
     unit = (DEPLOY / "systemd" / f"livemig-{command}.service").read_text()
     assert f"livemig {command} --config /etc/livemig/{command}.toml" in unit
 

@@ -132,4 +132,7 @@ def test_health_and_metrics(api: TestClient) -> None:
     metrics = api.get("/metrics")
     assert metrics.status_code == 200
     assert "livemig_blockd_rejected_writes_total" in metrics.text
+    assert "livemig_blockd_fenced_writes_total 0.0" in metrics.text
+    for op in ("read", "write", "flush", "trim", "write_zeroes"):  # before any NBD server: all at 0
+        assert f'livemig_blockd_nbd_request_duration_seconds_count{{op="{op}"}} 0.0' in metrics.text
     assert 'livemig_blockd_volume_size_bytes{volume="v"} 1.048576e+06' in metrics.text

@@ -202,6 +202,35 @@ def test_inline_and_threaded_io_paths(server: ServerThread, disk: FileProvider, 
     assert disk.flushes == 1
 
 
+async def _loop_turn() -> None:
+    """Runs on the server's loop after whatever it was doing."""
+
+
+def test_every_answered_request_counts_once_in_its_commands_latency(server: ServerThread) -> None:
+    latency = server.server.latency
+    with server.client() as client:
+        client.write(0, b"small" * 100)  # inline
+        client.write(MIB, os.urandom(2 * MIB))  # above inline_write_max: a task
+        client.write(4 * MIB, b"fua", fua=True)  # FUA: a task
+        client.read(0, 500)  # inline
+        client.read(MIB, 2 * MIB)  # a task
+        client.flush()
+        client.trim(6 * MIB, 4096)
+        client.write_zeroes(7 * MIB, 4096)
+        with pytest.raises(NbdError):
+            client.read(8 * MIB, 4096)  # past the end: refused before it runs, not a request served
+    server.call(_loop_turn())  # the loop finished the callback that sent the last reply (and counted it)
+    counts = {c.name: latency.count(c) for c in (p.Command.READ, p.Command.WRITE, p.Command.FLUSH,
+                                                   p.Command.TRIM, p.Command.WRITE_ZEROES)}  # fmt: skip
+    assert counts == {"READ": 2, "WRITE": 3, "FLUSH": 1, "TRIM": 1, "WRITE_ZEROES": 1}
+    family = latency.family("livemig_blockd_nbd_request_duration_seconds", "test")
+    reads = {s.labels.get("le"): s.value for s in family.samples if s.labels["op"] == "read"}
+    assert reads["+Inf"] == 2 and reads[None] > 0, "the +Inf bucket counts both; the sum is their time"
+    cumulative = [s.value for s in family.samples if s.labels["op"] == "write" and s.name.endswith("_bucket")]
+    assert cumulative == sorted(cumulative) and cumulative[-1] == 3
+    assert {s.labels["op"] for s in family.samples} == {"read", "write", "flush", "trim", "write_zeroes"}
+
+
 def test_trim_and_write_zeroes(server: ServerThread, disk: FileProvider) -> None:
     def allocated() -> int:
         return disk.path.stat().st_blocks * 512

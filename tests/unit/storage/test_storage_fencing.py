@@ -51,6 +51,7 @@ def test_newer_attachment_takes_over_and_stale_writes_are_rejected_and_counted(r
     assert dest.counters.rejected_writes == 0
     assert registry.try_begin_write(source) is False
     assert source.counters.rejected_writes == 3
+    assert registry.rejected_writes == 3, "blockd's own total (/metrics: livemig_blockd_fenced_writes_total)"
 
 
 def test_older_attachment_never_takes_over(registry: FenceRegistry) -> None:

@@ -42,12 +42,14 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Protocol, cast
 
 from livemig.errors import LivemigError
 from livemig.faults.registry import REGISTRY, Outcome
 from livemig.storage.nbd import protocol as p
 from livemig.storage.nbd.fileio import nbd_errno, pwrite_all, trim_sync, write_sync, zero_sync
+from livemig.storage.nbd.latency import RequestLatency
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +174,7 @@ class NbdServer:
         self.protocol_errors = 0
         self.connections_total = 0
         self.tls_failures = 0
+        self.latency = RequestLatency()  # per command, arrival to reply (``/metrics``)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen; returns the bound address (``port=0`` picks a free port)."""
@@ -232,6 +235,8 @@ class _Connection(asyncio.Protocol):
         self._options_seen = 0
         self._out: list[bytes | bytearray] = []
         self._out_bytes = 0
+        self._arrived = 0.0  # perf_counter() when the last bytes came in
+        self._answered: list[int] = []  # commands answered inline whose replies wait in ``_out``
         self._tasks: set[asyncio.Task[None]] = set()
         self._reading_paused = False
         self._writing_paused = False
@@ -264,6 +269,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        self._arrived = perf_counter()
         self._buf += data
         self._process()
 
@@ -353,6 +359,10 @@ class _Connection(asyncio.Protocol):
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
         self._out_bytes = 0
+        answered = self._answered
+        if answered:
+            self.server.latency.observe_batch(answered, perf_counter() - self._arrived)
+            answered.clear()
 
     def _send(self, data: bytes | bytearray) -> None:
         """Reply from a task (outside a parse batch): goes out at once."""
@@ -625,21 +635,24 @@ class _Connection(asyncio.Protocol):
             self._reply_error(request, rejection.error, rejection.message)
         elif command == _READ and length <= server.inline_read_max:
             self._read_inline(session, request)
+            self._answered.append(command)
         elif command == _DISC:
             log.info("nbd %s: client disconnected (NBD_CMD_DISC)", self.peer)
             self._shutdown()
             return False
-        elif not (
+        elif (
             command == _WRITE
             and length <= server.inline_write_max
             and not request.flags & _FUA
             and self._write_inline(session, request, start)
         ):
+            self._answered.append(command)
+        else:
             payload = b""
             if command == _WRITE:
                 with memoryview(buf) as view:
                     payload = bytes(view[start : start + length])
-            task = asyncio.create_task(self._execute(session, request, payload))
+            task = asyncio.create_task(self._execute(session, request, payload, self._arrived))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
         return True
@@ -655,12 +668,13 @@ class _Connection(asyncio.Protocol):
         if request.command == _WRITE:
             with memoryview(self._buf) as view:
                 payload = bytes(view[start : start + request.length])
-        task = asyncio.create_task(self._execute_faulted(session, request, payload, point))
+        task = asyncio.create_task(self._execute_faulted(session, request, payload, point, self._arrived))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return True
 
-    async def _execute_faulted(self, session: ExportSession, request: p.Request, payload: bytes, point: str) -> None:
+    async def _execute_faulted(self, session: ExportSession, request: p.Request, payload: bytes, point: str,
+                               arrived: float) -> None:  # fmt: skip
         vm, host = session.fault_scope
         try:
             outcome = await _FAULTS.fire(point, vm=vm, host=host, data=True)
@@ -668,7 +682,7 @@ class _Connection(asyncio.Protocol):
             self._send_error(request, p.Errno.EIO, exc.message)
             return
         if outcome is Outcome.PROCEED:
-            await self._execute(session, request, payload)
+            await self._execute(session, request, payload, arrived)
         # DROP: never answered, never applied (a request lost on the way)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -725,8 +739,15 @@ class _Connection(asyncio.Protocol):
         self._queue(p.encode_simple_reply(request.handle))
         return True
 
-    async def _execute(self, session: ExportSession, request: p.Request, payload: bytes) -> None:
-        """Run one request off the parse loop (in the thread pool where it may block)."""
+    async def _execute(self, session: ExportSession, request: p.Request, payload: bytes, arrived: float) -> None:
+        """Run one request off the parse loop (in the thread pool where it may block); its time from
+        ``arrived`` to the reply counts in the server's latency."""
+        try:
+            await self._execute_timed(session, request, payload)
+        finally:
+            self.server.latency.observe(request.command, perf_counter() - arrived)
+
+    async def _execute_timed(self, session: ExportSession, request: p.Request, payload: bytes) -> None:
         command = request.command
         fua = bool(request.flags & p.CommandFlag.FUA)
         fd = session.fd
