@@ -64,6 +64,7 @@ def assert_dashboard(report: dict, state_dir: Path) -> None:
 def assert_network(report: dict) -> None:
     """One TCP connection and a UDP stream through the gateway lived through both migrations."""
     network = report["network"]
+    print(f"demo network: {json.dumps(network)}; per migration: {[m['network'] for m in report['migrations']]}")
     assert network["probes"] == "ran" and network["reason"] is None, network
     tcp, udp = network["tcp"], network["udp"]
     assert tcp["error"] is None and tcp["received"] == tcp["sent"] > 0, tcp

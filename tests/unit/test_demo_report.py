@@ -139,7 +139,8 @@ def test_dashboard_lines_say_where_to_log_in_and_never_print_the_token(tmp_path:
     token_file.write_text('token = "lmt_secret"\n')
     migrations = [{"id": "m-1a", "from": "A", "to": "B"}, {"id": "m-2b", "from": "B", "to": "A"}]
     lines = demo_report.dashboard_lines(LMO + "/", migrations, token_file=token_file, running=True)
-    assert lines == [f"dashboard (log in once with the admin token in {token_file}):", f"  login  {LMO}/ui/login",
+    assert lines == ["dashboard (its first page asks once for the admin token):", f"  login  {LMO}/ui/login",
+                     f"  token  in {token_file}",
                      f"  A → B  {LMO}/ui/migrations/m-1a", f"  B → A  {LMO}/ui/migrations/m-2b"]  # fmt: skip
     assert "lmt_secret" not in "\n".join(lines)
     stopped = demo_report.dashboard_lines(LMO, migrations, token_file=None, running=False)

@@ -121,7 +121,8 @@ def dashboard_lines(lmo_url: str, migrations: list[dict[str, Any]], *, token_fil
     if token_file is None:
         lines = ["dashboard (an --insecure region: no login):"]
     else:
-        lines = [f"dashboard (log in once with the admin token in {token_file}):", f"  login  {base}/ui/login"]
+        lines = ["dashboard (its first page asks once for the admin token):", f"  login  {base}/ui/login",
+                 f"  token  in {token_file}"]  # fmt: skip
     lines += [f"  {m['from']} → {m['to']}  {dashboard_url(lmo_url, m['id'])}" for m in migrations]
     if not running:
         lines.append("  (the demo stopped its region: `livemig demo --keep` leaves it running)")
