@@ -337,6 +337,7 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
                        "seconds": p["seconds"]} for p in status["passes"])  # fmt: skip
     held = [p for p in passes if p["held"] >= 0.8 * args.concurrent / len(harness.replicas)]
     return {
+        "replicas": len(harness.replicas),
         "target_active": target,
         "active_p50": percentile([s["active"] for s in samples], 50),
         "finished_per_s": round((finished1 - finished0) / elapsed, 2),
@@ -531,8 +532,13 @@ async def run_fleet(args: argparse.Namespace, workdir: Path, hosts: int, vms: in
             await drain(lmo, 600)
             if not full:
                 return result
+            if args.concurrent_replicas > 1:  # the deployment for a wave: replicas share it (and the API)
+                await use_replicas(lmo, harness, "lmo", args.concurrent_replicas, max(2000, 2 * args.concurrent), args)
             result["concurrent"] = await concurrent_phase(lmo, harness, names, host_names, rng, args, next_vm)
             await drain(lmo, 900)
+            for proc in harness.replicas[1:]:  # back to lmo-1 alone
+                proc.stop()
+            harness.replicas, lmo.urls = harness.replicas[:1], [first.url]
             if db_url.startswith("postgresql") and args.replicas > 1:
                 result["throughput"] = [await throughput_phase(lmo, harness, names, host_names, rng, args, 1)]
                 result["throughput"].append(
@@ -558,7 +564,13 @@ def main() -> int:
     parser.add_argument("--db", default="sqlite", help="sqlite | postgresql | a postgresql+psycopg:// admin URL")
     parser.add_argument("--replicas", type=int, default=3, help="replicas in the throughput phase (PostgreSQL)")
     parser.add_argument("--capacity", type=int, default=2000, help="migrations each replica drives at most")
-    parser.add_argument("--step-concurrency", type=int, default=32)
+    parser.add_argument("--step-concurrency", type=int, default=96)
+    parser.add_argument(
+        "--concurrent-replicas",
+        type=int,
+        default=1,
+        help="replicas sharing the concurrent phase's migrations and API calls (PostgreSQL)",
+    )
     parser.add_argument("--backlog", type=int, default=3000, help="migrations of the throughput phase")
     parser.add_argument("--window", type=float, default=60.0, help="seconds the throughput is measured over")
     parser.add_argument("--speed", type=float, default=1.0, help="simulated seconds per real second")
@@ -580,6 +592,8 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the wave's progress")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
+    if args.concurrent_replicas > 1 and args.db == "sqlite":
+        parser.error("--concurrent-replicas needs --db postgresql (replicas share migrations through it)")
     baseline_hosts = args.baseline_hosts or max(10, args.hosts // 100)
 
     with tempfile.TemporaryDirectory(prefix="livemig-fleet-") as tmp:

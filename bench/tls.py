@@ -16,7 +16,12 @@ API: two real vswitch processes, one serving mutual TLS with a region certificat
 uses) and on a new connection per call (what a handshake inside the pause would cost), batches
 interleaved.
 
+``--multifd N`` (and ``--compression zstd``) give both arms the same multifd policy: QEMU's TLS
+channel makes a record and a ``send`` of every write element, so its single stream pays two per
+page, where multifd writes whole pages and encrypts on a thread per channel (docs/security.md).
+
     flock /tmp/livemig-heavy.lock .venv/bin/python bench/tls.py --runs 3
+    flock /tmp/livemig-heavy.lock .venv/bin/python bench/tls.py --runs 3 --multifd 2
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Any
 
 from livemig.guest.workload import workload_vm_spec
 from livemig.model import MigrationParams, NicDevice, Phase
-from livemig.model.migration import ConditionType
+from livemig.model.migration import Compression, ConditionType, MigrationPolicies
 from livemig.region.freeport import free_ports
 from livemig.region.local import Region
 from livemig.security import pki
@@ -190,9 +195,21 @@ def main() -> int:
     parser.add_argument("--memory", type=int, default=512, help="guest memory, MiB")
     parser.add_argument("--downtime-ms", type=int, default=None, help="QEMU downtime-limit (default: livemig's)")
     parser.add_argument("--api-calls", type=int, default=400, help="vswitch API calls per arm and kind")
+    parser.add_argument(
+        "--multifd", type=int, default=None, help="multifd channels in both arms (default: each arm's own default)"
+    )
+    parser.add_argument(
+        "--compression",
+        choices=[c.value for c in Compression],
+        default="none",
+        help="compression in both arms (zstd needs --multifd)",
+    )
     parser.add_argument("--state-dir", type=Path, default=None)
     args = parser.parse_args()
     params = MigrationParams() if args.downtime_ms is None else MigrationParams(downtime_limit_ms=args.downtime_ms)
+    if args.multifd is not None or args.compression != "none":
+        compression = Compression(args.compression)
+        params.policies = MigrationPolicies(multifd_channels=args.multifd or 0, compression=compression)
     work = args.state_dir or Path(tempfile.mkdtemp(prefix="livemig-tls-bench-"))
     region = Region(work)
     region.down()
@@ -207,7 +224,7 @@ def main() -> int:
             lmo.wait_for_console(VM, "LIVEMIG HB", timeout=120)
         report = {
             "guest": {"memory_mib": args.memory, "dirty_rate_mib_s": args.rate, "volume": True, "nic": True},
-            "params": params.model_dump(mode="json", include={"downtime_limit_ms", "max_bandwidth_mib_s"}),
+            "params": params.model_dump(mode="json", include={"downtime_limit_ms", "max_bandwidth_mib_s", "policies"}),
             "migrations": migrations(region, max(3, args.runs), params),
         }
         # hostd logs each hand-off; it names any TLS connection it had to open inside the pause

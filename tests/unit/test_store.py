@@ -1,6 +1,8 @@
+from datetime import UTC, datetime
+
 import pytest
 
-from livemig.control.store import Store
+from livemig.control.store import DirtyRate, Store
 from livemig.errors import CapacityError, Conflict, NotFound
 from livemig.model import HostRegistration, Migration, Phase, VmSpec
 
@@ -181,6 +183,33 @@ def test_saves_bump_the_version_and_a_lost_lease_is_reported(store):
     m = store.migration("m1")
     assert store.save_migrations([m], "lmo-1") == [claim.version + 1]
     assert store.save_migrations([m], "lmo-2") == [None]
+
+
+def test_a_batch_save_reports_each_migration_its_own_outcome(store):
+    """One batch (one statement for the ones that stay active): held ones get their new version
+    and their document, one held by another replica gets None and is left alone, one that ends
+    releases its reservation; dirty rates of many VMs land in one statement, newest wins."""
+    store.upsert_host(host("A", 8192))
+    store.upsert_host(host("B", 8192))
+    for i in range(4):
+        store.add_vm(VmSpec(name=f"vm{i}", memory_mib=1024), "A")
+        store.add_migration(Migration(id=f"m{i}", vm=f"vm{i}", source="A", destination="B"))
+    claims = {c.id: c for c in store.claim("lmo-1", ttl_s=30, capacity=3)}  # m0, m1, m2; m3 stays free
+    assert sorted(claims) == ["m0", "m1", "m2"]
+    batch = [store.migration(i) for i in ("m0", "m1", "m2", "m3")]
+    batch[0].phase = batch[1].phase = Phase.PRECOPY
+    batch[1].reason = "kept"
+    batch[2].phase = Phase.FAILED
+    assert store.save_migrations(batch, "lmo-1") == [claims["m0"].version + 1, claims["m1"].version + 1,
+                                                     claims["m2"].version + 1, None]  # fmt: skip
+    assert store.migration("m1").phase is Phase.PRECOPY and store.migration("m1").reason == "kept"
+    assert store.migration("m3").phase is Phase.PENDING, "a migration this replica does not hold is not written"
+    assert store.capacity("B").free_mib == 8192 - 3 * 1024, "only the ended one released its room"
+    earlier, later = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
+    store.record_dirty_rates([DirtyRate("vm0", 5.0, later, "migration"), DirtyRate("vm1", 7.0, later, "probe")])
+    store.record_dirty_rates([DirtyRate("vm0", 99.0, earlier, "probe")])  # older: ignored
+    facts = {f.name: f for f in store.vm_facts(["A"])}
+    assert (facts["vm0"].dirty_rate_mib_s, facts["vm1"].dirty_rate_mib_s) == (5.0, 7.0)
 
 
 def test_an_older_store_is_upgraded_with_its_inventory(tmp_path):

@@ -245,7 +245,7 @@ def lmo_command(
         str | None, typer.Option(help="this replica's name in leases (default: host-pid-random)")
     ] = None,
     capacity: Annotated[int, typer.Option(help="most migrations this replica drives at once")] = 2000,
-    concurrency: Annotated[int, typer.Option(help="migrations a controller pass steps at the same time")] = 32,
+    concurrency: Annotated[int, typer.Option(help="migrations a controller pass steps at the same time")] = 96,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
 ) -> None:

@@ -33,7 +33,7 @@ from livemig.control.metrics import migration_ended
 from livemig.control.network import vm_vnics
 from livemig.control.policy import judge
 from livemig.control.services import Services
-from livemig.control.store import Reservation
+from livemig.control.store import DirtyRate, Reservation
 from livemig.errors import GuestError, HostUnreachable, LivemigError
 from livemig.faults.model import Scope
 from livemig.faults.points import fault_point
@@ -61,7 +61,7 @@ RESUME_RETRY_S = 2.0
 # the most migrations one replica drives at once (queued ones included); more replicas drive more
 REPLICA_CAPACITY = 2000
 # how many migrations a pass steps at the same time (each step mostly waits on its hosts)
-STEP_CONCURRENCY = 32
+STEP_CONCURRENCY = 96  # under the pooled client's 100 connections (wire.base.MAX_KEEPALIVE)
 # how many recent passes a replica remembers for GET /controller
 PASS_HISTORY = 512
 # phases whose step mostly observes (QEMU's pre-copy, the destination loading the last state): a
@@ -119,6 +119,7 @@ class Controller:
         self._unreachable_since: dict[str, float] = {}
         self._flows_synced_at: dict[str, float] = {}  # migration id -> monotonic time of its last delta
         self.firings = FiringCollector(services, self.replica)
+        self._dirty_rates: list[DirtyRate] = []  # ended migrations' guests, written after their saves
         self._resumed: dict[str, float] = {}  # migration id -> when a paused destination was last continued
         self._handlers: dict[Phase, Callable[[Migration], Awaitable[None]]] = {
             Phase.PENDING: self._pending,
@@ -276,12 +277,21 @@ class Controller:
 
     def _save(self, m: Migration) -> bool:
         """Save a step's result while this replica holds the lease (remembering the new version)."""
-        return self._saved(m, self.store.save_migration_versioned(m, self.replica))
+        saved = self._saved(m, self.store.save_migration_versioned(m, self.replica))
+        self._record_dirty_rates()
+        return saved
 
     def _save_all(self, migrations: list[Migration]) -> None:
         if migrations:
             for m, version in zip(migrations, self.store.save_migrations(migrations, self.replica), strict=True):
                 self._saved(m, version)
+            self._record_dirty_rates()
+
+    def _record_dirty_rates(self) -> None:
+        """What the guests that just moved did while they moved: the wave planner's estimate for
+        their next move, written together (one statement for a pass's ended migrations)."""
+        rates, self._dirty_rates = self._dirty_rates, []
+        self.store.record_dirty_rates(rates)
 
     def _saved(self, m: Migration, version: int | None) -> bool:
         if version is None:
@@ -295,8 +305,7 @@ class Controller:
             self.finished += 1
             migration_ended(m)  # only the lease holder's save of the end succeeds: counted once
             if m.last_sample is not None and m.last_sample.dirty_pages_rate:
-                # what the guest did while it moved: the wave planner's estimate for its next move
-                self.store.record_dirty_rate(m.vm, m.last_sample.dirty_rate_mib_s, m.last_sample.at, "migration")
+                self._dirty_rates.append(DirtyRate(m.vm, m.last_sample.dirty_rate_mib_s, m.last_sample.at, "migration"))
         else:
             self._held[m.id] = (version, m)
         return True

@@ -229,6 +229,16 @@ class VmFacts:
 
 
 @dataclass(frozen=True)
+class DirtyRate:
+    """A VM's dirty rate as last seen, for the wave planner."""
+
+    vm: str
+    mib_s: float
+    at: datetime
+    source: str
+
+
+@dataclass(frozen=True)
 class Reservation:
     """An admitted migration's hold on its hosts' migration bandwidth."""
 
@@ -298,6 +308,17 @@ _SAVED = {"phase": bindparam("b_phase"), "doc": bindparam("b_doc"), "active": bi
 SAVE = update(M).where(M.c.id == bindparam("b_id")).values(**_SAVED).returning(M.c.version)
 SAVE_OWNED = (update(M).where(M.c.id == bindparam("b_id"), M.c.owner == bindparam("b_owner"))
               .values(**_SAVED).returning(M.c.version))  # fmt: skip
+RECORD_DIRTY_RATE = (
+    update(V)
+    .where(V.c.name == bindparam("b_vm"), or_(V.c.dirty_rate_at.is_(None), V.c.dirty_rate_at <= bindparam("b_at")))
+    .values(dirty_rate_mib_s=bindparam("b_rate"), dirty_rate_at=bindparam("b_at"),
+            dirty_rate_source=bindparam("b_source"))
+)  # fmt: skip
+#: SAVE_OWNED without RETURNING, for executemany (a lost lease shows in OWNED_VERSIONS instead)
+SAVE_OWNED_MANY = update(M).where(M.c.id == bindparam("b_id"), M.c.owner == bindparam("b_owner")).values(**_SAVED)
+OWNED_VERSIONS = select(M.c.id, M.c.version).where(
+    M.c.id.in_(bindparam("ids", expanding=True)), M.c.owner == bindparam("owner")
+)
 END = update(M).where(M.c.id == bindparam("b_id")).values(**_SAVED, owner=None, memory_mib=0).returning(M.c.version)
 END_OWNED = (update(M).where(M.c.id == bindparam("b_id"), M.c.owner == bindparam("b_owner"))
              .values(**_SAVED, owner=None, memory_mib=0).returning(M.c.version))  # fmt: skip
@@ -539,9 +560,15 @@ class Store:
 
     def record_dirty_rate(self, vm: str, mib_s: float, at: datetime, source: str) -> None:
         """Remember a VM's dirty rate (newest wins), for the wave planner."""
+        self.record_dirty_rates([DirtyRate(vm, mib_s, at, source)])
+
+    def record_dirty_rates(self, rates: Sequence[DirtyRate]) -> None:
+        """:meth:`record_dirty_rate` for many VMs in one statement (a controller pass's ended migrations)."""
+        if not rates:
+            return
         with self.transaction() as c:
-            c.execute(update(V).where(V.c.name == vm, or_(V.c.dirty_rate_at.is_(None), V.c.dirty_rate_at <= at))
-                      .values(dirty_rate_mib_s=mib_s, dirty_rate_at=at, dirty_rate_source=source))  # fmt: skip
+            c.execute(RECORD_DIRTY_RATE, [{"b_vm": r.vm, "b_rate": r.mib_s, "b_at": r.at, "b_source": r.source}
+                                          for r in rates])  # fmt: skip
 
     # ------------------------------------------------------------------ migrations
     @sync_point("lmo.store.add_migration")
@@ -670,7 +697,7 @@ class Store:
         versions: list[int | None] = []
         for start in range(0, len(migrations), SAVE_BATCH):
             with self.transaction() as c:
-                versions.extend(_save(c, m, owner) for m in migrations[start : start + SAVE_BATCH])
+                versions.extend(_save_many(c, migrations[start : start + SAVE_BATCH], owner))
         return versions
 
     @sync_point("lmo.store.save_migration")
@@ -887,6 +914,25 @@ def _reserve(c: Connection, destination: str, mib: int) -> None:
         if row is not None:  # an unknown host keeps no inventory (and fails later, with a reason)
             raise CapacityError(f"destination {destination} has {row.free_mib} MiB free, {mib} MiB needed",
                                 host=destination, free_mib=row.free_mib, needed_mib=mib)  # fmt: skip
+
+
+def _save_many(c: Connection, migrations: Sequence[Migration], owner: str) -> list[int | None]:
+    """:func:`_save` for a batch held by ``owner``: the ones that stay active in one executemany
+    (one pipelined round trip on PostgreSQL, not one per migration) and one read of the versions
+    that took; only the ones that end go one by one (they release reservations)."""
+    live = [m for m in migrations if m.phase not in TERMINAL_PHASES]
+    versions: dict[str, int] = {}
+    if live:
+        now = utcnow()
+        rows = []
+        for m in live:
+            m.updated_at = now
+            rows.append({"b_id": m.id, "b_owner": owner, "b_phase": m.phase.value, "b_doc": m.model_dump_json(),
+                         "b_active": True, "b_reserved": m.reserved_mib_s})  # fmt: skip
+        c.execute(SAVE_OWNED_MANY, rows)
+        ids = [m.id for m in live]
+        versions = {row.id: row.version for row in c.execute(OWNED_VERSIONS, {"ids": ids, "owner": owner})}
+    return [versions.get(m.id) if m.phase not in TERMINAL_PHASES else _save(c, m, owner) for m in migrations]
 
 
 def _save(c: Connection, migration: Migration, owner: str | None) -> int | None:
