@@ -4,9 +4,9 @@ Why a thread: a controller pass steps hundreds of migrations, each a few hundred
 Python between its host calls, and the store's calls are synchronous. On the API's event loop an
 API request would wait behind every step that became ready before it, at each of its own awaits:
 hundreds of milliseconds under load. On its own loop the controller competes with the API only
-for the interpreter, which switches threads every few milliseconds, so a request's latency stays
-its own work. Both loops share the store and the cache of host registrations; each has its own
-HTTP client (a client belongs to one loop).
+for the interpreter, which it hands back every millisecond (``SWITCH_INTERVAL_S``), so a
+request's latency stays its own work. Both loops share the store and the cache of host
+registrations; each has its own HTTP client (a client belongs to one loop).
 
 In-process tests hand the app a transport that runs the fake hosts on the caller's loop; there the
 controller stays a task on the API's loop, because the fake hosts' QEMUs live on that loop.
