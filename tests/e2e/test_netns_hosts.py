@@ -127,7 +127,9 @@ def test_hostd_killed_mid_migration_leaves_no_stale_class(region: Region, lmo: L
     assert config is not None
     source_ns = str(next(h.netns for h in config.hosts if h.name == "A"))
     shaper = MigrationShaper(source_ns, MIGRATION_DEVICE, HOST_BUDGET_MIB_S)
-    lmo.create_vm(workload_vm_spec(memory_mib=256, rate=10, wss_mib=64, name="nskill"), host="A")
+    # dirtying twice the share: pre-copy cannot finish while hostd is down (at 10 MiB/s QEMU
+    # sometimes completed it before the restart, and the migration rightly succeeded)
+    lmo.create_vm(workload_vm_spec(memory_mib=256, rate=2 * SHARE_MIB_S, wss_mib=64, name="nskill"), host="A")
     try:
         lmo.wait_for_console("nskill", "LIVEMIG HB", timeout=90)
         migration = lmo.migrate("nskill", "B", MigrationParams(max_bandwidth_mib_s=SHARE_MIB_S))
