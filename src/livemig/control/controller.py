@@ -119,7 +119,6 @@ class Controller:
         self._unreachable_since: dict[str, float] = {}
         self._flows_synced_at: dict[str, float] = {}  # migration id -> monotonic time of its last delta
         self.firings = FiringCollector(services, self.replica)
-        self._dirty_rates: list[DirtyRate] = []  # ended migrations' guests, written after their saves
         self._resumed: dict[str, float] = {}  # migration id -> when a paused destination was last continued
         self._handlers: dict[Phase, Callable[[Migration], Awaitable[None]]] = {
             Phase.PENDING: self._pending,
@@ -278,20 +277,15 @@ class Controller:
     def _save(self, m: Migration) -> bool:
         """Save a step's result while this replica holds the lease (remembering the new version)."""
         saved = self._saved(m, self.store.save_migration_versioned(m, self.replica))
-        self._record_dirty_rates()
+        if saved:
+            self.store.record_dirty_rates(_moved_guests_rates([m]))
         return saved
 
     def _save_all(self, migrations: list[Migration]) -> None:
         if migrations:
-            for m, version in zip(migrations, self.store.save_migrations(migrations, self.replica), strict=True):
-                self._saved(m, version)
-            self._record_dirty_rates()
-
-    def _record_dirty_rates(self) -> None:
-        """What the guests that just moved did while they moved: the wave planner's estimate for
-        their next move, written together (one statement for a pass's ended migrations)."""
-        rates, self._dirty_rates = self._dirty_rates, []
-        self.store.record_dirty_rates(rates)
+            versions = self.store.save_migrations(migrations, self.replica)
+            saved = [m for m, version in zip(migrations, versions, strict=True) if self._saved(m, version)]
+            self.store.record_dirty_rates(_moved_guests_rates(saved))
 
     def _saved(self, m: Migration, version: int | None) -> bool:
         if version is None:
@@ -304,8 +298,6 @@ class Controller:
             self._flows_synced_at.pop(m.id, None)
             self.finished += 1
             migration_ended(m)  # only the lease holder's save of the end succeeds: counted once
-            if m.last_sample is not None and m.last_sample.dirty_pages_rate:
-                self._dirty_rates.append(DirtyRate(m.vm, m.last_sample.dirty_rate_mib_s, m.last_sample.at, "migration"))
         else:
             self._held[m.id] = (version, m)
         return True
@@ -725,6 +717,13 @@ class Controller:
             return None
         never_ran = dst is not None and dst.resumed_at is None and dst.state in (RunState.INMIGRATE, RunState.PRELAUNCH)
         return None if never_ran else "the destination received the guest and is gone; the source's copy is stale"
+
+
+def _moved_guests_rates(saved: list[Migration]) -> list[DirtyRate]:
+    """What the guests of the ended migrations among ``saved`` did while they moved: the wave
+    planner's estimate for their next move (written in one statement with the pass's saves)."""
+    return [DirtyRate(m.vm, m.last_sample.dirty_rate_mib_s, m.last_sample.at, "migration")
+            for m in saved if m.terminal and m.last_sample is not None and m.last_sample.dirty_pages_rate]  # fmt: skip
 
 
 def _has_guest(observed: VmStatus | None) -> bool:

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 from livemig.control.planner import calibrate, median_rate, schedule
 from livemig.control.services import Services
-from livemig.control.store import Store, VmFacts
+from livemig.control.store import DirtyRate, Store, VmFacts
 from livemig.errors import CapacityError, Conflict, LivemigError
 from livemig.model.migration import TERMINAL_PHASES, Migration, Phase, utcnow
 from livemig.wire import hostd
@@ -135,8 +135,8 @@ async def _measure(services: Services, request: WaveRequest) -> int:
                 replies = await services.host(host).run(hostd.dirty_rates(names))
             except LivemigError:
                 return 0
-            for reply in replies:
-                services.store.record_dirty_rate(reply.vm, reply.dirty_rate_mib_s, reply.measured_at, "measured")
+            services.store.record_dirty_rates([DirtyRate(r.vm, r.dirty_rate_mib_s, r.measured_at, "measured")
+                                               for r in replies])  # fmt: skip
             return len(replies)
 
     return sum(await asyncio.gather(*(one(host, names) for host, names in stale.items())))

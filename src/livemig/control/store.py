@@ -558,12 +558,8 @@ class Store:
                 )
         return sorted(facts, key=lambda f: f.name)
 
-    def record_dirty_rate(self, vm: str, mib_s: float, at: datetime, source: str) -> None:
-        """Remember a VM's dirty rate (newest wins), for the wave planner."""
-        self.record_dirty_rates([DirtyRate(vm, mib_s, at, source)])
-
     def record_dirty_rates(self, rates: Sequence[DirtyRate]) -> None:
-        """:meth:`record_dirty_rate` for many VMs in one statement (a controller pass's ended migrations)."""
+        """Remember VMs' dirty rates (newest wins), for the wave planner: one statement for many."""
         if not rates:
             return
         with self.transaction() as c:
@@ -916,6 +912,19 @@ def _reserve(c: Connection, destination: str, mib: int) -> None:
                                 host=destination, free_mib=row.free_mib, needed_mib=mib)  # fmt: skip
 
 
+def _save_values(migration: Migration, owner: str | None) -> dict[str, Any]:
+    """The bound values of a save (stamping the document's ``updated_at`` first)."""
+    migration.updated_at = utcnow()
+    return {
+        "b_id": migration.id,
+        "b_owner": owner,
+        "b_phase": migration.phase.value,
+        "b_doc": migration.model_dump_json(),
+        "b_active": migration.phase not in TERMINAL_PHASES,
+        "b_reserved": migration.reserved_mib_s,
+    }
+
+
 def _save_many(c: Connection, migrations: Sequence[Migration], owner: str) -> list[int | None]:
     """:func:`_save` for a batch held by ``owner``: the ones that stay active in one executemany
     (one pipelined round trip on PostgreSQL, not one per migration) and one read of the versions
@@ -923,13 +932,7 @@ def _save_many(c: Connection, migrations: Sequence[Migration], owner: str) -> li
     live = [m for m in migrations if m.phase not in TERMINAL_PHASES]
     versions: dict[str, int] = {}
     if live:
-        now = utcnow()
-        rows = []
-        for m in live:
-            m.updated_at = now
-            rows.append({"b_id": m.id, "b_owner": owner, "b_phase": m.phase.value, "b_doc": m.model_dump_json(),
-                         "b_active": True, "b_reserved": m.reserved_mib_s})  # fmt: skip
-        c.execute(SAVE_OWNED_MANY, rows)
+        c.execute(SAVE_OWNED_MANY, [_save_values(m, owner) for m in live])
         ids = [m.id for m in live]
         versions = {row.id: row.version for row in c.execute(OWNED_VERSIONS, {"ids": ids, "owner": owner})}
     return [versions.get(m.id) if m.phase not in TERMINAL_PHASES else _save(c, m, owner) for m in migrations]
@@ -941,17 +944,8 @@ def _save(c: Connection, migration: Migration, owner: str | None) -> int | None:
     A save that ends the migration also ends its memory reservation on the destination, unless
     the VM now lives there (the reservation is then its placement): exactly once, on the save
     that turns it from active to ended."""
-    migration.updated_at = utcnow()
-    terminal = migration.phase in TERMINAL_PHASES
-    values = {
-        "b_id": migration.id,
-        "b_owner": owner,
-        "b_phase": migration.phase.value,
-        "b_doc": migration.model_dump_json(),
-        "b_active": not terminal,
-        "b_reserved": migration.reserved_mib_s,
-    }
-    if not terminal:
+    values = _save_values(migration, owner)
+    if values["b_active"]:
         return c.execute(SAVE if owner is None else SAVE_OWNED, values).scalar()
     ending = c.execute(ENDING.with_for_update() if c.dialect.name == "postgresql" else ENDING,
                        {"id": migration.id}).first()  # fmt: skip
