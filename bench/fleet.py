@@ -239,7 +239,7 @@ async def bounded(concurrency: int, jobs: list[Callable[[], Awaitable[Any]]]) ->
 async def wait_registered(lmo: Lmo, fleet: Proc, hosts: int, timeout: float = 900) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        stats = (await lmo.http.get(fleet.url + "/fleet")).json()
+        stats = (await lmo.http.request("GET", fleet.url + "/fleet")).json()
         if stats["registered"] >= hosts:
             return time.monotonic() - started
         await asyncio.sleep(0.5)
@@ -283,7 +283,7 @@ async def sample_api(lmo: Lmo, vms: list[str], hosts: list[str], rng: random.Ran
 async def controller_passes(lmo: Lmo, harness: Harness) -> list[dict[str, Any]]:
     status = []
     for proc in harness.replicas:
-        status.append((await lmo.http.get(proc.url + "/controller")).json())
+        status.append((await lmo.http.request("GET", proc.url + "/controller")).json())
     return status
 
 
@@ -334,7 +334,9 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
     create_latency = lmo.take("create_migration_load")
     for status in await controller_passes(lmo, harness):
         passes.extend({"replica": status["replica"], "held": p["held"], "stepped": p["stepped"],
-                       "seconds": p["seconds"]} for p in status["passes"])  # fmt: skip
+                       "deferred": p.get("deferred", 0), "acting": p.get("acting", 0), "seconds": p["seconds"],
+                       **{k: p.get(k, 0.0) for k in ("read_s", "admit_s", "step_s", "save_s")}}
+                      for p in status["passes"])  # fmt: skip
     held = [p for p in passes if p["held"] >= 0.8 * args.concurrent / len(harness.replicas)]
     return {
         "replicas": len(harness.replicas),
@@ -348,6 +350,9 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
             "held_p50": percentile([p["held"] for p in held], 50),
             "p50_s": percentile([p["seconds"] for p in held], 50),
             "p99_s": percentile([p["seconds"] for p in held], 99),
+            "deferred_p50": percentile([p["deferred"] for p in held], 50),
+            "acting_p50": percentile([p["acting"] for p in held], 50),
+            "split_p50_s": {k: percentile([p[k] for p in held], 50) for k in ("read_s", "admit_s", "step_s", "save_s")},
             "by_held": pass_curve(passes),
         },
         "cpu_s_per_s": {k: round((cpu1[k] - cpu0.get(k, 0)) / elapsed, 3) for k in cpu1},
@@ -356,10 +361,15 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
 
 def pass_curve(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Pass time against migrations held, in buckets of 100."""
-    buckets: dict[int, list[float]] = {}
+    buckets: dict[int, list[dict[str, Any]]] = {}
     for p in passes:
-        buckets.setdefault(int(p["held"]) // 100 * 100, []).append(p["seconds"])
-    return [{"held": k, "passes": len(v), "p50_s": percentile(v, 50), "p99_s": percentile(v, 99)}
+        buckets.setdefault(int(p["held"]) // 100 * 100, []).append(p)
+    return [{"held": k, "passes": len(v), "p50_s": percentile([p["seconds"] for p in v], 50),
+             "p99_s": percentile([p["seconds"] for p in v], 99),
+             "stepped_p50": percentile([p["stepped"] for p in v], 50),
+             "acting_p50": percentile([p["acting"] for p in v], 50),
+             "deferred_p50": percentile([p["deferred"] for p in v], 50),
+             "split_p50_s": {s: percentile([p[s] for p in v], 50) for s in ("read_s", "admit_s", "step_s", "save_s")}}
             for k, v in sorted(buckets.items())]  # fmt: skip
 
 
@@ -521,7 +531,7 @@ async def run_fleet(args: argparse.Namespace, workdir: Path, hosts: int, vms: in
             result["seed_s"] = round(time.monotonic() - started, 1)
             result["seed_cpu_s"] = {k: round(v - cpu0.get(k, 0), 1) for k, v in harness.cpu().items()}
             result["seed_create_vm"] = summary(lmo.take("seed_vm"))
-            stats = (await lmo.http.get(fleet.url + "/fleet")).json()
+            stats = (await lmo.http.request("GET", fleet.url + "/fleet")).json()
             result["fleet"] = stats | {"rss_per_vm_kib": round((stats["rss_mib"] * 1024) / max(stats["vms"], 1), 1)}
             result["lmo_rss_mib"] = round(rss_mib(first.pid), 1)
             names = [f"vm{i:06d}" for i in range(vms)]

@@ -37,7 +37,7 @@ from livemig.model.migration import Migration
 from livemig.security.access import NO_DOCS, Guard, LoginRequired
 from livemig.security.tls import INSECURE_STATE
 from livemig.wire import hostd
-from livemig.wire.base import async_http
+from livemig.wire.base import AsyncHttp, async_http
 from livemig.wire.lmo import ControllerStatus, PassView
 from livemig.wire.server import install_error_handlers
 
@@ -68,7 +68,7 @@ def create_app(
         services.migration_tls = not insecure if migration_tls is None else migration_tls
         app.state.services = services
 
-        def make(client: httpx.AsyncClient) -> Controller:
+        def make(client: AsyncHttp) -> Controller:
             own = Services.build(store, client, blockd_url, services.registrations)
             own.migration_tls = services.migration_tls
             return Controller(own, controller_interval_s, replica=replica, capacity=capacity,
@@ -125,7 +125,9 @@ def create_app(
             interval_s=controller.interval_s, held=len(controller.held), finished=controller.finished,
             replicas=store.replicas(controller.lease_s),
             passes=[PassView(at=datetime.fromtimestamp(p.at, UTC), held=p.held, stepped=p.stepped,
-                             admitted=p.admitted, queued=p.queued, seconds=p.seconds)
+                             admitted=p.admitted, queued=p.queued, seconds=p.seconds,
+                             deferred=p.deferred, acting=p.acting, read_s=p.read_s, admit_s=p.admit_s,
+                             step_s=p.step_s, save_s=p.save_s)
                     for p in controller.recent_passes()],
         )  # fmt: skip
 

@@ -70,6 +70,12 @@ PASS_HISTORY = 512
 OBSERVING = frozenset({Phase.PRECOPY, Phase.SWITCHOVER, Phase.CUTTING_OVER})
 OBSERVE_COST_S = 0.005
 MAX_OBSERVE_INTERVAL_S = 2.0
+# a pass steps what fits in PASS_BUDGET_S at the cost per step this replica measures (the steps
+# that act always; observations oldest first, at least a full concurrency's worth): however many
+# migrations it holds, a pass stays short and every held migration is observed in turn, so the
+# controller answers a cancel or a finished pre-copy within a pass or two instead of waiting for a
+# pass over everything
+PASS_BUDGET_S = 1e9
 # an observation that changed only QEMU's latest numbers (the last sample) is saved at most every
 # N x SAVE_COST_S seconds (at most every MAX_SAVE_INTERVAL_S): with a few migrations, every step
 SAVE_COST_S = 0.005
@@ -93,6 +99,13 @@ class PassRecord:
     admitted: int
     queued: int
     seconds: float
+    deferred: int = 0  # observations that were due but left to the next passes (the pass budget)
+    acting: int = 0  # steps that act (not only observe): always taken
+    # where the pass's time went: reading claims and documents, admission, the steps, saving them
+    read_s: float = 0.0
+    admit_s: float = 0.0
+    step_s: float = 0.0
+    save_s: float = 0.0
 
 
 class Controller:
@@ -115,6 +128,7 @@ class Controller:
         self._held: dict[str, tuple[int, Migration]] = {}
         self._vms: dict[str, tuple[VmSpec, str]] = {}
         self._observed_at: dict[str, float] = {}  # migration id -> monotonic time of its last step
+        self._step_cost_s = OBSERVE_COST_S  # wall seconds a pass spends per step, measured (moving average)
         self._saved_at: dict[str, float] = {}  # migration id -> monotonic time of its last save
         self._unreachable_since: dict[str, float] = {}
         self._flows_synced_at: dict[str, float] = {}  # migration id -> monotonic time of its last delta
@@ -193,9 +207,12 @@ class Controller:
         queued_ids = {m.id for m in queued}
         now = time.monotonic()
         every = min(MAX_OBSERVE_INTERVAL_S, len(held) * OBSERVE_COST_S)
-        stepping = [m for m in migrations if m.id not in queued_ids
-                    and (m.phase not in OBSERVING or m.cancel_requested
-                         or now - self._observed_at.get(m.id, 0.0) >= every)]  # fmt: skip
+        active = [m for m in migrations if m.id not in queued_ids]
+        acting = [m for m in active if m.phase not in OBSERVING or m.cancel_requested]
+        due = [m for m in active if m.phase in OBSERVING and not m.cancel_requested
+               and now - self._observed_at.get(m.id, 0.0) >= every]  # fmt: skip
+        observing = self._within_budget(due, len(acting))
+        stepping = acting + observing
         self._observed_at = {i: self._observed_at[i] for i in held if i in self._observed_at}
         self._saved_at = {i: self._saved_at[i] for i in held if i in self._saved_at}
         for m in stepping:
@@ -203,7 +220,10 @@ class Controller:
         missing = {m.vm for m in stepping if m.vm not in self._vms}
         if missing:
             self._vms.update(self.store.vms_named(missing))
+        read_s = time.perf_counter() - started
         admitted = await self._admit(queued)
+        admit_s = time.perf_counter() - started - read_s
+        step_s = save_s = 0.0
         if stepping:
             gate = asyncio.Semaphore(self.concurrency)
 
@@ -216,17 +236,39 @@ class Controller:
                         self._held.pop(m.id, None)  # read it again from the store
                         return False
 
+            steps_started = time.perf_counter()
             changed = await asyncio.gather(*(bounded(m) for m in stepping))
+            step_s = time.perf_counter() - steps_started
+            self._measure_step_cost(step_s, len(stepping))
             # the pass's results saved together (a few transactions): a step is idempotent and
             # observes before it acts, so a result saved at the end of the pass is as safe as one
             # saved at once (a crash in between is the controller.after.<Phase> fault)
             self._save_all([m for m, save in zip(stepping, changed, strict=True) if save])
+            save_s = time.perf_counter() - steps_started - step_s
         seconds = time.perf_counter() - started
         PASS_SECONDS.observe(seconds)
         HELD.set(len(self._held))
         self.passes.append(PassRecord(at=at, held=len(held), stepped=len(stepping), admitted=admitted,
-                                      queued=len(queued) - admitted, seconds=seconds))  # fmt: skip
+                                      queued=len(queued) - admitted, seconds=seconds,
+                                      deferred=len(due) - len(observing), acting=len(acting), read_s=read_s,
+                                      admit_s=admit_s, step_s=step_s, save_s=save_s))  # fmt: skip
         await self.firings.sweep_late()
+
+    def _within_budget(self, due: list[Migration], acting: int) -> list[Migration]:
+        """The due observations this pass makes: what fits in :data:`PASS_BUDGET_S` beside the
+        ``acting`` steps (never fewer than the step concurrency, which one round of steps costs
+        anyway), longest unobserved first; the rest wait for the next passes."""
+        room = max(self.concurrency, int(PASS_BUDGET_S / self._step_cost_s) - acting)
+        if len(due) <= room:
+            return due
+        return sorted(due, key=lambda m: self._observed_at.get(m.id, 0.0))[:room]
+
+    def _measure_step_cost(self, seconds: float, steps: int) -> None:
+        """Fold a pass's wall time per step into the moving average the budget divides by. Only a
+        pass with at least a full concurrency of steps measures the throughput; fewer measure
+        one step's latency, which would shrink the budget for nothing."""
+        if steps >= self.concurrency:
+            self._step_cost_s = 0.5 * self._step_cost_s + 0.5 * max(seconds / steps, 1e-4)
 
     async def _admit(self, queued: list[Migration]) -> int:
         """Admit what fits of this replica's queued migrations, oldest first, in one admission

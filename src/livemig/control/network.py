@@ -14,7 +14,6 @@ import logging
 import time
 from typing import Any
 
-import httpx
 from pydantic import BaseModel, ValidationError
 
 from livemig.control.store import Store
@@ -25,6 +24,7 @@ from livemig.model.migration import Migration, Phase
 from livemig.model.vm import NicDevice, VmSpec
 from livemig.network.model import Mapping, OverlayHost, SecurityList, Subnet, Vcn, Vnic
 from livemig.wire import vswitch
+from livemig.wire.base import AsyncHttp
 from livemig.wire.vswitch import AsyncVswitchClient
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def vm_vnics(spec: VmSpec) -> list[str]:
 
 
 class NetworkService:
-    def __init__(self, store: Store, client: httpx.AsyncClient) -> None:
+    def __init__(self, store: Store, client: AsyncHttp) -> None:
         self.store = store
         self.client = client
 

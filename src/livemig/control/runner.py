@@ -21,10 +21,8 @@ import sys
 import threading
 from collections.abc import Callable
 
-import httpx
-
 from livemig.control.controller import Controller
-from livemig.wire.base import async_http
+from livemig.wire.base import AsyncHttp, async_http
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +33,7 @@ SWITCH_INTERVAL_S = 0.001
 class ControllerThread:
     """Runs ``make(http)``'s controller forever on a thread of its own until :meth:`stop`."""
 
-    def __init__(self, make: Callable[[httpx.AsyncClient], Controller]) -> None:
+    def __init__(self, make: Callable[[AsyncHttp], Controller]) -> None:
         self._make = make
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import Annotated
 
-import httpx
 from fastapi import Depends, Request
 
 from livemig.control.network import NetworkService
@@ -21,6 +20,7 @@ from livemig.control.transfers import TransferOps
 from livemig.control.volumes import VolumeOps
 from livemig.errors import InvalidRequest
 from livemig.model.host import HostRegistration
+from livemig.wire.base import AsyncHttp
 from livemig.wire.blockd import BlockdClient
 from livemig.wire.hostd import HostdClient
 
@@ -56,7 +56,7 @@ class Registrations:
 @dataclass
 class Services:
     store: Store
-    http: httpx.AsyncClient
+    http: AsyncHttp
     volumes: VolumeOps
     network: NetworkService
     registrations: Registrations
@@ -66,7 +66,7 @@ class Services:
     migration_tls: bool = True
 
     @classmethod
-    def build(cls, store: Store, http: httpx.AsyncClient, blockd_url: str | None = None,
+    def build(cls, store: Store, http: AsyncHttp, blockd_url: str | None = None,
               registrations: Registrations | None = None) -> Services:  # fmt: skip
         block = BlockdClient(blockd_url, http) if blockd_url else None
         volumes = VolumeOps(store, block)

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -31,7 +30,7 @@ from livemig.security.access import ANY_SERVICE, NO_DOCS, Access, Guard, Policy,
 from livemig.security.pki import Role
 from livemig.security.tls import INSECURE_STATE
 from livemig.wire import lmo as wire_lmo
-from livemig.wire.base import async_http
+from livemig.wire.base import AsyncHttp, async_http
 from livemig.wire.hostd import (
     CheckReply,
     ConsoleLine,
@@ -85,16 +84,15 @@ def registration_of(agent: HostAgent, api_url: str) -> HostRegistration:
 
 
 async def register_with_lmo(agent: HostAgent, lmo_url: str, api_url: str, interval_s: float = REPORT_INTERVAL_S,
-                            http: httpx.AsyncClient | None = None,
+                            http: AsyncHttp | None = None,
                             on_registered: Callable[[], None] | None = None) -> None:  # fmt: skip
     """Tell the LMO where this host is and what it can hold (retried until it answers: it may
     start after us), then again whenever the memory its VMs use changes, at most every
     ``interval_s``: the LMO places VMs from what hosts report, never by asking every host.
     ``http``: a client to share (the fleet simulator runs thousands of these)."""
     async with contextlib.AsyncExitStack() as stack:
-        if http is None:
-            http = await stack.enter_async_context(async_http(timeout=5))
-        lmo = AsyncLmoClient(lmo_url, http)
+        client: AsyncHttp = http if http is not None else await stack.enter_async_context(async_http(timeout=5))
+        lmo = AsyncLmoClient(lmo_url, client)
         reported: tuple[int, int] | None = None
         while True:
             registration = registration_of(agent, api_url)

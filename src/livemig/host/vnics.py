@@ -25,15 +25,13 @@ import socket
 import time
 from pathlib import Path
 
-import httpx
-
 from livemig.errors import InvalidRequest, LivemigError
 from livemig.faults.points import fault_point
 from livemig.model.vm import NicDevice, VmSpec
 from livemig.network.handoff import PAUSE_PROBE, Drain, Replay, replay_marker
 from livemig.security.client import handshakes_started
 from livemig.wire import vswitch
-from livemig.wire.base import async_http
+from livemig.wire.base import AsyncHttp, async_http
 from livemig.wire.hostd import VnicHandoff
 from livemig.wire.vswitch import AsyncVswitchClient
 
@@ -52,7 +50,7 @@ class VswitchPorts:
         self._switches: dict[str, AsyncVswitchClient] = {}
         # made on first use: a client costs most of a megabyte (its TLS context), and a host whose
         # VMs have no VNICs never needs one (the fleet simulator runs thousands of agents)
-        self._http: httpx.AsyncClient | None = None
+        self._http: AsyncHttp | None = None
         self._sockets: dict[str, socket.socket] = {}  # VNIC id -> our duplicate of QEMU's NIC socket
 
     def switch(self, url: str | None = None) -> AsyncVswitchClient:

@@ -19,31 +19,32 @@ that. A process that talks to several regions (the region harness, tests, benchm
 credentials per service address instead (:func:`remember`), the way a browser keeps one cookie
 jar per site: a client for a remembered origin uses those, anything else the process default.
 
-Why aiohttp under httpx for the LMO: the LMO calls thousands of hosts a second, and httpx's own
-connection pool costs a millisecond or more of CPU per request (it checks every pooled
-connection per request); aiohttp's pool, behind httpx's API through ``httpx-aiohttp``, costs a
-few hundred microseconds. ``async_http(pooled=True)`` chooses it; everything else is unchanged
-(the same calls, errors, credentials and test transports).
+Why aiohttp for the LMO: the LMO calls thousands of hosts a second, and httpx costs a
+millisecond or more of CPU per request (its pool checks every pooled connection per request, and
+it builds its own request and response around any pool); aiohttp's pool called directly
+(:mod:`livemig.wire.pooled`) costs a few hundred microseconds. ``async_http(pooled=True)`` chooses
+it; everything else is unchanged (the same calls, errors, credentials and fault points; a test
+transport keeps httpx). Both answer with an :class:`HttpReply`.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Self, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
 from pydantic import BaseModel, TypeAdapter
 
 from livemig import errors
 from livemig.faults.registry import CURRENT, FIRED_HEADER, MIGRATION_HEADER, REGISTRY
 from livemig.security.client import Credentials as Credentials  # re-exported: clients name their credentials here
 from livemig.security.client import client_context_for
+from livemig.wire.pooled import PooledHttp
 
 T = TypeVar("T")
 
@@ -60,6 +61,35 @@ SERVER_KEEPALIVE_S = 610
 #: idle connections a client keeps: the LMO's one pool talks to every host of a region, and a new
 #: TLS connection costs a handshake
 MAX_KEEPALIVE = 100
+
+
+class HttpReply(Protocol):
+    """What a reply is read by: an ``httpx.Response`` or the pooled client's ``PooledReply``."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def reason_phrase(self) -> str: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def content(self) -> bytes: ...
+    @property
+    def text(self) -> str: ...
+    def json(self, **kwargs: Any) -> Any: ...
+
+
+class AsyncHttp(Protocol):
+    """What an :class:`AsyncService` calls through: an ``httpx.AsyncClient`` or a ``PooledHttp``."""
+
+    async def request(
+        self, method: str, url: str, *, json: Any = ..., params: Any = ..., content: Any = ...,
+        headers: Any = ..., timeout: Any = ...,
+    ) -> HttpReply: ...  # fmt: skip
+    async def aclose(self) -> None: ...
+    async def __aenter__(self) -> Any: ...
+    async def __aexit__(self, *exc: Any) -> Any: ...
+
 
 _default = Credentials()
 _by_origin: dict[str, Credentials] = {}
@@ -115,7 +145,7 @@ def _error_classes() -> dict[str, type[errors.LivemigError]]:
     return found
 
 
-def error_from_reply(reply: httpx.Response, who: str) -> errors.LivemigError:
+def error_from_reply(reply: HttpReply, who: str) -> errors.LivemigError:
     """The exception a service raised, rebuilt from its error reply (the inverse of ``to_dict``)."""
     body: Any = None
     try:
@@ -132,7 +162,7 @@ def error_from_reply(reply: httpx.Response, who: str) -> errors.LivemigError:
     return cls(f"{who}: HTTP {reply.status_code}: {text}")
 
 
-def _parse_none(_reply: httpx.Response) -> None:
+def _parse_none(_reply: HttpReply) -> None:
     return None
 
 
@@ -142,7 +172,7 @@ class Call(Generic[T]):
 
     method: str
     path: str
-    parse: Callable[[httpx.Response], T]
+    parse: Callable[[HttpReply], T]
     json: Any = None
     params: dict[str, Any] | None = None
     content: bytes | None = None
@@ -169,7 +199,7 @@ class Call(Generic[T]):
         return kwargs
 
 
-def reply_model(model: type[T]) -> Callable[[httpx.Response], T]:
+def reply_model(model: type[T]) -> Callable[[HttpReply], T]:
     """Read a JSON reply as ``model`` (a pydantic model, or ``list[Model]`` and the like)."""
     adapter: TypeAdapter[T] = TypeAdapter(model)
     return lambda reply: adapter.validate_json(reply.content)
@@ -193,7 +223,7 @@ class _Service:
     def _unreachable(self, request: Call[Any], exc: Exception) -> errors.HostUnreachable:
         return errors.HostUnreachable(f"{self.who} at {self.base_url} did not answer {request.name}: {exc!r}")
 
-    def _read(self, request: Call[T], reply: httpx.Response) -> T:
+    def _read(self, request: Call[T], reply: HttpReply) -> T:
         if reply.status_code >= 400:
             raise error_from_reply(reply, self.who)
         return request.parse(reply)
@@ -205,7 +235,7 @@ class AsyncService(_Service):
     ``http`` is shared: one connection pool per process, kept alive, so a call inside a migration's
     pause reuses a connection opened before it."""
 
-    def __init__(self, who: str, base_url: str, http: httpx.AsyncClient) -> None:
+    def __init__(self, who: str, base_url: str, http: AsyncHttp) -> None:
         super().__init__(who, base_url)
         self.http = http
 
@@ -280,17 +310,20 @@ def async_http(
     *,
     pooled: bool = False,
     connections: int = MAX_KEEPALIVE,
-) -> httpx.AsyncClient:
+) -> AsyncHttp:
     """The one place an async HTTP client is made (``transport``: the seam fast tests replace);
     ``credentials`` default to the process's (:func:`configure`); ``pooled``: aiohttp's connection
-    pool, for processes that call many hosts, at most ``connections`` at once."""
-    options = _client_options(credentials or _default)
+    pool (:mod:`livemig.wire.pooled`), for processes that call many hosts, at most ``connections``
+    at once."""
+    creds = credentials or _default
     if transport is None and pooled:
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
-                              keepalive_expiry=KEEPALIVE_S)  # fmt: skip
-        transport = AiohttpTransport(verify=options.pop("verify", True), limits=limits)
-        options.pop("limits", None)
-    return httpx.AsyncClient(timeout=timeout, transport=transport, **options)
+        total, connect = (
+            (timeout.read or 30.0, timeout.connect) if isinstance(timeout, httpx.Timeout) else (timeout, None)
+        )
+        return PooledHttp(timeout_s=total, connect_timeout_s=connect, headers=creds.headers(),
+                          ssl_context=client_context_for(creds) if creds.tls else None, connections=connections,
+                          keepalive_s=KEEPALIVE_S)  # fmt: skip
+    return httpx.AsyncClient(timeout=timeout, transport=transport, **_client_options(creds))
 
 
 def sync_http(

@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 from urllib.parse import urlsplit
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from livemig import errors
 from livemig.model.vm import NbdExport
-from livemig.wire.base import AsyncService, Call, Credentials, SyncService, call
+from livemig.wire.base import AsyncHttp, AsyncService, Call, Credentials, SyncService, call
 
 #: the NBD port when an attachment's URI names none (the IANA-assigned one)
 NBD_DEFAULT_PORT = 10809
@@ -156,7 +155,7 @@ class BlockdClient(AsyncService):
 
     kind = "blockd"
 
-    def __init__(self, url: str, http: httpx.AsyncClient) -> None:
+    def __init__(self, url: str, http: AsyncHttp) -> None:
         super().__init__("blockd", url, http)
 
     async def detach_if_attached(self, attachment_id: str) -> None:

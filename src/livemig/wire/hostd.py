@@ -11,14 +11,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from livemig import errors
 from livemig.model.host import HostInfo, HostRegistration
 from livemig.model.migration import MigrationParams, MigrationPolicies, MigrationSample, MigrationStats
 from livemig.model.vm import NbdExport, RunState, VmRole, VmSpec
-from livemig.wire.base import AsyncService, Call, call
+from livemig.wire.base import AsyncHttp, AsyncService, Call, HttpReply, call
 
 # ---------------------------------------------------------------------- models
 
@@ -247,7 +246,7 @@ def console_input(name: str, line: str) -> Call[None]:
     return call("POST", f"/vms/{name}/console", json=ConsoleLine(line=line))
 
 
-def _text(reply: httpx.Response) -> str:
+def _text(reply: HttpReply) -> str:
     return reply.text
 
 
@@ -259,7 +258,7 @@ class HostdClient(AsyncService):
 
     kind = "hostd"
 
-    def __init__(self, host: HostRegistration, http: httpx.AsyncClient) -> None:
+    def __init__(self, host: HostRegistration, http: AsyncHttp) -> None:
         super().__init__(f"host {host.name}", host.api_url, http)
         self.host = host
         self.fault_host = host.name

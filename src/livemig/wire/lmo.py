@@ -14,7 +14,6 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from livemig import errors
@@ -28,7 +27,7 @@ from livemig.model.migration import (
     utcnow,
 )
 from livemig.model.vm import NbdExport, VmSpec
-from livemig.wire.base import AsyncService, Call, Credentials, SyncService, call
+from livemig.wire.base import AsyncHttp, AsyncService, Call, Credentials, HttpReply, SyncService, call
 from livemig.wire.blockd import AttachmentView, VolumeCreate, VolumeResize, VolumeView
 from livemig.wire.hostd import CheckReply, ConsoleLine, VmStatus
 
@@ -282,6 +281,12 @@ class PassView(BaseModel):
     admitted: int
     queued: int
     seconds: float
+    deferred: int = Field(default=0, description="due observations the pass budget left to later passes")
+    acting: int = Field(default=0, description="steps that act rather than only observe (never deferred)")
+    read_s: float = Field(default=0.0, description="reading the leases, changed documents and VM specs")
+    admit_s: float = Field(default=0.0, description="the admission round")
+    step_s: float = Field(default=0.0, description="the steps, run concurrently")
+    save_s: float = Field(default=0.0, description="saving the steps' results")
 
 
 class ControllerStatus(BaseModel):
@@ -481,7 +486,7 @@ def controller() -> Call[ControllerStatus]:
     return call("GET", "/controller", ControllerStatus)
 
 
-def _text(reply: httpx.Response) -> str:
+def _text(reply: HttpReply) -> str:
     return reply.text
 
 
@@ -595,5 +600,5 @@ class AsyncLmoClient(AsyncService):
 
     kind = "lmo"
 
-    def __init__(self, url: str, http: httpx.AsyncClient) -> None:
+    def __init__(self, url: str, http: AsyncHttp) -> None:
         super().__init__("LMO", url, http)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from livemig.network.envelope import FLOW_VERSION_HEADER, MEDIA_TYPE
 from livemig.network.model import Mapping, SecurityList
-from livemig.wire.base import AsyncService, Call, Credentials, SyncService, call
+from livemig.wire.base import AsyncHttp, AsyncService, Call, Credentials, HttpReply, SyncService, call
 
 
 class _Strict(BaseModel):
@@ -192,7 +191,7 @@ def detach(vnic_id: str) -> Call[None]:
 
 
 def export_flows(vnic_id: str, since: int = 0) -> Call[FlowExport]:
-    def parse(reply: httpx.Response) -> FlowExport:
+    def parse(reply: HttpReply) -> FlowExport:
         return FlowExport(reply.content, int(reply.headers.get(FLOW_VERSION_HEADER, since)))
 
     return Call("GET", f"/vnics/{vnic_id}/flows", parse, params={"since": since})
@@ -216,7 +215,7 @@ def resume(vnic_id: str, marker: dict[str, int] | None = None, replay_recent: bo
     return call("POST", f"/vnics/{vnic_id}/resume", ResumeReport, json=body)
 
 
-def _text(reply: httpx.Response) -> str:
+def _text(reply: HttpReply) -> str:
     return reply.text
 
 
@@ -273,5 +272,5 @@ class AsyncVswitchClient(AsyncService):
 
     kind = "vswitch"
 
-    def __init__(self, url: str, http: httpx.AsyncClient, who: str | None = None) -> None:
+    def __init__(self, url: str, http: AsyncHttp, who: str | None = None) -> None:
         super().__init__(who or f"vswitch {url}", url, http)

@@ -9,6 +9,7 @@ connections by the same process.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import shutil
 import socket
@@ -23,10 +24,13 @@ import pytest
 from cryptography import x509
 from fastapi import Depends, FastAPI
 
+from livemig import errors
 from livemig.security import pki
 from livemig.security.pki import Identity, LeafFiles, Role
 from livemig.security.tls import INSECURE_STATE, ReloadingServerContext, client_context, require_role, uvicorn_tls
 from livemig.testing.tlsserver import ThreadedUvicorn
+from livemig.wire.base import AsyncService, Credentials, async_http, call
+from livemig.wire.pooled import PooledHttp
 from livemig.wire.server import install_error_handlers
 
 pytestmark = pytest.mark.skipif(
@@ -128,6 +132,33 @@ def test_right_role_200_wrong_role_403_with_httpx(served: tuple[App, ThreadedUvi
     assert reply.json()["error"] == "Forbidden"
     assert "vswitch 'host-b' may not call this" in reply.json()["message"]
     assert state.calls == ["vm1"]  # the 403 ran no handler
+
+
+def test_the_lmo_pooled_client_proves_its_role_and_refuses_strangers(
+    served: tuple[App, ThreadedUvicorn, ReloadingServerContext], region: Region
+) -> None:
+    """The LMO's aiohttp pool (``async_http(pooled=True)``) over the same mutual TLS: its
+    certificate is presented and the server's verified against the region CA."""
+    state, server, _ = served
+
+    def creds(leaf: LeafFiles) -> Credentials:
+        return Credentials(ca=leaf.ca, cert=leaf.cert, key=leaf.key)
+
+    async def scenario() -> None:
+        base = f"https://127.0.0.1:{server.port}"
+        async with async_http(5, credentials=creds(region.lmo), pooled=True) as http:
+            assert isinstance(http, PooledHttp)
+            reply = await AsyncService("host A", base, http).run(call("POST", "/vms/vm2/migrate", dict[str, str]))
+            assert reply == {"vm": "vm2", "caller": "livemig://r1/lmo/lmo"}
+        async with async_http(5, credentials=creds(region.vswitch), pooled=True) as http:
+            with pytest.raises(errors.Forbidden, match="may not call this"):
+                await AsyncService("host A", base, http).run(call("POST", "/vms/vm3/migrate"))
+        async with async_http(5, credentials=creds(region.foreign_lmo), pooled=True) as http:
+            with pytest.raises(errors.HostUnreachable):
+                await AsyncService("host A", base, http).run(call("POST", "/vms/vm4/migrate"))
+
+    asyncio.run(scenario())
+    assert state.calls == ["vm2"]
 
 
 @pytest.mark.parametrize("who", ["none", "foreign_lmo", "expired_lmo"])
