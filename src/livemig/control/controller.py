@@ -75,7 +75,7 @@ MAX_OBSERVE_INTERVAL_S = 2.0
 # migrations it holds, a pass stays short and every held migration is observed in turn, so the
 # controller answers a cancel or a finished pre-copy within a pass or two instead of waiting for a
 # pass over everything
-PASS_BUDGET_S = 1e9
+PASS_BUDGET_S = 0.5
 # an observation that changed only QEMU's latest numbers (the last sample) is saved at most every
 # N x SAVE_COST_S seconds (at most every MAX_SAVE_INTERVAL_S): with a few migrations, every step
 SAVE_COST_S = 0.005
