@@ -255,6 +255,7 @@ def lmo_command(
     from livemig.control.api import create_app
     from livemig.control.store import Store
     from livemig.faults.points import configure_service
+    from livemig.gctune import tune_for_service
 
     if capacity < 1 or concurrency < 1:
         fail("--capacity and --concurrency must be at least 1")
@@ -265,6 +266,7 @@ def lmo_command(
         logging.getLogger(__name__).warning("LMO: migration streams will be plain TCP (--no-migration-tls)")
     app_ = create_app(Store(db), blockd_url=blockd, insecure=leaf is None, migration_tls=migration_tls and bool(leaf),
                       replica=replica, capacity=capacity, concurrency=concurrency)  # fmt: skip
+    tune_for_service()
     _serve(app_, listen, leaf, optional_client_certs=True)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import resource
@@ -27,11 +28,15 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from livemig.gctune import tune_for_service
 from livemig.host import source
 from livemig.host.api import register_with_lmo
 from livemig.testing.fakehost import FakeFleet
 from livemig.testing.fakeqemu import QemuBehaviour
 from livemig.wire.base import async_http
+
+#: how often the fleet's objects made since the last freeze are hidden from the collector
+FREEZE_EVERY_S = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,17 @@ def _rss_mib() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
 
+async def _freeze_what_lasts(every_s: float = FREEZE_EVERY_S) -> None:
+    """Hide the fleet's long-lived objects from the collector as they accumulate (every VM a test
+    creates lives as long as the fleet): otherwise each full collection walks all of them, and a
+    fleet of tens of thousands of VMs pauses for seconds, which the LMO would see as hosts that
+    stall. Cyclic garbage that exists at a freeze is kept, not collected: acceptable for a
+    simulator that runs for a benchmark or a rehearsal, not for a service (see ``gctune``)."""
+    while True:
+        await asyncio.sleep(every_s)
+        gc.freeze()
+
+
 async def serve(config: FleetConfig) -> None:
     """Build the fleet, serve it, register every host with the LMO; until cancelled."""
     import uvicorn
@@ -116,11 +132,12 @@ async def serve(config: FleetConfig) -> None:
                           cpu_s=round(usage.ru_utime + usage.ru_stime, 2), speed=config.speed,
                           build_s=round(build_s, 2))  # fmt: skip
 
+    tune_for_service()
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(_freeze_what_lasts())]
     host, _, port = config.listen.rpartition(":")
     server = uvicorn.Server(uvicorn.Config(fleet.app, host=host or "127.0.0.1", port=int(port), log_level="warning",
                                            log_config=None, access_log=False, lifespan="off",
                                            backlog=4096))  # fmt: skip
-    tasks: list[asyncio.Task[None]] = []
     try:
         async with async_http(timeout=30, pooled=True, connections=32) as http:
             if config.lmo_url:
