@@ -181,9 +181,27 @@ def database(kind: str, workdir: Path) -> Iterator[str]:
     try:
         yield admin.rsplit("/", 1)[0] + "/" + name
     finally:
-        with engine.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        _drop(engine, name)
         engine.dispose()
+
+
+def _drop(engine: Any, name: str, attempts: int = 10) -> None:
+    """Drop the run's database; never lose the run over it. ``WITH (FORCE)`` cannot end a session
+    of another role (an autovacuum worker on a database just written a hundred thousand rows),
+    so it is retried, and in the end left behind with a warning."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            return
+        except SQLAlchemyError as exc:
+            if attempt == attempts - 1:
+                print(f"warning: database {name} left behind: {exc.__class__.__name__}", file=sys.stderr)
+            else:
+                time.sleep(3.0)
 
 
 # ---------------------------------------------------------------------- the user's side
