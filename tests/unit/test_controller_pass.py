@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from unittest.mock import patch
 
-from livemig.control.controller import Controller
+from livemig.control.controller import PASS_BUDGET_S, Controller
 from livemig.control.services import Services
 from livemig.control.store import Store
 from livemig.model import Migration, Phase
@@ -72,3 +73,48 @@ def test_replicas_hold_a_fair_part_each_and_the_active_migrations_only(tmp_path:
 
 async def _idle(_m: Migration) -> bool:
     return False
+
+
+def precopy(i: int) -> Migration:
+    m = validating(i)
+    m.transition(Phase.PREPARING_TARGET, "source running")
+    m.transition(Phase.SYNCING_FLOWS, "listening")
+    m.transition(Phase.PRECOPY, "no VNICs")
+    return m
+
+
+def test_a_pass_acts_always_and_observes_what_fits_its_budget_longest_unobserved_first(tmp_path: Path) -> None:
+    """Steps that act are never deferred; observations beyond the budget wait, and the ones left
+    out are the first observed by the next pass, so every migration is observed in turn."""
+    store = Store(f"sqlite:///{tmp_path / 'lmo.db'}")
+    for i in range(2):
+        store.add_migration(validating(i))
+    for i in range(10, 16):
+        store.add_migration(precopy(i))
+    passes: list[list[str]] = []
+
+    async def scenario() -> None:
+        async with async_http() as http:
+            controller = Controller(Services.build(store, http), concurrency=2)
+
+            async def step(m: Migration) -> bool:
+                passes[-1].append(m.id)
+                return False
+
+            controller._step = step  # type: ignore[method-assign]
+            controller._measure_step_cost = lambda seconds, steps: None  # type: ignore[method-assign]
+            controller._step_cost_s = PASS_BUDGET_S / 4  # room for 4 steps a pass: 2 acting + 2 observing
+            for _ in range(4):
+                passes.append([])
+                await controller.pass_once()
+            record = controller.recent_passes()[-1]
+            assert (record.acting, record.stepped, record.deferred) == (2, 4, 4)
+
+    with patch("livemig.control.controller.OBSERVE_COST_S", 0.0):  # every observation due every pass
+        asyncio.run(scenario())
+    acting = {"m00", "m01"}
+    assert all(acting <= set(p) for p in passes)  # acting steps every pass
+    observed = [sorted(set(p) - acting) for p in passes]
+    assert all(len(o) == 2 for o in observed)
+    assert sorted(m for o in observed[:3] for m in o) == [f"m{i}" for i in range(10, 16)]  # each once in turn
+    assert observed[3] == observed[0]  # then the longest unobserved again
