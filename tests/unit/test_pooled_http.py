@@ -48,6 +48,11 @@ def make_app() -> FastAPI:
     async def slow() -> None:
         await asyncio.sleep(2)
 
+    @app.get("/busy")
+    async def busy() -> dict[str, str]:
+        await asyncio.sleep(0.5)
+        return {"done": "yes"}
+
     return app
 
 
@@ -107,3 +112,15 @@ def test_an_error_reply_and_a_dead_or_slow_service_raise_as_with_httpx(server: T
 def test_a_test_transport_keeps_httpx() -> None:
     transport = httpx.ASGITransport(app=make_app())
     assert isinstance(async_http(transport=transport, pooled=True), httpx.AsyncClient)
+
+
+def test_waiting_for_a_pooled_connection_is_not_a_connect_timeout(server: ThreadedUvicorn) -> None:
+    """A busy LMO waits for a free connection of its pool; only opening one is bounded by the
+    connect timeout (as with httpx), so the wait is not taken for an unreachable host."""
+
+    async def scenario() -> list[dict[str, str]]:
+        async with async_http(httpx.Timeout(5.0, connect=0.2), pooled=True, connections=1) as http:
+            service = AsyncService("host A", f"http://127.0.0.1:{server.port}", http)
+            return await asyncio.gather(*(service.run(call("GET", "/busy", dict[str, str])) for _ in range(2)))
+
+    assert asyncio.run(scenario()) == [{"done": "yes"}] * 2

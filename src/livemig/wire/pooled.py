@@ -66,7 +66,10 @@ class PooledHttp:
         self._session: aiohttp.ClientSession | None = None
 
     def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=seconds, connect=self._connect_s)
+        # the connect limit bounds opening a connection to the peer, as httpx's does; aiohttp's own
+        # ``connect`` would also count the wait for a free connection of the pool, which a busy
+        # LMO may spend seconds in without anything being wrong with the host
+        return aiohttp.ClientTimeout(total=seconds, sock_connect=self._connect_s)
 
     def _open(self) -> aiohttp.ClientSession:
         """The session, made on first use: aiohttp binds it to the running event loop."""
