@@ -54,6 +54,8 @@ TERMINAL = ("Succeeded", "Failed", "Aborted", "Cancelled")
 #: the VM mix: (memory MiB, working set MiB, dirty MiB/s, weight) — most guests idle-ish, a few busy
 MIX = [(1024, 512, 2, 30), (2048, 1024, 8, 30), (4096, 2048, 20, 25), (8192, 4096, 60, 10), (4096, 3072, 400, 5)]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: where a controller pass's time went, as GET /controller splits it
+PASS_SPLIT = ("read_s", "admit_s", "step_s", "save_s")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -353,7 +355,7 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
     for status in await controller_passes(lmo, harness):
         passes.extend({"replica": status["replica"], "held": p["held"], "stepped": p["stepped"],
                        "deferred": p.get("deferred", 0), "acting": p.get("acting", 0), "seconds": p["seconds"],
-                       **{k: p.get(k, 0.0) for k in ("read_s", "admit_s", "step_s", "save_s")}}
+                       **{k: p.get(k, 0.0) for k in PASS_SPLIT}}
                       for p in status["passes"])  # fmt: skip
     held = [p for p in passes if p["held"] >= 0.8 * args.concurrent / len(harness.replicas)]
     return {
@@ -364,31 +366,32 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
         "create_migration_under_load": summary(create_latency),
         "api_under_load": api,
         "controller_pass": {
-            "passes": len(held),
+            **pass_summary(held),
             "held_p50": percentile([p["held"] for p in held], 50),
-            "p50_s": percentile([p["seconds"] for p in held], 50),
-            "p99_s": percentile([p["seconds"] for p in held], 99),
-            "deferred_p50": percentile([p["deferred"] for p in held], 50),
-            "acting_p50": percentile([p["acting"] for p in held], 50),
-            "split_p50_s": {k: percentile([p[k] for p in held], 50) for k in ("read_s", "admit_s", "step_s", "save_s")},
             "by_held": pass_curve(passes),
         },
         "cpu_s_per_s": {k: round((cpu1[k] - cpu0.get(k, 0)) / elapsed, 3) for k in cpu1},
     }
 
 
+def pass_summary(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Controller passes summed up: how many, their time, what they stepped and deferred, and
+    where their time went (``GET /controller``'s split)."""
+
+    def p50(key: str) -> float | None:
+        return percentile([p[key] for p in passes], 50)
+
+    return {"passes": len(passes), "p50_s": p50("seconds"), "p99_s": percentile([p["seconds"] for p in passes], 99),
+            "stepped_p50": p50("stepped"), "acting_p50": p50("acting"), "deferred_p50": p50("deferred"),
+            "split_p50_s": {k: p50(k) for k in PASS_SPLIT}}  # fmt: skip
+
+
 def pass_curve(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Pass time against migrations held, in buckets of 100."""
+    """Passes against migrations held, in buckets of 100."""
     buckets: dict[int, list[dict[str, Any]]] = {}
     for p in passes:
         buckets.setdefault(int(p["held"]) // 100 * 100, []).append(p)
-    return [{"held": k, "passes": len(v), "p50_s": percentile([p["seconds"] for p in v], 50),
-             "p99_s": percentile([p["seconds"] for p in v], 99),
-             "stepped_p50": percentile([p["stepped"] for p in v], 50),
-             "acting_p50": percentile([p["acting"] for p in v], 50),
-             "deferred_p50": percentile([p["deferred"] for p in v], 50),
-             "split_p50_s": {s: percentile([p[s] for p in v], 50) for s in ("read_s", "admit_s", "step_s", "save_s")}}
-            for k, v in sorted(buckets.items())]  # fmt: skip
+    return [{"held": k, **pass_summary(v)} for k, v in sorted(buckets.items())]
 
 
 async def drain(lmo: Lmo, timeout: float) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 import httpx
@@ -124,10 +125,7 @@ def create_app(
             replica=controller.replica, capacity=controller.capacity, concurrency=controller.concurrency,
             interval_s=controller.interval_s, held=len(controller.held), finished=controller.finished,
             replicas=store.replicas(controller.lease_s),
-            passes=[PassView(at=datetime.fromtimestamp(p.at, UTC), held=p.held, stepped=p.stepped,
-                             admitted=p.admitted, queued=p.queued, seconds=p.seconds,
-                             deferred=p.deferred, acting=p.acting, read_s=p.read_s, admit_s=p.admit_s,
-                             step_s=p.step_s, save_s=p.save_s)
+            passes=[PassView(**{**asdict(p), "at": datetime.fromtimestamp(p.at, UTC)})
                     for p in controller.recent_passes()],
         )  # fmt: skip
 
