@@ -8,8 +8,6 @@ moment for a crash, since the store is behind what the hosts did.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from livemig.errors import Conflict
@@ -17,6 +15,7 @@ from livemig.guest.workload import workload_vm_spec
 from livemig.model import MigrationParams, Phase
 from livemig.model.migration import ConvergencePolicy
 from livemig.testing.processes import qemu_pids_running
+from livemig.testing.waiting import wait_until
 from livemig.wire.lmo import LmoClient
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -44,13 +43,6 @@ def rounds(lmo: LmoClient, migration_id: str) -> int:
     return sample.dirty_sync_count if sample else 0
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def assert_vm_safe(lmo: LmoClient, host: str) -> None:
     """Invariants 1 and 3: one QEMU runs the VM, on the host the LMO names, memory intact."""
     view = lmo.vm(VM)
@@ -74,7 +66,7 @@ def test_lmo_killed_right_after_each_step_recovers(region, lmo, vm, phase):
     source = lmo.vm(vm).host
     region.restart_lmo(faults=f"controller.after.{phase}=crash")
     migration = lmo.migrate(vm, other_host(source))
-    wait_until(lambda: not region.lmo_alive(), 60, f"the LMO to die after {phase}")
+    wait_until(lambda: not region.lmo_alive(), f"the LMO to die after {phase}", 60)
     region.restart_lmo()
     final = lmo.wait(migration.id, timeout=180)
     assert final.phase is Phase.SUCCEEDED, f"{final.phase}: {final.reason}"
@@ -88,7 +80,7 @@ def test_lmo_killed_while_the_source_is_paused_at_switchover(region, lmo, vm):
     try:
         region.restart_lmo(faults="controller.before.Switchover=crash")
         migration = lmo.migrate(vm, other_host(source))
-        wait_until(lambda: not region.lmo_alive(), 60, "the LMO to die in Switchover")
+        wait_until(lambda: not region.lmo_alive(), "the LMO to die in Switchover", 60)
         region.restart_lmo()
         final = lmo.wait(migration.id, timeout=180)
         assert Phase.SWITCHOVER in [e.phase for e in final.timeline]
@@ -108,7 +100,7 @@ def test_cancel_in_each_phase_keeps_the_vm_on_the_source(region, lmo, vm, phase)
     destination = other_host(source)
     region.restart_lmo(faults=f"controller.before.{phase}=hold")
     migration = lmo.migrate(vm, destination)
-    wait_until(lambda: phase_of(lmo, migration.id).value == phase, 60, f"phase {phase}")
+    wait_until(lambda: phase_of(lmo, migration.id).value == phase, f"phase {phase}", 60)
     lmo.cancel(migration.id)
     final = lmo.wait(migration.id, timeout=120)
     assert final.phase is Phase.CANCELLED, final.reason
@@ -126,7 +118,7 @@ def test_cancel_during_active_precopy(region, lmo, vm):
         params = MigrationParams(max_bandwidth_mib_s=16,
                                  policy=ConvergencePolicy(min_rounds=100, max_rounds=100))  # fmt: skip
         migration = lmo.migrate(vm, other_host(source), params)
-        wait_until(lambda: rounds(lmo, migration.id) >= 2, 90, "two pre-copy rounds")
+        wait_until(lambda: rounds(lmo, migration.id) >= 2, "two pre-copy rounds", 90)
         lmo.cancel(migration.id)
         final = lmo.wait(migration.id, timeout=120)
         assert final.phase is Phase.CANCELLED, final.reason

@@ -33,6 +33,7 @@ from livemig.guest.workload import workload_vm_spec
 from livemig.model import MigrationParams, Phase
 from livemig.model.migration import FORWARD_PHASES
 from livemig.region.local import Region
+from livemig.testing.waiting import wait_until
 from livemig.wire.lmo import LmoClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -64,13 +65,6 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-def until(condition: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def dashboard(browser: Any, region: Region, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The browser, logged in to the LMO's dashboard with a viewer token through the login form."""
@@ -81,12 +75,12 @@ def dashboard(browser: Any, region: Region, tmp_path_factory: pytest.TempPathFac
     assert "/ui/login" in browser.current_url, "without a login, the dashboard sends the browser to the form"
     browser.find_element("id", "token").send_keys("lmt_wrong")
     browser.find_element("id", "login").click()
-    until(lambda: browser.find_elements("id", "login-error"), "the form says the token was refused")
+    wait_until(lambda: browser.find_elements("id", "login-error"), "the form says the token was refused")
     assert "unknown or was revoked" in browser.find_element("id", "login-error").text
     browser.find_element("id", "token").send_keys(token)
     browser.find_element("id", "login").click()
-    until(lambda: browser.current_url.rstrip("/").endswith("/ui") and browser.find_elements("id", "hosts"),
-          "the form leads to the region page")  # fmt: skip
+    wait_until(lambda: browser.current_url.rstrip("/").endswith("/ui") and browser.find_elements("id", "hosts"),
+               "the form leads to the region page")  # fmt: skip
     cookie = browser.get_cookie("livemig_token")
     assert cookie is not None and cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
     assert js(browser, "return document.cookie") == "", "the dashboard's scripts cannot read the token"

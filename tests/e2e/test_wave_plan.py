@@ -54,6 +54,7 @@ def test_a_planned_evacuation_of_four_guests_takes_what_the_plan_said(tmp_path: 
                 assert lmo.wait(m.id, timeout=300).phase is Phase.SUCCEEDED
             share = ["--max-bandwidth", str(SHARE_MIB_S)]
             plan = cli(tmp_path, "evacuate", "A", "--plan", "--measure", *LIMITS, *share)
+            (tmp_path / "plan.json").write_text(json.dumps(plan, indent=1))  # what a failure is read from
             assert plan["vms"] == 4 and plan["measured"] == 4 and plan["verdicts"] == {"ok": 4}, plan["verdicts"]
             assert plan["calibration"]["basis"] == 2
             items = plan["items"]
@@ -61,6 +62,7 @@ def test_a_planned_evacuation_of_four_guests_takes_what_the_plan_said(tmp_path: 
             assert all(i["dirty_rate_source"] == "measured" and 0 < i["dirty_rate_mib_s"] < SHARE_MIB_S for i in items)
             assert lmo.migrations(active=True) == [] and {lmo.vm(n).host for n in WAVE} == {"A"}, "nothing moved"
             report = cli(tmp_path, "evacuate", "A", *LIMITS, *share)
+            (tmp_path / "report.json").write_text(json.dumps(report, indent=1))
             migrations = [Migration.model_validate(m) for m in report["migrations"]]
             assert [m.phase for m in migrations] == [Phase.SUCCEEDED] * 4, [(m.vm, m.reason) for m in migrations]
             assert all(m.guest_check == "ok" for m in migrations)

@@ -69,6 +69,19 @@ def test_calibration_learns_from_successful_migrations_and_defaults_without_them
     assert c.payload == pytest.approx(400 / 1024, abs=0.001)
 
 
+def test_the_payload_is_what_qemu_found_not_zero_even_when_re_sent_pages_moved_more() -> None:
+    # the wave test's guest: 256 MiB, a quarter zero pages; 16 s moving 264 MiB, a fifth of it pages
+    # the guest dirtied again after they were sent (QEMU reports no dirty rate once completed)
+    m = finished(0, precopy_s=8.0)
+    m.stats = MigrationStats(total_ms=16_000, transferred_bytes=264 << 20, duplicate_pages=16384, normal_pages=67584)
+    m.last_sample = MigrationSample(at=m.created_at, status="completed", total_bytes=256 << 20)
+    c = calibrate([m], 0.0)
+    assert c.payload == pytest.approx(0.75)
+    # so pre-copy at 4 MiB/s of dirtying, at a 16 MiB/s share, is predicted about as it went
+    p = predict(256, 4.0, 16, MigrationParams(), c.model_copy(update={"efficiency": 1.0}))
+    assert p.precopy_s == pytest.approx(16.0, rel=0.05)
+
+
 def test_a_simulated_fleets_faster_clock_is_learned_and_predictions_are_in_the_lmos_seconds() -> None:
     c = calibrate([finished(i, precopy_s=0.4) for i in range(3)], 0.0)  # QEMU's 8 s went by in 0.4 s
     assert c.time_scale == pytest.approx(20.0) and c.overhead_s == pytest.approx(9.6)

@@ -112,8 +112,8 @@ def _span(m: Migration, start: Phase, end: frozenset[Phase]) -> float | None:
 def calibrate(recent: Sequence[Migration], default_dirty_rate_mib_s: float) -> PlanCalibration:
     """Overhead, efficiency, payload and time scale from recent successful migrations.
 
-    QEMU's own numbers (its total time, the bytes it moved) give the efficiency and the payload
-    (medians). How QEMU's seconds relate to the LMO's while pre-copy runs comes from the timeline:
+    QEMU's own numbers (its total time, the bytes it moved, the zero pages it skipped) give the
+    efficiency and the payload (medians). How QEMU's seconds relate to the LMO's while pre-copy runs comes from the timeline:
     pre-copy's span on the LMO's clock against QEMU's total time, fitted as a line when the
     migrations differ enough in length (the controller notices the end a little late, a constant),
     else their ratio; on real hosts about 1, in a simulated fleet its speed. The overhead is the
@@ -132,10 +132,9 @@ def calibrate(recent: Sequence[Migration], default_dirty_rate_mib_s: float) -> P
         timed.append((qemu_s, precopy, total))
         moved_mib = m.stats.transferred_bytes / MIB
         efficiencies.append(min(max(moved_mib / qemu_s / m.reserved_mib_s, 0.05), 1.0))
-        memory = (m.last_sample.total_bytes / MIB) if m.last_sample and m.last_sample.total_bytes else None
-        dirty = m.last_sample.dirty_rate_mib_s if m.last_sample else 0.0
-        if memory:
-            payloads.append(min(max((moved_mib - dirty * qemu_s) / memory, 0.05), 1.0))
+        payload = _payload(m, moved_mib, qemu_s)
+        if payload is not None:
+            payloads.append(min(max(payload, 0.05), 1.0))
     slope = _seconds_per_qemu_second(timed)
     overheads = [max(total - slope * qemu_s, 0.0) for qemu_s, _precopy, total in timed]
     return PlanCalibration(
@@ -146,6 +145,22 @@ def calibrate(recent: Sequence[Migration], default_dirty_rate_mib_s: float) -> P
         time_scale=round(1 / slope, 3),
         basis=len(timed),
     )
+
+
+def _payload(m: Migration, moved_mib: float, qemu_s: float) -> float | None:
+    """The fraction of a guest's RAM its first round sends as data (not zero pages).
+
+    QEMU's page counts say it directly: every page goes once in the first round, the zero ones as
+    ``duplicate`` pages of a few bytes. Without them (a simulated QEMU), what moved less what the
+    guest dirtied meanwhile, which at completion QEMU no longer reports (a rate of 0), so that
+    guess counts re-sent pages as payload."""
+    sample = m.last_sample
+    if sample is None or not sample.total_bytes:
+        return None
+    if m.stats.duplicate_pages:
+        pages = sample.total_bytes / (sample.page_size or 4096)
+        return 1 - m.stats.duplicate_pages / pages
+    return (moved_mib - sample.dirty_rate_mib_s * qemu_s) / (sample.total_bytes / MIB)
 
 
 def _seconds_per_qemu_second(timed: Sequence[tuple[float, float, float]]) -> float:
