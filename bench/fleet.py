@@ -89,6 +89,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     url: str
     log: Path
+    drives: bool = True  # an LMO replica that drives migrations (not an API replica, capacity 0)
 
     @property
     def pid(self) -> int:
@@ -121,7 +122,7 @@ class Harness:
              "--log-level", "warning", "--insecure"],  # the simulator is plain HTTP (testing/fleetserver.py)
             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        proc = Proc(name, popen, f"http://127.0.0.1:{port}", log)
+        proc = Proc(name, popen, f"http://127.0.0.1:{port}", log, drives=capacity > 0)
         wait_http(proc, "/healthz", 60)
         self.replicas.append(proc)
         return proc
@@ -338,8 +339,12 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
         await bounded(32, jobs)
         return active
 
+    # the ramp: POSTing a thousand migrations takes a while; the phase is measured once they run
+    while await top_up() < 0.9 * target and time.monotonic() - started < args.ramp_timeout:
+        await asyncio.sleep(1.0)
+    ramp_s, started = time.monotonic() - started, time.monotonic()
+    lmo.take("create_migration_load")
     cpu0, finished0 = harness.cpu(), (await counts(lmo)).get("finished", 0)
-    await top_up()
     samples = []
     passes: list[dict[str, Any]] = []
     api: dict[str, Any] = {}
@@ -357,10 +362,13 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
                        "deferred": p.get("deferred", 0), "acting": p.get("acting", 0), "seconds": p["seconds"],
                        **{k: p.get(k, 0.0) for k in PASS_SPLIT}}
                       for p in status["passes"])  # fmt: skip
-    held = [p for p in passes if p["held"] >= 0.8 * args.concurrent / len(harness.replicas)]
+    drivers = [p for p in harness.replicas if p.drives]
+    held = [p for p in passes if p["held"] >= 0.8 * args.concurrent / len(drivers)]
     return {
-        "replicas": len(harness.replicas),
+        "replicas": len(drivers),
+        "api_replicas": len(harness.replicas) - len(drivers),
         "target_active": target,
+        "ramp_s": round(ramp_s, 1),
         "active_p50": percentile([s["active"] for s in samples], 50),
         "finished_per_s": round((finished1 - finished0) / elapsed, 2),
         "create_migration_under_load": summary(create_latency),
@@ -428,15 +436,27 @@ async def throughput_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
     await use_replicas(lmo, harness, "tp", replicas, args.capacity, args)
     backlog = rng.sample(vms, min(args.backlog, len(vms)))
     before = {s["replica"]: s["finished"] for s in await controller_passes(lmo, harness)}
-    jobs = [lambda vm=vm: lmo.call("backlog", "POST", "/migrations", ok=(201, 409, 502),
-                                   json=migration_request(vm, rng.choice(hosts), args)) for vm in backlog]  # fmt: skip
-    await bounded(32, jobs)
-    lmo.take("backlog")
+    chosen = set(backlog)
+    waiting = [vm for vm in vms if vm not in chosen]
+    rng.shuffle(waiting)
+
+    async def queue(names: list[str]) -> None:
+        await bounded(32, [lambda vm=vm: lmo.call("backlog", "POST", "/migrations", ok=(201, 409, 502),
+                                                  json=migration_request(vm, rng.choice(hosts), args))
+                           for vm in names])  # fmt: skip
+
+    await queue(backlog)
     cpu0, started = harness.cpu(), time.monotonic()
     finished0 = (await counts(lmo)).get("finished", 0)
-    await asyncio.sleep(args.window)
+    queued_min = replicas * args.capacity  # never starved: a replica always finds its capacity's worth
+    while time.monotonic() - started < args.window:
+        short = queued_min - (await counts(lmo)).get("Pending", 0)
+        if short > 0:
+            await queue([waiting.pop() for _ in range(min(short, len(waiting)))])
+        await asyncio.sleep(0.5)
     elapsed = time.monotonic() - started
     cpu1, finished1 = harness.cpu(), (await counts(lmo)).get("finished", 0)
+    lmo.take("backlog")
     status = await controller_passes(lmo, harness)
     shares = {s["replica"]: s["finished"] - before.get(s["replica"], 0) for s in status}
     await cancel_active(lmo)
@@ -565,6 +585,10 @@ async def run_fleet(args: argparse.Namespace, workdir: Path, hosts: int, vms: in
                 return result
             if args.concurrent_replicas > 1:  # the deployment for a wave: replicas share it (and the API)
                 await use_replicas(lmo, harness, "lmo", args.concurrent_replicas, max(2000, 2 * args.concurrent), args)
+            if args.api_replicas:  # the users' calls go to replicas that drive nothing (docs/fleet.md)
+                api_replicas = [harness.start_lmo(f"api-{i + 1}", 0, args.step_concurrency)
+                                for i in range(args.api_replicas)]  # fmt: skip
+                lmo.urls = [p.url for p in api_replicas]
             result["concurrent"] = await concurrent_phase(lmo, harness, names, host_names, rng, args, next_vm)
             await drain(lmo, 900)
             for proc in harness.replicas[1:]:  # back to lmo-1 alone
@@ -602,7 +626,12 @@ def main() -> int:
         default=1,
         help="replicas sharing the concurrent phase's migrations and API calls (PostgreSQL)",
     )
-    parser.add_argument("--backlog", type=int, default=3000, help="migrations of the throughput phase")
+    parser.add_argument("--api-replicas", type=int, default=0,
+                        help="API replicas (--capacity 0) taking the concurrent phase's calls")  # fmt: skip
+    parser.add_argument("--ramp-timeout", type=float, default=300.0,
+                        help="seconds the concurrent phase may take to reach 90 %% of --concurrent")  # fmt: skip
+    parser.add_argument("--backlog", type=int, default=3000,
+                        help="migrations queued as the window opens (then kept at replicas x capacity)")  # fmt: skip
     parser.add_argument("--window", type=float, default=60.0, help="seconds the throughput is measured over")
     parser.add_argument("--speed", type=float, default=1.0, help="simulated seconds per real second")
     parser.add_argument("--share", type=int, default=128, help="MiB/s each migration may use (max-bandwidth)")
@@ -623,8 +652,8 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the wave's progress")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
-    if args.concurrent_replicas > 1 and args.db == "sqlite":
-        parser.error("--concurrent-replicas needs --db postgresql (replicas share migrations through it)")
+    if (args.concurrent_replicas > 1 or args.api_replicas) and args.db == "sqlite":
+        parser.error("--concurrent-replicas and --api-replicas need --db postgresql (replicas share the store)")
     baseline_hosts = args.baseline_hosts or max(10, args.hosts // 100)
 
     with tempfile.TemporaryDirectory(prefix="livemig-fleet-") as tmp:

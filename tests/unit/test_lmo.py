@@ -388,3 +388,23 @@ def test_the_controller_reports_its_replica_and_passes(api):
     assert status["passes"] and all(p["seconds"] >= 0 for p in status["passes"])
     counts = api.get("/migrations/counts").json()
     assert counts["Succeeded"] == 1 and counts["finished"] == 1 and counts["active"] == 0
+
+
+def test_an_api_replica_accepts_migrations_and_leaves_driving_them_to_the_others(fleet, store):
+    """``--capacity 0``: the API without a controller. It takes no part of the leases, so what it
+    accepts waits for a replica that drives (here, the ordinary app started after it)."""
+    app = create_app(store, controller_interval_s=0.01, transport=fleet.transport(), replica="api-1", capacity=0)
+    with TestClient(lmo_over_tls(app), headers=bearer(store)) as client:
+        for name, host in fleet.hosts.items():
+            assert client.put(f"/hosts/{name}", json=host.registration().model_dump()).status_code == 200
+        create_vm(client)
+        migration_id = client.post("/migrations", json={"vm": "vm1", "destination": "B"}).json()["id"]
+        time.sleep(0.3)  # thirty of a controller's intervals
+        assert client.get(f"/migrations/{migration_id}").json()["phase"] == "Pending"
+        status = client.get("/controller").json()
+        assert (status["replica"], status["capacity"], status["held"], status["passes"]) == ("api-1", 0, 0, [])
+        assert "api-1" not in status["replicas"], "an API replica would take a share it never drives"
+    driver = create_app(store, controller_interval_s=0.01, transport=fleet.transport(), replica="lmo-1")
+    with TestClient(lmo_over_tls(driver), headers=bearer(store)) as client:
+        assert wait_terminal(client, migration_id).phase is Phase.SUCCEEDED
+        assert client.get("/controller").json()["finished"] == 1

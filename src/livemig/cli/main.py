@@ -244,7 +244,9 @@ def lmo_command(
     replica: Annotated[
         str | None, typer.Option(help="this replica's name in leases (default: host-pid-random)")
     ] = None,
-    capacity: Annotated[int, typer.Option(help="most migrations this replica drives at once")] = 2000,
+    capacity: Annotated[
+        int, typer.Option(help="most migrations this replica drives at once (0: an API replica, driving none)")
+    ] = 2000,
     concurrency: Annotated[int, typer.Option(help="migrations a controller pass steps at the same time")] = 96,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
@@ -257,8 +259,8 @@ def lmo_command(
     from livemig.faults.points import configure_service
     from livemig.gctune import tune_for_service
 
-    if capacity < 1 or concurrency < 1:
-        fail("--capacity and --concurrency must be at least 1")
+    if capacity < 0 or concurrency < 1:
+        fail("--capacity must be at least 0 (an API replica) and --concurrency at least 1")
     _configure_logging(log_level, log_format, service="lmo")
     leaf = _service_tls(Role.LMO, None, tls_cert, tls_key, tls_ca, insecure)
     configure_service("lmo")

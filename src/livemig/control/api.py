@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from livemig.control import tokens
 from livemig.control.access import DASHBOARD, POLICY, default_rule
-from livemig.control.controller import REPLICA_CAPACITY, STEP_CONCURRENCY, Controller
+from livemig.control.controller import LEASE_S, REPLICA_CAPACITY, STEP_CONCURRENCY, Controller
 from livemig.control.metrics import bandwidth_registry
 from livemig.control.routes import hosts, migrations, netobjects, vms, volumes
 from livemig.control.routes import tokens as token_routes
@@ -60,7 +60,9 @@ def create_app(
     ``insecure`` (a lab's ``--insecure``): plain HTTP, every caller allowed everything.
     ``migration_tls``: ask hosts to encrypt migration streams (default: unless insecure).
     ``capacity`` bounds the migrations this replica drives at once, ``concurrency`` how many a
-    pass steps at the same time."""
+    pass steps at the same time. ``capacity`` 0 makes an API replica: it runs no controller (and
+    takes no part of the leases), so its requests never wait for a pass's turn at the interpreter
+    while other replicas on the same store drive the migrations (docs/fleet.md)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,7 +79,11 @@ def create_app(
 
         # abandoned volume transfers (a client killed mid-copy) are detached on the API's loop
         sweeper = asyncio.create_task(sweep_forever(services.transfers), name="transfer-sweeper")
-        if transport is None:  # its own thread and loop (runner.py says why)
+        if capacity == 0:  # an API replica: other replicas drive what it accepts
+            app.state.controller = None
+            yield
+            background = [sweeper]
+        elif transport is None:  # its own thread and loop (runner.py says why)
             thread = ControllerThread(make)
             app.state.controller = thread.start()
             yield
@@ -120,7 +126,11 @@ def create_app(
     @app.get("/controller")
     async def controller_status() -> ControllerStatus:
         """This replica's controller: its share of the leases and its recent passes."""
-        controller: Controller = app.state.controller
+        controller: Controller | None = app.state.controller
+        if controller is None:
+            return ControllerStatus(replica=replica or "api", capacity=0, concurrency=concurrency,
+                                    interval_s=controller_interval_s, held=0, finished=0,
+                                    replicas=store.replicas(LEASE_S), passes=[])  # fmt: skip
         return ControllerStatus(
             replica=controller.replica, capacity=controller.capacity, concurrency=controller.concurrency,
             interval_s=controller.interval_s, held=len(controller.held), finished=controller.finished,
