@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import math
@@ -56,6 +57,12 @@ MIX = [(1024, 512, 2, 30), (2048, 1024, 8, 30), (4096, 2048, 20, 25), (8192, 409
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: where a controller pass's time went, as GET /controller splits it
 PASS_SPLIT = ("read_s", "admit_s", "step_s", "save_s")
+#: seconds after which the concurrent phase may ask to move a VM again (its migration has ended,
+#: or the request is refused with 409 and costs only the call)
+REUSE_AFTER_S = 60.0
+#: the concurrent phase's requests in flight at once replacing migrations that ended (as a wave's
+#: controller-side creation would, not a burst of 32 clients a second; the ramp uses 32)
+TOP_UP_CONCURRENCY = 8
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -320,27 +327,32 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
     """Keep ``--concurrent`` migrations active for ``--duration`` seconds; sample the API and the
     controller meanwhile."""
     target, started = args.concurrent, time.monotonic()
-    busy: set[str] = set()
-    idle = [vm for vm in vms]
-    rng.shuffle(idle)
-    create_latency: list[float] = []
+    shuffled = list(vms)
+    rng.shuffle(shuffled)
+    idle = collections.deque(shuffled)
+    moving: collections.deque[tuple[float, str]] = collections.deque()  # (asked at, VM)
 
-    async def top_up() -> int:
+    async def top_up(concurrency: int) -> int:
         active = (await counts(lmo)).get("active", 0)
-        wanted = max(0, target - active)
+        now = time.monotonic()
+        while moving and now - moving[0][0] > REUSE_AFTER_S:  # moved by now (or refused): may go again
+            idle.appendleft(moving.popleft()[1])
         jobs = []
-        for _ in range(wanted):
-            if not idle:
-                break
+        for _ in range(min(max(0, target - active), len(idle))):
             vm = idle.pop()
-            busy.add(vm)
+            moving.append((now, vm))
             jobs.append(lambda vm=vm: lmo.call("create_migration_load", "POST", "/migrations", ok=(201, 409, 502),
                                                json=migration_request(vm, rng.choice(hosts), args)))  # fmt: skip
-        await bounded(32, jobs)
+        await bounded(concurrency, jobs)
         return active
 
-    # the ramp: POSTing a thousand migrations takes a while; the phase is measured once they run
-    while await top_up() < 0.9 * target and time.monotonic() - started < args.ramp_timeout:
+    # the ramp: POSTing a thousand migrations takes a while; the phase is measured once they run,
+    # or once the number running stops growing (what this LMO can hold at the rate it finishes)
+    ramp: list[int] = []
+    while time.monotonic() - started < args.ramp_timeout:
+        ramp.append(await top_up(32))
+        if ramp[-1] >= 0.9 * target or (len(ramp) > 10 and ramp[-1] <= ramp[-11]):
+            break
         await asyncio.sleep(1.0)
     ramp_s, started = time.monotonic() - started, time.monotonic()
     lmo.take("create_migration_load")
@@ -349,7 +361,7 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
     passes: list[dict[str, Any]] = []
     api: dict[str, Any] = {}
     while time.monotonic() - started < args.duration:
-        active = await top_up()
+        active = await top_up(TOP_UP_CONCURRENCY)
         samples.append({"t": round(time.monotonic() - started, 1), "active": active})
         if not api and time.monotonic() - started > args.duration / 3:
             api = await sample_api(lmo, vms, hosts, rng, args.samples, "concurrent migrations", next_vm, args.share)
@@ -369,6 +381,7 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
         "api_replicas": len(harness.replicas) - len(drivers),
         "target_active": target,
         "ramp_s": round(ramp_s, 1),
+        "ramp_active": ramp[-1] if ramp else 0,
         "active_p50": percentile([s["active"] for s in samples], 50),
         "finished_per_s": round((finished1 - finished0) / elapsed, 2),
         "create_migration_under_load": summary(create_latency),

@@ -212,6 +212,31 @@ def test_a_batch_save_reports_each_migration_its_own_outcome(store):
     assert (facts["vm0"].dirty_rate_mib_s, facts["vm1"].dirty_rate_mib_s) == (5.0, 7.0)
 
 
+def test_migrations_ending_in_one_batch_release_what_each_reserved_once(store):
+    """A pass's endings saved together: one that failed releases its reservation on B; one that
+    succeeded after its VM moved to B keeps it (the reservation became the VM's placement); one
+    held by another replica is not written; saving an end again releases nothing more."""
+    store.upsert_host(host("A", 8192))
+    store.upsert_host(host("B", 8192))
+    for i in range(4):
+        store.add_vm(VmSpec(name=f"vm{i}", memory_mib=1024), "A")
+        store.add_migration(Migration(id=f"m{i}", vm=f"vm{i}", source="A", destination="B"))
+    claims = {c.id: c for c in store.claim("lmo-1", ttl_s=30, capacity=3)}  # m0, m1, m2; m3 stays free
+    assert store.capacity("B").free_mib == 8192 - 4 * 1024
+    store.move_vm("vm1", "B")  # m1's cut-over
+    batch = [store.migration(i) for i in ("m0", "m1", "m2", "m3")]
+    batch[0].phase, batch[1].phase, batch[2].phase, batch[3].phase = (
+        Phase.FAILED, Phase.SUCCEEDED, Phase.PRECOPY, Phase.ABORTED)  # fmt: skip
+    versions = store.save_migrations(batch, "lmo-1")
+    assert versions == [claims["m0"].version + 1, claims["m1"].version + 1, claims["m2"].version + 1, None]
+    assert [store.migration(i).phase for i in ("m0", "m1", "m2", "m3")] == [
+        Phase.FAILED, Phase.SUCCEEDED, Phase.PRECOPY, Phase.PENDING]  # fmt: skip
+    assert store.capacity("B").free_mib == 8192 - 3 * 1024, "m0's room freed; m1's is now vm1's"
+    assert store.capacity("A").free_mib == 8192 - 3 * 1024, "vm1 left A"
+    assert store.save_migrations([store.migration("m0")], "lmo-1") == [None], "an ended one is no longer held"
+    assert store.capacity("B").free_mib == 8192 - 3 * 1024
+
+
 def test_an_older_store_is_upgraded_with_its_inventory(tmp_path):
     """A store written before hosts carried inventory: columns added, placed memory counted."""
     import sqlite3

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
@@ -53,11 +53,6 @@ StateDir = Annotated[Path | None, typer.Option("--state-dir", help="region state
 Url = Annotated[str | None, typer.Option("--url", help="LMO URL (default: $LIVEMIG_URL or the local region)")]
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
 def _first_error(exc: ValueError) -> str:
     """pydantic's first complaint in one line (its full text spans many)."""
     if isinstance(exc, ValidationError) and exc.errors():
@@ -82,6 +77,7 @@ def _global_options(
     client.use_config_file(config)
 
 
+fail = client.fail
 warn_insecure = client.warn_insecure
 lmo = client.lmo
 
@@ -261,6 +257,9 @@ def lmo_command(
 
     if capacity < 0 or concurrency < 1:
         fail("--capacity must be at least 0 (an API replica) and --concurrency at least 1")
+    if capacity == 0 and not db.startswith("postgresql"):
+        fail("--capacity 0 makes an API replica, whose migrations other replicas drive: they share "
+             "the store only on PostgreSQL (--db postgresql+psycopg://...)")  # fmt: skip
     _configure_logging(log_level, log_format, service="lmo")
     leaf = _service_tls(Role.LMO, None, tls_cert, tls_key, tls_ca, insecure)
     configure_service("lmo")

@@ -299,8 +299,7 @@ class Controller:
                 self._held[m.id] = (version, m)
                 admitted += 1
         await fault_point("controller.after.Pending")
-        for m in waiting:
-            self._save(m)
+        self._save_all(waiting)
         return admitted
 
     def _admit_one(self, m: Migration, ledger: Ledger) -> bool:
@@ -631,7 +630,9 @@ class Controller:
         if _has_volumes(spec):
             await self.volumes.fence(m.vm, m.source)  # a late write from the source can never land now
         await source.run(hostd.destroy_vm(m.vm))
-        self.store.move_vm(m.vm, m.destination)  # the reservation there becomes the VM's placement
+        # the reservation there becomes the VM's placement; on a worker thread, so that the other
+        # steps of the pass go on while the store's round trips run
+        await asyncio.to_thread(self.store.move_vm, m.vm, m.destination)
         self._vms[m.vm] = (spec, m.destination)
         self.network.place(vm_vnics(spec), m.destination)
         assert observed is not None

@@ -113,8 +113,9 @@ def calibrate(recent: Sequence[Migration], default_dirty_rate_mib_s: float) -> P
     """Overhead, efficiency, payload and time scale from recent successful migrations.
 
     QEMU's own numbers (its total time, the bytes it moved, the zero pages it skipped) give the
-    efficiency and the payload (medians). How QEMU's seconds relate to the LMO's while pre-copy runs comes from the timeline:
-    pre-copy's span on the LMO's clock against QEMU's total time, fitted as a line when the
+    efficiency and the payload (medians). How QEMU's seconds relate to the LMO's while pre-copy
+    runs comes from the timeline: pre-copy's span on the LMO's clock against QEMU's total time,
+    fitted as a line when the
     migrations differ enough in length (the controller notices the end a little late, a constant),
     else their ratio; on real hosts about 1, in a simulated fleet its speed. The overhead is the
     rest of each migration's span (Validating to Succeeded), the median."""

@@ -4,6 +4,7 @@ promises is exactly what a real request enforces."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,21 +51,33 @@ async def preflight(services: Services, request: MigrationRequest) -> PreflightR
         not active,
         "none" if not active else f"VM {vm!r} is already migrating ({active[0].id}, {active[0].phase.value})",
     )
+    source_host, destination_host = services.host(source), services.host(destination)
+
+    async def ask_source() -> tuple[HostFacts, RunState]:
+        facts = await _facts(source_host, source_registration)
+        observed = await source_host.observe(vm)
+        return facts, observed.state if observed else RunState.ABSENT
+
+    # both hosts at once: a request waits for the slower, not for the two in turn
+    asked_source, asked_destination = await asyncio.gather(
+        ask_source(), _facts(destination_host, registration, answer=True), return_exceptions=True
+    )
     src_facts: HostFacts | None = None
     dst_facts: HostFacts | None = None
-    source_host, destination_host = services.host(source), services.host(destination)
-    try:
-        src_facts = await _facts(source_host, source_registration)
-        observed = await source_host.observe(vm)
-        state = observed.state if observed else RunState.ABSENT
+    if isinstance(asked_source, LivemigError):
+        add("source reachable", False, asked_source.message, error="HostUnreachable")
+    elif isinstance(asked_source, BaseException):
+        raise asked_source
+    else:
+        src_facts, state = asked_source
         add("source VM running", state is RunState.RUNNING, f"QEMU runstate on {source}: {state.value}")
-    except LivemigError as exc:
-        add("source reachable", False, exc.message, error="HostUnreachable")
-    try:
-        dst_facts = await _facts(destination_host, registration, answer=True)
+    if isinstance(asked_destination, LivemigError):
+        add("destination reachable", False, asked_destination.message, error="HostUnreachable")
+    elif isinstance(asked_destination, BaseException):
+        raise asked_destination
+    else:
+        dst_facts = asked_destination
         add("destination reachable", True, f"{destination} answers (accelerator {dst_facts.accel})")
-    except LivemigError as exc:
-        add("destination reachable", False, exc.message, error="HostUnreachable")
     if dst_facts is not None:
         free = dst_facts.free_mib if dst_facts.free_mib is not None else capacity.free_mib
         fits = vm in dst_facts.vms or (free is None or free >= spec.memory_mib)
