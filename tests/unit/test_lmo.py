@@ -408,3 +408,14 @@ def test_an_api_replica_accepts_migrations_and_leaves_driving_them_to_the_others
     with TestClient(lmo_over_tls(driver), headers=bearer(store)) as client:
         assert wait_terminal(client, migration_id).phase is Phase.SUCCEEDED
         assert client.get("/controller").json()["finished"] == 1
+
+
+def test_an_api_replica_is_refused_on_a_store_other_replicas_cannot_share(tmp_path):
+    from typer.testing import CliRunner
+
+    from livemig.cli.main import app
+
+    db = f"sqlite:///{tmp_path / 'lmo.db'}"
+    result = CliRunner().invoke(app, ["lmo", "--capacity", "0", "--insecure", "--db", db])
+    assert result.exit_code == 1 and "only on PostgreSQL" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "lmo.db").exists(), "refused before anything was created"
