@@ -185,16 +185,22 @@ def test_saves_bump_the_version_and_a_lost_lease_is_reported(store):
     assert store.save_migrations([m], "lmo-2") == [None]
 
 
-def test_a_batch_save_reports_each_migration_its_own_outcome(store):
-    """One batch (one statement for the ones that stay active): held ones get their new version
-    and their document, one held by another replica gets None and is left alone, one that ends
-    releases its reservation; dirty rates of many VMs land in one statement, newest wins."""
+def four_migrations_three_held(store):
+    """Four VMs of 1 GiB on A, each with a migration to B (both hosts 8 GiB); replica lmo-1 holds
+    m0, m1 and m2, m3 stays free. Returns lmo-1's claims by migration id."""
     store.upsert_host(host("A", 8192))
     store.upsert_host(host("B", 8192))
     for i in range(4):
         store.add_vm(VmSpec(name=f"vm{i}", memory_mib=1024), "A")
         store.add_migration(Migration(id=f"m{i}", vm=f"vm{i}", source="A", destination="B"))
-    claims = {c.id: c for c in store.claim("lmo-1", ttl_s=30, capacity=3)}  # m0, m1, m2; m3 stays free
+    return {c.id: c for c in store.claim("lmo-1", ttl_s=30, capacity=3)}
+
+
+def test_a_batch_save_reports_each_migration_its_own_outcome(store):
+    """One batch (one statement for the ones that stay active): held ones get their new version
+    and their document, one held by another replica gets None and is left alone, one that ends
+    releases its reservation; dirty rates of many VMs land in one statement, newest wins."""
+    claims = four_migrations_three_held(store)
     assert sorted(claims) == ["m0", "m1", "m2"]
     batch = [store.migration(i) for i in ("m0", "m1", "m2", "m3")]
     batch[0].phase = batch[1].phase = Phase.PRECOPY
@@ -216,12 +222,7 @@ def test_migrations_ending_in_one_batch_release_what_each_reserved_once(store):
     """A pass's endings saved together: one that failed releases its reservation on B; one that
     succeeded after its VM moved to B keeps it (the reservation became the VM's placement); one
     held by another replica is not written; saving an end again releases nothing more."""
-    store.upsert_host(host("A", 8192))
-    store.upsert_host(host("B", 8192))
-    for i in range(4):
-        store.add_vm(VmSpec(name=f"vm{i}", memory_mib=1024), "A")
-        store.add_migration(Migration(id=f"m{i}", vm=f"vm{i}", source="A", destination="B"))
-    claims = {c.id: c for c in store.claim("lmo-1", ttl_s=30, capacity=3)}  # m0, m1, m2; m3 stays free
+    claims = four_migrations_three_held(store)
     assert store.capacity("B").free_mib == 8192 - 4 * 1024
     store.move_vm("vm1", "B")  # m1's cut-over
     batch = [store.migration(i) for i in ("m0", "m1", "m2", "m3")]
