@@ -254,6 +254,16 @@ def vm_spec(index: int, rng: random.Random) -> VmSpec:
     return VmSpec(name=f"vm{index:06d}", memory_mib=memory, workload={"wss_mib": wss, "rate_mib_s": rate})
 
 
+async def request_migrations(lmo: Lmo, label: str, names: list[str], hosts: list[str], rng: random.Random,
+                             args: argparse.Namespace, concurrency: int) -> None:  # fmt: skip
+    """POST /migrations for each of ``names`` to a host drawn at random, ``concurrency`` at a time,
+    timed under ``label``; 409 (moving already) and 502 (its host did not answer) are the LMO's
+    answers, not the benchmark's failures."""
+    await bounded(concurrency, [lambda vm=vm: lmo.call(label, "POST", "/migrations", ok=(201, 409, 502),
+                                                       json=migration_request(vm, rng.choice(hosts), args))
+                                for vm in names])  # fmt: skip
+
+
 async def bounded(concurrency: int, jobs: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
     gate = asyncio.Semaphore(concurrency)
 
@@ -337,13 +347,9 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
         now = time.monotonic()
         while moving and now - moving[0][0] > REUSE_AFTER_S:  # moved by now (or refused): may go again
             idle.appendleft(moving.popleft()[1])
-        jobs = []
-        for _ in range(min(max(0, target - active), len(idle))):
-            vm = idle.pop()
-            moving.append((now, vm))
-            jobs.append(lambda vm=vm: lmo.call("create_migration_load", "POST", "/migrations", ok=(201, 409, 502),
-                                               json=migration_request(vm, rng.choice(hosts), args)))  # fmt: skip
-        await bounded(concurrency, jobs)
+        names = [idle.pop() for _ in range(min(max(0, target - active), len(idle)))]
+        moving.extend((now, vm) for vm in names)
+        await request_migrations(lmo, "create_migration_load", names, hosts, rng, args, concurrency)
         return active
 
     # the ramp: POSTing a thousand migrations takes a while; the phase is measured once they run,
@@ -454,9 +460,7 @@ async def throughput_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
     rng.shuffle(waiting)
 
     async def queue(names: list[str]) -> None:
-        await bounded(32, [lambda vm=vm: lmo.call("backlog", "POST", "/migrations", ok=(201, 409, 502),
-                                                  json=migration_request(vm, rng.choice(hosts), args))
-                           for vm in names])  # fmt: skip
+        await request_migrations(lmo, "backlog", names, hosts, rng, args, 32)
 
     await queue(backlog)
     cpu0, started = harness.cpu(), time.monotonic()

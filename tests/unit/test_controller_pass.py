@@ -4,13 +4,15 @@ steps them concurrently, never more than its bound at once."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from unittest.mock import patch
 
 from livemig.control.controller import PASS_BUDGET_S, Controller
 from livemig.control.services import Services
 from livemig.control.store import Store
-from livemig.model import Migration, Phase
+from livemig.model import ConditionType, Migration, Phase
 from livemig.wire.base import async_http
 
 
@@ -80,6 +82,7 @@ def precopy(i: int) -> Migration:
     m.transition(Phase.PREPARING_TARGET, "source running")
     m.transition(Phase.SYNCING_FLOWS, "listening")
     m.transition(Phase.PRECOPY, "no VNICs")
+    m.set_condition(ConditionType.MIGRATION_STARTED, True, "the job runs: its steps only observe")
     return m
 
 
@@ -118,3 +121,41 @@ def test_a_pass_acts_always_and_observes_what_fits_its_budget_longest_unobserved
     assert all(len(o) == 2 for o in observed)
     assert sorted(m for o in observed[:3] for m in o) == [f"m{i}" for i in range(10, 16)]  # each once in turn
     assert observed[3] == observed[0]  # then the longest unobserved again
+
+
+def test_a_pass_the_machine_slows_starts_no_observation_past_its_budget(tmp_path: Path) -> None:
+    """The budget is also a deadline: an observation not started within it waits for the next
+    pass, where it comes first; the steps that act are taken however late."""
+    store = Store(f"sqlite:///{tmp_path / 'lmo.db'}")
+    store.add_migration(validating(0))
+    for i in range(10, 16):
+        store.add_migration(precopy(i))
+    clock = [100.0]  # each step takes 0.05 s of it; the budget is 0.12 s
+    fake_time = SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0], time=time.time)
+    passes: list[list[str]] = []
+
+    async def scenario() -> None:
+        async with async_http() as http:
+            controller = Controller(Services.build(store, http), concurrency=1)
+
+            async def step(m: Migration) -> bool:
+                passes[-1].append(m.id)
+                clock[0] += 0.05
+                return False
+
+            controller._step = step  # type: ignore[method-assign]
+            controller._measure_step_cost = lambda seconds, steps: None  # type: ignore[method-assign]
+            controller._step_cost_s = 0.001  # the estimate would take them all
+            for _ in range(2):
+                passes.append([])
+                await controller.pass_once()
+                record = controller.recent_passes()[-1]
+                assert (record.acting, record.stepped, record.deferred) == (1, 3, 4)
+
+    with (
+        patch("livemig.control.controller.OBSERVE_COST_S", 0.0),
+        patch("livemig.control.controller.PASS_BUDGET_S", 0.12),
+        patch("livemig.control.controller.time", fake_time),
+    ):
+        asyncio.run(scenario())
+    assert passes == [["m00", "m10", "m11"], ["m00", "m12", "m13"]]

@@ -161,17 +161,6 @@ def test_the_start_time_plan() -> None:
 # ------------------------------------------------------------------ the API
 
 
-@pytest.fixture
-def clean_registry() -> Iterator[FaultRegistry]:
-    REGISTRY.reset()
-    service, crash = REGISTRY.service, REGISTRY.crash
-    REGISTRY.service = "lmo"  # the LMO and the fake hosts share this process and its registry
-    REGISTRY.crash = lambda: (_ for _ in ()).throw(AssertionError("crash armed in an in-process test"))
-    yield REGISTRY
-    REGISTRY.reset()
-    REGISTRY.service, REGISTRY.crash = service, crash
-
-
 def test_the_fault_api_arms_lists_releases_and_reports_firings(clean_registry: FaultRegistry) -> None:
     app = FastAPI()
     install_error_handlers(app)

@@ -48,6 +48,20 @@ log = logging.getLogger(__name__)
 # phases in which a cancel still leaves the VM on the source, untouched
 CANCELLABLE = frozenset({Phase.PENDING, Phase.VALIDATING, Phase.PREPARING_TARGET,
                          Phase.SYNCING_FLOWS, Phase.PRECOPY})  # fmt: skip
+# a step goes on into the next phase when the one it took ends where that one starts at once: a
+# migration's way to pre-copy (Validating -> PreparingTarget -> SyncingFlows) and from the
+# cut-over to its cleanup are one step each, not one pass per phase. Each phase's fault points
+# still fire in turn, a ``before`` point that holds ends the step there, and the step's result is
+# saved once at the end of the pass: each of these phases observes before it acts, so a crash
+# anywhere in the chain replays them from the last saved one (as a crash between passes does).
+# The QEMU job is never started in the step that prepared it: PreCopy is saved first, so that a
+# restarted LMO finds the job it may have started (and a PreCopy whose job has not started is a
+# step that acts, taken by the next pass). Fewer, larger steps: fewer acting steps and saves per pass.
+FOLLOWS_AT_ONCE: dict[Phase, Phase] = {
+    Phase.VALIDATING: Phase.PREPARING_TARGET,
+    Phase.PREPARING_TARGET: Phase.SYNCING_FLOWS,
+    Phase.CUTTING_OVER: Phase.CLEANUP,
+}
 # how long a host may stay unreachable before the migration gives up
 UNREACHABLE_GRACE_S = 30.0
 # how long a migration may wait for bandwidth or a concurrency slot before it is aborted
@@ -70,8 +84,9 @@ PASS_HISTORY = 512
 OBSERVING = frozenset({Phase.PRECOPY, Phase.SWITCHOVER, Phase.CUTTING_OVER})
 OBSERVE_COST_S = 0.005
 MAX_OBSERVE_INTERVAL_S = 2.0
-# a pass steps what fits in PASS_BUDGET_S at the cost per step this replica measures (the steps
-# that act always; observations oldest first, at least a full concurrency's worth): however many
+# a pass steps what fits in PASS_BUDGET_S at the cost per step this replica measures, saving the
+# results included (the steps that act always; observations oldest first, at least a full
+# concurrency's worth): however many
 # migrations it holds, a pass stays short and every held migration is observed in turn, so the
 # controller answers a cancel or a finished pre-copy within a pass or two instead of waiting for a
 # pass over everything
@@ -208,15 +223,12 @@ class Controller:
         now = time.monotonic()
         every = min(MAX_OBSERVE_INTERVAL_S, len(held) * OBSERVE_COST_S)
         active = [m for m in migrations if m.id not in queued_ids]
-        acting = [m for m in active if m.phase not in OBSERVING or m.cancel_requested]
-        due = [m for m in active if m.phase in OBSERVING and not m.cancel_requested
-               and now - self._observed_at.get(m.id, 0.0) >= every]  # fmt: skip
+        acting = [m for m in active if _acts(m)]
+        due = [m for m in active if not _acts(m) and now - self._observed_at.get(m.id, 0.0) >= every]
         observing = self._within_budget(due, len(acting))
         stepping = acting + observing
         self._observed_at = {i: self._observed_at[i] for i in held if i in self._observed_at}
         self._saved_at = {i: self._saved_at[i] for i in held if i in self._saved_at}
-        for m in stepping:
-            self._observed_at[m.id] = now
         missing = {m.vm for m in stepping if m.vm not in self._vms}
         if missing:
             self._vms.update(self.store.vms_named(missing))
@@ -224,11 +236,20 @@ class Controller:
         admitted = await self._admit(queued)
         admit_s = time.perf_counter() - started - read_s
         step_s = save_s = 0.0
+        late = 0
         if stepping:
             gate = asyncio.Semaphore(self.concurrency)
+            # an observation starts only while the pass is within its budget: a pass the machine
+            # slows (busy cores, a collection, a slow store) leaves the rest to the next passes,
+            # first in line, instead of growing with them
+            deadline = started + PASS_BUDGET_S
+            observes = {m.id for m in observing}
 
-            async def bounded(m: Migration) -> bool:
+            async def bounded(m: Migration) -> bool | None:
                 async with gate:
+                    if m.id in observes and time.perf_counter() > deadline:
+                        return None
+                    self._observed_at[m.id] = now
                     try:
                         return await self._step(m)
                     except Exception:  # a bug in one migration's step must not hold up the others
@@ -239,34 +260,34 @@ class Controller:
             steps_started = time.perf_counter()
             changed = await asyncio.gather(*(bounded(m) for m in stepping))
             step_s = time.perf_counter() - steps_started
-            self._measure_step_cost(step_s, len(stepping))
+            late = changed.count(None)
             # the pass's results saved together (a few transactions): a step is idempotent and
             # observes before it acts, so a result saved at the end of the pass is as safe as one
             # saved at once (a crash in between is the controller.after.<Phase> fault)
             self._save_all([m for m, save in zip(stepping, changed, strict=True) if save])
             save_s = time.perf_counter() - steps_started - step_s
+            self._measure_step_cost(step_s + save_s, len(stepping) - late)
         seconds = time.perf_counter() - started
         PASS_SECONDS.observe(seconds)
         HELD.set(len(self._held))
-        self.passes.append(PassRecord(at=at, held=len(held), stepped=len(stepping), admitted=admitted,
+        self.passes.append(PassRecord(at=at, held=len(held), stepped=len(stepping) - late, admitted=admitted,
                                       queued=len(queued) - admitted, seconds=seconds,
-                                      deferred=len(due) - len(observing), acting=len(acting), read_s=read_s,
+                                      deferred=len(due) - len(observing) + late, acting=len(acting), read_s=read_s,
                                       admit_s=admit_s, step_s=step_s, save_s=save_s))  # fmt: skip
         await self.firings.sweep_late()
 
     def _within_budget(self, due: list[Migration], acting: int) -> list[Migration]:
         """The due observations this pass makes: what fits in :data:`PASS_BUDGET_S` beside the
         ``acting`` steps (never fewer than the step concurrency, which one round of steps costs
-        anyway), longest unobserved first; the rest wait for the next passes."""
+        anyway), longest unobserved first (so that those a slow pass does not start are the first
+        of the next); the rest wait for the next passes."""
         room = max(self.concurrency, int(PASS_BUDGET_S / self._step_cost_s) - acting)
-        if len(due) <= room:
-            return due
         return sorted(due, key=lambda m: self._observed_at.get(m.id, 0.0))[:room]
 
     def _measure_step_cost(self, seconds: float, steps: int) -> None:
-        """Fold a pass's wall time per step into the moving average the budget divides by. Only a
-        pass with at least a full concurrency of steps measures the throughput; fewer measure
-        one step's latency, which would shrink the budget for nothing."""
+        """Fold a pass's wall time per step (stepping and saving) into the moving average the
+        budget divides by. Only a pass with at least a full concurrency of steps measures the
+        throughput; fewer measure one step's latency, which would shrink the budget for nothing."""
         if steps >= self.concurrency:
             self._step_cost_s = 0.5 * self._step_cost_s + 0.5 * max(seconds / steps, 1e-4)
 
@@ -374,6 +395,8 @@ class Controller:
 
     async def _scoped_step(self, m: Migration) -> bool:
         loop = asyncio.get_running_loop()
+        if m.terminal:  # ended in a pass whose save failed: only its saving is left to do
+            return True
         seen = len(m.timeline)
         before = _fingerprint(m)
         try:
@@ -382,10 +405,8 @@ class Controller:
             elif self._timed_out(m) and m.phase in CANCELLABLE:
                 self._fail(m, Phase.ABORTING, f"did not complete within {m.params.timeout_s:.0f} s",
                            end=Phase.ABORTED)  # fmt: skip
-            elif not await fault_point(f"controller.before.{m.phase.value}"):
-                phase = m.phase
-                await self._handlers[phase](m)
-                await fault_point(f"controller.after.{phase.value}")
+            else:
+                await self._phases(m)
             self._unreachable_since.pop(m.id, None)
         except HostUnreachable as exc:
             for name in (m.source, m.destination):  # its address may have changed: read it again
@@ -408,6 +429,16 @@ class Controller:
             log.warning("migration %s: fault firings not collected: %s", m.id, exc.message)
         quiet = min(MAX_SAVE_INTERVAL_S, len(self._held) * SAVE_COST_S)
         return _fingerprint(m) != before or time.monotonic() - self._saved_at.get(m.id, 0.0) >= quiet
+
+    async def _phases(self, m: Migration) -> None:
+        """The migration's current phase, then each that follows it at once (``FOLLOWS_AT_ONCE``),
+        each between its own fault points; a ``before`` point that holds ends the step there."""
+        while not await fault_point(f"controller.before.{m.phase.value}"):
+            phase = m.phase
+            await self._handlers[phase](m)
+            await fault_point(f"controller.after.{phase.value}")
+            if FOLLOWS_AT_ONCE.get(phase) is not m.phase:
+                return
 
     def _timed_out(self, m: Migration) -> bool:
         """Queued (Pending) migrations wait up to QUEUE_TIMEOUT_S; admitted ones get timeout_s."""
@@ -760,6 +791,14 @@ class Controller:
             return None
         never_ran = dst is not None and dst.resumed_at is None and dst.state in (RunState.INMIGRATE, RunState.PRELAUNCH)
         return None if never_ran else "the destination received the guest and is gone; the source's copy is stale"
+
+
+def _acts(m: Migration) -> bool:
+    """Whether the migration's next step acts (taken every pass) rather than only observes (taken
+    in turn, within the pass budget): a cancel, a phase outside ``OBSERVING``, a job to start."""
+    if m.cancel_requested or m.phase not in OBSERVING:
+        return True
+    return m.phase is Phase.PRECOPY and not _condition(m, ConditionType.MIGRATION_STARTED)
 
 
 def _moved_guests_rates(saved: list[Migration]) -> list[DirtyRate]:

@@ -319,11 +319,8 @@ SAVE_OWNED_MANY = update(M).where(M.c.id == bindparam("b_id"), M.c.owner == bind
 OWNED_VERSIONS = select(M.c.id, M.c.version).where(
     M.c.id.in_(bindparam("ids", expanding=True)), M.c.owner == bindparam("owner")
 )
-END = update(M).where(M.c.id == bindparam("b_id")).values(**_SAVED, owner=None, memory_mib=0).returning(M.c.version)
-END_OWNED = (update(M).where(M.c.id == bindparam("b_id"), M.c.owner == bindparam("b_owner"))
-             .values(**_SAVED, owner=None, memory_mib=0).returning(M.c.version))  # fmt: skip
-ENDING = select(M.c.active, M.c.memory_mib).where(M.c.id == bindparam("id"))
-#: END_OWNED without RETURNING, for executemany (which rows took is known before: ENDING_MANY)
+#: a migration's end, for executemany (which rows take is known before: ENDING_MANY)
+END_MANY = update(M).where(M.c.id == bindparam("b_id")).values(**_SAVED, owner=None, memory_mib=0)
 END_OWNED_MANY = (update(M).where(M.c.id == bindparam("b_id"), M.c.owner == bindparam("b_owner"))
                   .values(**_SAVED, owner=None, memory_mib=0))  # fmt: skip
 ENDING_MANY = (select(M.c.id, M.c.owner, M.c.active, M.c.memory_mib, M.c.version)
@@ -946,21 +943,22 @@ def _save_many(c: Connection, migrations: Sequence[Migration], owner: str) -> li
     return [versions.get(m.id) for m in migrations]
 
 
-def _end_many(c: Connection, ending: Sequence[Migration], owner: str) -> dict[str, int | None]:
-    """:func:`_save` for migrations that end, held by ``owner``, in a few statements whatever their
-    number (a pass at scale ends dozens: four round trips each were a third of its saving).
+def _end_many(c: Connection, ending: Sequence[Migration], owner: str | None) -> dict[str, int]:
+    """Save migrations that end (held by ``owner``, or by anyone when None) in a few statements
+    whatever their number (a pass at scale ends dozens: four round trips each were a third of its
+    saving); the new version of each that was saved.
 
     Their rows are read first (locked on PostgreSQL, in id order), so which saves take is known
-    before writing: the owned ones are ended in one executemany, and each destination's memory
+    before writing: those are ended in one executemany, and each destination's memory
     reservation is released once, by the save that turns the migration from active to ended,
-    unless its VM now lives there. Hosts are updated in name order (another writer of the same
-    rows never waits for us while we wait for it)."""
+    unless its VM now lives there (the reservation is then its placement). Hosts are updated in
+    name order (another writer of the same rows never waits for us while we wait for it)."""
     query = ENDING_MANY.with_for_update() if c.dialect.name == "postgresql" else ENDING_MANY
     rows = {row.id: row for row in c.execute(query, {"ids": [m.id for m in ending]})}
-    owned = [m for m in ending if m.id in rows and rows[m.id].owner == owner]
+    owned = [m for m in ending if m.id in rows and (owner is None or rows[m.id].owner == owner)]
     if not owned:
         return {}
-    c.execute(END_OWNED_MANY, [_save_values(m, owner) for m in owned])
+    c.execute(END_MANY if owner is None else END_OWNED_MANY, [_save_values(m, owner) for m in owned])
     releasing = [m for m in owned if rows[m.id].active and rows[m.id].memory_mib]
     if releasing:
         names = sorted({m.vm for m in releasing})
@@ -976,20 +974,12 @@ def _end_many(c: Connection, ending: Sequence[Migration], owner: str) -> dict[st
 
 def _save(c: Connection, migration: Migration, owner: str | None) -> int | None:
     """One migration's save; the new version, or None when ``owner`` no longer holds its lease.
-
-    A save that ends the migration also ends its memory reservation on the destination, unless
-    the VM now lives there (the reservation is then its placement): exactly once, on the save
-    that turns it from active to ended."""
+    A save that ends the migration is :func:`_end_many`'s (it releases the destination's
+    reservation exactly once)."""
     values = _save_values(migration, owner)
     if values["b_active"]:
         return c.execute(SAVE if owner is None else SAVE_OWNED, values).scalar()
-    ending = c.execute(ENDING.with_for_update() if c.dialect.name == "postgresql" else ENDING,
-                       {"id": migration.id}).first()  # fmt: skip
-    version = c.execute(END if owner is None else END_OWNED, values).scalar()
-    if version is not None and ending is not None and ending.active and ending.memory_mib:
-        where = c.execute(select(V.c.host).where(V.c.name == migration.vm)).scalar()
-        if where != migration.destination:
-            c.execute(MOVE_PLACED, {"host": migration.destination, "delta": -ending.memory_mib})
+    version = _end_many(c, [migration], owner).get(migration.id)
     if version is None and owner is None:
         raise NotFound(f"unknown migration {migration.id!r}")
     return version
