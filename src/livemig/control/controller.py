@@ -86,10 +86,10 @@ OBSERVE_COST_S = 0.005
 MAX_OBSERVE_INTERVAL_S = 2.0
 # a pass steps what fits in PASS_BUDGET_S at the cost per step this replica measures, saving the
 # results included (the steps that act always; observations oldest first, at least a full
-# concurrency's worth): however many
-# migrations it holds, a pass stays short and every held migration is observed in turn, so the
-# controller answers a cancel or a finished pre-copy within a pass or two instead of waiting for a
-# pass over everything
+# concurrency's worth, none started once the pass is PASS_BUDGET_S old): however many migrations
+# it holds, a pass stays short and every held migration is observed in turn, so the controller
+# answers a cancel or a finished pre-copy within a pass or two instead of waiting for a pass over
+# everything
 PASS_BUDGET_S = 0.5
 # an observation that changed only QEMU's latest numbers (the last sample) is saved at most every
 # N x SAVE_COST_S seconds (at most every MAX_SAVE_INTERVAL_S): with a few migrations, every step
@@ -394,9 +394,9 @@ class Controller:
             CURRENT.reset(token)
 
     async def _scoped_step(self, m: Migration) -> bool:
-        loop = asyncio.get_running_loop()
         if m.terminal:  # ended in a pass whose save failed: only its saving is left to do
             return True
+        loop = asyncio.get_running_loop()
         seen = len(m.timeline)
         before = _fingerprint(m)
         try:
