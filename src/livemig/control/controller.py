@@ -223,8 +223,11 @@ class Controller:
         now = time.monotonic()
         every = min(MAX_OBSERVE_INTERVAL_S, len(held) * OBSERVE_COST_S)
         active = [m for m in migrations if m.id not in queued_ids]
-        acting = [m for m in active if _acts(m)]
-        due = [m for m in active if not _acts(m) and now - self._observed_at.get(m.id, 0.0) >= every]
+        acting: list[Migration] = []
+        watched: list[Migration] = []
+        for m in active:
+            (acting if _acts(m) else watched).append(m)
+        due = [m for m in watched if now - self._observed_at.get(m.id, 0.0) >= every]
         observing = self._within_budget(due, len(acting))
         stepping = acting + observing
         self._observed_at = {i: self._observed_at[i] for i in held if i in self._observed_at}
@@ -243,11 +246,10 @@ class Controller:
             # slows (busy cores, a collection, a slow store) leaves the rest to the next passes,
             # first in line, instead of growing with them
             deadline = started + PASS_BUDGET_S
-            observes = {m.id for m in observing}
 
-            async def bounded(m: Migration) -> bool | None:
+            async def bounded(m: Migration, observes: bool) -> bool | None:
                 async with gate:
-                    if m.id in observes and time.perf_counter() > deadline:
+                    if observes and time.perf_counter() > deadline:
                         return None
                     self._observed_at[m.id] = now
                     try:
@@ -258,7 +260,7 @@ class Controller:
                         return False
 
             steps_started = time.perf_counter()
-            changed = await asyncio.gather(*(bounded(m) for m in stepping))
+            changed = await asyncio.gather(*(bounded(m, i >= len(acting)) for i, m in enumerate(stepping)))
             step_s = time.perf_counter() - steps_started
             late = changed.count(None)
             # the pass's results saved together (a few transactions): a step is idempotent and
