@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import patch
 
-from livemig.control.controller import PASS_BUDGET_S, Controller
+from livemig.control.controller import PASS_BUDGET_S, Controller, PassRecord
 from livemig.control.services import Services
 from livemig.control.store import Store
 from livemig.model import ConditionType, Migration, Phase
@@ -86,6 +87,34 @@ def precopy(i: int) -> Migration:
     return m
 
 
+def recorded_passes(
+    store: Store, count: int, concurrency: int, step_cost_s: float, on_step: Callable[[], None] = lambda: None
+) -> tuple[list[list[str]], list[PassRecord]]:
+    """Run ``count`` passes of a fresh controller whose steps only record the migration they take
+    (and call ``on_step``), with the cost per step the budget divides by held at ``step_cost_s``:
+    the ids each pass stepped, in order, and the passes' records."""
+    passes: list[list[str]] = []
+
+    async def scenario() -> list[PassRecord]:
+        async with async_http() as http:
+            controller = Controller(Services.build(store, http), concurrency=concurrency)
+
+            async def step(m: Migration) -> bool:
+                passes[-1].append(m.id)
+                on_step()
+                return False
+
+            controller._step = step  # type: ignore[method-assign]
+            controller._measure_step_cost = lambda seconds, steps: None  # type: ignore[method-assign]
+            controller._step_cost_s = step_cost_s
+            for _ in range(count):
+                passes.append([])
+                await controller.pass_once()
+            return controller.recent_passes()
+
+    return passes, asyncio.run(scenario())
+
+
 def test_a_pass_acts_always_and_observes_what_fits_its_budget_longest_unobserved_first(tmp_path: Path) -> None:
     """Steps that act are never deferred; observations beyond the budget wait, and the ones left
     out are the first observed by the next pass, so every migration is observed in turn."""
@@ -94,27 +123,11 @@ def test_a_pass_acts_always_and_observes_what_fits_its_budget_longest_unobserved
         store.add_migration(validating(i))
     for i in range(10, 16):
         store.add_migration(precopy(i))
-    passes: list[list[str]] = []
-
-    async def scenario() -> None:
-        async with async_http() as http:
-            controller = Controller(Services.build(store, http), concurrency=2)
-
-            async def step(m: Migration) -> bool:
-                passes[-1].append(m.id)
-                return False
-
-            controller._step = step  # type: ignore[method-assign]
-            controller._measure_step_cost = lambda seconds, steps: None  # type: ignore[method-assign]
-            controller._step_cost_s = PASS_BUDGET_S / 4  # room for 4 steps a pass: 2 acting + 2 observing
-            for _ in range(4):
-                passes.append([])
-                await controller.pass_once()
-            record = controller.recent_passes()[-1]
-            assert (record.acting, record.stepped, record.deferred) == (2, 4, 4)
-
     with patch("livemig.control.controller.OBSERVE_COST_S", 0.0):  # every observation due every pass
-        asyncio.run(scenario())
+        # room for 4 steps a pass: 2 acting + 2 observing
+        passes, records = recorded_passes(store, 4, concurrency=2, step_cost_s=PASS_BUDGET_S / 4)
+    record = records[-1]
+    assert (record.acting, record.stepped, record.deferred) == (2, 4, 4)
     acting = {"m00", "m01"}
     assert all(acting <= set(p) for p in passes)  # acting steps every pass
     observed = [sorted(set(p) - acting) for p in passes]
@@ -132,30 +145,16 @@ def test_a_pass_the_machine_slows_starts_no_observation_past_its_budget(tmp_path
         store.add_migration(precopy(i))
     clock = [100.0]  # each step takes 0.05 s of it; the budget is 0.12 s
     fake_time = SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0], time=time.time)
-    passes: list[list[str]] = []
 
-    async def scenario() -> None:
-        async with async_http() as http:
-            controller = Controller(Services.build(store, http), concurrency=1)
-
-            async def step(m: Migration) -> bool:
-                passes[-1].append(m.id)
-                clock[0] += 0.05
-                return False
-
-            controller._step = step  # type: ignore[method-assign]
-            controller._measure_step_cost = lambda seconds, steps: None  # type: ignore[method-assign]
-            controller._step_cost_s = 0.001  # the estimate would take them all
-            for _ in range(2):
-                passes.append([])
-                await controller.pass_once()
-                record = controller.recent_passes()[-1]
-                assert (record.acting, record.stepped, record.deferred) == (1, 3, 4)
+    def tick() -> None:
+        clock[0] += 0.05
 
     with (
         patch("livemig.control.controller.OBSERVE_COST_S", 0.0),
         patch("livemig.control.controller.PASS_BUDGET_S", 0.12),
         patch("livemig.control.controller.time", fake_time),
     ):
-        asyncio.run(scenario())
+        # the estimate (0.001 s a step) would take them all
+        passes, records = recorded_passes(store, 2, concurrency=1, step_cost_s=0.001, on_step=tick)
+    assert [(r.acting, r.stepped, r.deferred) for r in records] == [(1, 3, 4)] * 2
     assert passes == [["m00", "m10", "m11"], ["m00", "m12", "m13"]]
