@@ -127,7 +127,28 @@ class Guest:
             if with_timeout.returncode == 0 and with_timeout.stdout.strip() not in ("", not_boot):
                 return time.monotonic() - start
             time.sleep(2)
-        raise AssertionError(f"no SSH login within {timeout:.0f}s; console:\n{self.lmo.console(self.name, tail=40)}")
+        raise AssertionError(f"no SSH login within {timeout:.0f}s; {self.state()}; console:\n"
+                             f"{self.lmo.console(self.name, tail=40)}")  # fmt: skip
+
+    def state(self) -> str:
+        """How the VM's host sees it (QEMU's run state, or why it cannot say): a guest that does
+        not answer is told apart from a QEMU that does not."""
+        try:
+            view = self.lmo.vm(self.name)
+        except errors.LivemigError as exc:
+            return f"the LMO cannot show it: {exc.message}"
+        if view.observed is None:
+            return f"on {view.host}: {view.error}"
+        threads = ""
+        if view.observed.pid is not None and shutil.which("gdb"):  # where a QEMU that hangs waits
+            dump = subprocess.run(["gdb", "-p", str(view.observed.pid), "-batch", "-ex", "thread apply all bt 12"],
+                                  capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+            threads = "\nQEMU's threads:\n" + "\n".join(line for line in dump.stdout.splitlines()
+                                                         if line.startswith(("Thread", "#")))  # fmt: skip
+        return (
+            f"on {view.host}: QEMU {view.observed.state.value}, pid {view.observed.pid}, "
+            f"guest resets {view.observed.guest_resets}{threads}"
+        )
 
     def boot_id(self) -> str:
         return self.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip()
