@@ -1,6 +1,7 @@
 from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import event
 
 from livemig.control.store import DirtyRate, Store
 from livemig.errors import CapacityError, Conflict, NotFound
@@ -169,6 +170,26 @@ def test_replicas_share_the_active_migrations_fairly(store):
     assert held == {"lmo-1": 3, "lmo-2": 3, "lmo-3": 3}
     owners = {c.id for r in ("lmo-1", "lmo-2", "lmo-3") for c in store.claim(r, ttl_s=30, capacity=100)}
     assert owners == {f"m{i}" for i in range(9)}, "every migration has exactly one driver"
+
+
+def test_a_replica_whose_lease_ran_out_loses_what_it_drove_and_a_renewed_one_keeps_it(store):
+    """The lease is the replica's: claiming renews it in one row, and every migration of a
+    replica out of lease is free at once (the survivor takes them all, the old owner is fenced)."""
+    for i in range(4):
+        store.add_migration(Migration(id=f"m{i}", vm=f"vm{i}", source="A", destination="B"))
+    assert len(store.claim("lmo-1", ttl_s=30, capacity=100)) == 4
+    held_by_lmo2 = store.claim("lmo-2", ttl_s=30, capacity=100)
+    assert held_by_lmo2 == [], "lmo-1 is in lease and within its share (it lets go of the excess next pass)"
+    stale = store.migration("m0")
+    store.claim("lmo-1", ttl_s=-1, capacity=100)  # lmo-1 renews no more: its lease has run out
+    survivor = store.claim("lmo-2", ttl_s=30, capacity=100)
+    assert [c.id for c in survivor] == ["m0", "m1", "m2", "m3"], "every one taken over in one pass"
+    assert not store.save_migration(stale, owner="lmo-1"), "the old owner is fenced out"
+    statements: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    assert len(store.claim("lmo-2", ttl_s=30, capacity=100)) == 4
+    writes = [s for s in statements if not s.lstrip().upper().startswith("SELECT")]
+    assert len(writes) == 1 and "replicas" in writes[0], f"renewing wrote more than the replica's row: {writes}"
 
 
 def test_a_replica_takes_no_more_than_its_capacity(store):

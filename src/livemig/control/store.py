@@ -122,8 +122,10 @@ class MigrationRow(Base):
     doc: Mapped[str] = mapped_column(Text)
     # written only by the API, read by the controller: never overwritten by a controller save
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    # the lease: which LMO replica drives this migration, until when (epoch seconds)
+    # which LMO replica drives this migration: its lease is the replica's (ReplicaRow.alive_until)
     owner: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    # no longer read (leases were per migration, renewed every pass); kept because stores written
+    # before have it NOT NULL
     lease_until: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     source: Mapped[str] = mapped_column(String(64), default="")
@@ -176,11 +178,16 @@ class EvacuationRow(Base):
 
 
 class ReplicaRow(Base):
-    """An LMO replica's heartbeat: replicas seen within a lease share the active migrations."""
+    """An LMO replica's heartbeat, which is also the lease on every migration it drives: live
+    replicas share the active migrations, and those of a replica whose lease ran out are free.
+
+    One row per replica renewed each pass, not one per migration: renewing a thousand leases
+    every pass cost PostgreSQL a thousand row versions and the pass 80 ms (bench/fleet.py)."""
 
     __tablename__ = "replicas"
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     seen_at: Mapped[float] = mapped_column(Float)
+    alive_until: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class TokenRow(Base):
@@ -331,6 +338,11 @@ MINE = (
     .where(M.c.owner == bindparam("owner"), M.c.active.is_(True))
     .order_by(M.c.created_at, M.c.id)
 )
+
+
+def _free(now: float) -> ColumnElement[bool]:
+    """A migration any replica may take: none drives it, or the one that did is out of lease."""
+    return or_(M.c.owner.is_(None), M.c.owner.not_in(select(R.c.id).where(R.c.alive_until > now)))
 
 
 class Store:
@@ -611,31 +623,31 @@ class Store:
 
     @sync_point("lmo.store.acquire")
     def acquire(self, migration_id: str, owner: str, ttl_s: float) -> bool:
-        """Take or renew the lease on an active migration; False if another live replica holds it."""
+        """Take an active migration for ``owner`` and renew ``owner``'s lease (``ttl_s`` from
+        now); False if another replica in lease drives it."""
         now = time.time()
         with self.transaction() as c:
-            result = c.execute(
-                update(M)
-                .where(M.c.id == migration_id, M.c.active.is_(True),
-                       or_(M.c.owner == owner, M.c.owner.is_(None), M.c.lease_until < now))
-                .values(owner=owner, lease_until=now + ttl_s)
-            )  # fmt: skip
-            return result.rowcount == 1
+            self._heartbeat(c, owner, now, ttl_s)
+            taken = update(M).where(M.c.id == migration_id, M.c.active.is_(True), or_(M.c.owner == owner, _free(now)))
+            return c.execute(taken.values(owner=owner)).rowcount == 1
 
     @sync_point("lmo.store.claim")
     def claim(self, owner: str, ttl_s: float, capacity: int) -> list[Claim]:
-        """Renew this replica's leases and take its fair part of the active migrations: the
-        replicas seen within a lease share them evenly (each at most ``capacity``). A replica
-        holding more than its part lets the excess go (queued ones first, newest first), so a
-        replica that joins gets work at its next pass. Returns what it holds, oldest first."""
+        """Renew this replica's lease and take its fair part of the active migrations: the
+        replicas in lease share them evenly (each at most ``capacity``). A replica holding more
+        than its part lets the excess go (queued ones first, newest first), so a replica that
+        joins gets work at its next pass. Returns what it holds, oldest first.
+
+        The lease is one row, the replica's (``ttl_s`` from now), however many migrations it holds."""
         now = time.time()
         with self.transaction() as c:
-            self._heartbeat(c, owner, now)
-            live = c.execute(select(func.count()).select_from(R).where(R.c.seen_at > now - ttl_s)).scalar() or 1
+            self._heartbeat(c, owner, now, ttl_s)
+            live = c.execute(select(func.count()).select_from(R).where(R.c.alive_until > now)).scalar() or 1
             active = c.execute(select(func.count()).select_from(M).where(M.c.active.is_(True))).scalar() or 0
             share = min(capacity, math.ceil(active / live))
             mine = M.c.owner == owner
-            held = c.execute(update(M).where(mine, M.c.active.is_(True)).values(lease_until=now + ttl_s)).rowcount
+            rows = c.execute(MINE, {"owner": owner}).all()
+            held = len(rows)
             if held > share:
                 queued_first = case((M.c.phase == Phase.PENDING.value, 0), else_=1)
                 excess = list(
@@ -646,23 +658,24 @@ class Store:
                         .limit(held - share)
                     ).scalars()
                 )
-                c.execute(update(M).where(M.c.id.in_(excess), mine).values(owner=None, lease_until=0.0))
+                c.execute(update(M).where(M.c.id.in_(excess), mine).values(owner=None))
+                rows = c.execute(MINE, {"owner": owner}).all()
             elif held < share:
-                free = or_(M.c.owner.is_(None), M.c.lease_until < now)
+                free = _free(now)
                 candidates = (select(M.c.id).where(M.c.active.is_(True), free)
                               .order_by(M.c.created_at, M.c.id).limit(share - held))  # fmt: skip
                 if self.postgres:
                     candidates = candidates.with_for_update(skip_locked=True)
                 ids = list(c.execute(candidates).scalars())
                 if ids:
-                    c.execute(update(M).where(M.c.id.in_(ids), M.c.active.is_(True), free)
-                              .values(owner=owner, lease_until=now + ttl_s))  # fmt: skip
-            return [Claim(r.id, r.version, bool(r.cancel_requested)) for r in c.execute(MINE, {"owner": owner}).all()]
+                    c.execute(update(M).where(M.c.id.in_(ids), M.c.active.is_(True), free).values(owner=owner))
+                    rows = c.execute(MINE, {"owner": owner}).all()
+            return [Claim(r.id, r.version, bool(r.cancel_requested)) for r in rows]
 
-    def _heartbeat(self, c: Connection, owner: str, now: float) -> None:
+    def _heartbeat(self, c: Connection, owner: str, now: float, ttl_s: float) -> None:
         upsert = postgresql_insert if self.postgres else sqlite_insert
-        statement = upsert(R).values(id=owner, seen_at=now)
-        c.execute(statement.on_conflict_do_update(index_elements=[R.c.id], set_={"seen_at": now}))
+        beat = {"seen_at": now, "alive_until": now + ttl_s}
+        c.execute(upsert(R).values(id=owner, **beat).on_conflict_do_update(index_elements=[R.c.id], set_=beat))
 
     def replicas(self, within_s: float) -> dict[str, float]:
         """Replicas seen in the last ``within_s`` seconds, with when."""
