@@ -299,7 +299,7 @@ class Controller:
         Validating; the others say why they wait (saved only when that changes). Returns how many."""
         if not queued or await fault_point("controller.before.Pending"):
             return 0
-        admitted = 0
+        admitted: list[Migration] = []
         waiting: list[Migration] = []
         queued = sorted(queued, key=lambda q: (q.created_at, q.id))[:ADMIT_BATCH]
         with self.store.admission() as round_:
@@ -310,20 +310,21 @@ class Controller:
             for m in queued:
                 before = m.condition(ConditionType.BANDWIDTH_RESERVED)
                 reason_before = None if before is None else (before.status, before.reason)
-                if not self._admit_one(m, ledger):
-                    after = m.condition(ConditionType.BANDWIDTH_RESERVED)
-                    if after is None or (after.status, after.reason) != reason_before:
-                        waiting.append(m)
+                if self._admit_one(m, ledger):
+                    admitted.append(m)
                     continue
-                version = round_.save(m, self.replica)
-                if version is None:
-                    self._lost(m)
-                    continue
+                after = m.condition(ConditionType.BANDWIDTH_RESERVED)
+                if after is None or (after.status, after.reason) != reason_before:
+                    waiting.append(m)
+            versions = round_.save_many(admitted, self.replica)
+        for m, version in zip(admitted, versions, strict=True):
+            if version is None:
+                self._lost(m)
+            else:
                 self._held[m.id] = (version, m)
-                admitted += 1
         await fault_point("controller.after.Pending")
         self._save_all(waiting)
-        return admitted
+        return sum(1 for version in versions if version is not None)
 
     def _admit_one(self, m: Migration, ledger: Ledger) -> bool:
         """Admission of one queued migration against ``ledger`` (recorded there when admitted)."""

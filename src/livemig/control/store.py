@@ -906,8 +906,10 @@ class Admissions:
     def budgets(self, hosts: Iterable[str]) -> dict[str, int]:
         return _budgets(self._conn, hosts)
 
-    def save(self, migration: Migration, owner: str | None) -> int | None:
-        return _save(self._conn, migration, owner)
+    def save_many(self, migrations: Sequence[Migration], owner: str) -> list[int | None]:
+        """The round's admitted migrations saved together (one round trip, not one each: a pass
+        at scale admits dozens, and the round holds the admission lock while it saves)."""
+        return _save_many(self._conn, migrations, owner) if migrations else []
 
 
 def _budgets(c: Connection, hosts: Iterable[str]) -> dict[str, int]:
