@@ -25,11 +25,10 @@ async def preflight(services: Services, request: MigrationRequest) -> PreflightR
     Hosts' facts (QEMU version, accelerator, machine types, free memory) come from the LMO's
     inventory, as hostd reported them; the hosts are asked only whether the VM runs and whether
     the destination answers. A host that reported no facts (an older hostd) is asked for them."""
-    store, vm, destination = services.store, request.vm, request.destination
-    spec, source = store.vm(vm)
-    registration = store.host(destination)  # NotFound for an unknown host
-    source_registration = store.host(source)
-    capacity = store.capacity(destination)
+    vm, destination = request.vm, request.destination
+    facts = services.store.move_facts(vm, destination)  # NotFound for an unknown VM or host
+    spec, source, active = facts.spec, facts.source, facts.active
+    registration, source_registration, capacity = facts.destination_host, facts.source_host, facts.destination_capacity
     checks: list[Check] = []
 
     def add(name: str, ok: bool, detail: str, error: str = "Conflict") -> None:
@@ -45,7 +44,6 @@ async def preflight(services: Services, request: MigrationRequest) -> PreflightR
         not registration.maintenance,
         f"{destination} is in maintenance (being evacuated)" if registration.maintenance else "in service",
     )
-    active = store.migrations(active_only=True, vm=vm)
     add(
         "no active migration",
         not active,

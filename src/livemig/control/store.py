@@ -57,6 +57,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
 from livemig.errors import CapacityError, Conflict, NotFound
@@ -221,6 +222,18 @@ class HostCapacity:
     reported_used_mib: int
     free_mib: int | None
     maintenance: bool
+
+
+@dataclass(frozen=True)
+class MoveFacts:
+    """What the store knows of a VM about to move, read together (a migration's pre-flight)."""
+
+    spec: VmSpec
+    source: str
+    source_host: HostRegistration
+    destination_host: HostRegistration
+    destination_capacity: HostCapacity
+    active: list[Migration]  # the VM's active migrations (at most one)
 
 
 @dataclass(frozen=True)
@@ -429,8 +442,7 @@ class Store:
             row = c.execute(GET_HOST, {"name": name}).first()
         if row is None:
             raise NotFound(f"unknown host {name!r}", host=name)
-        return HostCapacity(row.name, row.memory_mib, row.placed_mib, row.reported_used_mib, row.free_mib,
-                            row.maintenance)  # fmt: skip
+        return _capacity(row)
 
     def capacities(self, *, in_service: bool = False) -> list[HostCapacity]:
         """Every host's inventory (columns only, no documents), by name."""
@@ -541,10 +553,21 @@ class Store:
 
     def vm(self, name: str) -> tuple[VmSpec, str]:
         with self.read() as c:
-            row = c.execute(GET_VM, {"name": name}).first()
-        if row is None:
-            raise NotFound(f"unknown VM {name!r}", vm=name)
-        return VmSpec.model_validate_json(row.spec_json), str(row.host)
+            return _vm(c, name)
+
+    def move_facts(self, vm: str, destination: str) -> MoveFacts:
+        """The VM, both hosts and the VM's active migrations on one connection: one checkout
+        (each a liveness ping on PostgreSQL) instead of five, for the API's busiest call at scale.
+        NotFound for an unknown VM, then for an unknown destination."""
+        with self.read() as c:
+            spec, source = _vm(c, vm)
+            rows = {row.name: row for row in c.execute(HOSTS_NAMED, {"names": sorted({source, destination})})}
+            active = [_load(r.doc, r.cancel_requested) for r in c.execute(_migrations_query(active_only=True, vm=vm))]
+        for name in (destination, source):
+            if name not in rows:
+                raise NotFound(f"unknown host {name!r}", host=name)
+        return MoveFacts(spec, source, _registration(rows[source]), _registration(rows[destination]),
+                         _capacity(rows[destination]), active)  # fmt: skip
 
     def vms_named(self, names: Iterable[str]) -> dict[str, tuple[VmSpec, str]]:
         found: dict[str, tuple[VmSpec, str]] = {}
@@ -733,17 +756,9 @@ class Store:
 
     def migrations(self, *, active_only: bool = False, vm: str | None = None, evacuation: str | None = None,
                    limit: int | None = None) -> list[Migration]:  # fmt: skip
-        query = select(M.c.doc, M.c.cancel_requested).order_by(M.c.created_at, M.c.id)
-        if active_only:
-            query = query.where(M.c.active.is_(True))
-        if vm is not None:
-            query = query.where(M.c.vm == vm)
-        if evacuation is not None:
-            query = query.where(M.c.evacuation == evacuation)
-        if limit is not None:
-            query = query.limit(limit)
         with self.read() as c:
-            rows = c.execute(query).all()
+            rows = c.execute(_migrations_query(active_only=active_only, vm=vm, evacuation=evacuation,
+                                               limit=limit)).all()  # fmt: skip
         return [_load(r.doc, r.cancel_requested) for r in rows]
 
     def finished(self, limit: int) -> list[Migration]:
@@ -998,6 +1013,32 @@ def _save(c: Connection, migration: Migration, owner: str | None) -> int | None:
     if version is None and owner is None:
         raise NotFound(f"unknown migration {migration.id!r}")
     return version
+
+
+def _vm(c: Connection, name: str) -> tuple[VmSpec, str]:
+    row = c.execute(GET_VM, {"name": name}).first()
+    if row is None:
+        raise NotFound(f"unknown VM {name!r}", vm=name)
+    return VmSpec.model_validate_json(row.spec_json), str(row.host)
+
+
+def _capacity(row: Row[Any]) -> HostCapacity:
+    return HostCapacity(row.name, row.memory_mib, row.placed_mib, row.reported_used_mib, row.free_mib,
+                        row.maintenance)  # fmt: skip
+
+
+def _migrations_query(*, active_only: bool = False, vm: str | None = None, evacuation: str | None = None,
+                      limit: int | None = None) -> Select[Any]:  # fmt: skip
+    query = select(M.c.doc, M.c.cancel_requested).order_by(M.c.created_at, M.c.id)
+    if active_only:
+        query = query.where(M.c.active.is_(True))
+    if vm is not None:
+        query = query.where(M.c.vm == vm)
+    if evacuation is not None:
+        query = query.where(M.c.evacuation == evacuation)
+    if limit is not None:
+        query = query.limit(limit)
+    return query
 
 
 def _registration(row: Row[Any]) -> HostRegistration:

@@ -153,7 +153,9 @@ class Guard:
 
     async def __call__(self, request: Request) -> Caller:
         route: Any = request.scope.get("route")
-        path = getattr(route, "path", request.url.path)
+        # the route's declared path; the URL's only without one (building request.url costs a
+        # twentieth of a simulated fleet's CPU when done for every request)
+        path = route.path if route is not None and hasattr(route, "path") else request.url.path
         access = self.access(request.method, path)
         if access is None:
             raise Forbidden(f"no access rule for {request.method} {path}: refused")
