@@ -46,6 +46,7 @@ from typing import Any
 
 import httpx
 
+from livemig.control.controller import STEP_CONCURRENCY
 from livemig.model import VmSpec
 from livemig.region.freeport import free_ports
 from livemig.region.proc import wait_gone
@@ -636,7 +637,7 @@ def main() -> int:
     parser.add_argument("--db", default="sqlite", help="sqlite | postgresql | a postgresql+psycopg:// admin URL")
     parser.add_argument("--replicas", type=int, default=3, help="replicas in the throughput phase (PostgreSQL)")
     parser.add_argument("--capacity", type=int, default=2000, help="migrations each replica drives at most")
-    parser.add_argument("--step-concurrency", type=int, default=96)
+    parser.add_argument("--step-concurrency", type=int, default=STEP_CONCURRENCY)
     parser.add_argument(
         "--concurrent-replicas",
         type=int,

@@ -243,7 +243,7 @@ def lmo_command(
     capacity: Annotated[
         int, typer.Option(help="most migrations this replica drives at once (0: an API replica, driving none)")
     ] = 2000,
-    concurrency: Annotated[int, typer.Option(help="migrations a controller pass steps at the same time")] = 96,
+    concurrency: Annotated[int, typer.Option(help="migrations a controller pass steps at the same time")] = 32,
     log_level: LogLevel = "info",
     log_format: LogFormat = "text",
 ) -> None:
