@@ -84,6 +84,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores: user, nice, system, irq, softirq,
+    steal), so a phase's busy cores show whether the machine, not the LMO, set its pace."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (
+        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
 def rss_mib(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
@@ -156,8 +165,11 @@ class Harness:
         self.replicas, self.fleet = [], None
 
     def cpu(self) -> dict[str, float]:
+        """CPU seconds of each replica and the fleet, of this benchmark's own process, and of the
+        whole machine (``machine``: everything, PostgreSQL included; its rate is busy cores)."""
         procs = [*self.replicas, *([self.fleet] if self.fleet else [])]
-        return {p.name: cpu_seconds(p.pid) for p in procs if p.popen.poll() is None}
+        return {**{p.name: cpu_seconds(p.pid) for p in procs if p.popen.poll() is None},
+                "benchmark": cpu_seconds(os.getpid()), "machine": machine_busy_seconds()}  # fmt: skip
 
 
 def wait_http(proc: Proc, path: str, timeout: float) -> None:
