@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from livemig.control import tokens
 from livemig.control.access import DASHBOARD, POLICY, default_rule
-from livemig.control.controller import LEASE_S, REPLICA_CAPACITY, STEP_CONCURRENCY, Controller
+from livemig.control.controller import REPLICA_CAPACITY, STEP_CONCURRENCY, Controller
 from livemig.control.metrics import bandwidth_registry
 from livemig.control.routes import hosts, migrations, netobjects, vms, volumes
 from livemig.control.routes import tokens as token_routes
@@ -130,11 +130,11 @@ def create_app(
         if controller is None:
             return ControllerStatus(replica=replica or "api", capacity=0, concurrency=concurrency,
                                     interval_s=controller_interval_s, held=0, finished=0,
-                                    replicas=store.replicas(LEASE_S), passes=[])  # fmt: skip
+                                    replicas=store.replicas(), passes=[])  # fmt: skip
         return ControllerStatus(
             replica=controller.replica, capacity=controller.capacity, concurrency=controller.concurrency,
             interval_s=controller.interval_s, held=len(controller.held), finished=controller.finished,
-            replicas=store.replicas(controller.lease_s),
+            replicas=store.replicas(),
             passes=[PassView(**{**asdict(p), "at": datetime.fromtimestamp(p.at, UTC)})
                     for p in controller.recent_passes()],
         )  # fmt: skip

@@ -700,10 +700,11 @@ class Store:
         beat = {"seen_at": now, "alive_until": now + ttl_s}
         c.execute(upsert(R).values(id=owner, **beat).on_conflict_do_update(index_elements=[R.c.id], set_=beat))
 
-    def replicas(self, within_s: float) -> dict[str, float]:
-        """Replicas seen in the last ``within_s`` seconds, with when."""
+    def replicas(self) -> dict[str, float]:
+        """Replicas in lease (the ones ``claim`` shares the migrations among), with when each was
+        last seen."""
         with self.read() as c:
-            rows = c.execute(select(R.c.id, R.c.seen_at).where(R.c.seen_at > time.time() - within_s)).all()
+            rows = c.execute(select(R.c.id, R.c.seen_at).where(R.c.alive_until > time.time())).all()
         return {row.id: row.seen_at for row in rows}
 
     def load_migrations(self, ids: Sequence[str]) -> dict[str, tuple[int, Migration]]:
