@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import math
 import os
@@ -39,8 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,8 @@ TERMINAL = ("Succeeded", "Failed", "Aborted", "Cancelled")
 #: the VM mix: (memory MiB, working set MiB, dirty MiB/s, weight) — most guests idle-ish, a few busy
 MIX = [(1024, 512, 2, 30), (2048, 1024, 8, 30), (4096, 2048, 20, 25), (8192, 4096, 60, 10), (4096, 3072, 400, 5)]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: migrations of a throughput phase whose timelines are read for where their life went
+LIFE_SAMPLE = 200
 #: where a controller pass's time went, as GET /controller splits it
 PASS_SPLIT = ("read_s", "admit_s", "step_s", "save_s")
 #: seconds after which the concurrent phase may ask to move a VM again (its migration has ended,
@@ -91,6 +95,27 @@ def machine_busy_seconds() -> float:
         int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
     )
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def waited_seconds(pid: int) -> float:
+    """Seconds the process's threads spent runnable but waiting for a core (the scheduler's
+    ``run_delay``, /proc/PID/task/*/schedstat): CPU time says how much work a process did, this
+    says how long the machine's cores kept it from doing it."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
+def machine_stalled_seconds() -> float | None:
+    """Seconds in which at least one task on the machine waited for a core (pressure stall
+    information, /proc/pressure/cpu ``some``; None where the kernel has none). Its rate is the
+    share of the phase that the machine's cores were short."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        some = Path("/proc/pressure/cpu").read_text().split("\n", 1)[0]
+        return int(some.rsplit("total=", 1)[1]) / 1e6
+    return None
 
 
 def rss_mib(pid: int) -> float:
@@ -170,6 +195,22 @@ class Harness:
         procs = [*self.replicas, *([self.fleet] if self.fleet else [])]
         return {**{p.name: cpu_seconds(p.pid) for p in procs if p.popen.poll() is None},
                 "benchmark": cpu_seconds(os.getpid()), "machine": machine_busy_seconds()}  # fmt: skip
+
+    def waited(self) -> dict[str, float]:
+        """Seconds each replica, the fleet and this benchmark waited for a core, and (``machine``)
+        the seconds in which anything on the machine did (PostgreSQL included)."""
+        procs = [*self.replicas, *([self.fleet] if self.fleet else [])]
+        stalled = machine_stalled_seconds()
+        return {
+            **{p.name: waited_seconds(p.pid) for p in procs if p.popen.poll() is None},
+            "benchmark": waited_seconds(os.getpid()),
+            **({"machine": stalled} if stalled is not None else {}),
+        }
+
+
+def rates(before: dict[str, float], after: dict[str, float], elapsed: float) -> dict[str, float]:
+    """Seconds per second of each process between two readings (of ``Harness.cpu``/``waited``)."""
+    return {k: round((after[k] - before.get(k, 0)) / elapsed, 3) for k in after}
 
 
 def wait_http(proc: Proc, path: str, timeout: float) -> None:
@@ -268,16 +309,17 @@ def vm_spec(index: int, rng: random.Random) -> VmSpec:
 
 
 async def request_migrations(lmo: Lmo, label: str, names: list[str], hosts: list[str], rng: random.Random,
-                             args: argparse.Namespace, concurrency: int) -> None:  # fmt: skip
+                             args: argparse.Namespace, concurrency: int) -> list[str]:  # fmt: skip
     """POST /migrations for each of ``names`` to a host drawn at random, ``concurrency`` at a time,
     timed under ``label``; 409 (moving already) and 502 (its host did not answer) are the LMO's
-    answers, not the benchmark's failures."""
-    await bounded(concurrency, [lambda vm=vm: lmo.call(label, "POST", "/migrations", ok=(201, 409, 502),
+    answers, not the benchmark's failures. The ids of the migrations created."""
+    replies = await bounded(concurrency, [lambda vm=vm: lmo.call(label, "POST", "/migrations", ok=(201, 409, 502),
                                                        json=migration_request(vm, rng.choice(hosts), args))
                                 for vm in names])  # fmt: skip
+    return [r["id"] for r in replies if isinstance(r, dict) and "id" in r]
 
 
-async def bounded(concurrency: int, jobs: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+async def bounded(concurrency: int, jobs: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
     gate = asyncio.Semaphore(concurrency)
 
     async def one(job: Callable[[], Awaitable[Any]]) -> Any:
@@ -375,7 +417,7 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
         await asyncio.sleep(1.0)
     ramp_s, started = time.monotonic() - started, time.monotonic()
     lmo.take("create_migration_load")
-    cpu0, finished0 = harness.cpu(), (await counts(lmo)).get("finished", 0)
+    cpu0, waited0, finished0 = harness.cpu(), harness.waited(), (await counts(lmo)).get("finished", 0)
     samples = []
     passes: list[dict[str, Any]] = []
     api: dict[str, Any] = {}
@@ -386,7 +428,7 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
             api = await sample_api(lmo, vms, hosts, rng, args.samples, "concurrent migrations", next_vm, args.share)
         await asyncio.sleep(1.0)
     elapsed = time.monotonic() - started
-    cpu1, finished1 = harness.cpu(), (await counts(lmo)).get("finished", 0)
+    cpu1, waited1, finished1 = harness.cpu(), harness.waited(), (await counts(lmo)).get("finished", 0)
     create_latency = lmo.take("create_migration_load")
     for status in await controller_passes(lmo, harness):
         passes.extend({"replica": status["replica"], "held": p["held"], "stepped": p["stepped"],
@@ -410,7 +452,8 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
             "held_p50": percentile([p["held"] for p in held], 50),
             "by_held": pass_curve(passes),
         },
-        "cpu_s_per_s": {k: round((cpu1[k] - cpu0.get(k, 0)) / elapsed, 3) for k in cpu1},
+        "cpu_s_per_s": rates(cpu0, cpu1, elapsed),
+        "waited_for_core_s_per_s": rates(waited0, waited1, elapsed),
     }
 
 
@@ -472,11 +515,13 @@ async def throughput_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
     waiting = [vm for vm in vms if vm not in chosen]
     rng.shuffle(waiting)
 
+    created: list[str] = []
+
     async def queue(names: list[str]) -> None:
-        await request_migrations(lmo, "backlog", names, hosts, rng, args, 32)
+        created.extend(await request_migrations(lmo, "backlog", names, hosts, rng, args, 32))
 
     await queue(backlog)
-    cpu0, started = harness.cpu(), time.monotonic()
+    cpu0, waited0, started = harness.cpu(), harness.waited(), time.monotonic()
     finished0 = (await counts(lmo)).get("finished", 0)
     queued_min = replicas * args.capacity  # never starved: a replica always finds its capacity's worth
     while time.monotonic() - started < args.window:
@@ -485,10 +530,11 @@ async def throughput_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
             await queue([waiting.pop() for _ in range(min(short, len(waiting)))])
         await asyncio.sleep(0.5)
     elapsed = time.monotonic() - started
-    cpu1, finished1 = harness.cpu(), (await counts(lmo)).get("finished", 0)
+    cpu1, waited1, finished1 = harness.cpu(), harness.waited(), (await counts(lmo)).get("finished", 0)
     lmo.take("backlog")
     status = await controller_passes(lmo, harness)
     shares = {s["replica"]: s["finished"] - before.get(s["replica"], 0) for s in status}
+    lives = await migration_lives(lmo, rng.sample(created, min(LIFE_SAMPLE, len(created))))
     await cancel_active(lmo)
     await drain(lmo, 600)
     return {
@@ -498,8 +544,33 @@ async def throughput_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
         "finished_by_replica": shares,
         "held_by_replica": {s["replica"]: s["held"] for s in status},
         "pass_p50_s_by_replica": {s["replica"]: percentile([p["seconds"] for p in s["passes"]], 50) for s in status},
-        "cpu_s_per_s": {k: round((cpu1[k] - cpu0.get(k, 0)) / elapsed, 3) for k in cpu1},
+        "cpu_s_per_s": rates(cpu0, cpu1, elapsed),
+        "waited_for_core_s_per_s": rates(waited0, waited1, elapsed),
+        "life": lives,
     }
+
+
+async def migration_lives(lmo: Lmo, ids: list[str]) -> dict[str, Any]:
+    """Where a driven migration's life went: of those among ``ids`` that succeeded, the seconds
+    from admission (Validating) to Succeeded, and the p50 of each phase's time on their timelines
+    (a phase lasts until the next phase change), so a slower life with more replicas shows where
+    it slowed."""
+    phases: dict[str, list[float]] = collections.defaultdict(list)
+    held: list[float] = []
+    reads = [functools.partial(lmo.call, "life", "GET", f"/migrations/{i}") for i in ids]
+    for migration in await bounded(8, reads):
+        changes = [e for e in migration["timeline"] if not e.get("note") and not e.get("fault")]
+        if migration["phase"] != "Succeeded" or not changes:
+            continue
+        at = [datetime.fromisoformat(e["at"]).timestamp() for e in changes]
+        for entry, start, end in zip(changes, at, at[1:], strict=False):
+            phases[entry["phase"]].append(end - start)
+        admitted = next((t for e, t in zip(changes, at, strict=True) if e["phase"] == "Validating"), None)
+        if admitted is not None:
+            held.append(at[-1] - admitted)
+    lmo.take("life")
+    return {"succeeded": len(held), "held_p50_s": percentile(held, 50), "held_p90_s": percentile(held, 90),
+            "phase_p50_s": {phase: percentile(times, 50) for phase, times in phases.items()}}  # fmt: skip
 
 
 async def wave_phase(lmo: Lmo, harness: Harness, hosts: list[str], args: argparse.Namespace) -> dict[str, Any]:
