@@ -132,6 +132,9 @@ class Proc:
     url: str
     log: Path
     drives: bool = True  # an LMO replica that drives migrations (not an API replica, capacity 0)
+    #: seconds it may take to stop after SIGTERM before it is killed (the fleet removes its VM
+    #: records from tmpfs as it stops: killed, it would leave them, and runs add up to all the inodes)
+    grace_s: float = 15.0
 
     @property
     def pid(self) -> int:
@@ -140,7 +143,7 @@ class Proc:
     def stop(self) -> None:
         if self.popen.poll() is None:
             os.kill(self.popen.pid, signal.SIGTERM)
-            if not wait_gone(self.popen.pid, 15):
+            if not wait_gone(self.popen.pid, self.grace_s):
                 os.kill(self.popen.pid, signal.SIGKILL)
                 wait_gone(self.popen.pid, 5)
         self.popen.wait()
@@ -180,7 +183,7 @@ class Harness:
              "--sample-interval", str(args.sample_interval), "--seed", str(args.seed)],
             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        self.fleet = Proc("fleet", popen, f"http://127.0.0.1:{port}", log)
+        self.fleet = Proc("fleet", popen, f"http://127.0.0.1:{port}", log, grace_s=300.0)
         wait_http(self.fleet, "/fleet", 600)
         return self.fleet
 
