@@ -21,7 +21,9 @@ import gc
 import logging
 import os
 import resource
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,7 @@ class FleetStats(BaseModel):
     cpu_s: float
     speed: float
     build_s: float
+    state_dir: str  # the hosts' VM records (removed when the simulation stops)
 
 
 def build(config: FleetConfig) -> tuple[FakeFleet, float]:
@@ -84,6 +87,10 @@ def build(config: FleetConfig) -> tuple[FakeFleet, float]:
         behaviour = QemuBehaviour(failure_rate=config.failure_rate)
         fleet.add_host(name, config.memory_mib, config.migration_bandwidth_mib_s, behaviour)
     return fleet, _rss_mib() - before
+
+
+def _exit_after_cleanup(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _rss_mib() -> float:
@@ -130,7 +137,7 @@ async def serve(config: FleetConfig) -> None:
                           rss_mib=round(_rss_mib(), 1),
                           rss_per_host_kib=round(built_mib * 1024 / max(len(fleet.hosts), 1), 2),
                           cpu_s=round(usage.ru_utime + usage.ru_stime, 2), speed=config.speed,
-                          build_s=round(build_s, 2))  # fmt: skip
+                          build_s=round(build_s, 2), state_dir=str(state))  # fmt: skip
 
     tune_for_service()
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(_freeze_what_lasts())]
@@ -138,6 +145,11 @@ async def serve(config: FleetConfig) -> None:
     server = uvicorn.Server(uvicorn.Config(fleet.app, host=host or "127.0.0.1", port=int(port), log_level="warning",
                                            log_config=None, access_log=False, lifespan="off",
                                            backlog=4096))  # fmt: skip
+    # uvicorn stops on SIGTERM, then raises the signal again under the handler it found: with the
+    # default one the process would end there, before the VM records below are removed (and runs
+    # of the simulator would add up to all of /dev/shm's inodes)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_after_cleanup)
     try:
         async with async_http(timeout=30, pooled=True, connections=32) as http:
             if config.lmo_url:
