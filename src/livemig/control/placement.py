@@ -5,10 +5,12 @@ offers and uses, and what the LMO placed or reserved there itself. One indexed q
 conditional update choose and claim the room, so creating a VM costs the same with ten hosts or
 ten thousand, and two requests (or replicas) never overfill a host. The chosen host is asked only
 to start the VM; if it does not answer, the room is given back and the next host is tried.
+The store's calls run on a worker thread, so that the LMO's other requests go on meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -27,14 +29,14 @@ async def place_and_start(services: Services, spec: VmSpec, wanted: str | None,
     claim is undone. Raises NotFound/Conflict/CapacityError before anything starts."""
     unreachable: list[str] = []
     while True:
-        host = services.store.place_vm(spec, wanted, exclude=unreachable)
+        host = await asyncio.to_thread(services.store.place_vm, spec, wanted, exclude=unreachable)
         try:
             return host, await start(host)
         except HostUnreachable:
-            services.store.remove_vm(spec.name)
+            await asyncio.to_thread(services.store.remove_vm, spec.name)
             unreachable.append(host)
             if wanted is not None or len(unreachable) >= ATTEMPTS:
                 raise
         except BaseException:
-            services.store.remove_vm(spec.name)
+            services.store.remove_vm(spec.name)  # on the loop: a cancelled request must still give the room back
             raise

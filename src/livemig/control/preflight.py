@@ -26,7 +26,7 @@ async def preflight(services: Services, request: MigrationRequest) -> PreflightR
     inventory, as hostd reported them; the hosts are asked only whether the VM runs and whether
     the destination answers. A host that reported no facts (an older hostd) is asked for them."""
     vm, destination = request.vm, request.destination
-    facts = services.store.move_facts(vm, destination)  # NotFound for an unknown VM or host
+    facts = await asyncio.to_thread(services.store.move_facts, vm, destination)  # NotFound: unknown VM or host
     spec, source, active = facts.spec, facts.source, facts.active
     registration, source_registration, capacity = facts.destination_host, facts.source_host, facts.destination_capacity
     checks: list[Check] = []

@@ -1,8 +1,14 @@
 """Migrations: the pre-flight report, creating one (validated synchronously, then driven by the
-controller), listing, observing and cancelling them."""
+controller), listing, observing and cancelling them.
+
+The routes that only read or write the store are plain functions, which FastAPI runs on a worker
+thread; the others hand their store calls to one. A store call made on the event loop would hold
+every other request of this replica (a host's answer, a user's create) for its round trips to
+PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from fastapi import APIRouter, Query, Request
@@ -38,19 +44,19 @@ async def create_migration(body: MigrationRequest, services: ServicesDep, reques
     migration.transition(Phase.PENDING, f"requested{by}: {body.vm} {source} -> {body.destination}; "
                                         f"{policies.describe()}",
                          policies=policies.model_dump(mode="json"))  # fmt: skip
-    services.store.add_migration(migration)
+    await asyncio.to_thread(services.store.add_migration, migration)
     return migration
 
 
 @router.get("/migrations")
-async def list_migrations(services: ServicesDep, vm: str | None = None, active: bool = False,
+def list_migrations(services: ServicesDep, vm: str | None = None, active: bool = False,
                           limit: int | None = Query(default=None, ge=1, le=100_000)) -> list[Migration]:  # fmt: skip
     """Migrations, oldest first (only active ones, one VM's; at most ``limit``)."""
     return services.store.migrations(active_only=active, vm=vm, limit=limit)
 
 
 @router.get("/migrations/counts")
-async def migration_counts(services: ServicesDep) -> dict[str, int]:
+def migration_counts(services: ServicesDep) -> dict[str, int]:
     """How many migrations are in each phase, and how many are active and finished in all."""
     by_phase = services.store.counts()
     finished = sum(n for phase, n in by_phase.items() if Phase(phase) in TERMINAL_PHASES)
@@ -58,12 +64,12 @@ async def migration_counts(services: ServicesDep) -> dict[str, int]:
 
 
 @router.get("/migrations/{migration_id}")
-async def get_migration(migration_id: str, services: ServicesDep) -> Migration:
+def get_migration(migration_id: str, services: ServicesDep) -> Migration:
     return services.store.migration(migration_id)
 
 
 @router.post("/migrations/{migration_id}/cancel", status_code=202)
-async def cancel_migration(migration_id: str, services: ServicesDep) -> Migration:
+def cancel_migration(migration_id: str, services: ServicesDep) -> Migration:
     store = services.store
     migration = store.migration(migration_id)
     if migration.terminal:

@@ -53,7 +53,7 @@ async def create_vm(body: VmCreate, services: ServicesDep) -> VmView:
         with contextlib.suppress(LivemigError):
             await services.volumes.delete_volumes(created)
         raise
-    store.set_vm(spec.name, spec=observed.spec)  # the resolved spec (machine, boot files)
+    await asyncio.to_thread(store.set_vm, spec.name, spec=observed.spec)  # the resolved spec (machine, boot files)
     return VmView(name=spec.name, host=target, spec=observed.spec, observed=observed)
 
 
@@ -78,7 +78,7 @@ async def list_vms(services: ServicesDep, host: str | None = None, observe: bool
 
 @router.get("/vms/{name}")
 async def get_vm(name: str, services: ServicesDep) -> VmView:
-    spec, host = services.store.vm(name)
+    spec, host = await asyncio.to_thread(services.store.vm, name)
     return await _view(services, spec, host)
 
 
