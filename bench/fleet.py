@@ -423,12 +423,17 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
     cpu0, waited0, finished0 = harness.cpu(), harness.waited(), (await counts(lmo)).get("finished", 0)
     samples = []
     passes: list[dict[str, Any]] = []
-    api: dict[str, Any] = {}
-    while time.monotonic() - started < args.duration:
+    api: asyncio.Task[dict[str, Any]] | None = None
+    # the API is sampled while the top-ups go on (migrations that end are replaced meanwhile), and
+    # the phase lasts until the sample is done
+    while time.monotonic() - started < args.duration or (api is not None and not api.done()):
         active = await top_up(TOP_UP_CONCURRENCY)
-        samples.append({"t": round(time.monotonic() - started, 1), "active": active})
-        if not api and time.monotonic() - started > args.duration / 3:
-            api = await sample_api(lmo, vms, hosts, rng, args.samples, "concurrent migrations", next_vm, args.share)
+        sampling = api is not None and not api.done()
+        samples.append({"t": round(time.monotonic() - started, 1), "active": active, "sampling": sampling})
+        if api is None and time.monotonic() - started > args.duration / 3:
+            api = asyncio.create_task(
+                sample_api(lmo, vms, hosts, rng, args.samples, "concurrent migrations", next_vm, args.share)
+            )
         await asyncio.sleep(1.0)
     elapsed = time.monotonic() - started
     cpu1, waited1, finished1 = harness.cpu(), harness.waited(), (await counts(lmo)).get("finished", 0)
@@ -449,7 +454,8 @@ async def concurrent_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
         "active_p50": percentile([s["active"] for s in samples], 50),
         "finished_per_s": round((finished1 - finished0) / elapsed, 2),
         "create_migration_under_load": summary(create_latency),
-        "api_under_load": api,
+        "api_under_load": await api if api is not None else {},
+        "active_during_api_sample": percentile([s["active"] for s in samples if s["sampling"]], 50),
         "controller_pass": {
             **pass_summary(held),
             "held_p50": percentile([p["held"] for p in held], 50),
