@@ -1,10 +1,11 @@
 """Migrations: the pre-flight report, creating one (validated synchronously, then driven by the
 controller), listing, observing and cancelling them.
 
-The routes that only read or write the store are plain functions, which FastAPI runs on a worker
-thread; the others hand their store calls to one. A store call made on the event loop would hold
-every other request of this replica (a host's answer, a user's create) for its round trips to
-PostgreSQL."""
+Creating one hands its store calls (the pre-flight's read, the insert) to a worker thread: made
+on the event loop, their round trips to PostgreSQL held every other request of this replica (a
+host's answer, another user's create). The reads of one row or one page stay on the loop: a
+thread's hop and its turns at the GIL cost them more than the round trip they would free
+(``docs/fleet.md`` has both measured)."""
 
 from __future__ import annotations
 
@@ -49,14 +50,14 @@ async def create_migration(body: MigrationRequest, services: ServicesDep, reques
 
 
 @router.get("/migrations")
-def list_migrations(services: ServicesDep, vm: str | None = None, active: bool = False,
+async def list_migrations(services: ServicesDep, vm: str | None = None, active: bool = False,
                           limit: int | None = Query(default=None, ge=1, le=100_000)) -> list[Migration]:  # fmt: skip
     """Migrations, oldest first (only active ones, one VM's; at most ``limit``)."""
     return services.store.migrations(active_only=active, vm=vm, limit=limit)
 
 
 @router.get("/migrations/counts")
-def migration_counts(services: ServicesDep) -> dict[str, int]:
+async def migration_counts(services: ServicesDep) -> dict[str, int]:
     """How many migrations are in each phase, and how many are active and finished in all."""
     by_phase = services.store.counts()
     finished = sum(n for phase, n in by_phase.items() if Phase(phase) in TERMINAL_PHASES)
@@ -64,12 +65,12 @@ def migration_counts(services: ServicesDep) -> dict[str, int]:
 
 
 @router.get("/migrations/{migration_id}")
-def get_migration(migration_id: str, services: ServicesDep) -> Migration:
+async def get_migration(migration_id: str, services: ServicesDep) -> Migration:
     return services.store.migration(migration_id)
 
 
 @router.post("/migrations/{migration_id}/cancel", status_code=202)
-def cancel_migration(migration_id: str, services: ServicesDep) -> Migration:
+async def cancel_migration(migration_id: str, services: ServicesDep) -> Migration:
     store = services.store
     migration = store.migration(migration_id)
     if migration.terminal:

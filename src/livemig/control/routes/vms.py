@@ -78,7 +78,7 @@ async def list_vms(services: ServicesDep, host: str | None = None, observe: bool
 
 @router.get("/vms/{name}")
 async def get_vm(name: str, services: ServicesDep) -> VmView:
-    spec, host = await asyncio.to_thread(services.store.vm, name)
+    spec, host = services.store.vm(name)
     return await _view(services, spec, host)
 
 
