@@ -29,7 +29,7 @@ async def place_and_start(services: Services, spec: VmSpec, wanted: str | None,
     claim is undone. Raises NotFound/Conflict/CapacityError before anything starts."""
     unreachable: list[str] = []
     while True:
-        host = await asyncio.to_thread(services.store.place_vm, spec, wanted, exclude=unreachable)
+        host = await _claim(services, spec, wanted, unreachable)
         try:
             return host, await start(host)
         except HostUnreachable:
@@ -40,3 +40,19 @@ async def place_and_start(services: Services, spec: VmSpec, wanted: str | None,
         except BaseException:
             services.store.remove_vm(spec.name)  # on the loop: a cancelled request must still give the room back
             raise
+
+
+async def _claim(services: Services, spec: VmSpec, wanted: str | None, exclude: list[str]) -> str:
+    """``Store.place_vm`` on a worker thread. A request cancelled meanwhile does not stop the
+    thread: the room it claims is given back as soon as it is claimed."""
+    claim = asyncio.ensure_future(asyncio.to_thread(services.store.place_vm, spec, wanted, exclude=exclude))
+    try:
+        return await asyncio.shield(claim)
+    except asyncio.CancelledError:
+
+        def give_back(done: asyncio.Future[str]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                services.store.remove_vm(spec.name)
+
+        claim.add_done_callback(give_back)
+        raise
