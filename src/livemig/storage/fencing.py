@@ -183,24 +183,28 @@ class FenceRegistry:
         return attachment, secret
 
     async def detach(self, attachment_id: str) -> Attachment:
-        """Detach (idempotent): no I/O from it is accepted again; waits for its writes in flight."""
+        """Detach (idempotent): no I/O from it is accepted again; waits for its writes in flight.
+
+        It takes effect at once and is acknowledged once it is on disk: every call saves, so that
+        a retry after a save that failed (a full disk) is answered only once the detach persists,
+        never by the flag a failed call left in memory (a restart would bring the attachment back)."""
         attachment = self.get(attachment_id)
         if not attachment.detached:
             attachment.detached = True
-            self._save()
             log.info("detached %s (volume %s, vm %s)", attachment.id, attachment.volume, attachment.vm)
+        self._save()
         await self.wait_idle(attachment)
         return attachment
 
     async def fence(self, attachment_id: str, reason: str = "fenced by API") -> Attachment:
-        """Fence (idempotent): its writes are rejected from now on; returns once none is in flight."""
+        """Fence (idempotent): its writes are rejected from now on; returns once none is in flight.
+        Like a detach, it applies at once and is acknowledged once it is on disk (every call saves)."""
         attachment = self.get(attachment_id)
         if attachment.detached:
             raise Conflict(f"attachment {attachment_id} is detached", attachment=attachment_id)
         if not attachment.fenced:
             attachment.fenced = True
             attachment.fence_reason = reason
-            self._save()
             log.warning(
                 "fenced %s (volume %s, vm %s on %s): %s",
                 attachment.id,
@@ -209,6 +213,7 @@ class FenceRegistry:
                 attachment.host,
                 reason,
             )
+        self._save()
         await self.wait_idle(attachment)
         return attachment
 

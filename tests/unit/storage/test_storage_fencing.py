@@ -137,6 +137,40 @@ def test_state_survives_restart(tmp_path: Path) -> None:
     assert d.generation > c.generation  # generations keep increasing across restarts
 
 
+def test_a_fence_or_detach_whose_save_failed_is_acknowledged_only_once_it_persists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk fails the save: the call errs (the LMO retries), the fence or detach holds in
+    memory meanwhile, and the retry saves it before answering. Found by the chaos matrix: a detach
+    that met a full disk was answered on its retry from the flag in memory, never written, and
+    the attachment was back after blockd restarted."""
+    path = tmp_path / "attachments.json"
+    registry = FenceRegistry(path)
+    a, _ = registry.attach("v", "vm", "A")
+    b, _ = registry.attach("v", "vm", "B")
+    state = registry._state
+    assert state is not None
+    real_save = state.save
+    full = [True]
+
+    def save(data: dict[str, object]) -> None:
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        real_save(data)
+
+    monkeypatch.setattr(state, "save", save)
+    for call in (lambda: registry.fence(a.id), lambda: registry.detach(b.id)):
+        with pytest.raises(OSError):
+            asyncio.run(call())
+    assert a.fenced and b.detached  # in effect at once: no write of theirs is admitted meanwhile
+    assert not write(registry, a) and not write(registry, b)
+    full[0] = False
+    asyncio.run(registry.fence(a.id))
+    asyncio.run(registry.detach(b.id))
+    again = FenceRegistry(path)
+    assert again.get(a.id).fenced and again.get(b.id).detached
+
+
 def test_takeover_waits_for_older_writes_in_flight(registry: FenceRegistry) -> None:
     """An older write already admitted must land before the newer writer's first write is applied."""
     a, _ = registry.attach("v", "vm", "A")
