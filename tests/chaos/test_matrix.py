@@ -89,11 +89,11 @@ def test_the_checker_catches_a_build_without_fencing(chaos: ChaosRunner, tmp_pat
     if env.missing("volume"):
         pytest.skip(str(env.missing("volume")))
     scenario = next(s for s in matrix() if s.name == "precopy/stale-write/blockd")
-    env.region.restart_blockd(env={UNSAFE_ENV: "1"})
+    env.restart_blockd(env={UNSAFE_ENV: "1"})
     try:
         result = chaos.run(scenario)
     finally:
-        env.region.restart_blockd()
+        env.restart_blockd()
         env.vm_ok = False  # its volume took a stale write: the next scenario starts from a fresh one
     print(f"without fencing: {result.actual}; violations: {result.violations}")
     assert not result.invariants_held

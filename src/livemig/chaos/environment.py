@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -292,6 +292,13 @@ class ChaosEnv:
                 self.client(role).run(wire_faults.disarm_all())
         return problems
 
+    def restart_blockd(self, env: dict[str, str] | None = None) -> None:
+        """Restart blockd on purpose (``env``: e.g. the test-only unsafe switch), the supervisor
+        held meanwhile: between the kill and the start it would see blockd dead and start one
+        of its own, with the default settings, on the ports the intended one then cannot bind."""
+        with self.supervisor.held():
+            self.region.restart_blockd(env=env)
+
     def teardown(self) -> None:
         self.supervisor.stop()
         self.reset()
@@ -335,6 +342,12 @@ class Supervisor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Nothing is restarted by the supervisor meanwhile (a service restarted on purpose)."""
+        with self._lock:
+            yield
 
     def _run(self) -> None:
         while not self._stop.wait(0.3):
