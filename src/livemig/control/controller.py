@@ -240,16 +240,7 @@ class Controller:
         if missing:
             self._vms.update(self.store.vms_named(missing))
         read_s = time.perf_counter() - started
-        # what admission lets through is stepped in this pass, first: waiting for the next pass
-        # to validate it cost each migration a whole pass period (0.24 s at p50 with one replica
-        # at 1,000 held, 0.76 s with three)
-        admitted_now = await self._admit(queued)
-        admitted = len(admitted_now)
-        missing = {m.vm for m in admitted_now if m.vm not in self._vms}
-        if missing:
-            self._vms.update(self.store.vms_named(missing))
-        acting = admitted_now + acting
-        stepping = acting + observing
+        admitted = await self._admit(queued)
         admit_s = time.perf_counter() - started - read_s
         step_s = save_s = 0.0
         late = 0
@@ -306,13 +297,12 @@ class Controller:
         if steps >= self.concurrency:
             self._step_cost_s = 0.5 * self._step_cost_s + 0.5 * max(seconds / steps, 1e-4)
 
-    async def _admit(self, queued: list[Migration]) -> list[Migration]:
+    async def _admit(self, queued: list[Migration]) -> int:
         """Admit what fits of this replica's queued migrations, oldest first, in one admission
         transaction (replicas take turns): each admitted one gets its bandwidth share and moves to
-        Validating; the others say why they wait (saved only when that changes). Returns those
-        admitted and saved (this replica holds them)."""
+        Validating; the others say why they wait (saved only when that changes). Returns how many."""
         if not queued or await fault_point("controller.before.Pending"):
-            return []
+            return 0
         admitted: list[Migration] = []
         waiting: list[Migration] = []
         queued = sorted(queued, key=lambda q: (q.created_at, q.id))[:ADMIT_BATCH]
@@ -338,7 +328,7 @@ class Controller:
                 self._held[m.id] = (version, m)
         await fault_point("controller.after.Pending")
         self._save_all(waiting)
-        return [m for m, version in zip(admitted, versions, strict=True) if version is not None]
+        return sum(1 for version in versions if version is not None)
 
     def _admit_one(self, m: Migration, ledger: Ledger) -> bool:
         """Admission of one queued migration against ``ledger`` (recorded there when admitted)."""
