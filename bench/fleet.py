@@ -42,7 +42,6 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,8 @@ import httpx
 
 from livemig.control.controller import STEP_CONCURRENCY
 from livemig.model import VmSpec
+from livemig.model.migration import TERMINAL_PHASES, Migration, Phase
+from livemig.plots import admitted_span, phase_spans
 from livemig.region.freeport import free_ports
 from livemig.region.proc import wait_gone
 from livemig.wire.base import async_http
@@ -194,20 +195,22 @@ class Harness:
             proc.stop()
         self.replicas, self.fleet = [], None
 
+    def running(self) -> list[Proc]:
+        """The replicas and the fleet whose processes still run."""
+        return [p for p in [*self.replicas, *([self.fleet] if self.fleet else [])] if p.popen.poll() is None]
+
     def cpu(self) -> dict[str, float]:
         """CPU seconds of each replica and the fleet, of this benchmark's own process, and of the
         whole machine (``machine``: everything, PostgreSQL included; its rate is busy cores)."""
-        procs = [*self.replicas, *([self.fleet] if self.fleet else [])]
-        return {**{p.name: cpu_seconds(p.pid) for p in procs if p.popen.poll() is None},
+        return {**{p.name: cpu_seconds(p.pid) for p in self.running()},
                 "benchmark": cpu_seconds(os.getpid()), "machine": machine_busy_seconds()}  # fmt: skip
 
     def waited(self) -> dict[str, float]:
         """Seconds each replica, the fleet and this benchmark waited for a core, and (``machine``)
         the seconds in which anything on the machine did (PostgreSQL included)."""
-        procs = [*self.replicas, *([self.fleet] if self.fleet else [])]
         stalled = machine_stalled_seconds()
         return {
-            **{p.name: waited_seconds(p.pid) for p in procs if p.popen.poll() is None},
+            **{p.name: waited_seconds(p.pid) for p in self.running()},
             "benchmark": waited_seconds(os.getpid()),
             **({"machine": stalled} if stalled is not None else {}),
         }
@@ -580,22 +583,24 @@ async def throughput_phase(lmo: Lmo, harness: Harness, vms: list[str], hosts: li
 
 async def migration_lives(lmo: Lmo, ids: list[str]) -> dict[str, Any]:
     """Where a driven migration's life went: of those among ``ids`` that succeeded, the seconds
-    from admission (Validating) to Succeeded, and the p50 of each phase's time on their timelines
-    (a phase lasts until the next phase change), so a slower life with more replicas shows where
-    it slowed."""
+    from admission (Validating) to Succeeded (``plots.admitted_span``), and the p50 of each
+    phase's time on their timelines (``plots.phase_spans``, a phase's spans summed), so a slower
+    life with more replicas shows where it slowed."""
     phases: dict[str, list[float]] = collections.defaultdict(list)
     held: list[float] = []
     reads = [functools.partial(lmo.call, "life", "GET", f"/migrations/{i}") for i in ids]
-    for migration in await bounded(8, reads):
-        changes = [e for e in migration["timeline"] if not e.get("note") and not e.get("fault")]
-        if migration["phase"] != "Succeeded" or not changes:
+    for reply in await bounded(8, reads):
+        m = Migration.model_validate(reply)
+        admitted = admitted_span(m)
+        if m.phase is not Phase.SUCCEEDED or admitted is None:
             continue
-        at = [datetime.fromisoformat(e["at"]).timestamp() for e in changes]
-        for entry, start, end in zip(changes, at, at[1:], strict=False):
-            phases[entry["phase"]].append(end - start)
-        admitted = next((t for e, t in zip(changes, at, strict=True) if e["phase"] == "Validating"), None)
-        if admitted is not None:
-            held.append(at[-1] - admitted)
+        held.append((admitted[1] - admitted[0]).total_seconds())
+        spent: dict[str, float] = collections.defaultdict(float)
+        for span in phase_spans(m):
+            if span.phase not in TERMINAL_PHASES:
+                spent[span.phase.value] += span.seconds
+        for phase, seconds in spent.items():
+            phases[phase].append(seconds)
     lmo.take("life")
     return {"succeeded": len(held), "held_p50_s": percentile(held, 50), "held_p90_s": percentile(held, 90),
             "phase_p50_s": {phase: percentile(times, 50) for phase, times in phases.items()}}  # fmt: skip
