@@ -158,3 +158,28 @@ def test_a_pass_the_machine_slows_starts_no_observation_past_its_budget(tmp_path
         passes, records = recorded_passes(store, 2, concurrency=1, step_cost_s=0.001, on_step=tick)
     assert [(r.acting, r.stepped, r.deferred) for r in records] == [(1, 3, 4)] * 2
     assert passes == [["m00", "m10", "m11"], ["m00", "m12", "m13"]]
+
+
+def test_a_burst_of_acting_steps_is_spread_over_passes_cancels_first(tmp_path: Path) -> None:
+    """Past a concurrency's worth, acting steps obey the deadline too: a burst of admissions (or
+    of rollbacks) makes several short passes, each taking the longest unstepped first, and a
+    cancel goes ahead of them all."""
+    store = Store(f"sqlite:///{tmp_path / 'lmo.db'}")
+    for i in range(8):
+        store.add_migration(validating(i))
+    store.request_cancel("m05")
+    clock = [100.0]  # each step takes 0.05 s of it; the budget is 0.12 s
+    fake_time = SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0], time=time.time)
+
+    def tick() -> None:
+        clock[0] += 0.05
+
+    with (
+        patch("livemig.control.controller.PASS_BUDGET_S", 0.12),
+        patch("livemig.control.controller.time", fake_time),
+    ):
+        passes, records = recorded_passes(store, 4, concurrency=1, step_cost_s=0.001, on_step=tick)
+    assert [(r.acting, r.stepped, r.deferred) for r in records] == [(8, 3, 5)] * 4
+    assert passes[0] == ["m05", "m00", "m01"]  # the cancel first, then in the order they came
+    # the rest in turn (the cancel, which these fake steps never take, every pass), then round again
+    assert [p[1:] for p in passes[1:]] == [["m02", "m03"], ["m04", "m06"], ["m07", "m00"]]

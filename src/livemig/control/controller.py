@@ -89,11 +89,12 @@ OBSERVING = frozenset({Phase.PRECOPY, Phase.SWITCHOVER, Phase.CUTTING_OVER})
 OBSERVE_COST_S = 0.005
 MAX_OBSERVE_INTERVAL_S = 2.0
 # a pass steps what fits in PASS_BUDGET_S at the cost per step this replica measures, saving the
-# results included (the steps that act always; observations oldest first, at least a full
-# concurrency's worth, none started once the pass is PASS_BUDGET_S old): however many migrations
-# it holds, a pass stays short and every held migration is observed in turn, so the controller
-# answers a cancel or a finished pre-copy within a pass or two instead of waiting for a pass over
-# everything
+# results included (the steps that act first, cancels first; then observations, longest
+# unobserved first, at least a full concurrency's worth; no step started once the pass is
+# PASS_BUDGET_S old but for a concurrency's worth of acting ones): however many migrations it
+# holds or has just admitted, a pass stays short and every held migration is stepped in turn, so
+# the controller answers a cancel or a finished pre-copy within a pass or two instead of waiting
+# for a pass over everything
 PASS_BUDGET_S = 0.5
 # an observation that changed only QEMU's latest numbers (the last sample) is saved at most every
 # N x SAVE_COST_S seconds (at most every MAX_SAVE_INTERVAL_S): with a few migrations, every step
@@ -118,8 +119,8 @@ class PassRecord:
     admitted: int
     queued: int
     seconds: float
-    deferred: int = 0  # observations that were due but left to the next passes (the pass budget)
-    acting: int = 0  # steps that act (not only observe): always taken
+    deferred: int = 0  # steps that were due but left to the next passes (the pass budget)
+    acting: int = 0  # steps that act (not only observe): taken first
     # where the pass's time went: reading claims and documents, admission, the steps, saving them
     read_s: float = 0.0
     admit_s: float = 0.0
@@ -231,6 +232,8 @@ class Controller:
         watched: list[Migration] = []
         for m in active:
             (acting if _acts(m) else watched).append(m)
+        # cancels first, then the longest unstepped: those a late pass leaves are the next one's first
+        acting.sort(key=lambda m: (not m.cancel_requested, self._observed_at.get(m.id, 0.0)))
         due = [m for m in watched if now - self._observed_at.get(m.id, 0.0) >= every]
         observing = self._within_budget(due, len(acting))
         stepping = acting + observing
@@ -239,6 +242,8 @@ class Controller:
         missing = {m.vm for m in stepping if m.vm not in self._vms}
         if missing:
             self._vms.update(self.store.vms_named(missing))
+        # the hosts the steps call, in one read (not one per host whose registration expired)
+        self.services.registrations.prefetch({h for m in stepping for h in (m.source, m.destination)})
         read_s = time.perf_counter() - started
         admitted = await self._admit(queued)
         admit_s = time.perf_counter() - started - read_s
@@ -246,14 +251,15 @@ class Controller:
         late = 0
         if stepping:
             gate = asyncio.Semaphore(self.concurrency)
-            # an observation starts only while the pass is within its budget: a pass the machine
-            # slows (busy cores, a collection, a slow store) leaves the rest to the next passes,
-            # first in line, instead of growing with them
+            # a step starts only while the pass is within its budget (but for a concurrency's worth
+            # of acting steps, so that every pass moves some forward): a pass the machine slows
+            # (busy cores, a collection, a slow store) or a burst of admissions leaves the rest to
+            # the next passes, first in line, instead of growing with them
             deadline = started + PASS_BUDGET_S
 
-            async def bounded(m: Migration, observes: bool) -> bool | None:
+            async def bounded(m: Migration, deferrable: bool) -> bool | None:
                 async with gate:
-                    if observes and time.perf_counter() > deadline:
+                    if deferrable and time.perf_counter() > deadline:
                         return None
                     self._observed_at[m.id] = now
                     try:
@@ -264,7 +270,7 @@ class Controller:
                         return False
 
             steps_started = time.perf_counter()
-            changed = await asyncio.gather(*(bounded(m, i >= len(acting)) for i, m in enumerate(stepping)))
+            changed = await asyncio.gather(*(bounded(m, i >= self.concurrency) for i, m in enumerate(stepping)))
             step_s = time.perf_counter() - steps_started
             late = changed.count(None)
             # the pass's results saved together (a few transactions): a step is idempotent and
@@ -801,8 +807,8 @@ class Controller:
 
 
 def _acts(m: Migration) -> bool:
-    """Whether the migration's next step acts (taken every pass) rather than only observes (taken
-    in turn, within the pass budget): a cancel, a phase outside ``OBSERVING``, a job to start."""
+    """Whether the migration's next step acts (due every pass, taken before any observation)
+    rather than only observes (due in turn): a cancel, a phase outside ``OBSERVING``, a job to start."""
     if m.cancel_requested or m.phase not in OBSERVING:
         return True
     return m.phase is Phase.PRECOPY and not _condition(m, ConditionType.MIGRATION_STARTED)

@@ -281,8 +281,8 @@ class PassView(BaseModel):
     admitted: int
     queued: int
     seconds: float
-    deferred: int = Field(default=0, description="due observations the pass budget left to later passes")
-    acting: int = Field(default=0, description="steps that act rather than only observe (never deferred)")
+    deferred: int = Field(default=0, description="due steps the pass budget left to later passes")
+    acting: int = Field(default=0, description="steps that act rather than only observe (taken first)")
     read_s: float = Field(default=0.0, description="reading the leases, changed documents and VM specs")
     admit_s: float = Field(default=0.0, description="the admission round")
     step_s: float = Field(default=0.0, description="the steps, run concurrently")
