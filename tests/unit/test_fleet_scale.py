@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import httpx
 
 from livemig.control.api import create_app
+from livemig.control.services import Registrations
 from livemig.control.store import Store
 from livemig.model import VmSpec
+from livemig.model.host import HostRegistration
 from livemig.testing.callers import bearer, lmo_over_tls
 from livemig.testing.fakehost import FakeFleet
 
@@ -72,3 +75,53 @@ def test_creating_a_vm_does_not_grow_with_the_fleet(tmp_path: Path) -> None:
                         f"{statistics.median(small.times) * 1000:.1f} ms with 10"  # fmt: skip
     placed = [h for h in large.fleet.hosts.values() if h.agent.vms]
     assert len(placed) == CREATES + 5, "each VM went to the most free host: all on different hosts"
+
+
+def test_creating_a_vm_and_a_migration_reads_no_host_registration_on_its_own(tmp_path: Path) -> None:
+    """The API's two busiest calls at scale call hosts whose registrations they have just read
+    with the rows they needed anyway (the placement's claim, the pre-flight's facts): with 10,000
+    hosts a replica's cache of registrations mostly misses, and each miss was one more round trip
+    to the store on the event loop (two on PostgreSQL, with its liveness ping)."""
+    lmo = Lmo(tmp_path / "lmo", 4)
+    lookups: list[str] = []
+    host = lmo.store.host
+
+    def counted(name: str) -> HostRegistration:
+        lookups.append(name)
+        return host(name)
+
+    lmo.store.host = counted  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        async with lmo.app.router.lifespan_context(lmo.app), lmo.client("http://lmo") as client:
+            await lmo.create(client, "vm1")
+            source = lmo.store.vm("vm1")[1]
+            destination = next(h for h in lmo.fleet.hosts if h != source)
+            reply = await client.post("/migrations", json={"vm": "vm1", "destination": destination})
+            assert reply.status_code == 201, reply.text
+
+    asyncio.run(scenario())
+    assert lookups == []
+
+
+def test_a_pass_reads_the_registrations_it_lacks_in_one_query(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'lmo.db'}")
+    for i in range(5):
+        store.upsert_host(HostRegistration(name=f"h{i}", api_url=f"http://h{i}:1", migration_address="10.0.0.1"))
+    registrations = Registrations(store, ttl_s=30.0)
+    queries: list[set[str]] = []
+    hosts_named = store.hosts_named
+
+    def counted(names: Iterable[str]) -> dict[str, HostRegistration]:
+        queries.append(set(names))
+        return hosts_named(names)
+
+    store.hosts_named = counted  # type: ignore[method-assign]
+    store.host = None  # type: ignore[assignment,method-assign]  # a single read would fail the test
+    registrations.prefetch(["h0", "h1", "h2"])
+    registrations.prefetch(["h1", "h2", "h3", "unknown"])  # only what it lacks
+    assert queries == [{"h0", "h1", "h2"}, {"h3", "unknown"}]
+    assert [registrations.get(f"h{i}").api_url for i in range(4)] == [f"http://h{i}:1" for i in range(4)]
+    registrations.ttl_s = 0.0  # all held too long now: read again, still in one query
+    registrations.prefetch(["h0", "h3"])
+    assert queries[-1] == {"h0", "h3"}

@@ -26,7 +26,7 @@ def test_a_request_cancelled_while_its_room_is_claimed_gives_the_room_back(tmp_p
     claiming, release = threading.Event(), threading.Event()
     place_vm = store.place_vm
 
-    def slow_place_vm(*args: Any, **kwargs: Any) -> str:
+    def slow_place_vm(*args: Any, **kwargs: Any) -> HostRegistration:
         claiming.set()
         release.wait(10)
         return place_vm(*args, **kwargs)

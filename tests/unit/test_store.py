@@ -101,7 +101,7 @@ def host(name: str, memory: int | None = 4096, used: int | None = 0) -> HostRegi
 def test_placement_takes_the_most_free_host_and_never_overfills_one(store):
     store.upsert_host(host("A", 1024))
     store.upsert_host(host("B", 2048))
-    placed = [store.place_vm(VmSpec(name=f"vm{i}", memory_mib=512)) for i in range(6)]
+    placed = [store.place_vm(VmSpec(name=f"vm{i}", memory_mib=512)).name for i in range(6)]
     assert placed == ["B", "B", "B", "A", "B", "A"]  # most free each time (a tie: the later name)
     assert {c.name: (c.placed_mib, c.free_mib) for c in store.capacities()} == {"A": (1024, 0), "B": (2048, 0)}
     with pytest.raises(CapacityError, match="no host can hold 512 MiB"):
@@ -117,7 +117,7 @@ def test_placement_on_a_named_host_checks_it(store):
     store.upsert_host(host("M", None))  # an older hostd: capacity never reported
     with pytest.raises(CapacityError, match="no host can hold 2048 MiB: host A has 1024 MiB free"):
         store.place_vm(VmSpec(name="big", memory_mib=2048), "A")
-    assert store.place_vm(VmSpec(name="big", memory_mib=2048), "M") == "M"  # only when named: its hostd checks
+    assert store.place_vm(VmSpec(name="big", memory_mib=2048), "M").name == "M"  # only when named: its hostd checks
     with pytest.raises(CapacityError):
         store.place_vm(VmSpec(name="other", memory_mib=2048))  # never chosen by itself
     store.set_maintenance("A", True)

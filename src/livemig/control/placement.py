@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from livemig.control.services import Services
 from livemig.errors import HostUnreachable
+from livemig.model.host import HostRegistration
 from livemig.model.vm import VmSpec
 
 T = TypeVar("T")
@@ -43,16 +44,19 @@ async def place_and_start(services: Services, spec: VmSpec, wanted: str | None,
 
 
 async def _claim(services: Services, spec: VmSpec, wanted: str | None, exclude: list[str]) -> str:
-    """``Store.place_vm`` on a worker thread. A request cancelled meanwhile does not stop the
-    thread: the room it claims is given back as soon as it is claimed."""
+    """``Store.place_vm`` on a worker thread; the host's registration it read is kept for the
+    call to the host that follows. A request cancelled meanwhile does not stop the thread: the
+    room it claims is given back as soon as it is claimed."""
     claim = asyncio.ensure_future(asyncio.to_thread(services.store.place_vm, spec, wanted, exclude=exclude))
     try:
-        return await asyncio.shield(claim)
+        registration = await asyncio.shield(claim)
     except asyncio.CancelledError:
 
-        def give_back(done: asyncio.Future[str]) -> None:
+        def give_back(done: asyncio.Future[HostRegistration]) -> None:
             if not done.cancelled() and done.exception() is None:
                 services.store.remove_vm(spec.name)
 
         claim.add_done_callback(give_back)
         raise
+    services.registrations.remember(registration)
+    return registration.name

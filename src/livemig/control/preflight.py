@@ -49,6 +49,8 @@ async def preflight(services: Services, request: MigrationRequest) -> PreflightR
         not active,
         "none" if not active else f"VM {vm!r} is already migrating ({active[0].id}, {active[0].phase.value})",
     )
+    services.registrations.remember(source_registration)  # read with the facts: no second round trip
+    services.registrations.remember(registration)
     source_host, destination_host = services.host(source), services.host(destination)
 
     async def ask_source() -> tuple[HostFacts, RunState]:

@@ -9,6 +9,7 @@ same store and the same cache of host registrations.)
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -48,6 +49,20 @@ class Registrations:
         registration = self.store.host(name)
         self._cached[name] = (now, registration)
         return registration
+
+    def remember(self, registration: HostRegistration) -> None:
+        """A registration the caller has just read from the store (with the rows it needed anyway)."""
+        self._cached[registration.name] = (time.monotonic(), registration)
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Read the registrations of ``names`` not held (or held too long) in one query: a pass
+        about to call a thousand hosts makes one round trip instead of one per host it has not
+        called for ``ttl_s`` (each on the controller's loop). Unknown hosts are left to ``get``."""
+        now = time.monotonic()
+        stale = {n for n in names if n not in self._cached or now - self._cached[n][0] >= self.ttl_s}
+        if stale:
+            for registration in self.store.hosts_named(stale).values():
+                self._cached[registration.name] = (now, registration)
 
     def forget(self, name: str) -> None:
         self._cached.pop(name, None)

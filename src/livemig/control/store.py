@@ -474,9 +474,10 @@ class Store:
             raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name) from exc
 
     @sync_point("lmo.store.place_vm")
-    def place_vm(self, spec: VmSpec, wanted: str | None = None, exclude: Iterable[str] = ()) -> str:
+    def place_vm(self, spec: VmSpec, wanted: str | None = None, exclude: Iterable[str] = ()) -> HostRegistration:
         """Claim the memory for a new VM and record it, in one transaction: on ``wanted``, or on the
-        in-service host with the most free memory (not in ``exclude``). Returns the host.
+        in-service host with the most free memory (not in ``exclude``). Returns the host's
+        registration (read in the same transaction: the caller calls that host next).
 
         The claim is a conditional update of the host's inventory, so concurrent requests and
         replicas never overfill a host; a host whose capacity was never reported is placed on only
@@ -489,7 +490,7 @@ class Store:
                 target = self._claim_room(c, memory, wanted, sorted(set(exclude)))
                 c.execute(insert(V).values(name=spec.name, host=target, spec_json=spec.model_dump_json(),
                                            memory_mib=memory, created_at=utcnow()))  # fmt: skip
-                return target
+                return _registration(c.execute(GET_HOST, {"name": target}).one())
         except IntegrityError as exc:  # the same name, placed by another request at the same moment
             raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name) from exc
 
