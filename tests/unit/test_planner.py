@@ -115,6 +115,20 @@ def test_the_schedule_runs_within_the_concurrency_limits() -> None:
     assert total == pytest.approx(8.0)
 
 
+def test_the_schedule_runs_no_more_at_once_than_the_lmo_drives() -> None:
+    """Twelve migrations between six pairs of hosts: the hosts would run them all at once, but two
+    replicas of capacity 2 drive four at a time (the pace of a wave of thousands)."""
+    items = [PlannedMigration(vm=f"vm{i}", source=f"s{i % 6}", destination=f"d{i % 6}", memory_mib=1024)
+             for i in range(12)]  # fmt: skip
+    budgets = {**{f"s{i}": 1024 for i in range(6)}, **{f"d{i}": 1024 for i in range(6)}}
+    params = MigrationParams(max_bandwidth_mib_s=256)
+    unbounded = schedule([i.model_copy() for i in items], params, ConcurrencyLimits(), budgets, EXACT)
+    total = schedule(items, params, ConcurrencyLimits(), budgets, EXACT, driven_at_once=4)
+    assert unbounded == pytest.approx(4.0)  # all at once, 4 s each
+    assert [i.start_s for i in items] == [0.0] * 4 + [4.0] * 4 + [8.0] * 4
+    assert total == pytest.approx(12.0)
+
+
 def test_the_schedule_shares_a_host_budget_as_admission_does() -> None:
     items = planned(3)
     total = schedule(items, MigrationParams(max_bandwidth_mib_s=512, min_bandwidth_mib_s=256), ConcurrencyLimits(),

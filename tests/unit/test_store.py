@@ -281,3 +281,14 @@ def test_an_older_store_is_upgraded_with_its_inventory(tmp_path):
     assert store.capacity("A").placed_mib == 768
     store.upsert_host(host("A", 1024))
     assert store.capacity("A").free_mib == 256
+
+
+def test_the_replicas_in_lease_say_how_many_migrations_they_drive_at_once(store):
+    """The wave planner's bound on the LMO's own pace: each replica's capacity, renewed with its lease."""
+    assert store.driving_capacity() == 0
+    store.claim("lmo-a", 30.0, 100)
+    store.claim("lmo-b", 30.0, 250)
+    store.claim("api", 30.0, 0)
+    assert store.driving_capacity() == 350
+    store.claim("lmo-b", -1.0, 250)  # its lease ran out: it drives nothing
+    assert store.driving_capacity() == 100

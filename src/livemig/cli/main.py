@@ -1028,6 +1028,8 @@ def _print_plan(wave: wire_lmo.WavePlan, label: str) -> None:
     out.print(f"model: {c.overhead_s:.2f} s per migration outside pre-copy, {c.efficiency:.0%} of the share reached, "
               f"{c.payload:.0%} of RAM sent, unknown dirty rates taken as {c.default_dirty_rate_mib_s:.0f} MiB/s "
               f"({basis}); planned in {wave.planning_ms:.0f} ms")  # fmt: skip
+    if wave.driven_at_once:
+        out.print(f"the LMO's replicas drive at most {wave.driven_at_once} migrations at once")
 
 
 def _print_comparison(report: EvacuationReport) -> None:

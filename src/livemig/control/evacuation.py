@@ -67,12 +67,14 @@ async def plan_wave(services: Services, request: WaveRequest) -> WavePlan:
     calibration = calibrate(store.finished(CALIBRATION_WINDOW), default_rate)
     movable = [i for i in items if i.destination is not None]
     budgets = store.budgets({i.source for i in movable} | {i.destination or "" for i in movable})
-    total = schedule(items, request.params, request.limits, budgets, calibration)
+    driven_at_once = store.driving_capacity()
+    total = schedule(items, request.params, request.limits, budgets, calibration, driven_at_once=driven_at_once)
     verdicts: dict[str, int] = {}
     for item in items:
         verdicts[item.verdict] = verdicts.get(item.verdict, 0) + 1
     return WavePlan(hosts=list(request.hosts), limits=request.limits, vms=len(items), total_s=total,
                     verdicts=verdicts, measured=measured, calibration=calibration, items=items,
+                    driven_at_once=driven_at_once or None,
                     planning_ms=round((time.perf_counter() - started) * 1000, 1))  # fmt: skip
 
 

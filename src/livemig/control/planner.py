@@ -16,7 +16,9 @@ Three pieces, each small enough to check by hand:
   of RAM that travels. A fresh region uses defaults and says so (``basis`` 0).
 - **The schedule** (:func:`schedule`): the controller's admission replayed in simulated time with
   the same :class:`~livemig.control.admission.Ledger`: migrations start in the order the evacuation
-  creates them as soon as the limits and bandwidth budgets allow, each with the share it would get.
+  creates them as soon as the limits and bandwidth budgets allow, each with the share it would get,
+  and never more at once than the LMO's replicas drive (their capacities summed): in a wave of
+  thousands, that, not the hosts, is often what sets the pace.
 
 The wave's predicted time is when its last migration ends.
 """
@@ -190,10 +192,11 @@ class _Queued:
 
 def schedule(items: list[PlannedMigration], params: MigrationParams, limits: ConcurrencyLimits,
              budgets: Mapping[str, int], calibration: PlanCalibration,
-             running: Sequence[Reservation] = ()) -> float:  # fmt: skip
+             running: Sequence[Reservation] = (), driven_at_once: int = 0) -> float:  # fmt: skip
     """Fill in each movable item's share, start, duration and verdict by replaying admission in
     simulated time, as the controller admits: oldest first, each when its limits and hosts'
-    budgets allow (``running``: shares already held, kept throughout); returns when the last ends.
+    budgets allow and fewer than ``driven_at_once`` run (0: no such bound; ``running``: shares
+    already held, kept throughout); returns when the last ends.
 
     Why it stays fast for ten thousand VMs: when a migration ends, only the queued ones leaving its
     source or entering its destination can newly fit (the others' hosts did not change), unless the
@@ -211,7 +214,8 @@ def schedule(items: list[PlannedMigration], params: MigrationParams, limits: Con
     now, last_end = 0.0, 0.0
 
     def region_full() -> bool:
-        return bool(limits.region_total) and len(ledger.held) >= limits.region_total
+        """No migration anywhere can start: the region's limit, or the LMO's replicas, are full."""
+        return any(bound and len(ledger.held) >= bound for bound in (limits.region_total, driven_at_once))
 
     def try_admit(candidates: list[int]) -> None:
         nonlocal last_end

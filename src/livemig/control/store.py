@@ -189,6 +189,8 @@ class ReplicaRow(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     seen_at: Mapped[float] = mapped_column(Float)
     alive_until: Mapped[float] = mapped_column(Float, default=0.0)
+    # the most migrations it drives at once: the wave planner's pace of the LMO itself
+    capacity: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class TokenRow(Base):
@@ -665,7 +667,7 @@ class Store:
         The lease is one row, the replica's (``ttl_s`` from now), however many migrations it holds."""
         now = time.time()
         with self.transaction() as c:
-            self._heartbeat(c, owner, now, ttl_s)
+            self._heartbeat(c, owner, now, ttl_s, capacity)
             live = c.execute(select(func.count()).select_from(R).where(R.c.alive_until > now)).scalar() or 1
             active = c.execute(select(func.count()).select_from(M).where(M.c.active.is_(True))).scalar() or 0
             share = min(capacity, math.ceil(active / live))
@@ -696,10 +698,18 @@ class Store:
                     rows = c.execute(MINE, {"owner": owner}).all()
             return [Claim(r.id, r.version, bool(r.cancel_requested)) for r in rows]
 
-    def _heartbeat(self, c: Connection, owner: str, now: float, ttl_s: float) -> None:
+    def _heartbeat(self, c: Connection, owner: str, now: float, ttl_s: float, capacity: int | None = None) -> None:
         upsert = postgresql_insert if self.postgres else sqlite_insert
-        beat = {"seen_at": now, "alive_until": now + ttl_s}
+        beat: dict[str, float | int] = {"seen_at": now, "alive_until": now + ttl_s}
+        if capacity is not None:
+            beat["capacity"] = capacity
         c.execute(upsert(R).values(id=owner, **beat).on_conflict_do_update(index_elements=[R.c.id], set_=beat))
+
+    def driving_capacity(self) -> int:
+        """The most migrations the replicas in lease drive at once (their capacities summed)."""
+        with self.read() as c:
+            total = c.execute(select(func.sum(R.c.capacity)).where(R.c.alive_until > time.time())).scalar()
+        return int(total or 0)
 
     def replicas(self) -> dict[str, float]:
         """Replicas in lease (the ones ``claim`` shares the migrations among), with when each was

@@ -228,6 +228,11 @@ class WavePlan(BaseModel):
     measured: int = Field(default=0, description="dirty rates measured for this plan")
     planning_ms: float = 0.0
     calibration: PlanCalibration
+    driven_at_once: int | None = Field(
+        default=None,
+        description="the most migrations the LMO's replicas in lease "
+        "drive at once (their capacities summed), a bound of the schedule",
+    )
     items: list[PlannedMigration] = Field(default_factory=list)
 
 
