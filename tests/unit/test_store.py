@@ -112,6 +112,35 @@ def test_placement_takes_the_most_free_host_and_never_overfills_one(store):
     assert store.capacity("B").free_mib == 512
 
 
+def test_creating_a_vm_costs_the_store_three_statements(store):
+    """The claim (the most free host chosen inside it, its row returned for the call to it), the
+    insert, and the resolved spec afterwards: each round trip to PostgreSQL costs milliseconds on
+    busy cores. A taken name is still told as such, even where no host has room."""
+    store.upsert_host(host("A", 1024))
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:
+        statements.append(statement.split()[0].upper())
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        assert store.place_vm(VmSpec(name="vm", memory_mib=512)).api_url == "http://a:1"
+        store.set_vm("vm", spec=VmSpec(name="vm", memory_mib=512, machine="pc-q35-7.2"))
+        named = store.place_vm(VmSpec(name="vm2", memory_mib=256), "A")
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+    assert [s for s in statements if s in ("SELECT", "UPDATE", "INSERT")] == ["UPDATE", "INSERT", "UPDATE", "UPDATE",
+                                                                              "INSERT"]  # fmt: skip
+    assert named.name == "A" and store.vm("vm")[0].machine == "pc-q35-7.2"
+    with pytest.raises(Conflict, match="already taken"):
+        store.place_vm(VmSpec(name="vm", memory_mib=4096))  # no room anywhere, but the name is the mistake
+    with pytest.raises(Conflict, match="already taken"):
+        store.place_vm(VmSpec(name="vm", memory_mib=128))
+    assert store.capacity("A").placed_mib == 768  # the refused claims rolled back
+    with pytest.raises(NotFound):
+        store.set_vm("nope", spec=VmSpec(name="nope", memory_mib=128))
+
+
 def test_placement_on_a_named_host_checks_it(store):
     store.upsert_host(host("A", 1024))
     store.upsert_host(host("M", None))  # an older hostd: capacity never reported
