@@ -35,6 +35,10 @@ BEFORE_CONTINUE = frozenset({"setup", "active", "pre-switchover", "wait-unplug"}
 #: how long a failed job waits for QEMU to reach a final status (after its cancel, or after it was
 #: already told to continue)
 SETTLE_S = 30.0
+#: how long a source told to continue may still say ``pre-switchover``: QEMU answers
+#: ``migrate-continue`` at once and its migration thread leaves the state when it next runs
+#: (on busy cores, many milliseconds later)
+CONTINUE_GRACE_S = 1.0
 SwitchoverHook = Callable[[], Awaitable[None]]
 #: fault points that exist only when QEMU stops at pre-switchover for hostd
 PAUSE_POINTS = ("hostd.switchover", "hostd.src.event.MIGRATION.pre-switchover", "hostd.src.qmp.migrate-continue",
@@ -139,6 +143,7 @@ class SourceMigration:
         self.switchover_hooks = switchover_hooks or []
         self.after_failed_switchover = after_failed_switchover
         self.hooks_ran = False
+        self.continue_sent = False  # migrate-continue was written to QEMU (its answer may be lost)
         self.state = JobState.RUNNING
         self.events: list[MigrationEvent] = []
         self.samples: deque[MigrationSample] = deque(maxlen=3000)
@@ -286,6 +291,8 @@ class SourceMigration:
         a migration QEMU completed is ``completed`` even if hostd lost the answer to its continue."""
         try:
             status = str((await self.qmp.execute("query-migrate")).get("status", "none"))
+            if status == "pre-switchover" and self.continue_sent:
+                status = await self._status_after_continue()
             if status in BEFORE_CONTINUE:
                 log.warning("migration of %s: cancelling QEMU's migration (%s)", self.vm, status)
                 await self.qmp.execute("migrate_cancel")
@@ -304,6 +311,19 @@ class SourceMigration:
             self.stats = stats_from(reply, self.hook_ms, self.stopped_at)
             return JobState.COMPLETED
         return JobState.FAILED
+
+    async def _status_after_continue(self) -> str:
+        """QEMU's status once a continue it was sent had time to take effect: a source still
+        paused after :data:`CONTINUE_GRACE_S` never got it (and is cancelled); one that moved on
+        must be let finish, or the destination's load fails half-way (the chaos matrix's
+        ``switchover/qemu-src/error`` row caught a cancel sent in that moment)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONTINUE_GRACE_S
+        status = "pre-switchover"
+        while status == "pre-switchover" and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+            status = str((await self.qmp.execute("query-migrate")).get("status", "none"))
+        return status
 
     async def _final_reply(self) -> dict[str, Any]:
         """``query-migrate`` once QEMU has filled in its final numbers.
@@ -336,6 +356,7 @@ class SourceMigration:
             await self.qmp.execute("migrate_cancel")
             raise
         hooked = time.perf_counter()
+        self.continue_sent = True
         await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
         self.hook_ms = (time.perf_counter() - started) * 1000
         log.info("migration of %s: switchover hooks %.1f ms, migrate-continue %.1f ms", self.vm,

@@ -57,6 +57,9 @@ DEFAULT_PARAMETERS: dict[str, Any] = {
 }  # fmt: skip
 #: Fake pids start far above any real pid_max, so a fake can never be mistaken for a process
 FIRST_PID = 50_000_000
+#: real seconds between the answer to ``migrate-continue`` and the status leaving
+#: ``pre-switchover`` (QEMU's migration thread wakes after the command returns; a test sets it)
+CONTINUE_LAG_S = 0.0
 
 
 class SimClock:
@@ -442,6 +445,8 @@ class FakeQemu:
             self._continue = asyncio.Event()
             self._status("pre-switchover")
             await self._continue.wait()
+            if CONTINUE_LAG_S:
+                await asyncio.sleep(CONTINUE_LAG_S)
             self._status("device")
         await clock.sleep(left / bandwidth + 0.001)
         ram = self.migration["ram"]
