@@ -115,6 +115,23 @@ def recorded_passes(
     return passes, asyncio.run(scenario())
 
 
+def slowed_passes(store: Store, count: int) -> tuple[list[list[str]], list[PassRecord]]:
+    """``recorded_passes`` on a machine slower than the controller estimates: one step at a time,
+    each taking 0.05 s of a fake clock, against a budget of 0.12 s, while the estimate (0.001 s a
+    step) would take them all; only the deadline stops a pass."""
+    clock = [100.0]
+    fake_time = SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0], time=time.time)
+
+    def tick() -> None:
+        clock[0] += 0.05
+
+    with (
+        patch("livemig.control.controller.PASS_BUDGET_S", 0.12),
+        patch("livemig.control.controller.time", fake_time),
+    ):
+        return recorded_passes(store, count, concurrency=1, step_cost_s=0.001, on_step=tick)
+
+
 def test_a_pass_acts_always_and_observes_what_fits_its_budget_longest_unobserved_first(tmp_path: Path) -> None:
     """Steps that act are never deferred; observations beyond the budget wait, and the ones left
     out are the first observed by the next pass, so every migration is observed in turn."""
@@ -138,24 +155,13 @@ def test_a_pass_acts_always_and_observes_what_fits_its_budget_longest_unobserved
 
 def test_a_pass_the_machine_slows_starts_no_observation_past_its_budget(tmp_path: Path) -> None:
     """The budget is also a deadline: an observation not started within it waits for the next
-    pass, where it comes first; the steps that act are taken however late."""
+    pass, where it comes first; a concurrency's worth of acting steps is taken however late."""
     store = Store(f"sqlite:///{tmp_path / 'lmo.db'}")
     store.add_migration(validating(0))
     for i in range(10, 16):
         store.add_migration(precopy(i))
-    clock = [100.0]  # each step takes 0.05 s of it; the budget is 0.12 s
-    fake_time = SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0], time=time.time)
-
-    def tick() -> None:
-        clock[0] += 0.05
-
-    with (
-        patch("livemig.control.controller.OBSERVE_COST_S", 0.0),
-        patch("livemig.control.controller.PASS_BUDGET_S", 0.12),
-        patch("livemig.control.controller.time", fake_time),
-    ):
-        # the estimate (0.001 s a step) would take them all
-        passes, records = recorded_passes(store, 2, concurrency=1, step_cost_s=0.001, on_step=tick)
+    with patch("livemig.control.controller.OBSERVE_COST_S", 0.0):
+        passes, records = slowed_passes(store, 2)
     assert [(r.acting, r.stepped, r.deferred) for r in records] == [(1, 3, 4)] * 2
     assert passes == [["m00", "m10", "m11"], ["m00", "m12", "m13"]]
 
@@ -168,17 +174,7 @@ def test_a_burst_of_acting_steps_is_spread_over_passes_cancels_first(tmp_path: P
     for i in range(8):
         store.add_migration(validating(i))
     store.request_cancel("m05")
-    clock = [100.0]  # each step takes 0.05 s of it; the budget is 0.12 s
-    fake_time = SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0], time=time.time)
-
-    def tick() -> None:
-        clock[0] += 0.05
-
-    with (
-        patch("livemig.control.controller.PASS_BUDGET_S", 0.12),
-        patch("livemig.control.controller.time", fake_time),
-    ):
-        passes, records = recorded_passes(store, 4, concurrency=1, step_cost_s=0.001, on_step=tick)
+    passes, records = slowed_passes(store, 4)
     assert [(r.acting, r.stepped, r.deferred) for r in records] == [(8, 3, 5)] * 4
     assert passes[0] == ["m05", "m00", "m01"]  # the cancel first, then in the order they came
     # the rest in turn (the cancel, which these fake steps never take, every pass), then round again

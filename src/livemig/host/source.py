@@ -290,7 +290,7 @@ class SourceMigration:
         continue; otherwise let it finish. The job ends in what QEMU says, never in hostd's guess:
         a migration QEMU completed is ``completed`` even if hostd lost the answer to its continue."""
         try:
-            status = str((await self.qmp.execute("query-migrate")).get("status", "none"))
+            status = await self._qemu_status()
             if status == "pre-switchover" and self.continue_sent:
                 status = await self._status_after_continue()
             if status in BEFORE_CONTINUE:
@@ -301,7 +301,7 @@ class SourceMigration:
                 if asyncio.get_running_loop().time() > deadline:
                     return JobState.FAILED
                 await asyncio.sleep(0.05)
-                status = str((await self.qmp.execute("query-migrate")).get("status", "none"))
+                status = await self._qemu_status()
         except (LivemigError, OSError) as exc:
             log.warning("migration of %s: QEMU's status unknown after the failure: %s", self.vm, exc)
             return JobState.FAILED
@@ -311,6 +311,10 @@ class SourceMigration:
             self.stats = stats_from(reply, self.hook_ms, self.stopped_at)
             return JobState.COMPLETED
         return JobState.FAILED
+
+    async def _qemu_status(self) -> str:
+        """QEMU's migration status (``none`` when it runs no migration)."""
+        return str((await self.qmp.execute("query-migrate")).get("status", "none"))
 
     async def _status_after_continue(self) -> str:
         """QEMU's status once a continue it was sent had time to take effect: a source still
@@ -322,7 +326,7 @@ class SourceMigration:
         status = "pre-switchover"
         while status == "pre-switchover" and loop.time() < deadline:
             await asyncio.sleep(0.02)
-            status = str((await self.qmp.execute("query-migrate")).get("status", "none"))
+            status = await self._qemu_status()
         return status
 
     async def _final_reply(self) -> dict[str, Any]:
