@@ -55,8 +55,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InvalidatePoolError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -324,6 +325,22 @@ CLAIM_NAMED = (update(H).where(H.c.name == bindparam("host"), H.c.maintenance.is
 CLAIM_BEST = (update(H).where(H.c.name == BEST_HOST.scalar_subquery(), _HAS_ROOM)
               .values(**_placed(_DELTA)).returning(*H.c))  # fmt: skip
 GET_VM = select(V.c.spec_json, V.c.host, V.c.memory_mib).where(V.c.name == bindparam("name"))
+
+
+def _claim_and_record(claim: Any) -> Select[Any]:
+    """``claim`` and the new VM's row in one statement (PostgreSQL: a data-modifying CTE), so
+    placing a VM is a single round trip; the claimed host's row is what it returns. Nothing is
+    inserted when the claim is refused, and a taken name fails the whole statement."""
+    claimed = claim.cte("claimed")
+    row = select(bindparam("vm", type_=String), claimed.c.name, bindparam("spec_json", type_=Text), _DELTA,
+                 bindparam("created_at", type_=DateTime(timezone=True))).select_from(claimed)  # fmt: skip
+    record = insert(V).from_select(["name", "host", "spec_json", "memory_mib", "created_at"], row)
+    return select(claimed).add_cte(record.cte("recorded"))
+
+
+PLACE_NAMED = _claim_and_record(CLAIM_NAMED)
+PLACE_BEST = _claim_and_record(CLAIM_BEST)
+SET_SPEC = update(V).where(V.c.name == bindparam("b_name")).values(spec_json=bindparam("b_spec", type_=Text))
 VMS_NAMED = select(V.c.name, V.c.spec_json, V.c.host).where(V.c.name.in_(bindparam("names", expanding=True)))
 VM_FACTS = select(V.c.name, V.c.host, V.c.memory_mib, V.c.dirty_rate_mib_s, V.c.dirty_rate_at,
                   V.c.dirty_rate_source).where(V.c.host.in_(bindparam("hosts", expanding=True)))  # fmt: skip
@@ -366,11 +383,43 @@ def _free(now: float) -> ColumnElement[bool]:
     return or_(M.c.owner.is_(None), M.c.owner.not_in(select(R.c.id).where(R.c.alive_until > now)))
 
 
+#: a pooled PostgreSQL connection unused this long is pinged before it is used again
+PING_IDLE_S = 5.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Test a pooled connection before use only when it sat idle for :data:`PING_IDLE_S`: a
+    restarted server or a dropped link ends connections silently, and the pool replaces every
+    connection older than a failed ping. SQLAlchemy's ``pool_pre_ping`` pings on *every* checkout,
+    a round trip more per transaction or read (of two to five) on the busiest paths. A connection
+    used within the last seconds that meets a restarted server fails that one statement, which is
+    what any statement in flight during the restart meets anyway; SQLAlchemy then replaces the
+    pool's older connections."""
+
+    def checked_in(_connection: Any, entry: ConnectionPoolEntry) -> None:
+        entry.info["idle_since"] = time.monotonic()
+
+    def checked_out(connection: Any, entry: ConnectionPoolEntry, _proxy: Any) -> None:
+        idle_since = entry.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < PING_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(connection)
+            connection.rollback()  # the ping may have begun a transaction; nothing otherwise
+        except Exception as exc:  # noqa: BLE001: any failure means a connection not to use
+            raise InvalidatePoolError(f"idle connection failed its ping: {exc}") from exc
+
+    event.listen(engine, "checkin", checked_in)
+    event.listen(engine, "checkout", checked_out)
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.postgres = url.startswith("postgresql")
-        self.engine: Engine = create_engine(url, pool_pre_ping=self.postgres, pool_size=8, max_overflow=24)
+        self.engine: Engine = create_engine(url, pool_size=8, max_overflow=24)
+        if self.postgres:
+            _ping_when_idle(self.engine)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
@@ -396,6 +445,13 @@ class Store:
                 yield conn
             return
         with self._lock, self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def statement(self) -> Iterator[Connection]:
+        """For one writing statement, atomic by itself: on PostgreSQL sent on its own (one round
+        trip, where a transaction adds BEGIN and COMMIT), on SQLite a transaction under the lock."""
+        with self.read() if self.postgres else self.transaction() as conn:
             yield conn
 
     # ------------------------------------------------------------------ hosts
@@ -483,36 +539,40 @@ class Store:
 
     @sync_point("lmo.store.place_vm")
     def place_vm(self, spec: VmSpec, wanted: str | None = None, exclude: Iterable[str] = ()) -> HostRegistration:
-        """Claim the memory for a new VM and record it, in one transaction: on ``wanted``, or on the
+        """Claim the memory for a new VM and record it, atomically: on ``wanted``, or on the
         in-service host with the most free memory (not in ``exclude``). Returns the host's
-        registration (read in the same transaction: the caller calls that host next).
+        registration (the claim's own row: the caller calls that host next).
 
         The claim is a conditional update of the host's inventory, so concurrent requests and
         replicas never overfill a host; a host whose capacity was never reported is placed on only
-        when asked for by name (its hostd still checks)."""
+        when asked for by name (its hostd still checks). On PostgreSQL the claim and the insert are
+        one statement, sent on its own (one round trip: busy cores made each cost milliseconds, and
+        creating a VM once made eleven, ``docs/fleet.md``); SQLite runs them in one transaction."""
         memory = spec.memory_mib
+        record = {"vm": spec.name, "spec_json": spec.model_dump_json(), "created_at": utcnow()}
         try:
-            with self.transaction() as c:
+            with self.read() if self.postgres else self.transaction() as c:
                 try:
-                    row = self._claim_room(c, memory, wanted, sorted(set(exclude)))
+                    row = self._claim_room(c, memory, wanted, sorted(set(exclude)), record if self.postgres else None)
                 except (CapacityError, Conflict, NotFound):
                     if c.execute(GET_VM, {"name": spec.name}).first() is not None:  # the likelier mistake
                         raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name) from None
                     raise
-                # a taken name fails here, and the claim is rolled back with the insert
-                c.execute(insert(V).values(name=spec.name, host=row.name, spec_json=spec.model_dump_json(),
-                                           memory_mib=memory, created_at=utcnow()))  # fmt: skip
+                if not self.postgres:  # a taken name fails here, and the claim is rolled back with it
+                    c.execute(insert(V).values(name=spec.name, host=row.name, spec_json=record["spec_json"],
+                                               memory_mib=memory, created_at=record["created_at"]))  # fmt: skip
                 return _registration(row)
         except IntegrityError as exc:
             raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name) from exc
 
     @staticmethod
-    def _claim_room(c: Connection, memory: int, wanted: str | None, exclude: list[str]) -> Row[Any]:
-        """The claimed host's row, after the claim: a statement for the claim, another only to
-        explain a refusal. Busy cores made each round trip to PostgreSQL cost milliseconds, and
-        creating a VM made eleven (``docs/fleet.md``)."""
+    def _claim_room(c: Connection, memory: int, wanted: str | None, exclude: list[str],
+                    record: dict[str, Any] | None) -> Row[Any]:  # fmt: skip
+        """The claimed host's row, after the claim (and, given the new VM's ``record``, its insert
+        in the same statement): other statements only to explain a refusal."""
         if wanted is not None:
-            claimed = c.execute(CLAIM_NAMED, {"host": wanted, "delta": memory}).first()
+            named = {"host": wanted, "delta": memory}
+            claimed = (c.execute(PLACE_NAMED, named | record) if record else c.execute(CLAIM_NAMED, named)).first()
             if claimed is not None:
                 return claimed
             row = c.execute(GET_HOST, {"name": wanted}).first()
@@ -522,8 +582,9 @@ class Store:
                 raise Conflict(f"host {wanted} is in maintenance: no new VMs")
             raise CapacityError(f"no host can hold {memory} MiB: host {wanted} has {row.free_mib} MiB free",
                                 host=wanted, free_mib=row.free_mib, needed_mib=memory)  # fmt: skip
+        best = {"memory": memory, "delta": memory, "exclude": exclude}
         while True:
-            claimed = c.execute(CLAIM_BEST, {"memory": memory, "delta": memory, "exclude": exclude}).first()
+            claimed = (c.execute(PLACE_BEST, best | record) if record else c.execute(CLAIM_BEST, best)).first()
             if claimed is not None:
                 return claimed
             if c.execute(BEST_HOST, {"memory": memory, "exclude": exclude}).first() is None:
@@ -534,8 +595,8 @@ class Store:
     @sync_point("lmo.store.set_vm")
     def set_vm(self, name: str, *, host: str | None = None, spec: VmSpec | None = None) -> None:
         if host is None and spec is not None:  # the spec alone (a created VM's, resolved): one statement
-            with self.transaction() as c:
-                if c.execute(update(V).where(V.c.name == name).values(spec_json=spec.model_dump_json())).rowcount != 1:
+            with self.statement() as c:
+                if c.execute(SET_SPEC, {"b_name": name, "b_spec": spec.model_dump_json()}).rowcount != 1:
                     raise NotFound(f"unknown VM {name!r}", vm=name)
             return
         with self.transaction() as c:
