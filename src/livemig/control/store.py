@@ -457,25 +457,26 @@ class Store:
     # ------------------------------------------------------------------ hosts
     @sync_point("lmo.store.upsert_host")
     def upsert_host(self, host: HostRegistration) -> None:
-        """Record a host's registration; capacity it leaves out (an older hostd) stays as known."""
-        doc = host.model_dump_json(exclude={"maintenance"})
-        with self.transaction() as c:
-            row = c.execute(GET_HOST, {"name": host.name}).first()
-            placed = row.placed_mib if row is not None else 0
-            memory = host.memory_mib if host.memory_mib is not None else (row.memory_mib if row is not None else None)
-            used = host.memory_used_mib if host.memory_used_mib is not None else (row.reported_used_mib if row else 0)
-            values = {
-                "doc": doc,
-                "migration_bandwidth_mib_s": host.migration_bandwidth_mib_s,
-                "memory_mib": memory,
-                "reported_used_mib": used,
-                "free_mib": None if memory is None else memory - max(placed, used),
-            }
-            if row is None:
-                c.execute(insert(H).values(name=host.name, maintenance=False, placed_mib=0, registered_at=utcnow(),
-                                           **values))  # fmt: skip
-            else:
-                c.execute(update(H).where(H.c.name == host.name).values(**values))
+        """Record a host's registration; capacity it leaves out (an older hostd) stays as known.
+        One statement (an insert that updates the row it meets, from that row's own columns): every
+        host sends it at start and whenever its VMs' memory changes, so it is an API replica's most
+        frequent write."""
+        upsert = postgresql_insert if self.postgres else sqlite_insert
+        memory, used = bindparam("b_memory", type_=Integer), bindparam("b_used", type_=Integer)
+        statement = upsert(H).values(name=host.name, doc=host.model_dump_json(exclude={"maintenance"}),
+                                     migration_bandwidth_mib_s=host.migration_bandwidth_mib_s, maintenance=False,
+                                     placed_mib=0, registered_at=utcnow(), memory_mib=memory,
+                                     reported_used_mib=func.coalesce(used, 0), free_mib=memory - func.coalesce(used, 0))
+        known_memory, known_used = func.coalesce(memory, H.c.memory_mib), func.coalesce(used, H.c.reported_used_mib)
+        statement = statement.on_conflict_do_update(index_elements=[H.c.name], set_={
+            "doc": statement.excluded.doc,
+            "migration_bandwidth_mib_s": statement.excluded.migration_bandwidth_mib_s,
+            "memory_mib": known_memory,
+            "reported_used_mib": known_used,
+            "free_mib": known_memory - case((H.c.placed_mib > known_used, H.c.placed_mib), else_=known_used),
+        })  # fmt: skip
+        with self.statement() as c:
+            c.execute(statement, {"b_memory": host.memory_mib, "b_used": host.memory_used_mib})
 
     @sync_point("lmo.store.set_maintenance")
     def set_maintenance(self, name: str, maintenance: bool) -> None:
