@@ -53,6 +53,7 @@ from livemig.model.migration import TERMINAL_PHASES, Migration, Phase
 from livemig.plots import admitted_span, phase_spans
 from livemig.region.freeport import free_ports
 from livemig.region.proc import wait_gone
+from livemig.wire import timing
 from livemig.wire.base import async_http
 
 TERMINAL = ("Succeeded", "Failed", "Aborted", "Cancelled")
@@ -280,12 +281,14 @@ def _drop(engine: Any, name: str, attempts: int = 10) -> None:
 
 
 class Lmo:
-    """An async client of the LMO API that records the latency of every call by name."""
+    """An async client of the LMO API that records the latency of every call by name, and where
+    the LMO says the call's time went (its ``Server-Timing``: the store, the hosts' hostd)."""
 
     def __init__(self, urls: list[str], connections: int = 64) -> None:
         self.urls = urls
         self.http = async_http(httpx.Timeout(120.0, connect=10.0), pooled=True, connections=connections)
         self.latency: dict[str, list[float]] = {}
+        self.parts: dict[str, list[dict[str, float]]] = {}
         self._next = 0
 
     def url(self) -> str:
@@ -296,12 +299,27 @@ class Lmo:
         started = time.perf_counter()
         reply = await self.http.request(method, self.url() + path, **kwargs)
         self.latency.setdefault(name, []).append((time.perf_counter() - started) * 1000)
+        self.parts.setdefault(name, []).append(timing.parse(reply.headers.get("server-timing", "")))
         if reply.status_code not in ok:
             raise RuntimeError(f"{method} {path}: {reply.status_code} {reply.text[:300]}")
         return reply.json() if reply.content else None
 
     def take(self, name: str) -> list[float]:
+        self.parts.pop(name, None)
         return self.latency.pop(name, [])
+
+    def take_split(self, name: str) -> dict[str, Any]:
+        """The latency of ``name``'s calls with where it went, then forgotten: the summary, and
+        of each call the time its hosts took to answer (``hostd``, the sum of the LMO's calls to
+        them) and the rest (the LMO's own part: the store, its work and its waits for a core)."""
+        parts = self.parts.pop(name, [])
+        latency = self.latency.pop(name, [])
+        hosts = [p.get("hostd", 0.0) for p in parts]
+        return summary(latency) | {
+            "hostd": summary(hosts),
+            "store": summary([p.get("store", 0.0) for p in parts]),
+            "lmo_own": summary([total - host for total, host in zip(latency, hosts, strict=True)]),
+        }
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -389,7 +407,7 @@ async def sample_api(lmo: Lmo, vms: list[str], hosts: list[str], rng: random.Ran
         await one("list", "GET", "/migrations", params={"active": True, "limit": 100})
     for migration in rng.sample(migrations, min(n, len(migrations))) or []:
         await one("show", "GET", f"/migrations/{migration}")
-    return {op: summary(lmo.take(op)) | {"during": tag} for op in ("create_vm", "create_migration", "list", "show")}
+    return {op: lmo.take_split(op) | {"during": tag} for op in ("create_vm", "create_migration", "list", "show")}
 
 
 async def controller_passes(lmo: Lmo, harness: Harness) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from livemig.model import VmSpec
 from livemig.model.host import HostRegistration
 from livemig.testing.callers import bearer, lmo_over_tls
 from livemig.testing.fakehost import FakeFleet
+from livemig.wire import timing
 
 CREATES = 40
 
@@ -125,3 +126,37 @@ def test_a_pass_reads_the_registrations_it_lacks_in_one_query(tmp_path: Path) ->
     registrations.ttl_s = 0.0  # all held too long now: read again, still in one query
     registrations.prefetch(["h0", "h3"])
     assert queries[-1] == {"h0", "h3"}
+
+
+def test_an_answer_says_where_its_time_went(tmp_path: Path) -> None:
+    """Server-Timing: creating a VM spends its time in the store, in the host's hostd, and in the
+    LMO itself; the parts come back with the answer (errors too), so a slow call says which of
+    them was slow. The store and the host are called one after the other: their sum is within
+    the total."""
+    lmo = Lmo(tmp_path / "lmo", 4)
+    answers: list[httpx.Response] = []
+
+    async def scenario() -> None:
+        async with lmo.app.router.lifespan_context(lmo.app), lmo.client("http://lmo") as client:
+            for name in ("vm1", "vm1"):  # the second: a taken name
+                answers.append(await client.post("/vms", json={"spec": VmSpec(name=name, memory_mib=512).model_dump()}))
+
+    asyncio.run(scenario())
+    created, refused = (timing.parse(a.headers["server-timing"]) for a in answers)
+    assert answers[0].status_code == 201 and answers[1].status_code == 409
+    assert set(created) == {"store", "hostd", "total"} and min(created.values()) > 0
+    assert created["store"] + created["hostd"] <= created["total"] + 0.2  # rounded to 0.1 ms each
+    assert set(refused) == {"store", "total"}  # refused by the store, before any host was called
+
+
+def test_timing_outside_a_request_costs_nothing_and_the_header_reads_back() -> None:
+    with timing.timed("store"):  # the controller's work: no request, nothing recorded, no error
+        pass
+    assert timing.CURRENT.get() is None
+    recorded = timing.RequestTiming()
+    recorded.add("store", 0.0021)
+    recorded.add("store", 0.001)
+    recorded.add("hostd", 0.0314)
+    parsed = timing.parse(recorded.header())
+    assert parsed["store"] == 3.1 and parsed["hostd"] == 31.4 and parsed["total"] >= 0
+    assert timing.parse('cache;desc="Cache Read";dur=23.2, miss, db;dur=x') == {"cache": 23.2}

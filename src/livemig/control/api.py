@@ -41,6 +41,7 @@ from livemig.wire import hostd
 from livemig.wire.base import AsyncHttp, async_http
 from livemig.wire.lmo import ControllerStatus, PassView
 from livemig.wire.server import install_error_handlers
+from livemig.wire.timing import ServerTimingMiddleware
 
 
 def create_app(
@@ -106,6 +107,7 @@ def create_app(
     app.state.guard = guard
     setattr(app.state, INSECURE_STATE, insecure)
     install_error_handlers(app)
+    app.add_middleware(ServerTimingMiddleware)  # every answer says where its time went (wire/timing.py)
     mount_faults(app)
     app.add_exception_handler(LoginRequired, login_redirect(DASHBOARD))
     for module in (hosts, vms, migrations, netobjects, volumes, token_routes):

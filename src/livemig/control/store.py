@@ -67,6 +67,7 @@ from livemig.faults.registry import REGISTRY
 from livemig.model.host import HostRegistration
 from livemig.model.migration import TERMINAL_PHASES, Migration, Phase, utcnow
 from livemig.model.vm import NbdExport, VmSpec
+from livemig.wire.timing import timed
 
 #: the key of PostgreSQL's advisory lock that serialises admission decisions across replicas
 ADMISSION_LOCK = 0x6C6D6F01
@@ -406,7 +407,7 @@ def _ping_when_idle(engine: Engine) -> None:
         try:
             engine.dialect.do_ping(connection)
             connection.rollback()  # the ping may have begun a transaction; nothing otherwise
-        except Exception as exc:  # noqa: BLE001: any failure means a connection not to use
+        except Exception as exc:  # any failure means a connection not to use
             raise InvalidatePoolError(f"idle connection failed its ping: {exc}") from exc
 
     event.listen(engine, "checkin", checked_in)
@@ -434,17 +435,17 @@ class Store:
     def read(self) -> Iterator[Connection]:
         """A connection for reads that need no transaction (each statement sees committed data).
         Readers take no lock: SQLite's WAL lets them run beside the one writer."""
-        with self._reads.connect() as conn:
+        with timed("store"), self._reads.connect() as conn:
             yield conn
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """One transaction: committed when the block ends, rolled back if it raises."""
         if self._lock is None:
-            with self.engine.begin() as conn:
+            with timed("store"), self.engine.begin() as conn:
                 yield conn
             return
-        with self._lock, self.engine.begin() as conn:
+        with timed("store"), self._lock, self.engine.begin() as conn:
             yield conn
 
     @contextmanager
@@ -463,10 +464,11 @@ class Store:
         frequent write."""
         upsert = postgresql_insert if self.postgres else sqlite_insert
         memory, used = bindparam("b_memory", type_=Integer), bindparam("b_used", type_=Integer)
+        reported = func.coalesce(used, 0)
         statement = upsert(H).values(name=host.name, doc=host.model_dump_json(exclude={"maintenance"}),
                                      migration_bandwidth_mib_s=host.migration_bandwidth_mib_s, maintenance=False,
                                      placed_mib=0, registered_at=utcnow(), memory_mib=memory,
-                                     reported_used_mib=func.coalesce(used, 0), free_mib=memory - func.coalesce(used, 0))
+                                     reported_used_mib=reported, free_mib=memory - reported)  # fmt: skip
         known_memory, known_used = func.coalesce(memory, H.c.memory_mib), func.coalesce(used, H.c.reported_used_mib)
         statement = statement.on_conflict_do_update(index_elements=[H.c.name], set_={
             "doc": statement.excluded.doc,

@@ -46,6 +46,7 @@ from livemig.faults.registry import CURRENT, FIRED_HEADER, MIGRATION_HEADER, REG
 from livemig.security.client import Credentials as Credentials  # re-exported: clients name their credentials here
 from livemig.security.client import client_context_for
 from livemig.wire.pooled import PooledHttp
+from livemig.wire.timing import timed
 
 T = TypeVar("T")
 
@@ -260,7 +261,8 @@ class AsyncService(_Service):
             named = f"{scope.migration};vm={scope.vm}" if scope.vm else scope.migration
             kwargs["headers"] = {**kwargs.get("headers", {}), MIGRATION_HEADER: named}
         try:
-            reply = await self.http.request(request.method, self.base_url + request.path, **kwargs)
+            with timed(self.kind):  # the caller's Server-Timing, if it serves a request
+                reply = await self.http.request(request.method, self.base_url + request.path, **kwargs)
         except (TimeoutError, httpx.HTTPError, aiohttp.ClientError) as exc:  # the aiohttp pool's own
             raise self._unreachable(request, exc) from exc
         fired = reply.headers.get(FIRED_HEADER)
