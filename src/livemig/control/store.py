@@ -342,6 +342,30 @@ def _claim_and_record(claim: Any) -> Select[Any]:
 PLACE_NAMED = _claim_and_record(CLAIM_NAMED)
 PLACE_BEST = _claim_and_record(CLAIM_BEST)
 SET_SPEC = update(V).where(V.c.name == bindparam("b_name")).values(spec_json=bindparam("b_spec", type_=Text))
+
+
+def _upsert_host(upsert: Any) -> Any:
+    """A host's registration as one statement: an insert that, meeting the host's row, updates
+    it from that row's own columns (capacity the host leaves out stays as known; the free memory
+    is what it offers less the larger of what the LMO placed and what the host uses)."""
+    memory, used = bindparam("b_memory", type_=Integer), bindparam("b_used", type_=Integer)
+    reported = func.coalesce(used, 0)
+    statement = upsert(H).values(name=bindparam("b_name", type_=String), doc=bindparam("b_doc", type_=Text),
+                                 migration_bandwidth_mib_s=bindparam("b_bandwidth", type_=Integer), maintenance=False,
+                                 placed_mib=0, registered_at=bindparam("b_at", type_=DateTime(timezone=True)),
+                                 memory_mib=memory, reported_used_mib=reported, free_mib=memory - reported)  # fmt: skip
+    known_memory, known_used = func.coalesce(memory, H.c.memory_mib), func.coalesce(used, H.c.reported_used_mib)
+    return statement.on_conflict_do_update(index_elements=[H.c.name], set_={
+        "doc": statement.excluded.doc,
+        "migration_bandwidth_mib_s": statement.excluded.migration_bandwidth_mib_s,
+        "memory_mib": known_memory,
+        "reported_used_mib": known_used,
+        "free_mib": known_memory - case((H.c.placed_mib > known_used, H.c.placed_mib), else_=known_used),
+    })  # fmt: skip
+
+
+UPSERT_HOST_POSTGRESQL = _upsert_host(postgresql_insert)
+UPSERT_HOST_SQLITE = _upsert_host(sqlite_insert)
 VMS_NAMED = select(V.c.name, V.c.spec_json, V.c.host).where(V.c.name.in_(bindparam("names", expanding=True)))
 VM_FACTS = select(V.c.name, V.c.host, V.c.memory_mib, V.c.dirty_rate_mib_s, V.c.dirty_rate_at,
                   V.c.dirty_rate_source).where(V.c.host.in_(bindparam("hosts", expanding=True)))  # fmt: skip
@@ -450,8 +474,9 @@ class Store:
 
     @contextmanager
     def statement(self) -> Iterator[Connection]:
-        """For one writing statement, atomic by itself: on PostgreSQL sent on its own (one round
-        trip, where a transaction adds BEGIN and COMMIT), on SQLite a transaction under the lock."""
+        """For a write that is one statement on PostgreSQL, atomic by itself: sent there on its own
+        (one round trip, where a transaction adds BEGIN and COMMIT), with at most reads around it
+        that need no transaction; on SQLite a transaction under the lock."""
         with self.read() if self.postgres else self.transaction() as conn:
             yield conn
 
@@ -459,26 +484,14 @@ class Store:
     @sync_point("lmo.store.upsert_host")
     def upsert_host(self, host: HostRegistration) -> None:
         """Record a host's registration; capacity it leaves out (an older hostd) stays as known.
-        One statement (an insert that updates the row it meets, from that row's own columns): every
-        host sends it at start and whenever its VMs' memory changes, so it is an API replica's most
-        frequent write."""
-        upsert = postgresql_insert if self.postgres else sqlite_insert
-        memory, used = bindparam("b_memory", type_=Integer), bindparam("b_used", type_=Integer)
-        reported = func.coalesce(used, 0)
-        statement = upsert(H).values(name=host.name, doc=host.model_dump_json(exclude={"maintenance"}),
-                                     migration_bandwidth_mib_s=host.migration_bandwidth_mib_s, maintenance=False,
-                                     placed_mib=0, registered_at=utcnow(), memory_mib=memory,
-                                     reported_used_mib=reported, free_mib=memory - reported)  # fmt: skip
-        known_memory, known_used = func.coalesce(memory, H.c.memory_mib), func.coalesce(used, H.c.reported_used_mib)
-        statement = statement.on_conflict_do_update(index_elements=[H.c.name], set_={
-            "doc": statement.excluded.doc,
-            "migration_bandwidth_mib_s": statement.excluded.migration_bandwidth_mib_s,
-            "memory_mib": known_memory,
-            "reported_used_mib": known_used,
-            "free_mib": known_memory - case((H.c.placed_mib > known_used, H.c.placed_mib), else_=known_used),
-        })  # fmt: skip
+        One statement (``_upsert_host``): every host sends it at start and whenever its VMs'
+        memory changes, so it is an API replica's most frequent write."""
         with self.statement() as c:
-            c.execute(statement, {"b_memory": host.memory_mib, "b_used": host.memory_used_mib})
+            c.execute(UPSERT_HOST_POSTGRESQL if self.postgres else UPSERT_HOST_SQLITE, {
+                "b_name": host.name, "b_doc": host.model_dump_json(exclude={"maintenance"}),
+                "b_bandwidth": host.migration_bandwidth_mib_s, "b_at": utcnow(),
+                "b_memory": host.memory_mib, "b_used": host.memory_used_mib,
+            })  # fmt: skip
 
     @sync_point("lmo.store.set_maintenance")
     def set_maintenance(self, name: str, maintenance: bool) -> None:
@@ -554,9 +567,9 @@ class Store:
         memory = spec.memory_mib
         record = {"vm": spec.name, "spec_json": spec.model_dump_json(), "created_at": utcnow()}
         try:
-            with self.read() if self.postgres else self.transaction() as c:
+            with self.statement() as c:
                 try:
-                    row = self._claim_room(c, memory, wanted, sorted(set(exclude)), record if self.postgres else None)
+                    row = self._claim_room(c, memory, wanted, sorted(set(exclude)), record if self.postgres else {})
                 except (CapacityError, Conflict, NotFound):
                     if c.execute(GET_VM, {"name": spec.name}).first() is not None:  # the likelier mistake
                         raise Conflict(f"VM name {spec.name!r} is already taken", vm=spec.name) from None
@@ -570,12 +583,12 @@ class Store:
 
     @staticmethod
     def _claim_room(c: Connection, memory: int, wanted: str | None, exclude: list[str],
-                    record: dict[str, Any] | None) -> Row[Any]:  # fmt: skip
+                    record: dict[str, Any]) -> Row[Any]:  # fmt: skip
         """The claimed host's row, after the claim (and, given the new VM's ``record``, its insert
         in the same statement): other statements only to explain a refusal."""
+        named_claim, best_claim = (PLACE_NAMED, PLACE_BEST) if record else (CLAIM_NAMED, CLAIM_BEST)
         if wanted is not None:
-            named = {"host": wanted, "delta": memory}
-            claimed = (c.execute(PLACE_NAMED, named | record) if record else c.execute(CLAIM_NAMED, named)).first()
+            claimed = c.execute(named_claim, {"host": wanted, "delta": memory} | record).first()
             if claimed is not None:
                 return claimed
             row = c.execute(GET_HOST, {"name": wanted}).first()
@@ -585,9 +598,8 @@ class Store:
                 raise Conflict(f"host {wanted} is in maintenance: no new VMs")
             raise CapacityError(f"no host can hold {memory} MiB: host {wanted} has {row.free_mib} MiB free",
                                 host=wanted, free_mib=row.free_mib, needed_mib=memory)  # fmt: skip
-        best = {"memory": memory, "delta": memory, "exclude": exclude}
         while True:
-            claimed = (c.execute(PLACE_BEST, best | record) if record else c.execute(CLAIM_BEST, best)).first()
+            claimed = c.execute(best_claim, {"memory": memory, "delta": memory, "exclude": exclude} | record).first()
             if claimed is not None:
                 return claimed
             if c.execute(BEST_HOST, {"memory": memory, "exclude": exclude}).first() is None:
