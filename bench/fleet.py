@@ -51,7 +51,7 @@ from livemig.control.controller import STEP_CONCURRENCY
 from livemig.model import VmSpec
 from livemig.model.migration import TERMINAL_PHASES, Migration, Phase
 from livemig.plots import admitted_span, phase_spans
-from livemig.region.freeport import free_ports
+from livemig.region.freeport import consecutive_free_ports, free_ports
 from livemig.region.proc import wait_gone
 from livemig.wire import timing
 from livemig.wire.base import async_http
@@ -144,6 +144,13 @@ class Proc:
     def pid(self) -> int:
         return self.popen.pid
 
+    def pids(self) -> list[int]:
+        """Its process and those it started (a sharded simulator's other shards)."""
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+            return [self.pid, *(int(c) for c in children)]
+        return [self.pid]
+
     def stop(self) -> None:
         if self.popen.poll() is None:
             os.kill(self.popen.pid, signal.SIGTERM)
@@ -177,10 +184,11 @@ class Harness:
         return proc
 
     def start_fleet(self, args: argparse.Namespace, hosts: int, prefix: str) -> Proc:
-        (port,) = free_ports(1)
+        port = consecutive_free_ports(args.sim_shards)
         log = self.workdir / f"fleet-{prefix}.log"
         popen = subprocess.Popen(
             [sys.executable, "-m", "livemig.cli.main", "sim", "--hosts", str(hosts), "--prefix", prefix,
+             "--shards", str(args.sim_shards),
              "--lmo", self.replicas[0].url, "--listen", f"127.0.0.1:{port}", "--speed", str(args.speed),
              "--failure-rate", str(args.failure_rate), "--memory-mib", str(args.host_memory),
              "--migration-bandwidth", str(args.host_bandwidth), "--report-interval", str(args.report_interval),
@@ -203,7 +211,7 @@ class Harness:
     def cpu(self) -> dict[str, float]:
         """CPU seconds of each replica and the fleet, of this benchmark's own process, and of the
         whole machine (``machine``: everything, PostgreSQL included; its rate is busy cores)."""
-        return {**{p.name: cpu_seconds(p.pid) for p in self.running()},
+        return {**{p.name: sum(cpu_seconds(pid) for pid in p.pids()) for p in self.running()},
                 "benchmark": cpu_seconds(os.getpid()), "machine": machine_busy_seconds()}  # fmt: skip
 
     def waited(self) -> dict[str, float]:
@@ -211,7 +219,7 @@ class Harness:
         the seconds in which anything on the machine did (PostgreSQL included)."""
         stalled = machine_stalled_seconds()
         return {
-            **{p.name: waited_seconds(p.pid) for p in self.running()},
+            **{p.name: sum(waited_seconds(pid) for pid in p.pids()) for p in self.running()},
             "benchmark": waited_seconds(os.getpid()),
             **({"machine": stalled} if stalled is not None else {}),
         }
@@ -793,6 +801,8 @@ def main() -> int:
     parser.add_argument("--report-interval", type=float, default=300.0, help="seconds between a host's reports")
     parser.add_argument("--sample-interval", type=float, default=1.0,
                         help="seconds between hostd's samples of a migration (hostd's own: 0.1)")  # fmt: skip
+    parser.add_argument("--sim-shards", type=int, default=1,
+                        help="processes the simulated fleet is served by (livemig sim --shards)")  # fmt: skip
     parser.add_argument("--seed-concurrency", type=int, default=16)
     parser.add_argument("--samples", type=int, default=300, help="calls of each kind per latency sample")
     parser.add_argument("--wave", type=float, default=0.1, help="fraction of the hosts the wave evacuates")

@@ -286,12 +286,17 @@ def sim_command(
         float | None, typer.Option(help="seconds between hostd's samples of a migration (default: hostd's own)")
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of the failures")] = 0,
+    shards: Annotated[
+        int, typer.Option(help="processes serving the hosts, each a slice on its own port (listen port + 0, 1, ...)")
+    ] = 1,
+    shard: Annotated[int, typer.Option(hidden=True, help="which shard this process is (set by shard 0)")] = 0,
     log_level: LogLevel = "warning",
     log_format: LogFormat = "text",
 ) -> None:
-    """Run a simulated fleet: real hostd agents over simulated QEMU, in one process, registered
-    with an LMO. Point an LMO at a copy of your fleet's shape to try a wave (`livemig evacuate
-    --plan`, then the wave itself) before touching real hosts."""
+    """Run a simulated fleet: real hostd agents over simulated QEMU, registered with an LMO, in one
+    process or (--shards) several, as real hosts answer independently. Point an LMO at a copy of
+    your fleet's shape to try a wave (`livemig evacuate --plan`, then the wave itself) before
+    touching real hosts."""
     import asyncio
 
     from livemig.testing.fleetserver import FleetConfig, serve
@@ -300,11 +305,16 @@ def sim_command(
         fail("--hosts, --memory-mib, --migration-bandwidth and --speed must be positive, --failure-rate in 0..1")
     if report_interval <= 0 or (sample_interval is not None and sample_interval <= 0):
         fail("--report-interval and --sample-interval must be positive")
+    if not 1 <= shards <= hosts or not 0 <= shard < shards:
+        fail(f"--shards must be 1..--hosts ({hosts}), and --shard 0..{shards - 1}")
+    _, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) - shard + shards - 1 > 65535:
+        fail(f"--listen needs a port with {shards} ports free from it (one per shard)")
     _configure_logging(log_level, log_format, service="hostd")
     config = FleetConfig(hosts=hosts, listen=listen, prefix=prefix, memory_mib=memory_mib,
                          migration_bandwidth_mib_s=migration_bandwidth, speed=speed, failure_rate=failure_rate,
                          seed=seed, lmo_url=lmo_url, report_interval_s=report_interval,
-                         sample_interval_s=sample_interval)  # fmt: skip
+                         sample_interval_s=sample_interval, shards=shards, shard=shard)  # fmt: skip
     asyncio.run(serve(config))
 
 

@@ -8,7 +8,10 @@ until all are chosen, so the ports of one batch are distinct.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+
+from livemig.errors import LivemigError
 
 
 def free_ports(count: int, address: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_STREAM) -> list[int]:
@@ -27,3 +30,18 @@ def free_ports(count: int, address: str = "127.0.0.1", kind: socket.SocketKind =
 
 def free_port(address: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
     return free_ports(1, address, kind)[0]
+
+
+def consecutive_free_ports(count: int, address: str = "127.0.0.1", attempts: int = 100) -> int:
+    """A free port with the ``count - 1`` after it free too, for processes that find each other by
+    counting from one port (the fleet simulator's shards)."""
+    for _ in range(attempts):
+        base = free_port(address)
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + count):
+                    held.enter_context(socket.socket()).bind((address, port))
+            except OSError:
+                continue
+            return base
+    raise LivemigError(f"no {count} consecutive free ports on {address} in {attempts} attempts")

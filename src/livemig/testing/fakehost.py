@@ -32,7 +32,8 @@ from livemig.security.pki import Role, host_leaf_name
 from livemig.storage.api import create_app as blockd_app
 from livemig.storage.blockd import Blockd
 from livemig.testing.callers import LMO, TestPki, over_tls
-from livemig.testing.fakeqemu import FakeQemu, FakeQemuRuntime, QemuBehaviour, QemuWorld, SimClock
+from livemig.testing.fakeqemu import FakeQemu, FakeQemuRuntime, QemuBehaviour, QemuWorld, RemoteStreams, SimClock
+from livemig.testing.fleetshards import address_of
 
 #: unit tests run simulated time this much faster than real time
 DEFAULT_SPEED = 20.0
@@ -95,11 +96,11 @@ class FakeFleet:
 
     def __init__(self, *names: str, memory_mib: int = 4096, speed: float = DEFAULT_SPEED,
                  state_dir: Path | None = None, migration_bandwidth_mib_s: int = 1024, seed: int = 0,
-                 base_url: str = FLEET_URL, record_calls: bool = True, tls: bool = True,
-                 insecure: bool = False, blockd: bool = False) -> None:  # fmt: skip
+                 base_url: str = FLEET_URL, record_calls: bool = True, tls: bool = True, insecure: bool = False,
+                 blockd: bool = False, remote: RemoteStreams | None = None) -> None:  # fmt: skip
         self._tmp = None if state_dir is not None else tempfile.TemporaryDirectory(prefix="livemig-fleet-")
         self.root = state_dir or Path(self._tmp.name)  # type: ignore[union-attr]
-        self.world = QemuWorld(SimClock(speed), seed=seed)
+        self.world = QemuWorld(SimClock(speed), seed=seed, remote=remote)
         self.base_url = base_url.rstrip("/")
         self.record_calls = record_calls
         self.pki = TestPki(self.root / "pki") if tls else None
@@ -125,9 +126,10 @@ class FakeFleet:
         return host.agent
 
     def add_host(self, name: str, memory_mib: int = 4096, migration_bandwidth_mib_s: int = 1024,
-                 behaviour: QemuBehaviour | None = None) -> FakeHost:  # fmt: skip
-        index = len(self.hosts)
-        address = f"127.100.{index // 250}.{index % 250 + 1}"
+                 behaviour: QemuBehaviour | None = None, index: int | None = None) -> FakeHost:  # fmt: skip
+        """``index``: the host's number in the whole fleet, which its address is made from (a
+        simulator shard's hosts are numbered from where its slice starts); the next one by default."""
+        address = address_of(len(self.hosts) if index is None else index)
         runtime = FakeQemuRuntime(self.world, self.root / "image", address, behaviour)
         qemu = None
         if self.pki is not None:

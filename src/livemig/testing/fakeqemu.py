@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from livemig.errors import GuestError, LivemigError, QemuError
 from livemig.guest.image import GuestImage
@@ -209,7 +209,7 @@ class FakeQemu:
                             qemu_error_class="GenericError")  # fmt: skip
         return {}
 
-    def _creds(self) -> dict[str, Any] | None:
+    def tls_creds(self) -> dict[str, Any] | None:
         return self.objects.get(str(self.parameters.get("tls-creds") or ""))
 
     def log(self, line: str) -> None:
@@ -217,9 +217,9 @@ class FakeQemu:
         with contextlib.suppress(OSError), self.paths.qemu_log.open("a") as f:
             f.write(f"qemu-system-x86_64: {line}\n")
 
-    def _tls_refusal(self, destination: FakeQemu) -> str | None:
+    def _tls_refusal(self, destination: StreamEnd) -> str | None:
         """Why the destination refuses this source's stream (and what it logs), or None."""
-        mine, theirs = self._creds(), destination._creds()
+        mine, theirs = self.tls_creds(), destination.tls_creds()
         if mine is None and theirs is None:
             return None
         if mine is None or theirs is None:
@@ -278,9 +278,8 @@ class FakeQemu:
     async def _qmp_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.migration.get("status") in ("setup", "active", "pre-switchover", "device"):
             raise QemuError(f"{self.name}: QMP migrate failed: There's a migration process in progress")
-        destination = self.world.listening.get(str(args["uri"]))
         self.migration = {"status": "setup"}
-        self._task = asyncio.create_task(self._precopy(destination), name=f"fake-migrate-{self.name}")
+        self._task = asyncio.create_task(self._precopy(str(args["uri"])), name=f"fake-migrate-{self.name}")
         return {}
 
     async def _qmp_migrate_continue(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -345,7 +344,7 @@ class FakeQemu:
         return {"remaining": round_bytes - sent, "transferred": int(ram["_sent_before"] + sent / ram["_ratio"]),
                 "normal": (ram["_pages_before"] + sent) // PAGE}  # fmt: skip
 
-    def _stream_mismatch(self, destination: FakeQemu) -> str | None:
+    def _stream_mismatch(self, destination: StreamEnd) -> str | None:
         """QEMU cannot read a multifd stream the destination was not set up for."""
         mine, theirs = self.capabilities.get("multifd", False), destination.capabilities.get("multifd", False)
         if mine != theirs:
@@ -384,9 +383,10 @@ class FakeQemu:
             self.parameters["cpu-throttle-increment"])  # fmt: skip
         return min(step, int(self.parameters["max-cpu-throttle"])), high_rounds
 
-    async def _precopy(self, destination: FakeQemu | None) -> None:
+    async def _precopy(self, uri: str) -> None:
         clock = self.world.clock
         started = clock.now()
+        destination = await self.world.connect(uri)
         if destination is None or not destination.alive:
             self._end("failed", "Failed to connect socket: Connection refused")
             return
@@ -435,7 +435,7 @@ class FakeQemu:
                 break
         await self._switchover(destination, to_send, page_rate, sent, rounds, started)
 
-    async def _switchover(self, destination: FakeQemu, left: float, bandwidth: float, sent: float, rounds: int,
+    async def _switchover(self, destination: StreamEnd, left: float, bandwidth: float, sent: float, rounds: int,
                           started: float) -> None:  # fmt: skip
         clock = self.world.clock
         stopped = clock.now()
@@ -455,9 +455,18 @@ class FakeQemu:
         downtime_ms = int((clock.now() - stopped) * 1000)
         self.migration.update({"total-time": max(int((clock.now() - started) * 1000), 1), "downtime": downtime_ms,
                                "setup-time": 1})  # fmt: skip
-        destination.resume_incoming()
+        if not await destination.accept():  # it went away before the last state arrived
+            self.runstate = RunState.RUNNING
+            self.emit("RESUME")
+            self._end("failed", "Unable to write to socket: Connection reset by peer")
+            return
         self.runstate = RunState.POSTMIGRATE
         self._end("completed")
+
+    async def accept(self) -> bool:
+        """The source sent the last state (a :class:`StreamEnd`): resume here."""
+        self.resume_incoming()
+        return True
 
     def resume_incoming(self) -> None:
         """The last state arrived: the destination's guest runs."""
@@ -472,11 +481,37 @@ class FakeQemu:
             self.emit("RESET", {"guest": True, "reason": "guest-reset"})
 
 
-class QemuWorld:
-    """Every simulated QEMU of a fleet, so a source finds the destination listening at its URI."""
+class StreamEnd(Protocol):
+    """The destination a source's migration stream reaches: a :class:`FakeQemu` of the same
+    world, or one a simulator shard serves (``testing.fleetshards``). What the source reads of it
+    (its credentials, capabilities and parameters) is what QEMU's handshake and stream header
+    would tell it."""
 
-    def __init__(self, clock: SimClock | None = None, seed: int = 0) -> None:
+    alive: bool
+    capabilities: dict[str, bool]
+    parameters: dict[str, Any]
+    objects: dict[str, dict[str, Any]]
+
+    def tls_creds(self) -> dict[str, Any] | None: ...
+
+    def log(self, line: str) -> None: ...
+
+    async def accept(self) -> bool: ...
+
+
+class RemoteStreams(Protocol):
+    """Destinations outside this world (another simulator shard's), by URI."""
+
+    async def connect(self, uri: str) -> StreamEnd | None: ...
+
+
+class QemuWorld:
+    """Every simulated QEMU of a fleet, so a source finds the destination listening at its URI
+    (or, with ``remote``, in another process's world: the fleet simulator's shards)."""
+
+    def __init__(self, clock: SimClock | None = None, seed: int = 0, remote: RemoteStreams | None = None) -> None:
         self.clock = clock or SimClock()
+        self.remote = remote
         self.rng = random.Random(seed)  # failures at a rate are reproducible per seed
         self.processes: dict[int, FakeQemu] = {}
         self.by_socket: dict[Path, FakeQemu] = {}
@@ -505,6 +540,13 @@ class QemuWorld:
         bound = f"tcp:{host}:{next(self._ports)}"
         self.listening[bound] = qemu
         return bound
+
+    async def connect(self, uri: str) -> StreamEnd | None:
+        """The destination listening at ``uri``, here or (with ``remote``) elsewhere; None: refused."""
+        local = self.listening.get(uri)
+        if local is not None or self.remote is None:
+            return local
+        return await self.remote.connect(uri)
 
     def unlisten(self, qemu: FakeQemu) -> None:
         for uri in [u for u, q in self.listening.items() if q is qemu]:
