@@ -5,9 +5,11 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from livemig.control import controller
 from livemig.control.api import create_app
 from livemig.control.store import Store
 from livemig.model import Migration, Phase, VmSpec
+from livemig.model.migration import ConditionType
 from livemig.testing.callers import bearer, lmo_over_tls
 from livemig.testing.fakehost import FakeFleet
 
@@ -99,6 +101,25 @@ def test_a_guest_that_crashes_after_resuming_fails_the_migration_with_qemus_word
     assert m.reason.startswith("the guest crashed or rebooted on B after the migration: RESET (guest-reset), ")
     assert "s after resuming here" in m.reason
     assert m.guest_check is None, "no workload, so no workload check; the reason says what happened"
+
+
+def test_a_destination_that_never_finishes_loading_is_held_and_the_source_resumes(api, fleet, monkeypatch):
+    """QEMU's source completed; its destination stays inmigrate: held after LOAD_GRACE_S, then the
+    source runs the guest again (tests/unit/test_destination_hold.py: the hold itself)."""
+    monkeypatch.setattr(controller, "LOAD_GRACE_S", 0.3)
+    api.post("/vms", json={"spec": VmSpec(name="vm1", memory_mib=512).model_dump(), "host": "A"})
+    fleet.hosts["B"].behaviour.stall_incoming = True
+    m = wait_terminal(api, api.post("/migrations", json={"vm": "vm1", "destination": "B"}).json()["id"])
+    assert m.phase is Phase.FAILED, m.reason
+    assert "did not finish loading the last state within 0.3 s" in m.reason and "the source resumes" in m.reason
+    phases = [e.phase for e in m.timeline]
+    assert phases.index(Phase.CUTTING_OVER) < phases.index(Phase.ROLLING_BACK)
+    assert any(c.type is ConditionType.DESTINATION_HELD and c.status for c in m.conditions)
+    # held before the source resumed; the guest runs on the source again, the destination is gone
+    b_calls, a_calls = fleet.hosts["B"].calls, fleet.hosts["A"].calls
+    assert "POST /vms/vm1/hold" in b_calls and "POST /vms/vm1/resume" in a_calls
+    assert api.get("/vms/vm1").json()["host"] == "A"
+    assert fleet.hosts["A"].vms["vm1"].state == "running" and "vm1" not in fleet.hosts["B"].vms
 
 
 def test_failed_precopy_rolls_back_to_the_source(api, fleet):

@@ -72,6 +72,9 @@ LEASE_S = 5.0
 FLOW_DELTA_INTERVAL_S = 1.0
 # how often a destination paused by its storage (io-error) is asked to continue
 RESUME_RETRY_S = 2.0
+# how long after the source's QEMU reports completion the destination may still be loading the
+# last state (QEMU takes well under a second); then it is held and the source resumes
+LOAD_GRACE_S = 30.0
 # the most migrations one replica drives at once (queued ones included); more replicas drive more
 REPLICA_CAPACITY = 2000
 # how many migrations a pass steps at the same time (each step mostly waits on its hosts). More
@@ -662,6 +665,9 @@ class Controller:
         if owner == m.destination:  # already cut over before a restart
             m.transition(Phase.CLEANUP, "ownership already moved")
             return
+        if observed is not None and observed.state is RunState.INMIGRATE and self._loading_too_long(m):
+            await self._hold_destination(m)
+            return
         if observed is not None and observed.state in (RunState.UNREACHABLE, RunState.INMIGRATE):
             return  # does not answer now, or still loading the last state: observe again, never guess
         if observed is None or not _has_guest(observed):
@@ -685,6 +691,26 @@ class Controller:
         )
         if vm_vnics(spec):
             await self.network.push(self._in_flight(m))  # ingress only to the destination from now on
+
+    @staticmethod
+    def _loading_too_long(m: Migration) -> bool:
+        entered = m.phase_started(Phase.CUTTING_OVER)
+        return entered is not None and (utcnow() - entered).total_seconds() > LOAD_GRACE_S
+
+    async def _hold_destination(self, m: Migration) -> None:
+        """The source's QEMU completed, and the destination's has not finished loading the last
+        state for ``LOAD_GRACE_S``: without this the migration would wait for ever, the guest
+        paused on both hosts. Hold the destination first (it can no longer start the guest by
+        itself, so resuming the source can never race it), then: if it ran the guest before the
+        hold, it *is* the VM and the migration goes on; if not, roll back to the source."""
+        held = await self.host(m.destination).run(hostd.hold_incoming(m.vm))
+        if held.resumed_at is not None:
+            m.note(f"the destination resumed the guest before it was held ({held.state.value}): going forward")
+            return
+        waited = f"the destination QEMU did not finish loading the last state within {LOAD_GRACE_S:g} s"
+        m.set_condition(ConditionType.DESTINATION_HELD, True, f"{waited}; held before it ran the guest")
+        self._fail(m, Phase.ABORTING, f"{waited} of the source's completion (it is {held.state.value}); it was "
+                                      "held before it ran the guest, so the source resumes")  # fmt: skip
 
     async def _resume_paused(self, m: Migration, state: RunState) -> None:
         """A destination that has the guest but is paused (QEMU pauses a guest whose write met a
@@ -773,7 +799,7 @@ class Controller:
             m.transition(Phase.CUTTING_OVER, "the destination already runs the guest (QEMU completed the "
                                              "migration): going forward, not back")  # fmt: skip
             return
-        lost = self._why_lost(src_state, dst)
+        lost = self._why_lost(src_state, dst, held=_condition(m, ConditionType.DESTINATION_HELD))
         if lost is None and src_state is not RunState.RUNNING:
             await source.run(hostd.resume(m.vm))
         await destination.run(hostd.destroy_vm(m.vm))
@@ -793,16 +819,18 @@ class Controller:
             m.transition(m.rollback_to or Phase.FAILED, m.reason or "rolled back")
 
     @staticmethod
-    def _why_lost(src_state: RunState, dst: VmStatus | None) -> str | None:
+    def _why_lost(src_state: RunState, dst: VmStatus | None, held: bool = False) -> str | None:
         """Why the source cannot run the guest again (None: it can). A source whose QEMU completed
         the migration (postmigrate) may resume only if the destination provably never ran: resuming
         it after the destination ran (and perhaps wrote the volume, answered connections) would fork
-        the guest's history."""
+        the guest's history. A destination the LMO ``held`` that then finished loading is paused,
+        never having run."""
         if src_state is RunState.ABSENT:
             return "its source QEMU is gone"
         if src_state is not RunState.POSTMIGRATE:
             return None
-        never_ran = dst is not None and dst.resumed_at is None and dst.state in (RunState.INMIGRATE, RunState.PRELAUNCH)
+        waiting = (RunState.INMIGRATE, RunState.PRELAUNCH, *((RunState.PAUSED,) if held else ()))
+        never_ran = dst is not None and dst.resumed_at is None and dst.state in waiting
         return None if never_ran else "the destination received the guest and is gone; the source's copy is stale"
 
 

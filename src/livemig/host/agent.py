@@ -572,6 +572,20 @@ class HostAgent:
                 self.runtime.kill(vm.pid)
         await vm.qmp.close()
 
+    async def hold_incoming(self, name: str) -> VmStatus:
+        """Keep an incoming VM from running the guest once it has loaded the migration's last state
+        (QMP ``stop`` while QEMU is ``inmigrate`` turns its autostart off; the guest then waits,
+        ``paused``, for a ``cont`` that only the LMO sends). The LMO holds a destination that does
+        not finish loading, so that resuming the source can never race the destination's start:
+        the status returned says whether the guest ran here before the hold (``resumed_at``)."""
+        vm = self.get(name)
+        if vm.incoming_uri is None and vm.role is not VmRole.INCOMING:
+            raise InvalidRequest(f"VM {name!r} on {self.name} did not come in by migration: nothing to hold")
+        state = RunState.parse(str((await vm.qmp.execute("query-status"))["status"]))
+        if state is RunState.INMIGRATE:
+            await vm.qmp.execute("stop")
+        return await self.status(name)
+
     async def resume(self, name: str) -> str:
         """Make sure the VM runs (rollback after a failed switchover); returns the runstate."""
         vm = self.get(name)

@@ -64,7 +64,7 @@ POLICY: Policy = {
             ("GET", "/host"), ("POST", "/host/dirty-rates"), ("GET", "/vms"), ("POST", "/vms"), ("GET", "/vms/{name}"),
             ("DELETE", "/vms/{name}"), ("POST", "/vms/{name}/incoming"), ("POST", "/vms/{name}/migrate"),
             ("GET", "/vms/{name}/migration"), ("POST", "/vms/{name}/migration/flow-versions"),
-            ("POST", "/vms/{name}/migration/cancel"), ("POST", "/vms/{name}/resume"),
+            ("POST", "/vms/{name}/migration/cancel"), ("POST", "/vms/{name}/resume"), ("POST", "/vms/{name}/hold"),
             ("POST", "/vms/{name}/dirty-rate"), ("POST", "/vms/{name}/guest-check"),
             ("POST", "/vms/{name}/disk-check"), ("POST", "/vms/{name}/console"), ("GET", "/vms/{name}/console"),
         )
@@ -201,6 +201,12 @@ async def cancel(name: str, agent: AgentDep) -> Response:
 @router.post("/vms/{name}/resume")
 async def resume(name: str, agent: AgentDep) -> ResumeReply:
     return ResumeReply(state=await agent.resume(name))
+
+
+@router.post("/vms/{name}/hold")
+async def hold(name: str, agent: AgentDep) -> VmStatus:
+    """An incoming VM: never run the guest by itself (see ``HostAgent.hold_incoming``)."""
+    return await agent.hold_incoming(name)
 
 
 @router.post("/vms/{name}/dirty-rate")

@@ -312,6 +312,7 @@ class ConditionType(StrEnum):
     MIGRATION_STARTED = "MigrationStarted"  # the source QEMU was told to migrate
     BANDWIDTH_ENFORCED = "BandwidthEnforced"  # what holds the stream to its share (QEMU, a tc class)
     STREAM_ENCRYPTED = "StreamEncrypted"  # QEMU's TLS on the migration stream, who may send it (or plain)
+    DESTINATION_HELD = "DestinationHeld"  # the destination QEMU may not start the guest by itself (and why)
 
 
 class Condition(BaseModel):

@@ -83,6 +83,7 @@ class QemuBehaviour:
     fail_incoming: bool = False  # a destination QEMU refuses to start
     fail_migration: str | None = None  # the source's migration fails with this error after a round
     crash_after_resume: bool = False  # as a destination: the guest resets right after it resumes
+    stall_incoming: bool = False  # as a destination: never finishes loading the last state (stays inmigrate)
     dirty_rate_mib_s: float = 0.0  # how fast every guest here dirties memory (0: as its workload says)
     hold_precopy: bool = False  # pre-copy never converges (it stays in rounds until cancelled)
     stream_cap_mib_s: float = 0.0  # what one migration stream can push (CPU-bound; 0: no cap); multifd multiplies
@@ -129,6 +130,7 @@ class FakeQemu:
         self.behaviour = behaviour
         self.migration_address = migration_address
         self.runstate = RunState.INMIGRATE if incoming else RunState.RUNNING
+        self.autostart = True  # an incoming QEMU runs the guest once loaded (``stop`` before: it does not)
         self.alive = True
         self.capabilities: dict[str, bool] = {}
         self.parameters: dict[str, Any] = dict(DEFAULT_PARAMETERS)
@@ -180,6 +182,15 @@ class FakeQemu:
         if self.runstate in RESUMABLE:
             self.runstate = RunState.RUNNING
             self.emit("RESUME")
+        return {}
+
+    async def _qmp_stop(self, _args: dict[str, Any]) -> dict[str, Any]:
+        """As QEMU's: an incoming QEMU only forgets to start the guest once loaded; a running one pauses."""
+        if self.runstate is RunState.INMIGRATE:
+            self.autostart = False
+        elif self.runstate is RunState.RUNNING:
+            self.runstate = RunState.PAUSED
+            self.emit("STOP")
         return {}
 
     async def _qmp_quit(self, _args: dict[str, Any]) -> dict[str, Any]:
@@ -469,9 +480,15 @@ class FakeQemu:
         return True
 
     def resume_incoming(self) -> None:
-        """The last state arrived: the destination's guest runs."""
-        self.runstate = RunState.RUNNING
+        """The last state arrived: the destination's guest runs (paused instead, after a ``stop``;
+        still loading for ever, with ``stall_incoming``)."""
+        if self.behaviour.stall_incoming:
+            return
         self.world.unlisten(self)
+        if not self.autostart:
+            self.runstate = RunState.PAUSED
+            return
+        self.runstate = RunState.RUNNING
         self.emit("RESUME")
         if self.behaviour.crash_after_resume:
             asyncio.get_running_loop().call_later(0.03 / self.world.clock.speed, self._guest_reset)

@@ -216,6 +216,10 @@ def resume(name: str) -> Call[ResumeReply]:
     return call("POST", f"/vms/{name}/resume", ResumeReply)
 
 
+def hold_incoming(name: str) -> Call[VmStatus]:
+    return call("POST", f"/vms/{name}/hold", VmStatus)
+
+
 def dirty_rate(name: str, seconds: float = 1.0) -> Call[DirtyRateReply]:
     return call("POST", f"/vms/{name}/dirty-rate", DirtyRateReply, params={"seconds": seconds},
                 timeout=seconds + 30.0)  # fmt: skip
