@@ -671,6 +671,7 @@ async def wave_phase(lmo: Lmo, harness: Harness, hosts: list[str], args: argpars
         "predicted_s": measured_plan["total_s"],
         "predicted_verdicts": measured_plan["verdicts"],
         "calibration": measured_plan["calibration"],
+        "lmo_pace": measured_plan.get("lmo_pace"),
         "actual_s": comparison.get("actual_s"),
         "error": comparison.get("error"),
         "outcomes": comparison.get("outcomes"),

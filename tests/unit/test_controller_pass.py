@@ -179,3 +179,58 @@ def test_a_burst_of_acting_steps_is_spread_over_passes_cancels_first(tmp_path: P
     assert passes[0] == ["m05", "m00", "m01"]  # the cancel first, then in the order they came
     # the rest in turn (the cancel, which these fake steps never take, every pass), then round again
     assert [p[1:] for p in passes[1:]] == [["m02", "m03"], ["m04", "m06"], ["m07", "m00"]]
+
+
+def _passes(count: int, *, deferred: int, ended: int, held: int = 900, start: float = 1000.0) -> list[PassRecord]:
+    return [PassRecord(at=start + 0.5 * i, held=held, stepped=150, admitted=0, queued=0, seconds=0.5,
+                       deferred=deferred, ended=ended) for i in range(count)]  # fmt: skip
+
+
+def test_a_replica_measures_its_pace_only_while_its_passes_cannot_take_all_that_is_due() -> None:
+    """The pace the wave planner bounds a wave by: migrations ended per second while the passes
+    left due steps to the next ones. A replica with time to spare ends them as fast as QEMU does,
+    which says nothing of its own pace."""
+    busy = SimpleNamespace(passes=_passes(40, deferred=300, ended=3))  # 20 s of passes, 3 ended in each
+    assert Controller.pace(busy, now=1020.0) == (6.0, 900)  # type: ignore[arg-type]
+    idle = SimpleNamespace(passes=_passes(40, deferred=0, ended=3))
+    assert Controller.pace(idle, now=1020.0) is None  # type: ignore[arg-type]
+    few = SimpleNamespace(passes=_passes(40, deferred=300, ended=0))
+    assert Controller.pace(few, now=1020.0) is None  # type: ignore[arg-type]
+    # only the last minute counts: busy long ago, idle now
+    old_then_idle = SimpleNamespace(passes=_passes(40, deferred=300, ended=3) + _passes(40, deferred=0, ended=3,
+                                                                                       start=1100.0))  # fmt: skip
+    assert Controller.pace(old_then_idle, now=1120.0) is None  # type: ignore[arg-type]
+
+
+def test_a_pass_counts_the_migrations_it_ended_and_the_store_keeps_the_replicas_pace(tmp_path: Path) -> None:
+    """A pass records how many of its steps ended a migration (what the pace is made of), and a
+    replica's claim carries its pace to the store, which scales it to the replicas driving now."""
+    store = Store(f"sqlite:///{tmp_path / 'lmo.db'}")
+    for i in range(3):
+        store.add_migration(validating(i))
+
+    async def scenario() -> Controller:
+        async with async_http() as http:
+            controller = Controller(Services.build(store, http), replica="lmo-1")
+
+            async def step(m: Migration) -> bool:
+                if m.id != "m00":
+                    m.transition(Phase.ABORTING, "no")
+                    m.transition(Phase.ROLLING_BACK, "back")
+                    m.transition(Phase.ABORTED, "rolled back")
+                return True
+
+            controller._step = step  # type: ignore[method-assign]
+            await controller.pass_once()
+            return controller
+
+    controller = asyncio.run(scenario())
+    assert controller.recent_passes()[-1].ended == 2
+    assert store.lmo_pace(3600) is None  # measured by nobody yet
+    store.claim("lmo-1", ttl_s=30, capacity=100, pace=(6.0, 900))
+    store.claim("lmo-1", ttl_s=30, capacity=100)  # a pass without a measurement keeps the last one
+    store.claim("lmo-2", ttl_s=30, capacity=100)
+    store.claim("api-1", ttl_s=30, capacity=0)  # drives nothing
+    pace = store.lmo_pace(3600)
+    assert pace is not None and (pace.ended_per_s, pace.held, pace.replica) == (12.0, 1800, "lmo-1")
+    assert store.lmo_pace(0) is None  # too old

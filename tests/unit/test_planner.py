@@ -19,7 +19,7 @@ from livemig.model.migration import (
     MigrationStats,
     Phase,
 )
-from livemig.wire.lmo import PlanCalibration, PlannedMigration
+from livemig.wire.lmo import LmoPace, PlanCalibration, PlannedMigration
 
 EXACT = PlanCalibration(overhead_s=0.0, efficiency=1.0, payload=1.0, default_dirty_rate_mib_s=0.0, basis=0)
 
@@ -156,3 +156,29 @@ def test_planning_ten_thousand_migrations_is_quick() -> None:
                                                                  region_total=1000), budgets, EXACT)  # fmt: skip
     assert time.perf_counter() - started < 10
     assert total > 0 and all(i.start_s is not None for i in items)
+
+
+def test_migrations_end_no_faster_than_the_lmos_measured_pace_while_as_many_run() -> None:
+    """Twelve 4 s migrations all at once: QEMU would end them all at 4 s, but an LMO measured to end
+    two a second with four or more running ends them one every half second from 4 s on (each
+    takes its turn when QEMU ends it, while all twelve still run), each holding its share
+    meanwhile."""
+    items = [PlannedMigration(vm=f"vm{i}", source=f"s{i}", destination=f"d{i}", memory_mib=1024)
+             for i in range(12)]  # fmt: skip
+    budgets = {**{f"s{i}": 1024 for i in range(12)}, **{f"d{i}": 1024 for i in range(12)}}
+    params = MigrationParams(max_bandwidth_mib_s=256)
+    pace = LmoPace(ended_per_s=2.0, held=4, replica="lmo-1", age_s=10)
+    free = schedule([i.model_copy() for i in items], params, ConcurrencyLimits(), budgets, EXACT)
+    total = schedule(items, params, ConcurrencyLimits(), budgets, EXACT, pace=pace)
+    assert free == pytest.approx(4.0)
+    ends = sorted((i.start_s or 0) + (i.duration_s or 0) for i in items)
+    assert ends == pytest.approx([4.0 + 0.5 * k for k in range(12)])
+    assert total == pytest.approx(9.5)
+
+
+def test_a_pace_measured_with_more_running_than_the_wave_runs_does_not_bound_it() -> None:
+    items = planned(4, destinations=("B", "C"))
+    budgets = {"A": 4096, "B": 4096, "C": 4096}
+    pace = LmoPace(ended_per_s=0.1, held=100, replica="lmo-1", age_s=10)
+    total = schedule(items, MigrationParams(max_bandwidth_mib_s=256), ConcurrencyLimits(), budgets, EXACT, pace=pace)
+    assert total == pytest.approx(4.0)

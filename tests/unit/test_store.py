@@ -424,3 +424,13 @@ def test_an_idle_pooled_connection_is_pinged_and_replaced_when_the_server_ended_
     with pytest.raises(OperationalError):
         recent.capacity("A")
     assert recent.capacity("A").memory_mib == 4096  # the next one gets a new connection
+
+
+def test_the_lmos_pace_is_kept_after_its_replica_and_scaled_to_the_replicas_driving(store):
+    """A wave is often driven by replicas started for it: the pace the last busy replica measured
+    stays in the store when it stops, and counts once for each replica that drives now."""
+    store.claim("busy", ttl_s=0.0, capacity=2000, pace=(54.0, 940))  # measured, then its lease ended
+    store.claim("wave-1", ttl_s=30, capacity=2000)
+    pace = store.lmo_pace(3600)
+    assert pace is not None and (pace.ended_per_s, pace.held, pace.replica) == (54.0, 940, "busy")
+    assert pace.age_s >= 0

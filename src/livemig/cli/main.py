@@ -1040,6 +1040,10 @@ def _print_plan(wave: wire_lmo.WavePlan, label: str) -> None:
               f"({basis}); planned in {wave.planning_ms:.0f} ms")  # fmt: skip
     if wave.driven_at_once:
         out.print(f"the LMO's replicas drive at most {wave.driven_at_once} migrations at once")
+    if wave.lmo_pace is not None:
+        pace = wave.lmo_pace
+        out.print(f"with {pace.held} or more running they end at most {pace.ended_per_s:.1f} a second "
+                  f"(measured by {pace.replica} {pace.age_s:.0f} s ago)")  # fmt: skip
 
 
 def _print_comparison(report: EvacuationReport) -> None:

@@ -85,6 +85,11 @@ REPLICA_CAPACITY = 2000
 STEP_CONCURRENCY = 32
 # how many recent passes a replica remembers for GET /controller
 PASS_HISTORY = 512
+# the LMO's pace (``Controller.pace``): measured over this window, from at least this many passes
+# of which at least half had more due than they took, and at least this many migrations ended
+PACE_WINDOW_S = 60.0
+PACE_MIN_PASSES = 10
+PACE_MIN_ENDED = 30
 # phases whose step mostly observes (QEMU's pre-copy, the destination loading the last state): a
 # replica holding N of them observes each at most every N x OBSERVE_COST_S seconds (at most every
 # MAX_OBSERVE_INTERVAL_S), so its passes stay short however many it holds; with a few, every pass
@@ -123,6 +128,7 @@ class PassRecord:
     queued: int
     seconds: float
     deferred: int = 0  # steps that were due but left to the next passes (the pass budget)
+    ended: int = 0  # migrations its steps brought to an end
     acting: int = 0  # steps that act (not only observe): taken first
     # where the pass's time went: reading claims and documents, admission, the steps, saving them
     read_s: float = 0.0
@@ -209,7 +215,7 @@ class Controller:
 
     async def pass_once(self) -> None:
         started, at = time.perf_counter(), time.time()
-        claims = self.store.claim(self.replica, self.lease_s, self.capacity)
+        claims = self.store.claim(self.replica, self.lease_s, self.capacity, self.pace())
         stale = [c.id for c in claims if self._held.get(c.id, (-1, None))[0] != c.version]
         fresh = self.store.load_migrations(stale) if stale else {}
         held: dict[str, tuple[int, Migration]] = {}
@@ -251,7 +257,7 @@ class Controller:
         admitted = await self._admit(queued)
         admit_s = time.perf_counter() - started - read_s
         step_s = save_s = 0.0
-        late = 0
+        late = ended = 0
         if stepping:
             gate = asyncio.Semaphore(self.concurrency)
             # a step starts only while the pass is within its budget (but for a concurrency's worth
@@ -276,6 +282,7 @@ class Controller:
             changed = await asyncio.gather(*(bounded(m, i >= self.concurrency) for i, m in enumerate(stepping)))
             step_s = time.perf_counter() - steps_started
             late = changed.count(None)
+            ended = sum(1 for m, save in zip(stepping, changed, strict=True) if save and m.terminal)
             # the pass's results saved together (a few transactions): a step is idempotent and
             # observes before it acts, so a result saved at the end of the pass is as safe as one
             # saved at once (a crash in between is the controller.after.<Phase> fault)
@@ -287,9 +294,28 @@ class Controller:
         HELD.set(len(self._held))
         self.passes.append(PassRecord(at=at, held=len(held), stepped=len(stepping) - late, admitted=admitted,
                                       queued=len(queued) - admitted, seconds=seconds,
-                                      deferred=len(due) - len(observing) + late, acting=len(acting), read_s=read_s,
+                                      deferred=len(due) - len(observing) + late, acting=len(acting), ended=ended,
+                                      read_s=read_s,
                                       admit_s=admit_s, step_s=step_s, save_s=save_s))  # fmt: skip
         await self.firings.sweep_late()
+
+    def pace(self, now: float | None = None) -> tuple[float, int] | None:
+        """This replica's pace when its passes cannot take all that is due: migrations ended per
+        second over the last ``PACE_WINDOW_S``, and how many it held meanwhile (the median). None
+        unless at least half of those passes left due steps to the next (a replica with time to
+        spare ends migrations as fast as QEMU does, which says nothing of its own pace). The wave
+        planner bounds a wave by it (``Store.lmo_pace``): at fleet scale the LMO, not the hosts'
+        bandwidth, sets how fast migrations end."""
+        now = time.time() if now is None else now
+        recent = [p for p in self.passes if p.at >= now - PACE_WINDOW_S]
+        if len(recent) < PACE_MIN_PASSES:
+            return None
+        ended = sum(p.ended for p in recent)
+        if 2 * sum(1 for p in recent if p.deferred > 0) < len(recent) or ended < PACE_MIN_ENDED:
+            return None
+        span = recent[-1].at + recent[-1].seconds - recent[0].at
+        held = sorted(p.held for p in recent)[len(recent) // 2]
+        return (round(ended / span, 2), held) if span > 0 else None
 
     def _within_budget(self, due: list[Migration], acting: int) -> list[Migration]:
         """The due observations this pass makes: what fits in :data:`PASS_BUDGET_S` beside the

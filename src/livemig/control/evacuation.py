@@ -39,6 +39,8 @@ from livemig.wire.lmo import (
 
 #: finished migrations the planner learns overheads and bandwidth from
 CALIBRATION_WINDOW = 200
+#: the oldest measurement of the LMO's pace the planner still bounds a wave by
+PACE_MAX_AGE_S = 3600.0
 #: hosts asked for dirty rates at once (each measures its VMs together, in about a second)
 MEASURE_CONCURRENCY = 256
 
@@ -68,13 +70,15 @@ async def plan_wave(services: Services, request: WaveRequest) -> WavePlan:
     movable = [i for i in items if i.destination is not None]
     budgets = store.budgets({i.source for i in movable} | {i.destination or "" for i in movable})
     driven_at_once = store.driving_capacity()
-    total = schedule(items, request.params, request.limits, budgets, calibration, driven_at_once=driven_at_once)
+    pace = store.lmo_pace(PACE_MAX_AGE_S)
+    total = schedule(items, request.params, request.limits, budgets, calibration, driven_at_once=driven_at_once,
+                     pace=pace)  # fmt: skip
     verdicts: dict[str, int] = {}
     for item in items:
         verdicts[item.verdict] = verdicts.get(item.verdict, 0) + 1
     return WavePlan(hosts=list(request.hosts), limits=request.limits, vms=len(items), total_s=total,
                     verdicts=verdicts, measured=measured, calibration=calibration, items=items,
-                    driven_at_once=driven_at_once or None,
+                    driven_at_once=driven_at_once or None, lmo_pace=pace,
                     planning_ms=round((time.perf_counter() - started) * 1000, 1))  # fmt: skip
 
 

@@ -17,8 +17,9 @@ Three pieces, each small enough to check by hand:
 - **The schedule** (:func:`schedule`): the controller's admission replayed in simulated time with
   the same :class:`~livemig.control.admission.Ledger`: migrations start in the order the evacuation
   creates them as soon as the limits and bandwidth budgets allow, each with the share it would get,
-  and never more at once than the LMO's replicas drive (their capacities summed): in a wave of
-  thousands, that, not the hosts, is often what sets the pace.
+  and never more at once than the LMO's replicas drive (their capacities summed), nor ending
+  faster than the LMO's own measured pace while as many run as when it was measured: in a wave
+  of thousands, that, not the hosts, is often what sets the pace.
 
 The wave's predicted time is when its last migration ends.
 """
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from livemig.control.admission import Ledger
 from livemig.control.store import Reservation
 from livemig.model.migration import ConcurrencyLimits, Migration, MigrationParams, Phase
-from livemig.wire.lmo import PlanCalibration, PlannedMigration, Verdict
+from livemig.wire.lmo import LmoPace, PlanCalibration, PlannedMigration, Verdict
 
 MIB = 1024 * 1024
 #: a guest dirtying at least this fraction of its share converges too slowly without a throttle
@@ -192,11 +193,16 @@ class _Queued:
 
 def schedule(items: list[PlannedMigration], params: MigrationParams, limits: ConcurrencyLimits,
              budgets: Mapping[str, int], calibration: PlanCalibration,
-             running: Sequence[Reservation] = (), driven_at_once: int = 0) -> float:  # fmt: skip
+             running: Sequence[Reservation] = (), driven_at_once: int = 0,
+             pace: LmoPace | None = None) -> float:  # fmt: skip
     """Fill in each movable item's share, start, duration and verdict by replaying admission in
     simulated time, as the controller admits: oldest first, each when its limits and hosts'
     budgets allow and fewer than ``driven_at_once`` run (0: no such bound; ``running``: shares
     already held, kept throughout); returns when the last ends.
+
+    ``pace``: while at least as many run as when the LMO measured its pace, migrations end no
+    faster than it (each at its predicted time or the LMO's next turn, whichever is later): what
+    QEMU would finish sooner waits for the controller, and holds its share meanwhile.
 
     Why it stays fast for ten thousand VMs: when a migration ends, only the queued ones leaving its
     source or entering its destination can newly fit (the others' hosts did not change), unless the
@@ -212,6 +218,9 @@ def schedule(items: list[PlannedMigration], params: MigrationParams, limits: Con
             by_host.setdefault(item.destination, []).append(index)
     ends: list[tuple[float, str]] = []
     now, last_end = 0.0, 0.0
+    started: dict[str, int] = {}  # a running planned migration's item
+    turn, paced = 0.0, set()  # when the LMO can end the next migration; those given a turn
+    gap = 1 / pace.ended_per_s if pace is not None and pace.ended_per_s > 0 else 0.0
 
     def region_full() -> bool:
         """No migration anywhere can start: the region's limit, or the LMO's replicas, are full."""
@@ -239,23 +248,39 @@ def schedule(items: list[PlannedMigration], params: MigrationParams, limits: Con
             )
             ledger.add(Reservation(q.id, q.source, q.destination, share))
             heapq.heappush(ends, (now + p.duration_s, q.id))
-            last_end = max(last_end, now + p.duration_s)
+            started[q.id] = index
             del queued[index]
 
+    def lmo_paced(at: float, ended: str) -> float | None:
+        """When the LMO ends this migration, if later than ``at`` (QEMU's end); None: at ``at``."""
+        nonlocal turn
+        if not gap or ended in paced or pace is None or len(ledger.held) < pace.held:
+            return None
+        paced.add(ended)
+        when, turn = max(at, turn), max(at, turn) + gap
+        return when if when > at else None
+
     try_admit(sorted(queued))
-    while queued and ends:
+    while ends:
         was_full = region_full()
-        now = ends[0][0]
-        freed: set[str] = set()
-        while ends and ends[0][0] <= now:
-            ended = heapq.heappop(ends)[1]
-            reservation = ledger.held[ended]
-            freed.update((reservation.source, reservation.destination))
-            ledger.remove(ended)
+        now, ended = heapq.heappop(ends)
+        later = lmo_paced(now, ended)
+        if later is not None:
+            heapq.heappush(ends, (later, ended))
+            continue
+        reservation = ledger.held[ended]
+        ledger.remove(ended)
+        if ended in started:
+            item = items[started.pop(ended)]
+            item.duration_s = round(now - (item.start_s or 0.0), 3)
+            last_end = max(last_end, now)
+        if not queued:
+            continue
         if was_full:
             try_admit(sorted(queued))
         else:
-            try_admit(sorted({i for host in freed for i in by_host.get(host, ()) if i in queued}))
+            hosts = (reservation.source, reservation.destination)
+            try_admit(sorted({i for host in hosts for i in by_host.get(host, ()) if i in queued}))
     for index in queued:  # nothing running and nothing fits: never admitted
         items[index].verdict, items[index].reason = "cannot-move", "never admitted: no bandwidth share fits its policy"
     return round(last_end, 3)

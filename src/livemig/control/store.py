@@ -67,6 +67,7 @@ from livemig.faults.registry import REGISTRY
 from livemig.model.host import HostRegistration
 from livemig.model.migration import TERMINAL_PHASES, Migration, Phase, utcnow
 from livemig.model.vm import NbdExport, VmSpec
+from livemig.wire.lmo import LmoPace
 from livemig.wire.timing import timed
 
 #: the key of PostgreSQL's advisory lock that serialises admission decisions across replicas
@@ -193,6 +194,11 @@ class ReplicaRow(Base):
     alive_until: Mapped[float] = mapped_column(Float, default=0.0)
     # the most migrations it drives at once: the wave planner's pace of the LMO itself
     capacity: Mapped[int] = mapped_column(Integer, default=0)
+    # the pace it measured while it had more to step than its passes took (``Controller.pace``):
+    # migrations ended per second, how many it held meanwhile, when (kept after its lease ends)
+    pace_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pace_held: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pace_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class TokenRow(Base):
@@ -753,16 +759,17 @@ class Store:
             return c.execute(taken.values(owner=owner)).rowcount == 1
 
     @sync_point("lmo.store.claim")
-    def claim(self, owner: str, ttl_s: float, capacity: int) -> list[Claim]:
+    def claim(self, owner: str, ttl_s: float, capacity: int, pace: tuple[float, int] | None = None) -> list[Claim]:
         """Renew this replica's lease and take its fair part of the active migrations: the
         replicas in lease share them evenly (each at most ``capacity``). A replica holding more
         than its part lets the excess go (queued ones first, newest first), so a replica that
         joins gets work at its next pass. Returns what it holds, oldest first.
 
-        The lease is one row, the replica's (``ttl_s`` from now), however many migrations it holds."""
+        The lease is one row, the replica's (``ttl_s`` from now), however many migrations it holds;
+        ``pace``, when the replica measured one (ended per second, held), goes in it too."""
         now = time.time()
         with self.transaction() as c:
-            self._heartbeat(c, owner, now, ttl_s, capacity)
+            self._heartbeat(c, owner, now, ttl_s, capacity, pace)
             live = c.execute(select(func.count()).select_from(R).where(R.c.alive_until > now)).scalar() or 1
             active = c.execute(select(func.count()).select_from(M).where(M.c.active.is_(True))).scalar() or 0
             share = min(capacity, math.ceil(active / live))
@@ -793,11 +800,14 @@ class Store:
                     rows = c.execute(MINE, {"owner": owner}).all()
             return [Claim(r.id, r.version, bool(r.cancel_requested)) for r in rows]
 
-    def _heartbeat(self, c: Connection, owner: str, now: float, ttl_s: float, capacity: int | None = None) -> None:
+    def _heartbeat(self, c: Connection, owner: str, now: float, ttl_s: float, capacity: int | None = None,
+                   pace: tuple[float, int] | None = None) -> None:  # fmt: skip
         upsert = postgresql_insert if self.postgres else sqlite_insert
         beat: dict[str, float | int] = {"seen_at": now, "alive_until": now + ttl_s}
         if capacity is not None:
             beat["capacity"] = capacity
+        if pace is not None:
+            beat.update(pace_per_s=pace[0], pace_held=pace[1], pace_at=now)
         c.execute(upsert(R).values(id=owner, **beat).on_conflict_do_update(index_elements=[R.c.id], set_=beat))
 
     def driving_capacity(self) -> int:
@@ -805,6 +815,23 @@ class Store:
         with self.read() as c:
             total = c.execute(select(func.sum(R.c.capacity)).where(R.c.alive_until > time.time())).scalar()
         return int(total or 0)
+
+    def lmo_pace(self, max_age_s: float) -> LmoPace | None:
+        """The LMO's latest measured pace (within ``max_age_s``), scaled to the replicas that drive
+        now: the measuring replica may be gone (a wave is often driven by replicas started for
+        it), and replicas alike step alike. None: no replica measured one lately."""
+        now = time.time()
+        with self.read() as c:
+            latest = select(R.c.id, R.c.pace_per_s, R.c.pace_held, R.c.pace_at).where(R.c.pace_at > now - max_age_s)
+            row = c.execute(latest.order_by(R.c.pace_at.desc()).limit(1)).first()
+            driving = c.execute(
+                select(func.count()).select_from(R).where(R.c.alive_until > now, R.c.capacity > 0)
+            ).scalar()
+        if row is None or not row.pace_per_s:
+            return None
+        replicas = max(int(driving or 0), 1)
+        return LmoPace(ended_per_s=round(row.pace_per_s * replicas, 2), held=int(row.pace_held or 0) * replicas,
+                       replica=row.id, age_s=round(now - row.pace_at, 1))  # fmt: skip
 
     def replicas(self) -> dict[str, float]:
         """Replicas in lease (the ones ``claim`` shares the migrations among), with when each was

@@ -218,6 +218,17 @@ class PlanCalibration(BaseModel):
     basis: int = Field(description="finished migrations these were learned from")
 
 
+class LmoPace(BaseModel):
+    """How fast the LMO's replicas ended migrations while they had more to step than their passes
+    could take (measured by a replica's controller over its last minute, kept in the store): the
+    pace a wave cannot end faster than, while the replicas hold as many as they did then."""
+
+    ended_per_s: float = Field(description="migrations ended per second, the replicas in lease together")
+    held: int = Field(description="migrations they held meanwhile, together: the pace holds from there on")
+    replica: str = Field(description="the replica that measured it (its pace, times the replicas driving now)")
+    age_s: float = Field(description="seconds since it was measured")
+
+
 class WavePlan(BaseModel):
     hosts: list[str]
     created_at: datetime = Field(default_factory=utcnow)
@@ -232,6 +243,9 @@ class WavePlan(BaseModel):
         default=None,
         description="the most migrations the LMO's replicas in lease "
         "drive at once (their capacities summed), a bound of the schedule",
+    )
+    lmo_pace: LmoPace | None = Field(
+        default=None, description="the LMO's own measured pace, a bound of the schedule (None: not measured)"
     )
     items: list[PlannedMigration] = Field(default_factory=list)
 
