@@ -29,7 +29,7 @@ from __future__ import annotations
 import heapq
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from livemig.control.admission import Ledger
@@ -226,10 +226,17 @@ def schedule(items: list[PlannedMigration], params: MigrationParams, limits: Con
         """No migration anywhere can start: the region's limit, or the LMO's replicas, are full."""
         return any(bound and len(ledger.held) >= bound for bound in (limits.region_total, driven_at_once))
 
-    def try_admit(candidates: list[int]) -> None:
-        nonlocal last_end
+    count = len(items)
+    untried = 0  # queued items from here on were not tried since the region (or the LMO) filled up
+
+    def try_admit(candidates: Iterable[int], scanning: bool) -> None:
+        """Admit ``candidates`` in order while the region has room; ``scanning``: they run on
+        through every untried item, which the region's filling up leaves untried again."""
+        nonlocal untried
         for index in candidates:
             if region_full():
+                if scanning:
+                    untried = index
                 return
             q = queued.get(index)
             if q is None:
@@ -250,6 +257,8 @@ def schedule(items: list[PlannedMigration], params: MigrationParams, limits: Con
             heapq.heappush(ends, (now + p.duration_s, q.id))
             started[q.id] = index
             del queued[index]
+        if scanning:
+            untried = count
 
     def lmo_paced(at: float, ended: str) -> float | None:
         """When the LMO ends this migration, if later than ``at`` (QEMU's end); None: at ``at``."""
@@ -260,27 +269,33 @@ def schedule(items: list[PlannedMigration], params: MigrationParams, limits: Con
         when, turn = max(at, turn), max(at, turn) + gap
         return when if when > at else None
 
-    try_admit(sorted(queued))
+    try_admit(range(count), scanning=True)
     while ends:
         was_full = region_full()
-        now, ended = heapq.heappop(ends)
-        later = lmo_paced(now, ended)
-        if later is not None:
-            heapq.heappush(ends, (later, ended))
+        now = ends[0][0]
+        freed: set[str] = set()
+        while ends and ends[0][0] <= now:  # those ending together, then admission once
+            _, ended = heapq.heappop(ends)
+            later = lmo_paced(now, ended)
+            if later is not None:
+                heapq.heappush(ends, (later, ended))
+                continue
+            reservation = ledger.held[ended]
+            freed.update((reservation.source, reservation.destination))
+            ledger.remove(ended)
+            if ended in started:
+                item = items[started.pop(ended)]
+                item.duration_s = round(now - (item.start_s or 0.0), 3)
+                last_end = max(last_end, now)
+        if not queued or not freed:
             continue
-        reservation = ledger.held[ended]
-        ledger.remove(ended)
-        if ended in started:
-            item = items[started.pop(ended)]
-            item.duration_s = round(now - (item.start_s or 0.0), 3)
-            last_end = max(last_end, now)
-        if not queued:
-            continue
+        # what the freed hosts' limits held back, then (when the region's limit held them all) the
+        # rest not tried since, oldest first: tried before and refused, an item waits for its hosts
+        near = sorted({i for host in freed for i in by_host.get(host, ()) if i in queued})
         if was_full:
-            try_admit(sorted(queued))
+            try_admit(heapq.merge(near, range(untried, count)), scanning=True)
         else:
-            hosts = (reservation.source, reservation.destination)
-            try_admit(sorted({i for host in hosts for i in by_host.get(host, ()) if i in queued}))
+            try_admit(near, scanning=False)
     for index in queued:  # nothing running and nothing fits: never admitted
         items[index].verdict, items[index].reason = "cannot-move", "never admitted: no bandwidth share fits its policy"
     return round(last_end, 3)
