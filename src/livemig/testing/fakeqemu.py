@@ -221,12 +221,11 @@ class FakeQemu:
         return {}
 
     def tls_creds(self) -> dict[str, Any] | None:
-        return self.objects.get(str(self.parameters.get("tls-creds") or ""))
+        return tls_creds_of(self.objects, self.parameters)
 
     def log(self, line: str) -> None:
         """A line in QEMU's ``-D`` log, as the real one writes its errors there."""
-        with contextlib.suppress(OSError), self.paths.qemu_log.open("a") as f:
-            f.write(f"qemu-system-x86_64: {line}\n")
+        append_qemu_log(self.paths.qemu_log, line)
 
     def _tls_refusal(self, destination: StreamEnd) -> str | None:
         """Why the destination refuses this source's stream (and what it logs), or None."""
@@ -496,6 +495,17 @@ class FakeQemu:
     def _guest_reset(self) -> None:
         if self.alive:
             self.emit("RESET", {"guest": True, "reason": "guest-reset"})
+
+
+def tls_creds_of(objects: dict[str, dict[str, Any]], parameters: dict[str, Any]) -> dict[str, Any] | None:
+    """The TLS credentials object a QEMU's ``tls-creds`` parameter names, if any."""
+    return objects.get(str(parameters.get("tls-creds") or ""))
+
+
+def append_qemu_log(path: Path, line: str) -> None:
+    """A line in a QEMU's ``-D`` log (a simulated QEMU's, here or in another simulator shard)."""
+    with contextlib.suppress(OSError), path.open("a") as f:
+        f.write(f"qemu-system-x86_64: {line}\n")
 
 
 class StreamEnd(Protocol):

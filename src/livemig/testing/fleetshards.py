@@ -15,7 +15,6 @@ guest when the last state is sent: the two points where QEMU's own stream meets 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from livemig.errors import NotFound
-from livemig.testing.fakeqemu import FakeQemu, QemuWorld, StreamEnd
+from livemig.testing.fakeqemu import FakeQemu, QemuWorld, StreamEnd, append_qemu_log, tls_creds_of
 from livemig.wire.base import AsyncHttp
 
 #: the routes one shard answers for the others
@@ -92,12 +91,11 @@ class RemoteQemu:
         self._log = Path(handshake.qemu_log)
 
     def tls_creds(self) -> dict[str, Any] | None:
-        return self.objects.get(str(self.parameters.get("tls-creds") or ""))
+        return tls_creds_of(self.objects, self.parameters)
 
     def log(self, line: str) -> None:
         """Its ``-D`` log is a file on this machine: written here, as its QEMU would."""
-        with contextlib.suppress(OSError), self._log.open("a") as f:
-            f.write(f"qemu-system-x86_64: {line}\n")
+        append_qemu_log(self._log, line)
 
     async def accept(self) -> bool:
         reply = await self.http.request("POST", f"{self.peer}{STREAMS}/accept", params={"uri": self.uri})
