@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -28,6 +29,28 @@ log = logging.getLogger(__name__)
 
 #: how often a thread holding the interpreter lets the other run (Python's default: 0.005)
 SWITCH_INTERVAL_S = 0.001
+#: ``normal`` keeps the controller's thread under the kernel's default policy (see schedule_as_batch)
+SCHED_ENV = "LIVEMIG_CONTROLLER_SCHED"
+
+
+def schedule_as_batch() -> bool:
+    """Mark the calling thread (the controller's) as batch work for Linux's scheduler (``SCHED_BATCH``).
+
+    Why: on a machine whose cores are all busy, a request that arrives (to this replica's API, to
+    another replica, to a host or the database on the same machine) waits for a core behind whatever
+    runs. A pass is throughput work: it keeps its fair share of the CPU, but under ``SCHED_BATCH``
+    the kernel no longer lets it preempt a thread that just woke, nor favours it when it wakes, so
+    the requests' threads come first. On two cores with 1,000 migrations held, create VM's p99 under
+    load fell from 38-41 ms to 34-36 ms, the migrations ended per second unchanged (docs/fleet.md).
+    ``LIVEMIG_CONTROLLER_SCHED=normal`` leaves the default; True if the thread is batch now."""
+    if os.environ.get(SCHED_ENV, "batch").strip().lower() == "normal" or not hasattr(os, "SCHED_BATCH"):
+        return False
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # 0: the calling thread
+    except OSError as exc:  # not allowed here (a seccomp profile): the default policy serves
+        log.info("the controller's thread keeps the default scheduling policy: %s", exc)
+        return False
+    return True
 
 
 class ControllerThread:
@@ -55,6 +78,7 @@ class ControllerThread:
         return self.controller
 
     def _run(self) -> None:
+        schedule_as_batch()
         try:
             asyncio.run(self._main())
         except BaseException as exc:  # reported by start() if it happened before the controller existed
