@@ -52,7 +52,7 @@ from livemig.model import VmSpec
 from livemig.model.migration import TERMINAL_PHASES, Migration, Phase
 from livemig.plots import admitted_span, phase_spans
 from livemig.region.freeport import consecutive_free_ports, free_ports
-from livemig.region.proc import wait_gone
+from livemig.region.proc import die_with_parent, wait_gone
 from livemig.wire import timing
 from livemig.wire.base import async_http
 
@@ -176,7 +176,7 @@ class Harness:
             [sys.executable, "-m", "livemig.cli.main", "lmo", "--listen", f"127.0.0.1:{port}", "--db", self.db_url,
              "--replica", name, "--capacity", str(capacity), "--concurrency", str(concurrency),
              "--log-level", "warning", "--insecure"],  # the simulator is plain HTTP (testing/fleetserver.py)
-            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
         proc = Proc(name, popen, f"http://127.0.0.1:{port}", log, drives=capacity > 0)
         wait_http(proc, "/healthz", 60)
@@ -193,7 +193,7 @@ class Harness:
              "--failure-rate", str(args.failure_rate), "--memory-mib", str(args.host_memory),
              "--migration-bandwidth", str(args.host_bandwidth), "--report-interval", str(args.report_interval),
              "--sample-interval", str(args.sample_interval), "--seed", str(args.seed)],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
         self.fleet = Proc("fleet", popen, f"http://127.0.0.1:{port}", log, grace_s=300.0)
         wait_http(self.fleet, "/fleet", 600)
@@ -288,6 +288,10 @@ def _drop(engine: Any, name: str, attempts: int = 10) -> None:
 # ---------------------------------------------------------------------- the user's side
 
 
+class LmoRefused(RuntimeError):
+    """The LMO refused a call the run needs: the run stops, and says why without a traceback."""
+
+
 class Lmo:
     """An async client of the LMO API that records the latency of every call by name, and where
     the LMO says the call's time went (its ``Server-Timing``: the store, the hosts' hostd)."""
@@ -309,7 +313,7 @@ class Lmo:
         self.latency.setdefault(name, []).append((time.perf_counter() - started) * 1000)
         self.parts.setdefault(name, []).append(timing.parse(reply.headers.get("server-timing", "")))
         if reply.status_code not in ok:
-            raise RuntimeError(f"{method} {path}: {reply.status_code} {reply.text[:300]}")
+            raise LmoRefused(f"{method} {path}: {reply.status_code} {reply.text[:300]}")
         return reply.json() if reply.content else None
 
     def take(self, name: str) -> list[float]:
@@ -819,20 +823,22 @@ def main() -> int:
         parser.error("--concurrent-replicas and --api-replicas need --db postgresql (replicas share the store)")
     baseline_hosts = args.baseline_hosts or max(10, args.hosts // 100)
 
-    with tempfile.TemporaryDirectory(prefix="livemig-fleet-") as tmp:
-        workdir = Path(tmp)
-        started = time.monotonic()
-        baseline = asyncio.run(
-            run_fleet(
-                args,
-                workdir / "baseline" if _mk(workdir / "baseline") else workdir,
-                baseline_hosts,
-                baseline_hosts * args.vms // args.hosts,
-                full=False,
-            )
-        )
-        result = asyncio.run(run_fleet(args, workdir / "full" if _mk(workdir / "full") else workdir, args.hosts,
-                                       args.vms, full=True))  # fmt: skip
+    started = time.monotonic()
+    fleet = f"the baseline's {baseline_hosts} hosts"
+    try:
+        with tempfile.TemporaryDirectory(prefix="livemig-fleet-") as tmp:
+            workdir = Path(tmp)
+            baseline_vms = baseline_hosts * args.vms // args.hosts
+            baseline = asyncio.run(run_fleet(args, workdir / "baseline" if _mk(workdir / "baseline") else workdir,
+                                             baseline_hosts, baseline_vms, full=False))  # fmt: skip
+            fleet = f"the fleet's {args.hosts} hosts"
+            result = asyncio.run(run_fleet(args, workdir / "full" if _mk(workdir / "full") else workdir, args.hosts,
+                                           args.vms, full=True))  # fmt: skip
+    except LmoRefused as refused:
+        full = "CapacityError" in str(refused)
+        hint = f": {fleet} are full (fewer --vms or --samples, or more --hosts or --baseline-hosts)" if full else ""
+        print(f"fleet.py: the LMO refused a call the run needs{hint}\n  {refused}", file=sys.stderr)
+        return 1
     report = {
         "command": " ".join(sys.argv),
         "machine": {"cpus": os.cpu_count()},

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import logging
 import os
@@ -36,6 +35,7 @@ from pydantic import BaseModel
 from livemig.gctune import tune_for_service
 from livemig.host import source
 from livemig.host.api import register_with_lmo
+from livemig.region.proc import die_with_parent
 from livemig.testing.fakehost import FakeFleet
 from livemig.testing.fakeqemu import QemuBehaviour
 from livemig.testing.fleetshards import ShardMap, ShardStreams, add_stream_routes
@@ -44,7 +44,6 @@ from livemig.wire.base import AsyncHttp, async_http
 #: how often the fleet's objects made since the last freeze are hidden from the collector
 FREEZE_EVERY_S = 10.0
 #: prctl(2)'s option for the signal a process gets when its parent ends
-PR_SET_PDEATHSIG = 1
 
 log = logging.getLogger(__name__)
 
@@ -241,15 +240,9 @@ async def serve(config: FleetConfig) -> None:
             tmp.cleanup()
 
 
-def _die_with_parent() -> None:
-    """In a shard's process: SIGTERM when shard 0 ends, however it ends (Linux's parent-death
-    signal), so no shard outlives the simulation with its VM records on tmpfs."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _start_other_shards(config: FleetConfig) -> list[subprocess.Popen[bytes]]:
     argvs = [[sys.executable, "-m", "livemig.cli.main", *config.argv(shard)] for shard in range(1, config.shards)]
-    return [subprocess.Popen(argv, preexec_fn=_die_with_parent) for argv in argvs]
+    return [subprocess.Popen(argv, preexec_fn=die_with_parent) for argv in argvs]
 
 
 def _stop(shards: list[subprocess.Popen[bytes]], grace_s: float = 60.0) -> None:
