@@ -24,6 +24,10 @@ SHARDS = ShardMap(hosts=4, shards=2, host="127.0.0.1", base_port=7000)
 
 
 class Shards:
+    #: what the transport does to the next resume ("refuse": it never reaches the other shard;
+    #: "lose the answer": it does, and its answer is lost on the way back)
+    accept_fault: str | None = None
+
     def __init__(self, tmp: Path) -> None:
         self.streams = [ShardStreams(SHARDS, shard) for shard in range(2)]
         self.fleets = [FakeFleet(state_dir=tmp / f"shard{s}", speed=200, tls=False, insecure=True,
@@ -33,7 +37,13 @@ class Shards:
         routes = {SHARDS.base_port + s: httpx.ASGITransport(app=f.app) for s, f in enumerate(self.fleets)}
 
         async def route(request: httpx.Request) -> httpx.Response:
-            return await routes[request.url.port or 80].handle_async_request(request)
+            fault = self.accept_fault if request.url.path.endswith("/accept") else None
+            if fault == "refuse":
+                raise httpx.ConnectError("Connection refused", request=request)
+            reply = await routes[request.url.port or 80].handle_async_request(request)
+            if fault == "lose the answer":
+                raise httpx.ReadError("Connection reset by peer", request=request)
+            return reply
 
         self.http = httpx.AsyncClient(transport=httpx.MockTransport(route))
         for streams in self.streams:
@@ -136,5 +146,31 @@ def test_a_destination_gone_before_the_last_state_fails_the_source_which_runs_on
             migration = await ended(source)
             assert migration["status"] == "failed" and "Connection reset" in str(migration["error-desc"])
             assert source.runstate.value == "running"  # stopped for the switchover, running again
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("fault", ["refuse", "lose the answer"])
+def test_a_resume_the_transport_breaks_leaves_the_guest_running_on_exactly_one_side(tmp_path: Path, fault: str) -> None:
+    """The other shard cannot be reached for the resume: the last state cannot have arrived, the
+    source fails and runs on. The resume reached it but its answer was lost: the state was
+    written, the source completes (as QEMU's does once it has sent it) and the destination runs.
+    Either way exactly one of the two runs the guest, and the migration ends."""
+    shards = Shards(tmp_path)
+    shards.accept_fault = fault
+
+    async def scenario() -> None:
+        async with shards.http:
+            destination, uri = await shards.listening(1, 3)
+            source = shards.qemu(0, 0, incoming=False)
+            await source.execute("migrate-set-parameters", {"max-bandwidth": 1024 * MIB})
+            await source.execute("migrate", {"uri": uri})
+            migration = await ended(source)
+            if fault == "refuse":
+                assert migration["status"] == "failed" and "Connection reset" in str(migration["error-desc"])
+                assert source.runstate is RunState.RUNNING and destination.runstate is not RunState.RUNNING
+            else:
+                assert migration["status"] == "completed"
+                assert source.runstate is RunState.POSTMIGRATE and destination.runstate is RunState.RUNNING
 
     asyncio.run(scenario())

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import httpx
 from fastapi import FastAPI
 from pydantic import BaseModel
 
@@ -98,7 +100,17 @@ class RemoteQemu:
         append_qemu_log(self._log, line)
 
     async def accept(self) -> bool:
-        reply = await self.http.request("POST", f"{self.peer}{STREAMS}/accept", params={"uri": self.uri})
+        """Hand over the last state. False when it cannot have arrived: the destination, or its whole
+        shard, is gone (the source then fails and runs its guest again, as QEMU's does when its
+        socket breaks). When the shard was reached but its answer was lost, the state was written,
+        as far as a source can tell: QEMU's completes then, and whether the destination runs is
+        for the LMO to find out from it (it holds a destination that never finishes loading)."""
+        try:
+            reply = await self.http.request("POST", f"{self.peer}{STREAMS}/accept", params={"uri": self.uri})
+        except (httpx.ConnectError, aiohttp.ClientConnectorError):
+            return False
+        except (TimeoutError, httpx.HTTPError, aiohttp.ClientError):
+            return True
         return reply.status_code == 200
 
 
