@@ -676,6 +676,7 @@ async def wave_phase(lmo: Lmo, harness: Harness, hosts: list[str], args: argpars
         "predicted_verdicts": measured_plan["verdicts"],
         "calibration": measured_plan["calibration"],
         "lmo_pace": measured_plan.get("lmo_pace"),
+        "hosts_bound_s": measured_plan.get("hosts_bound_s"),
         "actual_s": comparison.get("actual_s"),
         "error": comparison.get("error"),
         "outcomes": comparison.get("outcomes"),
@@ -705,6 +706,8 @@ def plot(path: Path, wave: dict[str, Any]) -> None:
     ends = sorted(r["start_s"] + r["duration_s"] for r in rows)
     if ends:
         axes.plot(ends, range(1, len(ends) + 1), label="planned: ended", color="#2ca02c", linestyle="--")
+    if wave.get("hosts_bound_s"):  # where the plan would end if the LMO kept up with QEMU
+        axes.axvline(wave["hosts_bound_s"], color="#2ca02c", linestyle=":", label="planned, were the LMO no bound")
     axes.set_xlabel("seconds since the wave started")
     axes.set_ylabel("migrations")
     axes.set_title(f"wave: {wave['hosts']} hosts, {wave['vms']} VMs — predicted {wave['predicted_s']:.0f} s, "

@@ -379,6 +379,30 @@ def test_a_plan_predicts_each_vm_and_changes_nothing(api3):
     assert {name for name in fleet.hosts["A"].vms} == {"vm0", "vm1", "vm2"}
 
 
+def test_a_plan_the_lmos_pace_lengthens_says_how_long_the_hosts_alone_would_take(api3, store):
+    """Three VMs the hosts would move at once: with no pace measured the plan is theirs. Once a
+    replica measured that the LMO ends at most one a second, the plan is longer, and says how long
+    the wave would take if the LMO kept up (what more replicas could bring it to)."""
+    api, _ = api3
+    for i in range(3):
+        create_vm(api, name=f"vm{i}", memory=512, host="A")
+    request = {
+        "hosts": ["A"],
+        "limits": {"per_host_outbound": 3, "per_host_inbound": 3, "region_total": 3},
+        "params": {"max_bandwidth_mib_s": 256},
+    }  # three shares fit A's 1024 MiB/s: all three at once
+    free = api.post("/evacuations/plan", json=request).json()
+    assert free["lmo_pace"] is None and free["hosts_bound_s"] is None
+    store.claim("lmo-slow", 3600, 10, (0.5, 1))  # with one or more held, it ended half a migration a second
+    paced = api.post("/evacuations/plan", json=request).json()
+    assert paced["lmo_pace"]["replica"] == "lmo-slow"
+    assert paced["total_s"] > free["total_s"] + 0.5
+    assert paced["hosts_bound_s"] == pytest.approx(free["total_s"], rel=1e-3)
+    store.claim("lmo-slow", 3600, 10, (1000.0, 1))  # a pace far above QEMU's: it bounds nothing
+    fast = api.post("/evacuations/plan", json=request).json()
+    assert fast["hosts_bound_s"] is None and fast["total_s"] == pytest.approx(free["total_s"], rel=1e-3)
+
+
 def test_a_wave_empties_two_hosts_and_reports_the_plan_beside_what_happened(api3):
     api, fleet = api3
     create_vm(api, name="a1", memory=256, host="A")

@@ -1044,6 +1044,9 @@ def _print_plan(wave: wire_lmo.WavePlan, label: str) -> None:
         pace = wave.lmo_pace
         out.print(f"with {pace.held} or more running they end at most {pace.ended_per_s:.1f} a second "
                   f"(measured by {pace.replica} {pace.age_s:.0f} s ago)")  # fmt: skip
+    if wave.hosts_bound_s is not None:
+        out.print(f"the LMO's pace, not the hosts, sets this wave's length: {wave.hosts_bound_s:.1f} s if it "
+                  "kept up with QEMU (more replicas, or replicas with a core each, bring it closer)")  # fmt: skip
 
 
 def _print_comparison(report: EvacuationReport) -> None:
@@ -1054,7 +1057,9 @@ def _print_comparison(report: EvacuationReport) -> None:
         table.add_row(row.vm, _secs(row.predicted_s), _secs(row.actual_s), row.predicted, row.outcome)
     out.print(table)
     error = f" ({c.error:+.0%} off)" if c.error is not None else ""
-    out.print(f"the wave was predicted to take {c.predicted_s:.1f} s and took {_secs(c.actual_s)} s{error}")
+    plan = report.evacuation.plan
+    bound = f" (at least {plan.hosts_bound_s:.1f} s, the hosts' bound)" if plan and plan.hosts_bound_s else ""
+    out.print(f"the wave was predicted to take {c.predicted_s:.1f} s{bound} and took {_secs(c.actual_s)} s{error}")
 
 
 def _secs(value: float | None) -> str:

@@ -41,6 +41,8 @@ from livemig.wire.lmo import (
 CALIBRATION_WINDOW = 200
 #: the oldest measurement of the LMO's pace the planner still bounds a wave by
 PACE_MAX_AGE_S = 3600.0
+#: a plan the LMO's pace lengthens by less than this fraction is the hosts' (no ``hosts_bound_s``)
+PACE_NEGLIGIBLE = 0.01
 #: hosts asked for dirty rates at once (each measures its VMs together, in about a second)
 MEASURE_CONCURRENCY = 256
 
@@ -71,14 +73,19 @@ async def plan_wave(services: Services, request: WaveRequest) -> WavePlan:
     budgets = store.budgets({i.source for i in movable} | {i.destination or "" for i in movable})
     driven_at_once = store.driving_capacity()
     pace = store.lmo_pace(PACE_MAX_AGE_S)
+    # the same wave with the LMO keeping up with QEMU: what more replicas could bring it down to
+    hosts_bound = None if pace is None else schedule([i.model_copy() for i in items], request.params, request.limits,
+                                                      budgets, calibration, driven_at_once=driven_at_once)  # fmt: skip
     total = schedule(items, request.params, request.limits, budgets, calibration, driven_at_once=driven_at_once,
                      pace=pace)  # fmt: skip
+    if hosts_bound is not None and total <= hosts_bound * (1 + PACE_NEGLIGIBLE):
+        hosts_bound = None  # the pace did not lengthen it: the hosts and the limits set its length
     verdicts: dict[str, int] = {}
     for item in items:
         verdicts[item.verdict] = verdicts.get(item.verdict, 0) + 1
     return WavePlan(hosts=list(request.hosts), limits=request.limits, vms=len(items), total_s=total,
                     verdicts=verdicts, measured=measured, calibration=calibration, items=items,
-                    driven_at_once=driven_at_once or None, lmo_pace=pace,
+                    driven_at_once=driven_at_once or None, lmo_pace=pace, hosts_bound_s=hosts_bound,
                     planning_ms=round((time.perf_counter() - started) * 1000, 1))  # fmt: skip
 
 

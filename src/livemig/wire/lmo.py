@@ -247,6 +247,12 @@ class WavePlan(BaseModel):
     lmo_pace: LmoPace | None = Field(
         default=None, description="the LMO's own measured pace, a bound of the schedule (None: not measured)"
     )
+    hosts_bound_s: float | None = Field(
+        default=None,
+        description="how long the wave would take if the LMO ended migrations as fast as QEMU finishes them "
+        "(its pace not bounding it): the least more replicas could bring it to. Only when the pace "
+        "lengthened the plan",
+    )
     items: list[PlannedMigration] = Field(default_factory=list)
 
 
