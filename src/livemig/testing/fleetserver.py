@@ -43,7 +43,6 @@ from livemig.wire.base import AsyncHttp, async_http
 
 #: how often the fleet's objects made since the last freeze are hidden from the collector
 FREEZE_EVERY_S = 10.0
-#: prctl(2)'s option for the signal a process gets when its parent ends
 
 log = logging.getLogger(__name__)
 
