@@ -70,6 +70,16 @@ async def ended(qemu: FakeQemu) -> dict[str, object]:
     raise AssertionError(f"the migration did not end: {qemu.migration}")
 
 
+async def migrate_across(shards: Shards) -> tuple[FakeQemu, FakeQemu, dict[str, object]]:
+    """A guest on shard 0's first host migrated to shard 1's last: the source, the destination, and
+    the source's migration as it ended."""
+    destination, uri = await shards.listening(1, 3)
+    source = shards.qemu(0, 0, incoming=False)
+    await source.execute("migrate-set-parameters", {"max-bandwidth": 1024 * MIB})
+    await source.execute("migrate", {"uri": uri})
+    return source, destination, await ended(source)
+
+
 def test_the_shard_map_names_each_hosts_shard_from_its_address() -> None:
     assert [list(SHARDS.indices(s)) for s in range(2)] == [[0, 1], [2, 3]]
     assert [index_of(address_of(i)) for i in (0, 249, 250, 9999)] == [0, 249, 250, 9999]
@@ -85,13 +95,10 @@ def test_a_stream_crosses_to_another_shards_destination_which_resumes(tmp_path: 
 
     async def scenario() -> None:
         async with shards.http:
-            destination, uri = await shards.listening(1, 3)
-            source = shards.qemu(0, 0, incoming=False)
-            await source.execute("migrate-set-parameters", {"max-bandwidth": 1024 * MIB})
-            await source.execute("migrate", {"uri": uri})
-            assert (await ended(source))["status"] == "completed"
+            source, destination, migration = await migrate_across(shards)
+            assert migration["status"] == "completed"
             assert source.runstate is RunState.POSTMIGRATE
-            assert destination.runstate is RunState.RUNNING and uri not in shards.fleets[1].world.listening
+            assert destination.runstate is RunState.RUNNING and not shards.fleets[1].world.listening
 
     asyncio.run(scenario())
 
@@ -161,11 +168,7 @@ def test_a_resume_the_transport_breaks_leaves_the_guest_running_on_exactly_one_s
 
     async def scenario() -> None:
         async with shards.http:
-            destination, uri = await shards.listening(1, 3)
-            source = shards.qemu(0, 0, incoming=False)
-            await source.execute("migrate-set-parameters", {"max-bandwidth": 1024 * MIB})
-            await source.execute("migrate", {"uri": uri})
-            migration = await ended(source)
+            source, destination, migration = await migrate_across(shards)
             if fault == "refuse":
                 assert migration["status"] == "failed" and "Connection reset" in str(migration["error-desc"])
                 assert source.runstate is RunState.RUNNING and destination.runstate is not RunState.RUNNING
