@@ -71,3 +71,41 @@ def test_an_older_hostd_that_reports_no_capacity_is_asked_once_when_it_registers
         fleet.hosts["A"].down = True
         assert api.put("/hosts/A", json=old.model_dump()).status_code == 200  # answers or not: registered
         assert store.capacity("A").memory_mib == 2048, "what was known is kept"
+
+
+def test_a_wake_that_changes_no_capacity_builds_and_sends_nothing(tmp_path: Path) -> None:
+    """The fleet simulator runs this loop for each of its thousands of hosts: a wake compares two
+    numbers, and neither a registration nor the host's whole view (which scans the firmware
+    catalog) is built or sent unless they changed."""
+    fleet = FakeFleet("A", memory_mib=4096, state_dir=tmp_path / "fleet")
+    store = Store(f"sqlite:///{tmp_path / 'lmo.db'}")
+    app = create_app(store, controller_interval_s=0.05, transport=fleet.transport())
+    agent = fleet.hosts["A"].agent
+    scans: list[int] = []
+    scan = agent.runtime.firmware
+    agent.runtime.firmware = lambda: (scans.append(1), scan())[1]  # type: ignore[method-assign]
+    sent: list[str] = []
+
+    async def count(request: httpx.Request) -> None:
+        sent.append(f"{request.method} {request.url.path}")
+
+    async def scenario() -> None:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=lmo_over_tls(app)),
+                              event_hooks={"request": [count]}) as http,
+        ):  # fmt: skip
+            reporting = asyncio.create_task(register_with_lmo(agent, "http://lmo", fleet.url("A"), 0.01, http))
+            await eventually(lambda: sent == ["PUT /hosts/A"])
+            for _ in range(20):  # wakes with nothing changed
+                agent.changed.set()
+                await asyncio.sleep(0.015)
+            assert sent == ["PUT /hosts/A"] and scans == []
+            await agent.create(VmSpec(name="v", memory_mib=512))
+            await eventually(lambda: store.capacity("A").reported_used_mib == 512)
+            assert sent == ["PUT /hosts/A"] * 2 and scans == [], "one registration per change, no scan"
+            reporting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporting
+
+    asyncio.run(scenario())

@@ -168,6 +168,15 @@ class HostAgent:
 
     # ---------------------------------------------------------------- observation
 
+    @property
+    def memory_used_mib(self) -> int:
+        """What this host's VMs hold: what its capacity reports and placement count."""
+        return sum(vm.spec.memory_mib for vm in self.vms.values())
+
+    def machines(self) -> list[str]:
+        """The machine types this host's QEMU runs, each once under its versioned name."""
+        return sorted(set(self.runtime.machines().values()))
+
     def info(self) -> HostInfo:
         return HostInfo(
             name=self.name,
@@ -176,10 +185,10 @@ class HostAgent:
             accel_reason=self.accel.reason,
             qemu_version=self.runtime.version(),
             memory_mib=self.memory_mib,
-            memory_used_mib=sum(vm.spec.memory_mib for vm in self.vms.values()),
+            memory_used_mib=self.memory_used_mib,
             migration_bandwidth_mib_s=self.migration_bandwidth_mib_s,
             vms=sorted(self.vms),
-            machines=sorted(set(self.runtime.machines().values())),
+            machines=self.machines(),
             firmware=self.runtime.firmware().report(),
             refused_records=[f"{vm}: {why}" for vm, why in sorted(self.refused_records.items())],
         )
@@ -238,7 +247,7 @@ class HostAgent:
         return spec.model_copy(update={"machine": machine, "boot": boot, "ram_trim_kib": trim})
 
     def _check_capacity(self, spec: VmSpec) -> None:
-        free = self.memory_mib - sum(vm.spec.memory_mib for vm in self.vms.values())
+        free = self.memory_mib - self.memory_used_mib
         if spec.memory_mib > free:
             raise CapacityError(
                 f"host {self.name} has {free} MiB free, VM {spec.name} needs {spec.memory_mib} MiB",

@@ -74,13 +74,14 @@ POLICY: Policy = {
 
 
 def registration_of(agent: HostAgent, api_url: str) -> HostRegistration:
-    """What hostd tells the LMO about itself: where to reach it and what it can hold now."""
-    info = agent.info()
+    """What hostd tells the LMO about itself: where to reach it and what it can hold now. Built
+    from the agent's fields, not from ``HostInfo``, which also scans the firmware catalog: the
+    fleet simulator builds one per capacity change of each of its thousands of hosts."""
     return HostRegistration(name=agent.name, api_url=api_url, migration_address=agent.migration_address,
                             migration_bandwidth_mib_s=agent.migration_bandwidth_mib_s,
-                            vswitch_url=agent.ports.url, overlay=agent.overlay, memory_mib=info.memory_mib,
-                            memory_used_mib=info.memory_used_mib, accel=info.accel,
-                            qemu_version=info.qemu_version, machines=info.machines)  # fmt: skip
+                            vswitch_url=agent.ports.url, overlay=agent.overlay, memory_mib=agent.memory_mib,
+                            memory_used_mib=agent.memory_used_mib, accel=agent.accel.name,
+                            qemu_version=agent.runtime.version(), machines=agent.machines())  # fmt: skip
 
 
 async def register_with_lmo(agent: HostAgent, lmo_url: str, api_url: str, interval_s: float = REPORT_INTERVAL_S,
@@ -89,17 +90,17 @@ async def register_with_lmo(agent: HostAgent, lmo_url: str, api_url: str, interv
     """Tell the LMO where this host is and what it can hold (retried until it answers: it may
     start after us), then again whenever the memory its VMs use changes, at most every
     ``interval_s``: the LMO places VMs from what hosts report, never by asking every host.
-    ``http``: a client to share (the fleet simulator runs thousands of these)."""
+    ``http``: a client to share (the fleet simulator runs thousands of these). A wake compares
+    two numbers and builds a registration only when they changed."""
     async with contextlib.AsyncExitStack() as stack:
         client: AsyncHttp = http if http is not None else await stack.enter_async_context(async_http(timeout=5))
         lmo = AsyncLmoClient(lmo_url, client)
         reported: tuple[int, int] | None = None
         while True:
-            registration = registration_of(agent, api_url)
-            current = (registration.memory_mib or 0, registration.memory_used_mib or 0)
+            current = (agent.memory_mib, agent.memory_used_mib)
             if current != reported:
                 try:
-                    await lmo.run(wire_lmo.register_host(registration))
+                    await lmo.run(wire_lmo.register_host(registration_of(agent, api_url)))
                     if reported is None:
                         log.info("registered with LMO at %s", lmo_url)
                         if on_registered is not None:
@@ -113,8 +114,7 @@ async def register_with_lmo(agent: HostAgent, lmo_url: str, api_url: str, interv
                 await asyncio.sleep(0.5)
                 continue
             agent.changed.clear()
-            info = agent.info()
-            if (info.memory_mib, info.memory_used_mib) == reported:
+            if (agent.memory_mib, agent.memory_used_mib) == reported:
                 await agent.changed.wait()
             await asyncio.sleep(interval_s)
 
