@@ -681,12 +681,20 @@ async def wave_phase(lmo: Lmo, harness: Harness, hosts: list[str], args: argpars
         "error": comparison.get("error"),
         "outcomes": comparison.get("outcomes"),
         "progress": progress,
-        "plan_rows": [
-            {k: i.get(k) for k in ("vm", "start_s", "duration_s", "verdict")}
-            for i in (report["evacuation"]["plan"] or {}).get("items", [])
-        ],
-        "actual_rows": comparison.get("items", []),
+        "planned_curve": planned_curve(report["evacuation"]["plan"] or {}),
     }
+
+
+def planned_curve(plan: dict[str, Any], points: int = 200) -> list[list[float]]:
+    """The plan's migrations ended against time, ``[[seconds, ended], ...]``, thinned to about
+    ``points`` steps (each point keeps its exact count): small enough to keep in the JSON, so
+    ``--replot`` redraws the wave's plot without running it again."""
+    ends = sorted(i["start_s"] + i["duration_s"] for i in plan.get("items", []) if i.get("start_s") is not None)
+    step = max(1, math.ceil(len(ends) / points))
+    kept = [[round(ends[n - 1], 2), n] for n in range(step, len(ends) + 1, step)]
+    if ends and kept[-1][1] != len(ends):
+        kept.append([round(ends[-1], 2), len(ends)])
+    return kept
 
 
 def plot(path: Path, wave: dict[str, Any]) -> None:
@@ -694,7 +702,7 @@ def plot(path: Path, wave: dict[str, Any]) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(9, 4.8), dpi=110)
+    figure = Figure(figsize=(11, 4.8), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     t = [p["t"] for p in wave["progress"]]
@@ -702,10 +710,10 @@ def plot(path: Path, wave: dict[str, Any]) -> None:
     axes.plot(t, [p["active"] - p["Pending"] for p in wave["progress"]], label="migrating", color="#2171b5")
     axes.plot(t, [p["Pending"] for p in wave["progress"]], label="queued", color="#c7ccd6")
     axes.plot(t, [p["Failed"] + p["Aborted"] for p in wave["progress"]], label="failed or aborted", color="#a50f15")
-    rows = [r for r in wave["plan_rows"] if r["start_s"] is not None]
-    ends = sorted(r["start_s"] + r["duration_s"] for r in rows)
-    if ends:
-        axes.plot(ends, range(1, len(ends) + 1), label="planned: ended", color="#2ca02c", linestyle="--")
+    curve = wave.get("planned_curve") or []
+    if curve:
+        axes.plot([t for t, _ in curve], [n for _, n in curve], label="planned: ended", color="#2ca02c",
+                  linestyle="--")  # fmt: skip
     if wave.get("hosts_bound_s"):  # where the plan would end if the LMO kept up with QEMU
         axes.axvline(wave["hosts_bound_s"], color="#2ca02c", linestyle=":", label="planned, were the LMO no bound")
     axes.set_xlabel("seconds since the wave started")
@@ -713,7 +721,7 @@ def plot(path: Path, wave: dict[str, Any]) -> None:
     axes.set_title(f"wave: {wave['hosts']} hosts, {wave['vms']} VMs — predicted {wave['predicted_s']:.0f} s, "
                    f"took {wave['actual_s'] or float('nan'):.0f} s")  # fmt: skip
     axes.grid(alpha=0.3)
-    axes.legend(loc="center right")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # outside: no line hidden
     figure.tight_layout()
     figure.savefig(path)
 
@@ -821,7 +829,17 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the wave's progress")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                        help="only draw --plot from a run's JSON (--out), running nothing")  # fmt: skip
     args = parser.parse_args()
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot needs --plot (where to draw)")
+        wave = json.loads(args.replot.read_text())["fleet"].get("wave", {})
+        if not wave.get("progress"):
+            parser.error(f"{args.replot} has no wave's progress to draw (a run with --no-run-wave?)")
+        plot(args.plot, wave)
+        return 0
     if (args.concurrent_replicas > 1 or args.api_replicas) and args.db == "sqlite":
         parser.error("--concurrent-replicas and --api-replicas need --db postgresql (replicas share the store)")
     baseline_hosts = args.baseline_hosts or max(10, args.hosts // 100)
@@ -856,8 +874,6 @@ def main() -> int:
     if args.plot and "wave" in result and result["wave"].get("progress"):
         plot(args.plot, result["wave"])
         report["plot"] = str(args.plot)
-    for row in ("plan_rows", "actual_rows"):
-        result.get("wave", {}).pop(row, None)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
