@@ -42,6 +42,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -682,7 +683,44 @@ async def wave_phase(lmo: Lmo, harness: Harness, hosts: list[str], args: argpars
         "outcomes": comparison.get("outcomes"),
         "progress": progress,
         "planned_curve": planned_curve(report["evacuation"]["plan"] or {}),
+        "by_thirds": wave_thirds(report),
     }
+
+
+def wave_thirds(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The wave's migrations in thirds by when they were admitted: for each, when (seconds after
+    the wave was created), the planned and the actual life (p50), their mean memory, and the p50
+    of each phase's time, so a part of the wave that ends slower than planned shows why."""
+    plan = {i["vm"]: i for i in (report["evacuation"]["plan"] or {}).get("items", [])}
+    created = datetime.fromisoformat(report["evacuation"]["created_at"])
+    admitted: list[tuple[float, float, Migration]] = []
+    for doc in report["migrations"]:
+        m = Migration.model_validate(doc)
+        span = admitted_span(m)
+        if span is None or not m.terminal:
+            continue
+        admitted.append(((span[0] - created).total_seconds(), (span[1] - span[0]).total_seconds(), m))
+    admitted.sort(key=lambda a: a[0])
+    thirds = []
+    for n in range(3):
+        part = admitted[n * len(admitted) // 3 : (n + 1) * len(admitted) // 3]
+        if not part:
+            continue
+        phases: dict[str, list[float]] = collections.defaultdict(list)
+        for _, _, m in part:
+            for span in phase_spans(m):
+                if span.phase not in TERMINAL_PHASES:
+                    phases[span.phase.value].append(span.seconds)
+        planned = [plan[m.vm]["duration_s"] for _, _, m in part if plan.get(m.vm, {}).get("duration_s") is not None]
+        thirds.append({
+            "admitted_s": [round(part[0][0], 1), round(part[-1][0], 1)],
+            "migrations": len(part),
+            "memory_mib_mean": round(sum(plan.get(m.vm, {}).get("memory_mib", 0) for _, _, m in part) / len(part)),
+            "planned_life_p50_s": percentile(planned, 50),
+            "life_p50_s": percentile([life for _, life, _ in part], 50),
+            "phase_p50_s": {phase: percentile(times, 50) for phase, times in phases.items()},
+        })  # fmt: skip
+    return thirds
 
 
 def planned_curve(plan: dict[str, Any], points: int = 200) -> list[list[float]]:
