@@ -654,7 +654,8 @@ async def wave_phase(lmo: Lmo, harness: Harness, hosts: list[str], args: argpars
         return {"hosts": len(wave_hosts), "vms": plan["vms"], "plan_s": round(plan_s, 2),
                 "plan_measured_s": round(measured_s, 2), "predicted_s": plan["total_s"]}  # fmt: skip
     before = await counts(lmo)  # earlier phases' migrations: not the wave's
-    started = time.monotonic()
+    started, wave_at = time.monotonic(), time.time()
+    cpu = [(0.0, harness.cpu())]
     evacuation = await lmo.call("wave", "POST", "/evacuations", json={**request, "measure": False})
     progress: list[dict[str, Any]] = []
     while True:
@@ -662,9 +663,11 @@ async def wave_phase(lmo: Lmo, harness: Harness, hosts: list[str], args: argpars
         progress.append({"t": round(time.monotonic() - started, 1),
                          **{k: c.get(k, 0) - before.get(k, 0) for k in
                             ("Pending", "active", "Succeeded", "Failed", "Aborted")}})  # fmt: skip
+        cpu.append((time.monotonic() - started, harness.cpu()))
         if not c.get("active", 0):
             break
         await asyncio.sleep(1.0)
+    passes = [p for status in await controller_passes(lmo, harness) for p in status["passes"]]
     report = await lmo.call("wave_report", "GET", f"/evacuations/{evacuation['id']}")
     comparison = report.get("comparison") or {}
     return {
@@ -684,7 +687,32 @@ async def wave_phase(lmo: Lmo, harness: Harness, hosts: list[str], args: argpars
         "progress": progress,
         "planned_curve": planned_curve(report["evacuation"]["plan"] or {}),
         "by_thirds": wave_thirds(report),
+        "by_time_thirds": wave_time_thirds(progress, cpu, passes, wave_at),
     }
+
+
+def wave_time_thirds(
+    progress: list[dict[str, Any]],
+    cpu: list[tuple[float, dict[str, float]]],
+    passes: list[dict[str, Any]],
+    wave_at: float,
+) -> list[dict[str, Any]]:
+    """The wave's time in thirds: for each, migrations ended per second, each process's CPU, and
+    the driving replica's passes (``pass_summary``), so a slower part shows what the LMO did then."""
+    end = cpu[-1][0]
+    thirds = []
+    for n in range(3):
+        lo, hi = end * n / 3, end * (n + 1) / 3
+        a = min(cpu, key=lambda mark: abs(mark[0] - lo))
+        b = min(cpu, key=lambda mark: abs(mark[0] - hi))
+        done = [p["Succeeded"] + p["Failed"] + p["Aborted"] for p in progress if lo <= p["t"] <= hi]
+        at = [{**p, **{k: p.get(k, 0.0) for k in PASS_SPLIT}} for p in passes
+              if lo <= datetime.fromisoformat(p["at"]).timestamp() - wave_at < hi]  # fmt: skip
+        thirds.append({"seconds": [round(lo, 1), round(hi, 1)],
+                       "ended_per_s": round((done[-1] - done[0]) / (hi - lo), 1) if len(done) > 1 else None,
+                       "cpu_s_per_s": rates(a[1], b[1], b[0] - a[0]) if b[0] > a[0] else None,
+                       "passes": pass_summary(at)})  # fmt: skip
+    return thirds
 
 
 def wave_thirds(report: dict[str, Any]) -> list[dict[str, Any]]:
