@@ -617,8 +617,8 @@ async def migration_lives(lmo: Lmo, ids: list[str]) -> dict[str, Any]:
     from admission (Validating) to Succeeded (``plots.admitted_span``), and the p50 of each
     phase's time on their timelines (``plots.phase_spans``, a phase's spans summed), so a slower
     life with more replicas shows where it slowed."""
-    phases: dict[str, list[float]] = collections.defaultdict(list)
     held: list[float] = []
+    succeeded: list[Migration] = []
     reads = [functools.partial(lmo.call, "life", "GET", f"/migrations/{i}") for i in ids]
     for reply in await bounded(8, reads):
         m = Migration.model_validate(reply)
@@ -626,15 +626,24 @@ async def migration_lives(lmo: Lmo, ids: list[str]) -> dict[str, Any]:
         if m.phase is not Phase.SUCCEEDED or admitted is None:
             continue
         held.append((admitted[1] - admitted[0]).total_seconds())
+        succeeded.append(m)
+    lmo.take("life")
+    return {"succeeded": len(held), "held_p50_s": percentile(held, 50), "held_p90_s": percentile(held, 90),
+            "phase_p50_s": phase_p50s(succeeded)}  # fmt: skip
+
+
+def phase_p50s(migrations: Sequence[Migration]) -> dict[str, float | None]:
+    """The p50 over ``migrations`` of the time each spent in each non-terminal phase (a phase
+    entered twice counts its spans summed, ``plots.phase_spans``)."""
+    phases: dict[str, list[float]] = collections.defaultdict(list)
+    for m in migrations:
         spent: dict[str, float] = collections.defaultdict(float)
         for span in phase_spans(m):
             if span.phase not in TERMINAL_PHASES:
                 spent[span.phase.value] += span.seconds
         for phase, seconds in spent.items():
             phases[phase].append(seconds)
-    lmo.take("life")
-    return {"succeeded": len(held), "held_p50_s": percentile(held, 50), "held_p90_s": percentile(held, 90),
-            "phase_p50_s": {phase: percentile(times, 50) for phase, times in phases.items()}}  # fmt: skip
+    return {phase: percentile(times, 50) for phase, times in phases.items()}
 
 
 async def wave_phase(lmo: Lmo, harness: Harness, hosts: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -734,11 +743,6 @@ def wave_thirds(report: dict[str, Any]) -> list[dict[str, Any]]:
         part = admitted[n * len(admitted) // 3 : (n + 1) * len(admitted) // 3]
         if not part:
             continue
-        phases: dict[str, list[float]] = collections.defaultdict(list)
-        for _, _, m in part:
-            for span in phase_spans(m):
-                if span.phase not in TERMINAL_PHASES:
-                    phases[span.phase.value].append(span.seconds)
         planned = [plan[m.vm]["duration_s"] for _, _, m in part if plan.get(m.vm, {}).get("duration_s") is not None]
         thirds.append({
             "admitted_s": [round(part[0][0], 1), round(part[-1][0], 1)],
@@ -746,7 +750,7 @@ def wave_thirds(report: dict[str, Any]) -> list[dict[str, Any]]:
             "memory_mib_mean": round(sum(plan.get(m.vm, {}).get("memory_mib", 0) for _, _, m in part) / len(part)),
             "planned_life_p50_s": percentile(planned, 50),
             "life_p50_s": percentile([life for _, life, _ in part], 50),
-            "phase_p50_s": {phase: percentile(times, 50) for phase, times in phases.items()},
+            "phase_p50_s": phase_p50s([m for _, _, m in part]),
         })  # fmt: skip
     return thirds
 
